@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m engram_jax.bench.<name> --help`."""
