@@ -1,0 +1,565 @@
+"""The configuration schema: `base_config()` declares every key once; `validate()` checks a config
+and turns it into frozen dataclasses that the library uses.
+
+Config files in `configs/` start from `base_config()` and only set values. Library code receives
+the dataclasses (`ModelConfig`, `EngramConfig`, `HyperConfig`, `AttentionConfig`, `MoeConfig`,
+`TrainConfig`), never the ConfigDict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import ml_collections
+from ml_collections import config_dict
+
+HcKind = Literal["residual", "hc", "mhc", "mhc_lite"]
+AttentionKind = Literal["gqa", "mla"]
+DType = Literal["float32", "bfloat16"]
+
+_HC_KINDS = ("residual", "hc", "mhc", "mhc_lite")
+_ATTENTION_KINDS = ("gqa", "mla")
+_DTYPES = ("float32", "bfloat16")
+_SCHEDULES = ("cosine", "wsd", "constant")
+_SINKHORN_ORDERS = ("row_last", "col_last")
+_MOE_DISPATCH = ("sort", "capacity")
+_AXIS_TYPES = ("auto", "explicit")
+MHC_LITE_MAX_STREAMS = 6
+
+
+class ConfigError(ValueError):
+    """A config value is missing, out of range or inconsistent; the message lists every problem."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every configuration key, with its default and meaning. Config files set values, add none."""
+    c = ml_collections.ConfigDict()
+    c.seed = (
+        0  # Seeds parameter init, data order and dropout-free sampling; one seed for the whole run.
+    )
+
+    # ---------------------------------------------------------------- training program
+    c.num_train_steps = 1000  # Optimizer steps.
+    c.batch_size = 8  # Global batch in sequences (all processes together).
+    c.seq_len = 256  # Tokens per packed sequence.
+    c.learning_rate = 3e-3  # Peak learning rate of the dense parameters.
+    c.warmup_steps = 50  # Linear warm-up steps.
+    c.schedule = "cosine"  # "cosine", "wsd" (warmup-stable-decay) or "constant" after warm-up.
+    c.final_lr_fraction = 0.1  # Final LR as a fraction of the peak (cosine and wsd).
+    c.decay_fraction = 0.2  # wsd only: fraction of the steps spent decaying.
+    c.weight_decay = (
+        0.1  # AdamW decay of dense matrices (ALGORITHMS.md 1.11); 1-D params never decay.
+    )
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.95
+    c.adam_eps = 1e-8
+    c.clip_norm = 1.0  # Global gradient-norm clip of the dense parameters (0 disables).
+    c.eval_every = 100  # Steps between evaluations (0 disables periodic eval).
+    c.eval_batches = 8  # Batches per evaluation.
+    c.checkpoint_every = (
+        200  # Steps between checkpoints (0 disables; the final step is always saved).
+    )
+    c.max_to_keep = 3  # Checkpoints kept on disk.
+    c.log_every = 10  # Steps between metric lines.
+    c.data_path = ""  # Text/JSONL/Parquet file, glob or directory; "" is the bundled corpus.
+    c.tokenizer_path = (
+        ""  # tokenizer.json; "" trains a byte-level BPE on the corpus (cached in the workdir).
+    )
+    c.eval_fraction = 0.05  # Fraction of documents held out for validation.
+    c.generate_max_tokens = 64  # Tokens sampled by `engram_jax.generate` unless overridden.
+
+    # ---------------------------------------------------------------- model
+    m = c.model = ml_collections.ConfigDict()
+    m.vocab_size = 4096  # Token vocabulary (also the size a trained BPE tokenizer aims for).
+    m.pad_id = 0  # Raw pad token id; Engram hashes with its compressed id (ALGORITHMS.md 1.2).
+    m.num_layers = 4
+    m.hidden_size = 128  # D: width of one residual stream.
+    m.mlp_hidden_size = 512  # F of the dense SwiGLU layers.
+    m.num_dense_layers = (
+        1  # The first layers use a dense FFN; the rest use MoE when moe.num_experts > 0.
+    )
+    m.norm_eps = 1e-6  # RMSNorm epsilon of the backbone.
+    m.tie_embeddings = False  # Share the token embedding with the LM head.
+    m.dtype = "float32"  # Compute dtype: "float32" or "bfloat16".
+    m.param_dtype = "float32"  # Storage dtype of dense parameters.
+    m.scan_layers = False  # nn.scan over the repeated blocks (faster compiles at depth).
+    m.remat = False  # Rematerialise each block in the backward pass.
+
+    a = m.attention = ml_collections.ConfigDict()
+    a.kind = "gqa"  # "gqa" (grouped-query) or "mla" (DeepSeek-V2/V3 multi-head latent attention).
+    a.num_heads = 4
+    a.num_kv_heads = 2  # gqa only.
+    a.head_dim = 32  # gqa only.
+    a.rope_theta = 10000.0
+    a.use_qk_norm = False  # gqa only: RMSNorm over head_dim on queries and keys.
+    a.q_lora_rank = 0  # mla: query compression rank (0 = no query compression).
+    a.kv_lora_rank = 64  # mla: latent key-value rank (what the decode cache holds).
+    a.qk_nope_head_dim = 32  # mla: per-head query/key dims without RoPE.
+    a.qk_rope_head_dim = 16  # mla: decoupled RoPE dims (key part shared by all heads).
+    a.v_head_dim = 32  # mla: per-head value dims.
+
+    e = m.moe = ml_collections.ConfigDict()
+    e.num_experts = 0  # Routed experts; 0 keeps every layer dense.
+    e.num_shared_experts = 1
+    e.top_k = 2
+    e.expert_hidden_size = 128  # F of one expert's SwiGLU.
+    e.routed_scaling_factor = 1.0
+    e.seq_balance_weight = 1e-4  # Sequence-wise balance loss weight (0 disables).
+    e.bias_update_rate = (
+        1e-3  # Aux-loss-free balancing: bias step per training step (DeepSeek-V3's gamma).
+    )
+    e.dispatch = (
+        "sort"  # "sort" (grouped, no dropping) or "capacity" (one-hot einsum, drops overflow).
+    )
+    e.capacity_factor = 1.25  # capacity dispatch only.
+
+    g = m.engram = ml_collections.ConfigDict()
+    # Blocks that carry an Engram module (0-based, as the reference demo); () disables.
+    g.layer_ids = ()
+    g.max_ngram = 3  # N: orders 2..N are hashed.
+    g.heads_per_ngram = 8  # K hash heads per order.
+    g.embed_per_ngram = (
+        512  # Row width of one order summed over its heads; D_head = embed_per_ngram / K.
+    )
+    g.table_rows_per_head = (646400, 646400)  # Prime-search base per order (ALGORITHMS.md 1.3).
+    g.hash_seed = 0
+    g.conv_kernel_size = 4
+    g.conv_dilation = 0  # 0 means max_ngram (ALGORITHMS.md 1.6).
+    g.conv_zero_init = True  # The paper's zero-initialised convolution; False keeps a random init.
+    g.qk_norm_eps = 1.1920929e-07  # Demo's key/query RMSNorm eps (ALGORITHMS.md 9.6: unverified).
+    g.conv_norm_eps = 1e-5  # Demo's convolution RMSNorm eps (ALGORITHMS.md 9.6: unverified).
+    g.gate_clamp = 1e-6  # Signed square root clamp of the gate score.
+    g.table_init_std = 1.0  # N(0, std) rows, PyTorch nn.Embedding default as in the demo.
+    g.table_dtype = "float32"
+    g.table_lr_multiplier = (
+        5.0  # Tables train with Adam at 5x the base LR (ALGORITHMS.md 1.11, 9.2).
+    )
+    g.table_weight_decay = 0.0
+
+    h = m.hc = ml_collections.ConfigDict()
+    h.kind = "mhc"  # "residual", "hc", "mhc" or "mhc_lite".
+    h.n_streams = 4
+    h.sinkhorn_iters = 20
+    h.sinkhorn_eps = (
+        1e-6  # Denominator floor (the paper states none; DeepSeek's later code uses 1e-6).
+    )
+    h.sinkhorn_order = "row_last"  # Paper: column then row normalisation, so rows are exact.
+    h.alpha_init = 0.01  # Initial alpha scales (ALGORITHMS.md 2.2, 9.1).
+    h.res_offdiag_bias = -8.0  # b_res off-diagonal init: H_res starts near identity (2.5, 9.1).
+    h.lite_offperm_bias = -8.0  # mHC-lite: logit bias of the non-identity permutations (4, 9.13).
+
+    # ---------------------------------------------------------------- devices
+    d = c.mesh = ml_collections.ConfigDict()
+    d.data = -1  # Data-parallel axis size; -1 takes the devices the other axes leave.
+    d.fsdp = 1  # Parameter sharding axis.
+    d.tensor = 1  # Tensor-parallel axis (heads, MLP width, table rows).
+    d.axis_types = "auto"  # "auto" or "explicit" sharding-in-types axes.
+    d.coordinator_address = ""  # Multi-process: host:port of process 0 ("" = from the environment).
+    d.initialization_timeout = 600  # Seconds jax.distributed waits for every process.
+    return c
+
+
+# ---------------------------------------------------------------------------- dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    kind: AttentionKind
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    use_qk_norm: bool
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    num_experts: int
+    num_shared_experts: int
+    top_k: int
+    expert_hidden_size: int
+    routed_scaling_factor: float
+    seq_balance_weight: float
+    bias_update_rate: float
+    dispatch: str
+    capacity_factor: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EngramConfig:
+    layer_ids: tuple[int, ...]
+    max_ngram: int
+    heads_per_ngram: int
+    embed_per_ngram: int
+    table_rows_per_head: tuple[int, ...]
+    hash_seed: int
+    conv_kernel_size: int
+    conv_dilation: int
+    conv_zero_init: bool
+    qk_norm_eps: float
+    conv_norm_eps: float
+    gate_clamp: float
+    table_init_std: float
+    table_dtype: DType
+    table_lr_multiplier: float
+    table_weight_decay: float
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.layer_ids)
+
+    @property
+    def row_width(self) -> int:
+        """D_head: width of one hash head's row."""
+        return self.embed_per_ngram // self.heads_per_ngram
+
+    @property
+    def num_heads(self) -> int:
+        """M: hash heads per layer over all orders."""
+        return (self.max_ngram - 1) * self.heads_per_ngram
+
+    @property
+    def dilation(self) -> int:
+        return self.conv_dilation or self.max_ngram
+
+
+@dataclasses.dataclass(frozen=True)
+class HyperConfig:
+    kind: HcKind
+    n_streams: int
+    sinkhorn_iters: int
+    sinkhorn_eps: float
+    sinkhorn_order: str
+    alpha_init: float
+    res_offdiag_bias: float
+    lite_offperm_bias: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    pad_id: int
+    num_layers: int
+    hidden_size: int
+    mlp_hidden_size: int
+    num_dense_layers: int
+    norm_eps: float
+    tie_embeddings: bool
+    dtype: DType
+    param_dtype: DType
+    scan_layers: bool
+    remat: bool
+    attention: AttentionConfig
+    moe: MoeConfig
+    engram: EngramConfig
+    hc: HyperConfig
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe.num_experts > 0 and layer >= self.num_dense_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int
+    fsdp: int
+    tensor: int
+    axis_types: str
+    coordinator_address: str
+    initialization_timeout: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    seed: int
+    num_train_steps: int
+    batch_size: int
+    seq_len: int
+    learning_rate: float
+    warmup_steps: int
+    schedule: str
+    final_lr_fraction: float
+    decay_fraction: float
+    weight_decay: float
+    adam_b1: float
+    adam_b2: float
+    adam_eps: float
+    clip_norm: float
+    eval_every: int
+    eval_batches: int
+    checkpoint_every: int
+    max_to_keep: int
+    log_every: int
+    data_path: str
+    tokenizer_path: str
+    eval_fraction: float
+    generate_max_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The validated, immutable form of a whole config."""
+
+    train: TrainConfig
+    model: ModelConfig
+    mesh: MeshConfig
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def check(self, ok: bool, field: str, value: Any, expected: str) -> None:
+        if not ok:
+            self.items.append(f"config.{field}: got {value!r}; expected {expected}")
+
+
+def _fields(cls: type, source: ml_collections.ConfigDict, **overrides: Any) -> dict[str, Any]:
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for name in names:
+        if name in overrides:
+            values[name] = overrides[name]
+        else:
+            value = source[name]
+            values[name] = tuple(value) if isinstance(value, list) else value
+    return values
+
+
+def _check_choice(p: _Problems, field: str, value: Any, choices: Sequence[str]) -> None:
+    p.check(value in choices, field, value, f"one of {list(choices)}")
+
+
+def _check_positive(p: _Problems, field: str, value: Any, *, allow_zero: bool = False) -> None:
+    ok = (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and (value >= 0 if allow_zero else value > 0)
+    )
+    p.check(ok, field, value, "an integer >= 0" if allow_zero else "an integer > 0")
+
+
+def _validate_model(p: _Problems, m: ml_collections.ConfigDict) -> None:
+    for key in ("vocab_size", "num_layers", "hidden_size", "mlp_hidden_size"):
+        _check_positive(p, f"model.{key}", m[key])
+    _check_positive(p, "model.num_dense_layers", m.num_dense_layers, allow_zero=True)
+    p.check(
+        isinstance(m.pad_id, int) and 0 <= m.pad_id < m.vocab_size,
+        "model.pad_id",
+        m.pad_id,
+        f"a token id in [0, vocab_size={m.vocab_size})",
+    )
+    p.check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "> 0")
+    _check_choice(p, "model.dtype", m.dtype, _DTYPES)
+    _check_choice(p, "model.param_dtype", m.param_dtype, _DTYPES)
+
+    a = m.attention
+    _check_choice(p, "model.attention.kind", a.kind, _ATTENTION_KINDS)
+    _check_positive(p, "model.attention.num_heads", a.num_heads)
+    if a.kind == "gqa":
+        _check_positive(p, "model.attention.num_kv_heads", a.num_kv_heads)
+        _check_positive(p, "model.attention.head_dim", a.head_dim)
+        if isinstance(a.num_kv_heads, int) and a.num_kv_heads > 0:
+            p.check(
+                a.num_heads % a.num_kv_heads == 0,
+                "model.attention.num_kv_heads",
+                a.num_kv_heads,
+                f"a divisor of num_heads={a.num_heads}",
+            )
+    else:
+        _check_positive(p, "model.attention.q_lora_rank", a.q_lora_rank, allow_zero=True)
+        for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _check_positive(p, f"model.attention.{key}", a[key])
+    rope_dim = a.head_dim if a.kind == "gqa" else a.qk_rope_head_dim
+    p.check(
+        isinstance(rope_dim, int) and rope_dim % 2 == 0,
+        "model.attention." + ("head_dim" if a.kind == "gqa" else "qk_rope_head_dim"),
+        rope_dim,
+        "an even number (RoPE rotates pairs)",
+    )
+
+    e = m.moe
+    _check_positive(p, "model.moe.num_experts", e.num_experts, allow_zero=True)
+    if e.num_experts > 0:
+        _check_positive(p, "model.moe.top_k", e.top_k)
+        p.check(
+            e.top_k <= e.num_experts,
+            "model.moe.top_k",
+            e.top_k,
+            f"<= num_experts={e.num_experts}",
+        )
+        _check_positive(p, "model.moe.num_shared_experts", e.num_shared_experts, allow_zero=True)
+        _check_positive(p, "model.moe.expert_hidden_size", e.expert_hidden_size)
+        _check_choice(p, "model.moe.dispatch", e.dispatch, _MOE_DISPATCH)
+        p.check(e.capacity_factor > 0, "model.moe.capacity_factor", e.capacity_factor, "> 0")
+        p.check(
+            m.num_dense_layers < m.num_layers,
+            "model.num_dense_layers",
+            m.num_dense_layers,
+            f"< num_layers={m.num_layers} when moe.num_experts > 0 (otherwise no layer is MoE)",
+        )
+
+    g = m.engram
+    layer_ids = tuple(g.layer_ids)
+    p.check(
+        all(isinstance(i, int) and 0 <= i < m.num_layers for i in layer_ids),
+        "model.engram.layer_ids",
+        layer_ids,
+        f"indices in [0, num_layers={m.num_layers})",
+    )
+    p.check(
+        len(set(layer_ids)) == len(layer_ids),
+        "model.engram.layer_ids",
+        layer_ids,
+        "no repeated layer",
+    )
+    if layer_ids:
+        p.check(
+            isinstance(g.max_ngram, int) and g.max_ngram >= 2,
+            "model.engram.max_ngram",
+            g.max_ngram,
+            "an integer >= 2 (orders 2..N are hashed)",
+        )
+        _check_positive(p, "model.engram.heads_per_ngram", g.heads_per_ngram)
+        _check_positive(p, "model.engram.embed_per_ngram", g.embed_per_ngram)
+        if g.heads_per_ngram > 0:
+            p.check(
+                g.embed_per_ngram % g.heads_per_ngram == 0,
+                "model.engram.embed_per_ngram",
+                g.embed_per_ngram,
+                f"a multiple of heads_per_ngram={g.heads_per_ngram}",
+            )
+        rows = tuple(g.table_rows_per_head)
+        if isinstance(g.max_ngram, int) and g.max_ngram >= 2:
+            p.check(
+                len(rows) == g.max_ngram - 1,
+                "model.engram.table_rows_per_head",
+                rows,
+                f"{g.max_ngram - 1} entries (one per order 2..max_ngram={g.max_ngram})",
+            )
+        p.check(
+            all(isinstance(r, int) and 2 <= r < 2**31 for r in rows),
+            "model.engram.table_rows_per_head",
+            rows,
+            "integers in [2, 2**31)",
+        )
+        _check_positive(p, "model.engram.conv_kernel_size", g.conv_kernel_size)
+        _check_positive(p, "model.engram.conv_dilation", g.conv_dilation, allow_zero=True)
+        _check_choice(p, "model.engram.table_dtype", g.table_dtype, _DTYPES)
+        for key in ("qk_norm_eps", "conv_norm_eps", "gate_clamp", "table_init_std"):
+            p.check(g[key] > 0, f"model.engram.{key}", g[key], "> 0")
+        p.check(
+            g.table_lr_multiplier > 0,
+            "model.engram.table_lr_multiplier",
+            g.table_lr_multiplier,
+            "> 0",
+        )
+
+    h = m.hc
+    _check_choice(p, "model.hc.kind", h.kind, _HC_KINDS)
+    _check_positive(p, "model.hc.n_streams", h.n_streams)
+    if h.kind == "residual":
+        p.check(h.n_streams == 1, "model.hc.n_streams", h.n_streams, "1 when hc.kind='residual'")
+    if h.kind == "mhc_lite":
+        p.check(
+            isinstance(h.n_streams, int) and h.n_streams <= MHC_LITE_MAX_STREAMS,
+            "model.hc.n_streams",
+            h.n_streams,
+            f"<= {MHC_LITE_MAX_STREAMS} for mhc_lite (it keeps n! permutation logits)",
+        )
+    _check_positive(p, "model.hc.sinkhorn_iters", h.sinkhorn_iters)
+    _check_choice(p, "model.hc.sinkhorn_order", h.sinkhorn_order, _SINKHORN_ORDERS)
+    p.check(h.sinkhorn_eps >= 0, "model.hc.sinkhorn_eps", h.sinkhorn_eps, ">= 0")
+
+
+def _validate_train(p: _Problems, c: ml_collections.ConfigDict) -> None:
+    for key in ("num_train_steps", "batch_size", "seq_len", "max_to_keep", "log_every"):
+        _check_positive(p, key, c[key])
+    for key in ("warmup_steps", "eval_every", "checkpoint_every", "eval_batches"):
+        _check_positive(p, key, c[key], allow_zero=True)
+    p.check(c.learning_rate > 0, "learning_rate", c.learning_rate, "> 0")
+    _check_choice(p, "schedule", c.schedule, _SCHEDULES)
+    p.check(0 <= c.final_lr_fraction <= 1, "final_lr_fraction", c.final_lr_fraction, "in [0, 1]")
+    p.check(0 < c.decay_fraction <= 1, "decay_fraction", c.decay_fraction, "in (0, 1]")
+    p.check(c.weight_decay >= 0, "weight_decay", c.weight_decay, ">= 0")
+    p.check(c.clip_norm >= 0, "clip_norm", c.clip_norm, ">= 0 (0 disables)")
+    p.check(0 < c.eval_fraction < 1, "eval_fraction", c.eval_fraction, "in (0, 1)")
+
+
+def _validate_mesh(p: _Problems, d: ml_collections.ConfigDict) -> None:
+    sizes = {"data": d.data, "fsdp": d.fsdp, "tensor": d.tensor}
+    for name, size in sizes.items():
+        p.check(
+            isinstance(size, int) and (size > 0 or size == -1),
+            f"mesh.{name}",
+            size,
+            "a positive integer or -1 (the devices left over)",
+        )
+    p.check(
+        sum(1 for s in sizes.values() if s == -1) <= 1,
+        "mesh",
+        sizes,
+        "at most one axis set to -1",
+    )
+    _check_choice(p, "mesh.axis_types", d.axis_types, _AXIS_TYPES)
+
+
+def validate(config: ml_collections.ConfigDict) -> Config:
+    """Checks every value and returns the frozen form.
+
+    Raises:
+      ConfigError: listing every problem, each naming the field, the value and the expectation.
+    """
+    p = _Problems()
+    try:
+        _validate_train(p, config)
+        _validate_model(p, config.model)
+        _validate_mesh(p, config.mesh)
+    except (AttributeError, KeyError, TypeError) as err:
+        raise ConfigError(
+            f"config is missing a key or has a value of the wrong type: {err}"
+        ) from err
+    if p.items:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(p.items))
+
+    m = config.model
+    model = ModelConfig(
+        **_fields(
+            ModelConfig,
+            m,
+            attention=AttentionConfig(**_fields(AttentionConfig, m.attention)),
+            moe=MoeConfig(**_fields(MoeConfig, m.moe)),
+            engram=EngramConfig(**_fields(EngramConfig, m.engram)),
+            hc=HyperConfig(**_fields(HyperConfig, m.hc)),
+        )
+    )
+    return Config(
+        train=TrainConfig(**_fields(TrainConfig, config)),
+        model=model,
+        mesh=MeshConfig(**_fields(MeshConfig, config.mesh)),
+    )
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A JSON-friendly nested dict of the config, for checkpoint metadata."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, config_dict.ConfigDict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        if isinstance(value, float) and math.isinf(value):
+            return str(value)
+        return value
+
+    return convert(config)

@@ -1,0 +1,62 @@
+"""Config schema: defaults validate; every problem is reported by field, value and expectation."""
+
+import pytest
+
+from engram_jax import config as config_lib
+
+
+def test_base_config_validates():
+    cfg = config_lib.validate(config_lib.base_config())
+    assert cfg.model.hc.kind == "mhc"
+    assert cfg.model.engram.row_width == 512 // 8
+    assert cfg.model.engram.dilation == cfg.model.engram.max_ngram
+
+
+def test_all_problems_reported_with_field_value_and_expectation():
+    c = config_lib.base_config()
+    c.model.num_layers = 4
+    c.model.engram.layer_ids = (1, 40)
+    c.model.attention.num_heads = 6
+    c.model.attention.num_kv_heads = 4
+    c.model.moe.num_experts = 4
+    c.model.moe.top_k = 5
+    c.model.hc.kind = "fancy"
+    with pytest.raises(config_lib.ConfigError) as err:
+        config_lib.validate(c)
+    message = str(err.value)
+    assert (
+        "config.model.engram.layer_ids: got (1, 40); expected indices in [0, num_layers=4)"
+        in message
+    )
+    assert (
+        "config.model.attention.num_kv_heads: got 4; expected a divisor of num_heads=6" in message
+    )
+    assert "config.model.moe.top_k: got 5; expected <= num_experts=4" in message
+    assert "config.model.hc.kind: got 'fancy'" in message
+
+
+def test_engram_orders_must_match_bases():
+    c = config_lib.base_config()
+    c.model.engram.layer_ids = (1,)
+    c.model.engram.max_ngram = 4
+    with pytest.raises(config_lib.ConfigError, match="table_rows_per_head.*3 entries"):
+        config_lib.validate(c)
+
+
+def test_mhc_lite_stream_limit_and_residual_streams():
+    c = config_lib.base_config()
+    c.model.hc.kind = "mhc_lite"
+    c.model.hc.n_streams = 7
+    with pytest.raises(config_lib.ConfigError, match="n_streams: got 7; expected <= 6"):
+        config_lib.validate(c)
+    c.model.hc.kind = "residual"
+    c.model.hc.n_streams = 4
+    with pytest.raises(config_lib.ConfigError, match="1 when hc.kind='residual'"):
+        config_lib.validate(c)
+
+
+def test_locked_config_rejects_unknown_keys():
+    c = config_lib.base_config()
+    c.lock()
+    with pytest.raises(AttributeError):
+        c.model.num_layerz = 3
