@@ -1,0 +1,162 @@
+"""Meshes and mesh-aware lookups: `make_mesh` and the row-sharded (vocab-parallel) table lookup.
+
+Model code names logical axes only; the device-level pieces live here and reach the layers as
+callables (`Engram(lookup_fn=vocab_parallel_lookup(mesh, "model"))`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, Mesh, PartitionSpec
+
+_AXIS_TYPES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
+
+
+def make_mesh(
+    axis_shapes: Sequence[int],
+    axis_names: Sequence[str],
+    axis_types: Sequence[AxisType | str] | AxisType | str | None = None,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """Builds a device mesh, always passing `axis_types` (`jax.make_mesh` now defaults to Explicit).
+
+    Args:
+      axis_shapes: size of each mesh axis; their product must equal the number of devices used.
+      axis_names: name of each mesh axis (e.g. `("data", "model")`).
+      axis_types: one `AxisType` (or "auto"/"explicit") for all axes, or one per axis; None = Auto.
+      devices: devices to use; None = all.
+
+    Returns:
+      A `jax.sharding.Mesh`.
+
+    Raises:
+      ValueError: on mismatched lengths or unknown axis types.
+    """
+    axis_shapes = tuple(int(s) for s in axis_shapes)
+    axis_names = tuple(axis_names)
+    if len(axis_shapes) != len(axis_names):
+        raise ValueError(
+            f"make_mesh: axis_shapes {axis_shapes} and axis_names {axis_names}; "
+            "expected equal lengths"
+        )
+    if axis_types is None:
+        axis_types = AxisType.Auto
+    if isinstance(axis_types, (str, AxisType)):
+        axis_types = (axis_types,) * len(axis_names)
+    types = []
+    for t in axis_types:
+        if isinstance(t, str):
+            if t.lower() not in _AXIS_TYPES:
+                raise ValueError(
+                    f"make_mesh: axis_types entry {t!r}; expected one of {sorted(_AXIS_TYPES)}"
+                )
+            t = _AXIS_TYPES[t.lower()]
+        types.append(t)
+    if len(types) != len(axis_names):
+        raise ValueError(
+            f"make_mesh: axis_types has {len(types)} entries; expected {len(axis_names)} "
+            f"(one per axis of {axis_names})"
+        )
+    return jax.make_mesh(axis_shapes, axis_names, axis_types=tuple(types), devices=devices)
+
+
+def _as_axes(names: str | Sequence[str] | None) -> tuple[str, ...]:
+    if names is None:
+        return ()
+    if isinstance(names, str):
+        return (names,)
+    return tuple(names)
+
+
+def vocab_parallel_lookup(
+    mesh: Mesh,
+    row_axes: str | Sequence[str],
+    batch_axes: str | Sequence[str] | None = None,
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Returns a row-sharded `lookup_fn(table_RW, flat_ids) -> rows` for `Engram`.
+
+    Each device along `row_axes` holds one contiguous block of `R / n` rows. It masks the ids
+    outside its block, gathers locally (zero rows elsewhere) and the blocks' results are summed
+    with `psum` over `row_axes`. The table enters `shard_map` as an argument (never closed over)
+    with spec `P(row_axes, None)`, so it is never all-gathered, and its gradient (a local
+    scatter-add, summed over the other axes) keeps the table's sharding. Works on Auto and Explicit
+    meshes.
+
+    Ids outside `[0, R)` read zero rows on every device (`Engram` maps invalid ids to R).
+
+    Args:
+      mesh: the device mesh.
+      row_axes: mesh axis (or axes, major first) the table's rows are sharded over.
+      batch_axes: mesh axes the ids' (and rows') leading axis is sharded over; None = replicated.
+
+    Returns:
+      `lookup_fn(table_RW, flat_ids [N, ...]) -> rows [N, ..., W]` in the table's dtype.
+
+    Raises:
+      ValueError: (when called) if R or the leading ids axis is not divisible by its shard count.
+    """
+    row_axes = _as_axes(row_axes)
+    batch_axes = _as_axes(batch_axes)
+    for name in row_axes + batch_axes:
+        if name not in mesh.axis_names:
+            raise ValueError(
+                f"vocab_parallel_lookup: axis {name!r}; expected one of mesh.axis_names "
+                f"{mesh.axis_names}"
+            )
+    if not row_axes:
+        raise ValueError(
+            "vocab_parallel_lookup: row_axes is empty; expected at least one mesh axis"
+        )
+    if set(row_axes) & set(batch_axes):
+        raise ValueError(
+            f"vocab_parallel_lookup: row_axes {row_axes} and batch_axes {batch_axes} overlap"
+        )
+    num_row_shards = 1
+    for name in row_axes:
+        num_row_shards *= mesh.shape[name]
+    num_batch_shards = 1
+    for name in batch_axes:
+        num_batch_shards *= mesh.shape[name]
+    table_spec = PartitionSpec(row_axes, None)
+    lead = batch_axes if batch_axes else None
+
+    def local_lookup(table_local_RW: jax.Array, ids_local: jax.Array) -> jax.Array:
+        rows_per_shard = table_local_RW.shape[0]
+        start = jax.lax.axis_index(row_axes) * rows_per_shard
+        local_ids = ids_local - start  # [N, ...]
+        mine = (local_ids >= 0) & (local_ids < rows_per_shard)
+        # Ids of other blocks go past the local end and read zeros (negative ids would wrap).
+        local_ids = jnp.where(mine, local_ids, rows_per_shard)
+        # [R/n, W] take [N, ...] -> [N, ..., W]
+        rows_local = jnp.take(table_local_RW, local_ids, axis=0, mode="fill", fill_value=0)
+        return jax.lax.psum(rows_local, row_axes)
+
+    def lookup_fn(table_RW: jax.Array, flat_ids: jax.Array) -> jax.Array:
+        if table_RW.ndim != 2:
+            raise ValueError(
+                f"vocab_parallel_lookup: table has shape {table_RW.shape}; expected [R, W]"
+            )
+        if table_RW.shape[0] % num_row_shards:
+            raise ValueError(
+                f"vocab_parallel_lookup: table has {table_RW.shape[0]} rows; expected a multiple "
+                f"of {num_row_shards} shards over {row_axes} (set Engram.table_row_multiple)"
+            )
+        if flat_ids.ndim < 1 or flat_ids.shape[0] % num_batch_shards:
+            raise ValueError(
+                f"vocab_parallel_lookup: ids have shape {flat_ids.shape}; expected a leading axis "
+                f"divisible by {num_batch_shards} shards over {batch_axes}"
+            )
+        ids_spec = PartitionSpec(lead)
+        fn = jax.shard_map(
+            local_lookup,
+            mesh=mesh,
+            in_specs=(table_spec, ids_spec),
+            out_specs=PartitionSpec(lead),
+        )
+        return fn(table_RW, flat_ids.astype(jnp.int32))
+
+    return lookup_fn
