@@ -1,0 +1,154 @@
+"""Tests for engram_jax.metrics: JSON-lines/TensorBoard writer thread and progress display."""
+
+import glob
+import io
+import json
+import logging
+import math
+import os
+import struct
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboardX.proto import event_pb2
+
+from engram_jax import metrics as metrics_lib
+from engram_jax.metrics import MetricsWriter, Progress, read_metrics
+
+
+def _crc32c(data: bytes) -> int:
+    """Bitwise CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), as TFRecord uses."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = _crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _read_tfrecords(path: str) -> list[bytes]:
+    """TFRecord framing: u64 length, u32 masked crc(length), payload, u32 masked crc(payload)."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    records, offset = [], 0
+    while offset < len(blob):
+        header = blob[offset : offset + 8]
+        (length,) = struct.unpack("<Q", header)
+        (length_crc,) = struct.unpack("<I", blob[offset + 8 : offset + 12])
+        assert length_crc == _masked_crc(header)
+        payload = blob[offset + 12 : offset + 12 + length]
+        (payload_crc,) = struct.unpack("<I", blob[offset + 12 + length : offset + 16 + length])
+        assert payload_crc == _masked_crc(payload)
+        records.append(payload)
+        offset += 16 + length
+    return records
+
+
+def _tensorboard_scalars(workdir) -> dict[tuple[str, int], float]:
+    files = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    assert len(files) == 1, files
+    scalars = {}
+    for record in _read_tfrecords(files[0]):
+        event = event_pb2.Event.FromString(record)
+        for value in event.summary.value:
+            scalars[(value.tag, event.step)] = value.simple_value
+    return scalars
+
+
+def test_jsonl_and_tensorboard(tmp_path):
+    with MetricsWriter(tmp_path, enabled=True) as writer:
+        writer.write(
+            1, {"loss": 2.5, "lr": np.float32(1e-3), "moe": {"load_max": jnp.float32(1.25)}}
+        )
+        writer.write(2, {"loss": jnp.array([1.5]), "tokens": 4096, "grad_norm": math.nan})
+        writer.flush()
+        lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 2  # on disk after flush, before close
+    rows = [json.loads(line) for line in lines]  # strict JSON: NaN was written as null
+    assert rows[0] == {"step": 1, "loss": 2.5, "lr": pytest.approx(1e-3), "moe/load_max": 1.25}
+    assert rows[1] == {"step": 2, "loss": 1.5, "tokens": 4096.0, "grad_norm": None}
+    read_back = read_metrics(tmp_path)
+    assert math.isnan(read_back[1]["grad_norm"]) and read_back[0]["moe/load_max"] == 1.25
+
+    scalars = _tensorboard_scalars(tmp_path)
+    assert scalars[("loss", 1)] == 2.5 and scalars[("loss", 2)] == 1.5
+    assert scalars[("moe/load_max", 1)] == 1.25
+    assert math.isnan(scalars[("grad_norm", 2)])
+
+    # A resumed run appends.
+    with MetricsWriter(tmp_path, enabled=True, use_tensorboard=False) as writer:
+        writer.write(3, {"loss": 1.0})
+    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+    writer = MetricsWriter(tmp_path / "run", enabled=False)
+    writer.write(1, {"loss": 1.0})
+    writer.flush()
+    writer.close()
+    assert not (tmp_path / "run").exists()
+    assert not writer.enabled
+
+
+def test_rejects_non_scalars_in_caller(tmp_path):
+    with MetricsWriter(tmp_path, enabled=True, use_tensorboard=False) as writer:
+        with pytest.raises(TypeError, match=r"metrics\['hist'\].*shape \(3,\)"):
+            writer.write(1, {"hist": np.zeros(3)})
+        with pytest.raises(TypeError, match="reserved"):
+            writer.write(1, {"step": 1})
+    assert read_metrics(tmp_path) == []
+
+
+def test_writer_thread_error_is_reraised(tmp_path):
+    writer = MetricsWriter(tmp_path, enabled=True, use_tensorboard=False)
+    writer.write(1, {"loss": 1.0})
+    writer.flush()
+    # Closing the file under the thread makes its next write fail inside the thread.
+    writer._file.close()
+    writer.write(2, {"loss": 2.0})
+    with pytest.raises(ValueError, match="closed file"):
+        writer.close()
+    writer.close()  # raised once
+
+
+def test_progress_log_lines_without_tty(caplog):
+    stream = io.StringIO()  # not a TTY: log mode
+    progress = Progress(
+        100, enabled=True, initial_step=10, log_every=20, tokens_per_step=512, stream=stream
+    )
+    with caplog.at_level(logging.INFO, logger=metrics_lib.__name__):
+        for step in range(11, 101):
+            progress.update(step, {"loss": 1.0 / step})
+        progress.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == metrics_lib.__name__]
+    assert [line.split(" ")[1] for line in lines] == [
+        "20/100",
+        "40/100",
+        "60/100",
+        "80/100",
+        "100/100",
+    ]
+    assert lines[0].startswith("step 20/100 (20.0%) | loss 0.0500")
+    for part in ("elapsed", "ETA", "tokens/s"):
+        assert part in lines[-1]
+    assert stream.getvalue() == ""
+
+
+def test_progress_tqdm_and_disabled():
+    stream = io.StringIO()
+    progress = Progress(50, enabled=True, stream=stream, use_tqdm=True)
+    for step in range(1, 51):
+        progress.update(step, {"loss": 2.0})
+    progress.close()
+    assert "50/50" in stream.getvalue()
+    quiet = io.StringIO()
+    progress = Progress(50, enabled=False, stream=quiet, use_tqdm=True)
+    progress.update(1, {"loss": 2.0})
+    progress.close()
+    assert quiet.getvalue() == ""
