@@ -1,0 +1,508 @@
+"""Feed-forward layers: the dense SwiGLU `MLP` and the DeepSeek-V3-style `MoE` (sigmoid router,
+auxiliary-loss-free bias balancing, shared + routed experts, sort-based dispatch without dense
+compute).
+
+Equation numbers refer to the DeepSeek-V3 technical report (arXiv:2412.19437, Sec. 2.1.2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from engram_jax import axes
+
+Initializer = Callable[..., jax.Array]
+Dispatch = Literal["capacity", "ragged"]
+DISPATCHES: tuple[str, ...] = ("capacity", "ragged")
+
+# The bias of auxiliary-loss-free balancing is not trained by gradients: it lives in its own
+# collection, which the training loop passes to `apply` and updates with `update_router_bias` after
+# each step.
+BIAS_COLLECTION = "moe_bias"
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure functions.
+# --------------------------------------------------------------------------------------------------
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """SwiGLU feed-forward `(silu(x W_gate) * (x W_up)) W_down` in the dtype of its inputs.
+
+    Args:
+      x: `[..., D]`.
+      w_gate: `[D, F]`.
+      w_up: `[D, F]`.
+      w_down: `[F, D]`.
+
+    Returns:
+      `[..., D]`.
+    """
+    h_F = jax.nn.silu(x @ w_gate) * (x @ w_up)  # [..., F]
+    return h_F @ w_down  # [..., F] @ [F, D]
+
+
+def route(
+    logits_XE: jax.Array, bias_E: jax.Array, top_k: int, routed_scaling_factor: float = 1.0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sigmoid top-k routing with a selection-only bias (DeepSeek-V3 Eqs. 13-16), in float32.
+
+    The bias moves which experts are selected but never the gate values, so balancing costs no
+    gradient interference (Eq. 16).
+
+    Args:
+      logits_XE: router logits `u_t^T e_i`, `[X, E]` (cast to float32).
+      bias_E: per-expert balancing bias `b_i`, `[E]`.
+      top_k: experts per token K.
+      routed_scaling_factor: multiplies the normalised gates.
+
+    Returns:
+      `(scores_XE, gates_XK, experts_XK)`: affinities `s = sigmoid(logits)` (Eq. 15); gate values
+      `g = s / sum_{topk} s * routed_scaling_factor` (Eq. 13) of the selected experts; selected
+      expert ids (int32), ordered by decreasing `s + b`.
+    """
+    num_experts = logits_XE.shape[-1]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"route: top_k={top_k}; expected 1 <= top_k <= num_experts={num_experts}")
+    if bias_E.shape != (num_experts,):
+        raise ValueError(f"route: bias has shape {bias_E.shape}; expected [E]=({num_experts},)")
+    # f32: gate values are ratios of sigmoids; bf16 rounding would change both the selection and
+    # the gates.
+    scores_XE = jax.nn.sigmoid(logits_XE.astype(jnp.float32))
+    biased_XE = scores_XE + bias_E.astype(jnp.float32)[None, :]  # [X, E] + [1, E]
+    _, experts_XK = jax.lax.top_k(biased_XE, top_k)  # Eq. 16: the bias acts on the selection only
+    selected_XK = jnp.take_along_axis(scores_XE, experts_XK, axis=-1)  # Eq. 14: s_i, not s_i + b_i
+    gates_XK = selected_XK / jnp.sum(selected_XK, axis=-1, keepdims=True) * routed_scaling_factor
+    return scores_XE, gates_XK, experts_XK.astype(jnp.int32)
+
+
+def sequence_balance_loss(scores_BTE: jax.Array, experts_BTK: jax.Array) -> jax.Array:
+    """Sequence-wise balance loss `sum_i f_i P_i` (DeepSeek-V3 Eqs. 17-20), without weight alpha.
+
+    Per sequence: `f_i = E / (K T) * #{t : i in topk(t)}` (no gradient) and `P_i = mean_t s'_{i,t}`
+    with `s'` the affinities normalised over all experts; the result is averaged over the batch. It
+    equals 1 when routing and affinities are uniform.
+
+    Args:
+      scores_BTE: sigmoid affinities, `[B, T, E]`.
+      experts_BTK: selected expert ids, `[B, T, K]`.
+
+    Returns:
+      float32 scalar.
+    """
+    _, t, num_experts = scores_BTE.shape
+    top_k = experts_BTK.shape[-1]
+    scores_BTE = scores_BTE.astype(jnp.float32)
+    selected_BTE = jnp.sum(jax.nn.one_hot(experts_BTK, num_experts, dtype=jnp.float32), axis=2)
+    f_BE = jnp.sum(selected_BTE, axis=1) * (num_experts / (top_k * t))  # Eq. 18
+    normalised_BTE = scores_BTE / jnp.sum(scores_BTE, axis=-1, keepdims=True)  # Eq. 19
+    p_BE = jnp.mean(normalised_BTE, axis=1)  # Eq. 20
+    return jnp.mean(jnp.sum(jax.lax.stop_gradient(f_BE) * p_BE, axis=-1))  # Eq. 17 / alpha
+
+
+def update_router_bias(bias_E: jax.Array, load_E: jax.Array, rate: float = 0.001) -> jax.Array:
+    """Loss-free balancing (DeepSeek-V3 Sec. 2.1.2): `b += rate * sign(mean(load) - load)`.
+
+    Overloaded experts get a lower bias, underloaded ones a higher one. `rate` is the paper's bias
+    update speed gamma (0.001 for most of DeepSeek-V3's training). Apply after each optimizer step.
+
+    Args:
+      bias_E: current bias, `[E]`.
+      load_E: tokens (or fraction of routed slots) per expert in the last step, `[E]`; any scale.
+      rate: the update speed gamma.
+
+    Returns:
+      The new bias, `[E]`, in the dtype of `bias_E`.
+    """
+    if bias_E.shape != load_E.shape or bias_E.ndim != 1:
+        raise ValueError(
+            f"update_router_bias: bias has shape {bias_E.shape} and load {load_E.shape}; "
+            "expected both [E]"
+        )
+    load_E = load_E.astype(jnp.float32)
+    step_E = rate * jnp.sign(jnp.mean(load_E, keepdims=True) - load_E)  # [1] - [E]: same rank
+    return (bias_E.astype(jnp.float32) + step_E).astype(bias_E.dtype)
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Slots per expert `C = min(X, ceil(capacity_factor * X * K / E))` for capacity dispatch.
+
+    A token picks an expert at most once, so `C = X` never drops: `capacity_factor >= E / K`.
+    """
+    return max(1, min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts)))
+
+
+def _sort_slots(experts_SE: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Stable sort of slot expert ids -> `(order_S, group_sizes_E, rank_S)`, rank within expert."""
+    (s,) = experts_SE.shape
+    order_S = jnp.argsort(experts_SE, stable=True)  # slots grouped by expert, priority order kept
+    group_sizes_E = jnp.bincount(experts_SE, length=num_experts).astype(jnp.int32)
+    starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
+    sorted_rank_S = jnp.arange(s, dtype=jnp.int32) - jnp.take(starts_E, experts_SE[order_S])
+    rank_S = jnp.zeros((s,), jnp.int32).at[order_S].set(sorted_rank_S)  # undo the sort
+    return order_S, group_sizes_E, rank_S
+
+
+def _check_expert_args(x_XD, experts_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD) -> None:
+    x, d = x_XD.shape
+    e, d2, f = w_gate_EDF.shape
+    if d2 != d or w_up_EDF.shape != (e, d, f) or w_down_EFD.shape != (e, f, d):
+        raise ValueError(
+            f"expert weights: got w_gate {w_gate_EDF.shape}, w_up {w_up_EDF.shape}, "
+            f"w_down {w_down_EFD.shape} for x {x_XD.shape}; "
+            "expected [E, D, F], [E, D, F], [E, F, D]"
+        )
+    if experts_XK.shape != gates_XK.shape or experts_XK.shape[0] != x:
+        raise ValueError(
+            f"routing: experts {experts_XK.shape} and gates {gates_XK.shape}; "
+            f"expected both [X={x}, K]"
+        )
+
+
+def expert_ffn_ragged(
+    x_XD: jax.Array,
+    experts_XK: jax.Array,
+    gates_XK: jax.Array,
+    w_gate_EDF: jax.Array,
+    w_up_EDF: jax.Array,
+    w_down_EFD: jax.Array,
+) -> jax.Array:
+    """Dropless routed experts: sort the X*K slots by expert, `lax.ragged_dot`, unsort, combine.
+
+    No token is dropped. Cost is the K*X slots' FFN where `ragged_dot` has a grouped kernel (TPU);
+    XLA:CPU lowers `ragged_dot` to a masked dense matmul over all E groups, so on CPU this costs E
+    x the slots.
+
+    Args:
+      x_XD: tokens in the compute dtype, `[X, D]`.
+      experts_XK: selected expert ids, `[X, K]`.
+      gates_XK: gate values (float32), `[X, K]`.
+      w_gate_EDF, w_up_EDF: `[E, D, F]`.
+      w_down_EFD: `[E, F, D]`.
+
+    Returns:
+      `sum_k gates[x, k] * FFN_{experts[x, k]}(x)`, `[X, D]` in the dtype of `x_XD`.
+    """
+    _check_expert_args(x_XD, experts_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD)
+    x, d = x_XD.shape
+    num_experts = w_gate_EDF.shape[0]
+    top_k = experts_XK.shape[1]
+    # Slot s = k * X + token: k-major, as in the capacity path.
+    experts_S = experts_XK.T.reshape(-1)  # [K*X]
+    order_S, group_sizes_E, _ = _sort_slots(experts_S, num_experts)
+    tokens_S = order_S % x  # token of each sorted slot
+    x_SD = jnp.take(x_XD, tokens_S, axis=0)  # [K*X, D], grouped by expert
+    h_SF = jax.nn.silu(jax.lax.ragged_dot(x_SD, w_gate_EDF, group_sizes_E)) * jax.lax.ragged_dot(
+        x_SD, w_up_EDF, group_sizes_E
+    )  # [K*X, F]
+    y_sorted_SD = jax.lax.ragged_dot(h_SF, w_down_EFD, group_sizes_E)  # [K*X, D]
+    y_SD = jnp.zeros_like(y_sorted_SD).at[order_S].set(y_sorted_SD)  # back to slot order
+    y_KXD = y_SD.reshape(top_k, x, d)
+    # f32 combine: the K-term sum of gated outputs.
+    y_XD = jnp.einsum("kx,kxd->xd", gates_XK.T.astype(jnp.float32), y_KXD.astype(jnp.float32))
+    return y_XD.astype(x_XD.dtype)
+
+
+def expert_ffn_capacity(
+    x_XD: jax.Array,
+    experts_XK: jax.Array,
+    gates_XK: jax.Array,
+    w_gate_EDF: jax.Array,
+    w_up_EDF: jax.Array,
+    w_down_EFD: jax.Array,
+    capacity: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Routed experts with capacity C each: gather into `[E, C, D]`, batched FFN, gather back.
+
+    Slots are ranked k-major (every token's first choice before any second choice), then by token
+    index; a slot ranked `>= C` within its expert is dropped, i.e. contributes zero (the token
+    still gets the shared experts and the residual). Slot positions come from a stable sort, and
+    buffers are filled by index (gather), not by one-hot `[X, E, C]` dispatch tensors, whose size
+    grows with X^2.
+
+    Args:
+      x_XD, experts_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD: as in `expert_ffn_ragged`.
+      capacity: slots per expert C (see `expert_capacity`).
+
+    Returns:
+      `(y_XD, dropped_fraction)`: the combined output `[X, D]` in the dtype of `x_XD`, and the
+      float32 fraction of the X*K slots dropped.
+    """
+    _check_expert_args(x_XD, experts_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD)
+    x, d = x_XD.shape
+    num_experts = w_gate_EDF.shape[0]
+    top_k = experts_XK.shape[1]
+    c = capacity
+    experts_S = experts_XK.T.reshape(-1)  # [K*X], slot s = k * X + token
+    _, _, rank_S = _sort_slots(experts_S, num_experts)
+    kept_S = rank_S < c
+    # Flat buffer index e * C + rank; dropped slots point one past the end.
+    buffer_S = jnp.where(kept_S, experts_S * c + rank_S, num_experts * c)
+    tokens_S = jnp.arange(top_k * x, dtype=jnp.int32) % x
+    # Which token fills each buffer slot; empty slots read the appended zero row (index X).
+    buffer_tokens_N = (
+        jnp.full((num_experts * c,), x, jnp.int32).at[buffer_S].set(tokens_S, mode="drop")
+    )
+    x_pad_XD = jnp.concatenate([x_XD, jnp.zeros((1, d), x_XD.dtype)], axis=0)  # [X+1, D]
+    x_ECD = jnp.take(x_pad_XD, buffer_tokens_N, axis=0).reshape(num_experts, c, d)
+    x_ECD = nn.with_logical_constraint(x_ECD, (axes.ACT_EXPERTS, None, axes.ACT_EMBED))
+    h_ECF = jax.nn.silu(jnp.einsum("ecd,edf->ecf", x_ECD, w_gate_EDF)) * jnp.einsum(
+        "ecd,edf->ecf", x_ECD, w_up_EDF
+    )
+    y_ECD = jnp.einsum("ecf,efd->ecd", h_ECF, w_down_EFD)
+    y_ND = y_ECD.reshape(num_experts * c, d)
+    y_SD = jnp.take(y_ND, buffer_S, axis=0, mode="fill", fill_value=0)  # [K*X, D]; dropped -> 0
+    y_KXD = y_SD.reshape(top_k, x, d)
+    y_XD = jnp.einsum("kx,kxd->xd", gates_XK.T.astype(jnp.float32), y_KXD.astype(jnp.float32))
+    dropped_fraction = 1.0 - jnp.mean(kept_S.astype(jnp.float32))
+    return y_XD.astype(x_XD.dtype), dropped_fraction
+
+
+def _stacked(init: Initializer) -> Initializer:
+    """Applies a 2-D initializer to each expert of an `[E, ...]` kernel, so fan-in ignores E."""
+
+    def stacked_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        keys = jax.random.split(key, shape[0])
+        return jax.vmap(lambda k: init(k, shape[1:], dtype))(keys)
+
+    return stacked_init
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules.
+# --------------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU feed-forward `(silu(x W_gate) * (x W_up)) W_down`, no biases.
+
+    Parameters (collection "params"):
+      w_gate: `[D, F]`, logical axes (EMBED, MLP).
+      w_up:   `[D, F]`, logical axes (EMBED, MLP).
+      w_down: `[F, D]`, logical axes (MLP, EMBED).
+    Total `3 * D * F`.
+
+    Attributes:
+      hidden_size: F.
+      dtype: compute dtype.
+      param_dtype: storage dtype of the kernels.
+      kernel_init: initializer of each kernel (fan-in scaled by default).
+    """
+
+    hidden_size: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Args: x: `[..., D]`. Returns: `[..., D]` in `dtype`."""
+        if self.hidden_size < 1:
+            raise ValueError(f"MLP.hidden_size: got {self.hidden_size}; expected >= 1")
+        d, f = x.shape[-1], self.hidden_size
+        init_in = nn.with_logical_partitioning(self.kernel_init, (axes.EMBED, axes.MLP))
+        init_out = nn.with_logical_partitioning(self.kernel_init, (axes.MLP, axes.EMBED))
+        w_gate = self.param("w_gate", init_in, (d, f), self.param_dtype)
+        w_up = self.param("w_up", init_in, (d, f), self.param_dtype)
+        w_down = self.param("w_down", init_out, (f, d), self.param_dtype)
+        x, w_gate, w_up, w_down = nn.dtypes.promote_dtype(x, w_gate, w_up, w_down, dtype=self.dtype)
+        return swiglu(x, w_gate, w_up, w_down)
+
+
+class MoE(nn.Module):
+    """DeepSeek-V3-style mixture of experts: shared experts plus top-k of E routed SwiGLU experts.
+
+    `y = sum_shared FFN_s(x) + sum_{i in topk(s + b)} g_i FFN_i(x)` (DeepSeek-V3 Eq. 12; the
+    residual is the caller's), with sigmoid affinities `s_i = sigmoid(x^T e_i)` computed in float32
+    (Eq. 15), gates `g_i = s_i / sum_{j in topk} s_j * routed_scaling_factor` (Eq. 13), and the
+    balancing bias `b` used for the selection only (Eq. 16). The bias is in the "moe_bias"
+    collection, outside the gradient; the training loop updates it with `update_router_bias(bias,
+    stats["load"], rate)`.
+
+    The `num_shared_experts` shared experts are fused into one `MLP` of width `num_shared_experts *
+    F`: a SwiGLU is elementwise over F and its down projection sums over F, so this equals the sum
+    of separate experts with the same weights, in one matmul.
+
+    Variables (D = input width, E = num_experts, F = expert_hidden_size, S = num_shared_experts):
+      params/router_kernel: `[D, E]`, axes (EMBED, None), stored in `param_dtype`, used in float32.
+      params/w_gate:        `[E, D, F]`, axes (EXPERTS, EMBED, MLP).
+      params/w_up:          `[E, D, F]`, axes (EXPERTS, EMBED, MLP).
+      params/w_down:        `[E, F, D]`, axes (EXPERTS, MLP, EMBED).
+      params/shared/w_gate: `[D, S*F]`, params/shared/w_up: `[D, S*F]`, params/shared/w_down:
+                            `[S*F, D]` (an `MLP`; absent when S = 0).
+      moe_bias/bias:        `[E]`, float32, zeros, axes (EXPERTS,); not a parameter.
+    Parameters total `D*E + 3*E*D*F + 3*S*D*F`; activated per token `D*E + 3*(K+S)*D*F`.
+
+    Attributes:
+      num_experts: routed experts E.
+      top_k: routed experts per token K, in [1, E].
+      expert_hidden_size: F, the width of every routed and shared expert.
+      num_shared_experts: S >= 0.
+      routed_scaling_factor: multiplies the normalised routed gates (DeepSeek-V3: 2.5; default 1).
+      seq_balance_weight: alpha of the sequence-wise balance loss (Eq. 17); 0 disables it.
+      dispatch: "capacity" (default: sort positions, `[E, C, D]` buffers, drops slots over
+        capacity) or "ragged" (sort + `lax.ragged_dot`, dropless; a grouped kernel on TPU,
+        dense-cost on CPU).
+      capacity_factor: for "capacity": `C = ceil(capacity_factor * X * K / E)` slots per expert, X
+        the tokens in the call; `>= E / K` never drops (use that, or "ragged", when decoding).
+      dtype: compute dtype of the experts; routing is float32 regardless.
+      param_dtype: storage dtype of the parameters.
+      kernel_init: 2-D initializer for the router, the shared experts and each routed expert.
+      bias_update_rate: when > 0 and the "moe_bias" collection is mutable (a training step's
+        `apply(..., mutable=["moe_bias"])`), the call updates the balancing bias from this call's
+        load with `update_router_bias` (DeepSeek-V3's gamma); the update is outside the gradient.
+    """
+
+    num_experts: int
+    top_k: int
+    expert_hidden_size: int
+    num_shared_experts: int = 1
+    routed_scaling_factor: float = 1.0
+    seq_balance_weight: float = 1e-4
+    dispatch: Dispatch = "capacity"
+    capacity_factor: float = 1.25
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_update_rate: float = 0.0
+
+    def _validate(self, x_BTD: jax.Array) -> None:
+        if self.num_experts < 1:
+            raise ValueError(f"MoE.num_experts: got {self.num_experts}; expected >= 1")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"MoE.top_k: got {self.top_k}; "
+                f"expected 1 <= top_k <= num_experts={self.num_experts}"
+            )
+        if self.expert_hidden_size < 1:
+            raise ValueError(
+                f"MoE.expert_hidden_size: got {self.expert_hidden_size}; expected >= 1"
+            )
+        if self.num_shared_experts < 0:
+            raise ValueError(
+                f"MoE.num_shared_experts: got {self.num_shared_experts}; expected >= 0"
+            )
+        if self.dispatch not in DISPATCHES:
+            raise ValueError(f"MoE.dispatch: got {self.dispatch!r}; expected one of {DISPATCHES}")
+        if self.dispatch == "capacity" and not self.capacity_factor > 0:
+            raise ValueError(f"MoE.capacity_factor: got {self.capacity_factor}; expected > 0")
+        if self.seq_balance_weight < 0:
+            raise ValueError(
+                f"MoE.seq_balance_weight: got {self.seq_balance_weight}; expected >= 0"
+            )
+        if x_BTD.ndim != 3:
+            raise ValueError(f"MoE: x has shape {x_BTD.shape}; expected [B, T, D]")
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Applies shared and routed experts.
+
+        Args:
+          x_BTD: `[B, T, D]`.
+
+        Returns:
+          `(y_BTD, stats)`: `y_BTD` in `dtype`, without the residual; `stats` (float32) has
+          `load` `[E]` (fraction of the B*T*K routed slots per expert, sums to 1, counted before any
+          capacity drop), `tokens_per_expert` `[E]` (slot counts), `max_violation`
+          (`max(load) * E - 1`, 0 when balanced), `balance_loss` (`seq_balance_weight * Eq. 17`,
+          already weighted; 0 when disabled) and `dropped_fraction` (slots dropped by capacity;
+          0 for "ragged").
+        """
+        self._validate(x_BTD)
+        b, t, d = x_BTD.shape
+        e, k, f = self.num_experts, self.top_k, self.expert_hidden_size
+
+        router_kernel = self.param(
+            "router_kernel",
+            nn.with_logical_partitioning(self.kernel_init, (axes.EMBED, None)),
+            (d, e),
+            self.param_dtype,
+        )
+        expert_init = _stacked(self.kernel_init)
+        in_axes = (axes.EXPERTS, axes.EMBED, axes.MLP)
+        out_axes = (axes.EXPERTS, axes.MLP, axes.EMBED)
+        w_gate = self.param(
+            "w_gate",
+            nn.with_logical_partitioning(expert_init, in_axes),
+            (e, d, f),
+            self.param_dtype,
+        )
+        w_up = self.param(
+            "w_up", nn.with_logical_partitioning(expert_init, in_axes), (e, d, f), self.param_dtype
+        )
+        w_down = self.param(
+            "w_down",
+            nn.with_logical_partitioning(expert_init, out_axes),
+            (e, f, d),
+            self.param_dtype,
+        )
+        bias_var = self.variable(
+            BIAS_COLLECTION,
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.EXPERTS,)),
+            jax.random.PRNGKey(0),  # unused by zeros; no draw from the "params" stream
+            (e,),
+            jnp.float32,
+        )
+        bias_E = bias_var.value
+
+        # Routing in float32 from the input as given (before any cast to a bf16 compute dtype).
+        x_XD32 = x_BTD.reshape(b * t, d).astype(jnp.float32)
+        logits_XE = x_XD32 @ router_kernel.astype(jnp.float32)  # [X, D] @ [D, E]
+        scores_XE, gates_XK, experts_XK = route(
+            logits_XE, jax.lax.stop_gradient(bias_E), k, self.routed_scaling_factor
+        )
+
+        x_XD, w_gate, w_up, w_down = nn.dtypes.promote_dtype(
+            x_BTD.reshape(b * t, d), w_gate, w_up, w_down, dtype=self.dtype
+        )
+        if self.dispatch == "ragged":
+            routed_XD = expert_ffn_ragged(x_XD, experts_XK, gates_XK, w_gate, w_up, w_down)
+            dropped_fraction = jnp.zeros((), jnp.float32)
+        else:
+            capacity = expert_capacity(b * t, k, e, self.capacity_factor)
+            routed_XD, dropped_fraction = expert_ffn_capacity(
+                x_XD, experts_XK, gates_XK, w_gate, w_up, w_down, capacity
+            )
+        y_BTD = routed_XD.reshape(b, t, d)  # [X, D] -> [B, T, D]
+        if self.num_shared_experts > 0:
+            shared = MLP(
+                hidden_size=self.num_shared_experts * f,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=self.kernel_init,
+                name="shared",
+            )
+            y_BTD = y_BTD + shared(x_BTD)
+        y_BTD = nn.with_logical_constraint(y_BTD, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+
+        tokens_per_expert_E = jnp.bincount(experts_XK.reshape(-1), length=e).astype(jnp.float32)
+        load_E = tokens_per_expert_E / (b * t * k)
+        if self.seq_balance_weight > 0:
+            balance_loss = self.seq_balance_weight * sequence_balance_loss(
+                scores_XE.reshape(b, t, e), experts_XK.reshape(b, t, k)
+            )
+        else:
+            balance_loss = jnp.zeros((), jnp.float32)
+        if (
+            self.bias_update_rate > 0
+            and self.is_mutable_collection(BIAS_COLLECTION)
+            and not self.is_initializing()
+        ):
+            bias_var.value = update_router_bias(
+                bias_E, jax.lax.stop_gradient(load_E), self.bias_update_rate
+            )
+        stats = {
+            "load": load_E,
+            "tokens_per_expert": tokens_per_expert_E,
+            "max_violation": jnp.max(load_E) * e - 1.0,
+            "balance_loss": balance_loss,
+            "dropped_fraction": dropped_fraction,
+        }
+        return y_BTD.astype(self.dtype), stats
