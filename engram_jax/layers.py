@@ -12,8 +12,8 @@ from engram_jax import axes
 def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float) -> jax.Array:
     """RMSNorm over the last axis: `x / sqrt(mean(x^2) + eps) * scale`.
 
-    Statistics run in float32 whatever the input dtype (bf16 mean-of-squares loses too much precision);
-    the result is cast back to the input dtype.
+    Statistics run in float32 whatever the input dtype (a bf16 mean of squares loses too much
+    precision); the result is cast back to the input dtype.
 
     Args:
       x: `[..., D]`.
@@ -24,7 +24,7 @@ def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float) -> jax.Array:
     inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
     y = x32 * inv_rms
     if scale is not None:
-        y = y * scale.astype(jnp.float32)
+        y = y * scale.astype(jnp.float32).reshape((1,) * (y.ndim - 1) + (-1,))  # [..., D]
     return y.astype(x.dtype)
 
 
