@@ -1,5 +1,6 @@
 """RMSNorm against a direct numpy transcription."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +20,6 @@ def test_rms_norm_matches_numpy_and_keeps_dtype():
 def test_rms_norm_module_gain_starts_at_one():
     x = jnp.ones((2, 4, 8)) * 3.0
     module = RMSNorm(eps=1e-6)
-    variables = module.init(jax.random.PRNGKey(0), x)
+    variables = nn.meta.unbox(module.init(jax.random.PRNGKey(0), x))
     np.testing.assert_array_equal(variables["params"]["scale"], np.ones(8, np.float32))
     np.testing.assert_allclose(module.apply(variables, x), np.ones((2, 4, 8)), rtol=1e-5)
