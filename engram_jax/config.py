@@ -25,7 +25,7 @@ _ATTENTION_KINDS = ("gqa", "mla")
 _DTYPES = ("float32", "bfloat16")
 _SCHEDULES = ("cosine", "wsd", "constant")
 _SINKHORN_ORDERS = ("row_last", "col_last")
-_MOE_DISPATCH = ("sort", "capacity")
+_MOE_DISPATCH = ("capacity", "ragged")
 _AXIS_TYPES = ("auto", "explicit")
 MHC_LITE_MAX_STREAMS = 6
 
@@ -37,9 +37,8 @@ class ConfigError(ValueError):
 def base_config() -> ml_collections.ConfigDict:
     """Every configuration key, with its default and meaning. Config files set values, add none."""
     c = ml_collections.ConfigDict()
-    c.seed = (
-        0  # Seeds parameter init, data order and dropout-free sampling; one seed for the whole run.
-    )
+    # Seeds parameter init, data order and dropout-free sampling; one seed for the whole run.
+    c.seed = 0
 
     # ---------------------------------------------------------------- training program
     c.num_train_steps = 1000  # Optimizer steps.
@@ -50,24 +49,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.schedule = "cosine"  # "cosine", "wsd" (warmup-stable-decay) or "constant" after warm-up.
     c.final_lr_fraction = 0.1  # Final LR as a fraction of the peak (cosine and wsd).
     c.decay_fraction = 0.2  # wsd only: fraction of the steps spent decaying.
-    c.weight_decay = (
-        0.1  # AdamW decay of dense matrices (ALGORITHMS.md 1.11); 1-D params never decay.
-    )
+    # AdamW decay of dense matrices (ALGORITHMS.md 1.11); 1-D params never decay.
+    c.weight_decay = 0.1
     c.adam_b1 = 0.9
     c.adam_b2 = 0.95
     c.adam_eps = 1e-8
     c.clip_norm = 1.0  # Global gradient-norm clip of the dense parameters (0 disables).
     c.eval_every = 100  # Steps between evaluations (0 disables periodic eval).
     c.eval_batches = 8  # Batches per evaluation.
-    c.checkpoint_every = (
-        200  # Steps between checkpoints (0 disables; the final step is always saved).
-    )
+    # Steps between checkpoints (0 disables; the final step is always saved).
+    c.checkpoint_every = 200
     c.max_to_keep = 3  # Checkpoints kept on disk.
     c.log_every = 10  # Steps between metric lines.
     c.data_path = ""  # Text/JSONL/Parquet file, glob or directory; "" is the bundled corpus.
-    c.tokenizer_path = (
-        ""  # tokenizer.json; "" trains a byte-level BPE on the corpus (cached in the workdir).
-    )
+    # tokenizer.json; "" trains a byte-level BPE on the corpus (cached in the workdir).
+    c.tokenizer_path = ""
     c.eval_fraction = 0.05  # Fraction of documents held out for validation.
     c.generate_max_tokens = 64  # Tokens sampled by `engram_jax.generate` unless overridden.
 
@@ -78,9 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.num_layers = 4
     m.hidden_size = 128  # D: width of one residual stream.
     m.mlp_hidden_size = 512  # F of the dense SwiGLU layers.
-    m.num_dense_layers = (
-        1  # The first layers use a dense FFN; the rest use MoE when moe.num_experts > 0.
-    )
+    # The first layers use a dense FFN; the rest use MoE when moe.num_experts > 0.
+    m.num_dense_layers = 1
     m.norm_eps = 1e-6  # RMSNorm epsilon of the backbone.
     m.tie_embeddings = False  # Share the token embedding with the LM head.
     m.dtype = "float32"  # Compute dtype: "float32" or "bfloat16".
@@ -108,12 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
     e.expert_hidden_size = 128  # F of one expert's SwiGLU.
     e.routed_scaling_factor = 1.0
     e.seq_balance_weight = 1e-4  # Sequence-wise balance loss weight (0 disables).
-    e.bias_update_rate = (
-        1e-3  # Aux-loss-free balancing: bias step per training step (DeepSeek-V3's gamma).
-    )
-    e.dispatch = (
-        "sort"  # "sort" (grouped, no dropping) or "capacity" (one-hot einsum, drops overflow).
-    )
+    # Aux-loss-free balancing: bias step per training step (DeepSeek-V3's gamma).
+    e.bias_update_rate = 1e-3
+    # "capacity" (sorted slots into [E, C, D] buffers; drops overflow) or "ragged" (dropless).
+    e.dispatch = "capacity"
     e.capacity_factor = 1.25  # capacity dispatch only.
 
     g = m.engram = ml_collections.ConfigDict()
@@ -121,9 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
     g.layer_ids = ()
     g.max_ngram = 3  # N: orders 2..N are hashed.
     g.heads_per_ngram = 8  # K hash heads per order.
-    g.embed_per_ngram = (
-        512  # Row width of one order summed over its heads; D_head = embed_per_ngram / K.
-    )
+    # Row width of one order summed over its heads; D_head = embed_per_ngram / K.
+    g.embed_per_ngram = 512
     g.table_rows_per_head = (646400, 646400)  # Prime-search base per order (ALGORITHMS.md 1.3).
     g.hash_seed = 0
     g.conv_kernel_size = 4
@@ -134,22 +126,24 @@ def base_config() -> ml_collections.ConfigDict:
     g.gate_clamp = 1e-6  # Signed square root clamp of the gate score.
     g.table_init_std = 1.0  # N(0, std) rows, PyTorch nn.Embedding default as in the demo.
     g.table_dtype = "float32"
-    g.table_lr_multiplier = (
-        5.0  # Tables train with Adam at 5x the base LR (ALGORITHMS.md 1.11, 9.2).
-    )
+    # Tables train with Adam at 5x the base LR (ALGORITHMS.md 1.11, 9.2).
+    g.table_lr_multiplier = 5.0
     g.table_weight_decay = 0.0
 
     h = m.hc = ml_collections.ConfigDict()
     h.kind = "mhc"  # "residual", "hc", "mhc" or "mhc_lite".
     h.n_streams = 4
     h.sinkhorn_iters = 20
-    h.sinkhorn_eps = (
-        1e-6  # Denominator floor (the paper states none; DeepSeek's later code uses 1e-6).
-    )
+    # Denominator floor (the paper states none; DeepSeek's later code uses 1e-6).
+    h.sinkhorn_eps = 1e-6
     h.sinkhorn_order = "row_last"  # Paper: column then row normalisation, so rows are exact.
     h.alpha_init = 0.01  # Initial alpha scales (ALGORITHMS.md 2.2, 9.1).
     h.res_offdiag_bias = -8.0  # b_res off-diagonal init: H_res starts near identity (2.5, 9.1).
-    h.lite_offperm_bias = -8.0  # mHC-lite: logit bias of the non-identity permutations (4, 9.13).
+    h.lite_offperm_bias = -8.0
+    # Std of the coefficient projections phi. ALGORITHMS.md 2.5 starts from phi = 0 (unverified,
+    # 9.1), but then streams copied from one embedding stay identical forever unless another part
+    # (Engram's per-stream keys) breaks the symmetry; a small random phi moves H at init by < 1e-2.
+    h.coeff_init_std = 0.02  # mHC-lite: logit bias of the non-identity permutations (4, 9.13).
 
     # ---------------------------------------------------------------- devices
     d = c.mesh = ml_collections.ConfigDict()
@@ -241,6 +235,7 @@ class HyperConfig:
     alpha_init: float
     res_offdiag_bias: float
     lite_offperm_bias: float
+    coeff_init_std: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -480,6 +475,7 @@ def _validate_model(p: _Problems, m: ml_collections.ConfigDict) -> None:
     _check_positive(p, "model.hc.sinkhorn_iters", h.sinkhorn_iters)
     _check_choice(p, "model.hc.sinkhorn_order", h.sinkhorn_order, _SINKHORN_ORDERS)
     p.check(h.sinkhorn_eps >= 0, "model.hc.sinkhorn_eps", h.sinkhorn_eps, ">= 0")
+    p.check(h.coeff_init_std >= 0, "model.hc.coeff_init_std", h.coeff_init_std, ">= 0")
 
 
 def _validate_train(p: _Problems, c: ml_collections.ConfigDict) -> None:
@@ -488,6 +484,12 @@ def _validate_train(p: _Problems, c: ml_collections.ConfigDict) -> None:
     for key in ("warmup_steps", "eval_every", "checkpoint_every", "eval_batches"):
         _check_positive(p, key, c[key], allow_zero=True)
     p.check(c.learning_rate > 0, "learning_rate", c.learning_rate, "> 0")
+    p.check(
+        c.warmup_steps <= c.num_train_steps,
+        "warmup_steps",
+        c.warmup_steps,
+        f"<= num_train_steps={c.num_train_steps}",
+    )
     _check_choice(p, "schedule", c.schedule, _SCHEDULES)
     p.check(0 <= c.final_lr_fraction <= 1, "final_lr_fraction", c.final_lr_fraction, "in [0, 1]")
     p.check(0 < c.decay_fraction <= 1, "decay_fraction", c.decay_fraction, "in (0, 1]")

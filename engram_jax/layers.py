@@ -17,14 +17,17 @@ def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float) -> jax.Array:
 
     Args:
       x: `[..., D]`.
-      scale: `[D]` gain, or None for no gain.
+      scale: `[D]` gain (or one of x's rank that broadcasts against it), or None for no gain.
       eps: added to the mean square.
     """
     x32 = x.astype(jnp.float32)
     inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
     y = x32 * inv_rms
     if scale is not None:
-        y = y * scale.astype(jnp.float32).reshape((1,) * (y.ndim - 1) + (-1,))  # [..., D]
+        scale = scale.astype(jnp.float32)
+        if scale.ndim == 1:
+            scale = scale.reshape((1,) * (y.ndim - 1) + (-1,))  # [D] -> [1, ..., 1, D]
+        y = y * scale
     return y.astype(x.dtype)
 
 

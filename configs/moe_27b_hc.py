@@ -1,0 +1,30 @@
+"""MoE-27B with unconstrained dynamic hyper-connections (hc.kind hc, n = 4): the HC arm of the
+mHC paper's 27B comparison (ALGORITHMS.md §2.8, §3), which showed a loss surge near step 12k.
+
+python -m engram_jax.train --config=configs/moe_27b_hc.py --workdir=/tmp/moe_27b_hc \
+    --config.data_path=/data/corpus --config.tokenizer_path=/data/deepseek_v3/tokenizer.json \
+    --config.mesh.fsdp=64
+
+Accounting: python -m engram_jax.accounting --config=configs/moe_27b_hc.py
+
+Everything else as configs/moe_27b.py (its derived sizes are documented there).
+"""
+
+import importlib.util
+from pathlib import Path
+
+
+def _moe_27b_config():
+    spec = importlib.util.spec_from_file_location(
+        "configs_moe_27b", Path(__file__).with_name("moe_27b.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config():
+    config = _moe_27b_config()
+    config.model.hc.kind = "hc"
+    config.model.hc.n_streams = 4
+    return config

@@ -1,0 +1,30 @@
+"""MoE-27B with a plain pre-norm residual (hc.kind residual, one stream): the baseline of the
+mHC paper's 27B comparison (ALGORITHMS.md §2.8).
+
+python -m engram_jax.train --config=configs/moe_27b_residual.py --workdir=/tmp/moe_27b_residual \
+    --config.data_path=/data/corpus --config.tokenizer_path=/data/deepseek_v3/tokenizer.json \
+    --config.mesh.fsdp=64
+
+Accounting: python -m engram_jax.accounting --config=configs/moe_27b_residual.py
+
+Everything else as configs/moe_27b.py (its derived sizes are documented there).
+"""
+
+import importlib.util
+from pathlib import Path
+
+
+def _moe_27b_config():
+    spec = importlib.util.spec_from_file_location(
+        "configs_moe_27b", Path(__file__).with_name("moe_27b.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config():
+    config = _moe_27b_config()
+    config.model.hc.kind = "residual"
+    config.model.hc.n_streams = 1
+    return config

@@ -1,0 +1,383 @@
+"""The decoder-only language model: token embedding -> hyper-connection streams -> blocks ->
+merge -> final RMSNorm -> LM head, every choice taken from one `ModelConfig`.
+
+Block `l` (ALGORITHMS.md §1.7, §2.1): optional Engram (added to every stream, not wrapped by the
+hyper-connection), then attention and the FFN (dense SwiGLU for the first `num_dense_layers`, MoE
+after), each wrapped by the configured hyper-connection kind, which owns the sub-layer's pre-norm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from engram_jax import axes
+from engram_jax.attention import Attention, MultiHeadLatentAttention
+from engram_jax.config import ModelConfig
+from engram_jax.engram import Engram
+from engram_jax.hashing import table_primes
+from engram_jax.layers import RMSNorm
+from engram_jax.mhc import HyperConnection, expand_streams, merge_streams
+from engram_jax.moe import MLP, MoE
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Variable collections a training step must thread through `apply`.
+MOE_BIAS = "moe_bias"
+
+
+def engram_table_sizes(config: ModelConfig) -> dict[int, tuple[int, ...]]:
+    """Rows per hash head (the primes) of every Engram layer; empty when Engram is off."""
+    e = config.engram
+    if not e.enabled:
+        return {}
+    primes = table_primes(e.table_rows_per_head, e.heads_per_ngram, e.layer_ids)
+    return {layer: tuple(p) for layer, p in primes.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """Consecutive layers with the same structure; scanned together when `scan_layers`."""
+
+    start: int
+    stop: int
+    use_moe: bool
+    has_engram: bool
+
+    @property
+    def name(self) -> str:
+        if self.stop - self.start == 1:
+            return f"layer_{self.start}"
+        return f"layers_{self.start}_to_{self.stop - 1}"
+
+
+def layer_runs(config: ModelConfig) -> list[_Run]:
+    """Groups layers into runs of identical blocks; an Engram layer is always a run of its own.
+
+    With `scan_layers=False` every run has one layer.
+    """
+    runs: list[_Run] = []
+    engram_layers = set(config.engram.layer_ids)
+    for layer in range(config.num_layers):
+        use_moe = config.is_moe_layer(layer)
+        has_engram = layer in engram_layers
+        previous = runs[-1] if runs else None
+        if (
+            config.scan_layers
+            and previous is not None
+            and not has_engram
+            and not previous.has_engram
+            and previous.use_moe == use_moe
+        ):
+            runs[-1] = dataclasses.replace(previous, stop=layer + 1)
+        else:
+            runs.append(_Run(layer, layer + 1, use_moe, has_engram))
+    return runs
+
+
+class Block(nn.Module):
+    """One decoder block: [Engram] -> hyper-connected attention -> hyper-connected FFN.
+
+    Returns `(x_BTGD, stats)`; `stats` holds the MoE statistics (`load [E]`, `balance_loss`) and
+    Engram gates (`engram_gates [B, T, G]`) of this block, as present.
+    """
+
+    config: ModelConfig
+    layer: int
+    use_moe: bool
+    engram_sizes: tuple[int, ...] | None = None
+    decode: bool = False
+    lookup_fn: Callable | None = None
+
+    def _hyper(self, site: int, name: str) -> HyperConnection:
+        hc = self.config.hc
+        return HyperConnection(
+            kind=hc.kind,
+            n_streams=hc.n_streams,
+            layer_index=site,
+            sinkhorn_iters=hc.sinkhorn_iters,
+            sinkhorn_eps=hc.sinkhorn_eps,
+            sinkhorn_order=hc.sinkhorn_order,
+            alpha_init=hc.alpha_init,
+            res_offdiag_bias=hc.res_offdiag_bias,
+            lite_other_bias=hc.lite_offperm_bias,
+            coeff_kernel_init=nn.initializers.normal(hc.coeff_init_std)
+            if hc.coeff_init_std > 0
+            else nn.initializers.zeros_init(),
+            norm_eps=self.config.norm_eps,
+            dtype=_DTYPES[self.config.dtype],
+            param_dtype=_DTYPES[self.config.param_dtype],
+            name=name,
+        )
+
+    def _attention(self) -> nn.Module:
+        cfg = self.config
+        a = cfg.attention
+        common = dict(
+            rope_theta=a.rope_theta,
+            dtype=_DTYPES[cfg.dtype],
+            param_dtype=_DTYPES[cfg.param_dtype],
+            decode=self.decode,
+            name="attention",
+        )
+        if a.kind == "mla":
+            return MultiHeadLatentAttention(
+                num_heads=a.num_heads,
+                q_lora_rank=a.q_lora_rank or None,
+                kv_lora_rank=a.kv_lora_rank,
+                qk_nope_head_dim=a.qk_nope_head_dim,
+                qk_rope_head_dim=a.qk_rope_head_dim,
+                v_head_dim=a.v_head_dim,
+                norm_eps=cfg.norm_eps,
+                **common,
+            )
+        return Attention(
+            num_heads=a.num_heads,
+            num_kv_heads=a.num_kv_heads,
+            head_dim=a.head_dim,
+            use_qk_norm=a.use_qk_norm,
+            qk_norm_eps=cfg.norm_eps,
+            **common,
+        )
+
+    def _ffn(self) -> nn.Module:
+        cfg = self.config
+        dtype, param_dtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+        if not self.use_moe:
+            return MLP(cfg.mlp_hidden_size, dtype=dtype, param_dtype=param_dtype, name="mlp")
+        e = cfg.moe
+        # Decoding routes a handful of tokens per call: a capacity of E/K slots per token can never
+        # drop one, so cached decoding routes exactly like the full forward.
+        capacity = max(e.capacity_factor, e.num_experts / e.top_k) if self.decode else None
+        return MoE(
+            num_experts=e.num_experts,
+            top_k=e.top_k,
+            expert_hidden_size=e.expert_hidden_size,
+            num_shared_experts=e.num_shared_experts,
+            routed_scaling_factor=e.routed_scaling_factor,
+            seq_balance_weight=e.seq_balance_weight,
+            bias_update_rate=0.0 if self.decode else e.bias_update_rate,
+            dispatch=e.dispatch,
+            capacity_factor=capacity or e.capacity_factor,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            name="moe",
+        )
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BTGD: jax.Array,
+        positions_BT: jax.Array,
+        segment_ids_BT: jax.Array | None,
+        hash_ids_BTM: jax.Array | None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        cfg = self.config
+        stats: dict[str, jax.Array] = {}
+        segments = None if self.decode else segment_ids_BT
+        if self.engram_sizes is not None:
+            e = cfg.engram
+            engram = Engram(
+                head_vocab_sizes=self.engram_sizes,
+                max_ngram=e.max_ngram,
+                row_width=e.row_width,
+                conv_kernel_size=e.conv_kernel_size,
+                conv_dilation=e.dilation,
+                qk_norm_eps=e.qk_norm_eps,
+                conv_norm_eps=e.conv_norm_eps,
+                gate_clamp=e.gate_clamp,
+                conv_zero_init=e.conv_zero_init,
+                table_init=nn.initializers.normal(e.table_init_std),
+                dtype=_DTYPES[cfg.dtype],
+                param_dtype=_DTYPES[cfg.param_dtype],
+                table_dtype=_DTYPES[e.table_dtype],
+                lookup_fn=self.lookup_fn,
+                decode=self.decode,
+                name="engram",
+            )
+            memory_BTGD, gates_BTG = engram(
+                x_BTGD, hash_ids_BTM, segment_ids=segments, return_gates=True
+            )
+            # §1.7: Engram reads every stream directly and its output joins each stream.
+            x_BTGD = x_BTGD + memory_BTGD.astype(x_BTGD.dtype)
+            stats["engram_gates"] = gates_BTG
+
+        attn_hc = self._hyper(2 * self.layer, "attention_hc")
+        h_BTD, mixing = attn_hc.read(x_BTGD)
+        y_BTD = self._attention()(h_BTD, positions_BT, segments)
+        x_BTGD = attn_hc.write(x_BTGD, y_BTD, mixing)
+
+        ffn_hc = self._hyper(2 * self.layer + 1, "ffn_hc")
+        h_BTD, mixing = ffn_hc.read(x_BTGD)
+        if self.use_moe:
+            y_BTD, moe_stats = self._ffn()(h_BTD)
+            stats["moe_load"] = moe_stats["load"]
+            stats["moe_balance_loss"] = moe_stats["balance_loss"]
+        else:
+            y_BTD = self._ffn()(h_BTD)
+        x_BTGD = ffn_hc.write(x_BTGD, y_BTD, mixing)
+        x_BTGD = nn.with_logical_constraint(
+            x_BTGD, (axes.BATCH, axes.LENGTH, axes.ACT_STREAMS, axes.ACT_EMBED)
+        )
+        return x_BTGD, stats
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM built from a `ModelConfig`.
+
+    `__call__(tokens [B, T], positions [B, T] | None, segment_ids [B, T] | None,
+    hash_ids [B, L_e, T, M] | None) -> (logits [B, T, V] float32, aux)`.
+    `hash_ids[:, i]` are the hash ids of the i-th Engram layer in `config.engram.layer_ids` order,
+    computed on the host (`NgramHasher` on compressed tokens). `aux` holds
+    `moe_balance_loss` (summed over MoE layers), `moe_load [L_moe, E]` and
+    `engram_gates [L_e, B, T, G]` when those parts exist.
+
+    Decoding (`decode=True`): initialise with a full-length input to create the `cache`
+    collection (attention KV / MLA latent caches and Engram convolution states), then call with
+    `mutable=["cache"]` on chunks with explicit positions (see `attention.py`'s protocol).
+    """
+
+    config: ModelConfig
+    decode: bool = False
+    lookup_fn: Callable | None = None
+
+    def _check_inputs(self, tokens_BT, positions_BT, segment_ids_BT, hash_ids) -> None:
+        cfg = self.config
+        if tokens_BT.ndim != 2:
+            raise ValueError(f"Transformer: tokens has shape {tokens_BT.shape}; expected [B, T]")
+        if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
+            raise TypeError(f"Transformer: tokens has dtype {tokens_BT.dtype}; expected integers")
+        for name, value in (("positions", positions_BT), ("segment_ids", segment_ids_BT)):
+            if value is not None and value.shape != tokens_BT.shape:
+                raise ValueError(
+                    f"Transformer: {name} has shape {value.shape}; expected {tokens_BT.shape} "
+                    "(the tokens' [B, T])"
+                )
+        e = cfg.engram
+        if e.enabled:
+            b, t = tokens_BT.shape
+            expected = (b, len(e.layer_ids), t, e.num_heads)
+            if hash_ids is None or tuple(hash_ids.shape) != expected:
+                got = None if hash_ids is None else tuple(hash_ids.shape)
+                raise ValueError(
+                    f"Transformer: hash_ids has shape {got}; expected [B, L_e, T, M] = {expected} "
+                    f"(Engram layers {tuple(e.layer_ids)}, M = (max_ngram-1) x heads_per_ngram)"
+                )
+        elif hash_ids is not None:
+            raise ValueError("Transformer: hash_ids given but config.engram.layer_ids is empty")
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array | None = None,
+        segment_ids_BT: jax.Array | None = None,
+        hash_ids: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, Any]]:
+        cfg = self.config
+        self._check_inputs(tokens_BT, positions_BT, segment_ids_BT, hash_ids)
+        dtype = _DTYPES[cfg.dtype]
+        param_dtype = _DTYPES[cfg.param_dtype]
+        b, t = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
+
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
+                (axes.VOCAB, axes.EMBED),
+            ),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            name="embed",
+        )
+        x_BTD = embed(tokens_BT)
+        x_BTGD = expand_streams(x_BTD, cfg.hc.n_streams)  # [B, T, G, D]
+
+        sizes = engram_table_sizes(cfg)
+        engram_index = {layer: i for i, layer in enumerate(cfg.engram.layer_ids)}
+        stats_per_run: list[tuple[_Run, dict[str, jax.Array]]] = []
+        for run in layer_runs(cfg):
+            block_kwargs = dict(
+                config=cfg,
+                layer=run.start,
+                use_moe=run.use_moe,
+                decode=self.decode,
+                lookup_fn=self.lookup_fn,
+            )
+            block_cls = nn.remat(Block, static_argnums=()) if cfg.remat else Block
+            if run.stop - run.start == 1:
+                hash_ids_BTM = None
+                if run.has_engram:
+                    block_kwargs["engram_sizes"] = sizes[run.start]
+                    hash_ids_BTM = hash_ids[:, engram_index[run.start]]  # [B, T, M]
+                x_BTGD, stats = block_cls(**block_kwargs, name=run.name)(
+                    x_BTGD, positions_BT, segment_ids_BT, hash_ids_BTM
+                )
+                stats = {k: v[None] for k, v in stats.items()}  # [1, ...] like a scan
+            else:
+                scanned = nn.scan(
+                    block_cls,
+                    variable_axes={"params": 0, "cache": 0, MOE_BIAS: 0, "intermediates": 0},
+                    split_rngs={"params": True},
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                    length=run.stop - run.start,
+                    metadata_params={nn.PARTITION_NAME: axes.LAYERS},
+                )
+                x_BTGD, stats = scanned(**block_kwargs, name=run.name)(
+                    x_BTGD, positions_BT, segment_ids_BT, None
+                )
+            stats_per_run.append((run, stats))
+
+        x_BTD = merge_streams(x_BTGD)  # [B, T, D]
+        x_BTD = RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(
+            x_BTD
+        )
+        if cfg.tie_embeddings:
+            logits_BTV = embed.attend(x_BTD)
+        else:
+            logits_BTV = nn.DenseGeneral(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.lecun_normal(), (axes.EMBED, axes.VOCAB)
+                ),
+                name="lm_head",
+            )(x_BTD)
+        # float32 logits: the softmax cross-entropy over a large vocabulary needs the range.
+        logits_BTV = nn.with_logical_constraint(
+            logits_BTV.astype(jnp.float32), (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB)
+        )
+        return logits_BTV, _collect_stats(stats_per_run)
+
+
+def _collect_stats(stats_per_run: list[tuple[_Run, dict[str, jax.Array]]]) -> dict[str, Any]:
+    """Concatenates per-run statistics along the layer axis, in layer order."""
+    aux: dict[str, Any] = {}
+    for key in ("moe_load", "moe_balance_loss", "engram_gates"):
+        parts = [stats[key] for _, stats in stats_per_run if key in stats]
+        if parts:
+            aux[key] = jnp.concatenate(parts, axis=0)
+    if "moe_balance_loss" in aux:
+        aux["moe_balance_loss"] = jnp.sum(aux["moe_balance_loss"])
+    return aux
+
+
+def cross_entropy_loss(
+    logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Masked mean next-token cross-entropy (float32) and the number of counted tokens."""
+    log_probs_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    nll_BT = -jnp.take_along_axis(log_probs_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    mask_BT = mask_BT.astype(jnp.float32)
+    count = jnp.sum(mask_BT)
+    return jnp.sum(nll_BT * mask_BT) / jnp.maximum(count, 1.0), count
