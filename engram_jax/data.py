@@ -1,0 +1,759 @@
+"""Host-side data pipeline: documents, tokenizer, packed grain batches and Engram hash ids.
+
+Everything here runs on the host with numpy and grain; the model receives finished integer arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import hashlib
+import importlib.resources
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+import tokenizers
+from absl import flags
+from grain import experimental as grain_experimental
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from engram_jax.hashing import CompressedTokenizer, NgramHasher
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------- documents
+
+SUPPORTED_EXTENSIONS = (
+    ".txt",
+    ".txt.gz",
+    ".jsonl",
+    ".jsonl.gz",
+    ".parquet",
+    ".arrayrecord",
+    ".array_record",
+)
+BUNDLED_CORPUS = "python_docs_slice.txt.gz"
+
+# Two or more blank lines end a document in .txt files; one blank line is a paragraph break.
+_DOCUMENT_SEPARATOR = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def bundled_corpus_path() -> str:
+    """Path of the bundled Python-docs slice (see assets/LICENSE_CORPUS.md)."""
+    return str(importlib.resources.files("engram_jax") / "assets" / BUNDLED_CORPUS)
+
+
+def _extension(path: str) -> str:
+    """The supported extension `path` ends with; ValueError otherwise."""
+    lower = path.lower()
+    for ext in sorted(SUPPORTED_EXTENSIONS, key=len, reverse=True):
+        if lower.endswith(ext):
+            return ext
+    raise ValueError(
+        f"data_path: unsupported file {path!r}; expected one of {', '.join(SUPPORTED_EXTENSIONS)}"
+    )
+
+
+def _open_text(path: str):
+    """Opens a possibly gzip-compressed UTF-8 file for reading."""
+    if path.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def split_text_documents(text: str) -> list[str]:
+    """Splits text into documents at runs of two or more blank lines; drops blank documents."""
+    return [doc for doc in _DOCUMENT_SEPARATOR.split(text) if doc.strip()]
+
+
+def _read_txt(path: str) -> list[str]:
+    with _open_text(path) as f:
+        return split_text_documents(f.read())
+
+
+def _read_jsonl(path: str) -> list[str]:
+    documents = []
+    with _open_text(path) as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: invalid JSON ({e})") from e
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(
+                    f"{path}:{line_number}: expected a JSON object with a string field 'text'"
+                )
+            documents.append(record["text"])
+    return documents
+
+
+def _read_parquet(path: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    if "text" not in schema.names:
+        raise ValueError(f"{path}: no column 'text' (columns: {schema.names})")
+    column = pq.read_table(path, columns=["text"]).column("text")
+    return [doc for doc in column.to_pylist() if doc is not None]
+
+
+def _read_array_record(path: str) -> list[str]:
+    try:
+        source = grain.sources.ArrayRecordDataSource([path])
+    except ImportError as e:  # array_record is an optional dependency of grain.
+        raise ValueError(f"{path}: reading ArrayRecord needs the `array_record` package") from e
+    return [bytes(source[i]).decode("utf-8") for i in range(len(source))]
+
+
+_READERS = {
+    ".txt": _read_txt,
+    ".txt.gz": _read_txt,
+    ".jsonl": _read_jsonl,
+    ".jsonl.gz": _read_jsonl,
+    ".parquet": _read_parquet,
+    ".arrayrecord": _read_array_record,
+    ".array_record": _read_array_record,
+}
+
+
+def _files_for(data_path: str) -> list[str]:
+    """Resolves a file, glob or directory to a sorted list of files."""
+    if _GLOB_CHARS.search(data_path):
+        files = sorted(p for p in glob.glob(data_path, recursive=True) if os.path.isfile(p))
+        if not files:
+            raise FileNotFoundError(f"data_path={data_path!r}: the glob matches no files")
+        return files
+    if os.path.isdir(data_path):
+        files = []
+        for root, _, names in os.walk(data_path):
+            for name in names:
+                path = os.path.join(root, name)
+                if any(name.lower().endswith(ext) for ext in SUPPORTED_EXTENSIONS):
+                    files.append(path)
+                else:
+                    logger.info("data_path: skipping %s (unsupported extension)", path)
+        if not files:
+            raise ValueError(
+                f"data_path={data_path!r}: the directory holds no file ending in "
+                f"{', '.join(SUPPORTED_EXTENSIONS)}"
+            )
+        return sorted(files)
+    if os.path.isfile(data_path):
+        return [data_path]
+    raise FileNotFoundError(f"data_path={data_path!r}: no such file or directory")
+
+
+def load_documents(data_path: str) -> list[str]:
+    """Loads the documents of a corpus as strings.
+
+    Formats, chosen by extension:
+      * `.txt`, `.txt.gz`: documents are separated by two or more blank lines (one blank line is a
+        paragraph break inside a document); a file without such a separator is one document.
+      * `.jsonl`, `.jsonl.gz`: one JSON object per line, field `"text"`.
+      * `.parquet`: column `"text"` (read with pyarrow); null rows are skipped.
+      * `.arrayrecord`, `.array_record`: one UTF-8 document per record (needs `array_record`).
+
+    Whitespace-only documents are dropped.
+
+    Args:
+      data_path: "" for the bundled corpus (a slice of the Python 3.11 documentation, see
+        `engram_jax/assets/LICENSE_CORPUS.md`); a file; a glob (`*`, `?`, `[`; `**` recurses); or a
+        directory (all files with a supported extension below it, others skipped). Files are read
+        in sorted path order.
+
+    Returns:
+      The documents, in file order then in-file order.
+
+    Raises:
+      FileNotFoundError: the path does not exist or the glob matches nothing.
+      ValueError: an unsupported extension, a malformed record, or no non-blank document.
+    """
+    files = [bundled_corpus_path()] if data_path == "" else _files_for(data_path)
+    documents: list[str] = []
+    for path in files:
+        documents.extend(doc for doc in _READERS[_extension(path)](path) if doc.strip())
+    if not documents:
+        raise ValueError(
+            f"data_path={data_path!r}: found no non-blank document in {len(files)} file(s)"
+        )
+    logger.info("Loaded %d documents from %d file(s) (%r)", len(documents), len(files), data_path)
+    return documents
+
+
+def split_documents(documents: Sequence[str], eval_fraction: float) -> tuple[list[str], list[str]]:
+    """Deterministic train/validation split: the last `eval_fraction` of the documents is held out.
+
+    Args:
+      documents: the corpus, in load order.
+      eval_fraction: in (0, 1); at least one document goes to each side.
+
+    Returns:
+      (train_documents, eval_documents).
+
+    Raises:
+      ValueError: eval_fraction outside (0, 1) or fewer than two documents.
+    """
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"eval_fraction: got {eval_fraction}; expected a value in (0, 1)")
+    if len(documents) < 2:
+        raise ValueError(
+            f"documents: got {len(documents)}; need at least 2 to hold out a validation split"
+        )
+    num_eval = min(len(documents) - 1, max(1, math.ceil(eval_fraction * len(documents))))
+    cut = len(documents) - num_eval
+    return list(documents[:cut]), list(documents[cut:])
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+
+PAD_TOKEN = "<pad>"  # id 0 in tokenizers trained here
+EOS_TOKEN = "<eos>"  # id 1 in tokenizers trained here
+_PAD_NAMES = (PAD_TOKEN, "[PAD]", "<|pad|>", "<|padding|>")
+_EOS_NAMES = (EOS_TOKEN, "</s>", "<|endoftext|>", "<|end_of_text|>", "<|eos|>", "[SEP]")
+_CACHE_VERSION = "engram_jax-bpe-v1"
+
+
+def train_bpe_tokenizer(documents: Sequence[str], vocab_size: int) -> tokenizers.Tokenizer:
+    """Trains a byte-level BPE tokenizer with `<pad>` = 0 and `<eos>` = 1.
+
+    Byte-level pre-tokenisation (no prefix space, no normaliser) makes encoding lossless, so the
+    UTF-8 byte lengths of a document's tokens sum to the document's byte length.
+
+    Args:
+      documents: training text.
+      vocab_size: target size including the 2 special tokens and 256 byte tokens; a small corpus
+        may give fewer tokens.
+
+    Returns:
+      The trained tokenizer.
+    """
+    min_size = 2 + len(pre_tokenizers.ByteLevel.alphabet())
+    if vocab_size < min_size:
+        raise ValueError(
+            f"vocab_size: got {vocab_size}; a byte-level BPE needs at least {min_size} "
+            "(2 special + 256 byte tokens)"
+        )
+    tokenizer = tokenizers.Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD_TOKEN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(documents, trainer=trainer, length=len(documents))
+    assert tokenizer.token_to_id(PAD_TOKEN) == 0 and tokenizer.token_to_id(EOS_TOKEN) == 1
+    return tokenizer
+
+
+def tokenizer_cache_key(documents: Sequence[str], vocab_size: int) -> str:
+    """Hex key of (corpus content, vocab_size, trainer version) naming a cached tokenizer."""
+    digest = hashlib.sha256(f"{_CACHE_VERSION}\n{vocab_size}\n{len(documents)}\n".encode())
+    for doc in documents:
+        data = doc.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()[:20]
+
+
+def load_tokenizer(tokenizer_path: str) -> tokenizers.Tokenizer:
+    """Reads a Hugging Face `tokenizer.json`; errors name the path."""
+    if not os.path.isfile(tokenizer_path):
+        raise FileNotFoundError(f"tokenizer_path={tokenizer_path!r}: no such file")
+    try:
+        return tokenizers.Tokenizer.from_file(tokenizer_path)
+    except Exception as e:  # the Rust loader raises plain Exception subclasses
+        raise ValueError(
+            f"tokenizer_path={tokenizer_path!r}: not a readable Hugging Face tokenizer.json ({e})"
+        ) from e
+
+
+def load_or_train_tokenizer(
+    tokenizer_path: str, documents: Sequence[str], vocab_size: int, cache_dir: str
+) -> tokenizers.Tokenizer:
+    """Loads `tokenizer_path`, or trains (once) a byte-level BPE on `documents`.
+
+    Args:
+      tokenizer_path: a `tokenizer.json`; "" trains with `train_bpe_tokenizer`.
+      documents: the training corpus (used only when training).
+      vocab_size: target vocabulary size when training.
+      cache_dir: trained tokenizers are stored as
+        `<cache_dir>/bpe-<tokenizer_cache_key(documents, vocab_size)>/tokenizer.json` and reused
+        by later calls with the same corpus and size.
+
+    Returns:
+      The tokenizer.
+
+    Raises:
+      FileNotFoundError / ValueError: `tokenizer_path` is missing or unreadable (the path is named).
+    """
+    if tokenizer_path:
+        return load_tokenizer(tokenizer_path)
+    cache_path = os.path.join(
+        cache_dir, f"bpe-{tokenizer_cache_key(documents, vocab_size)}", "tokenizer.json"
+    )
+    if os.path.isfile(cache_path):
+        logger.info("Reusing cached tokenizer %s", cache_path)
+        return load_tokenizer(cache_path)
+    logger.info("Training a byte-level BPE (vocab_size=%d) on %d docs", vocab_size, len(documents))
+    tokenizer = train_bpe_tokenizer(documents, vocab_size)
+    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+    # Write then rename: processes training the same tokenizer never see a half-written file.
+    tmp_path = f"{cache_path}.tmp{os.getpid()}"
+    tokenizer.save(tmp_path)
+    os.replace(tmp_path, cache_path)
+    logger.info("Saved tokenizer to %s", cache_path)
+    return tokenizer
+
+
+def _special_token_ids(tokenizer: tokenizers.Tokenizer) -> set[int]:
+    return {i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special}
+
+
+def _find_token(tokenizer: tokenizers.Tokenizer, names: Sequence[str]) -> int | None:
+    for name in names:
+        token_id = tokenizer.token_to_id(name)
+        if token_id is not None:
+            return token_id
+    return None
+
+
+def token_byte_lengths(
+    tokenizer: tokenizers.Tokenizer, vocab_size: int | None = None
+) -> np.ndarray:
+    """UTF-8 byte length of every token, for bits-per-byte.
+
+    Exact for byte-level BPE (each character of a token string stands for one byte). For other
+    tokenizers it is the byte length of `decode([id])`, which is approximate where decoding a lone
+    token drops or adds spaces. Special tokens count 0 bytes.
+
+    Args:
+      tokenizer: the tokenizer.
+      vocab_size: length of the table (>= the tokenizer's size); ids past the tokenizer get 0.
+
+    Returns:
+      int32 array [V].
+    """
+    num_tokens = tokenizer.get_vocab_size(with_added_tokens=True)
+    size = num_tokens if vocab_size is None else vocab_size
+    if size < num_tokens:
+        raise ValueError(f"vocab_size: got {size}; the tokenizer has {num_tokens} tokens")
+    lengths_V = np.zeros((size,), np.int32)
+    special = _special_token_ids(tokenizer)
+    added = tokenizer.get_added_tokens_decoder()
+    byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    for token_id in range(num_tokens):
+        if token_id in special:
+            continue
+        if token_id in added:
+            lengths_V[token_id] = len(added[token_id].content.encode("utf-8"))
+            continue
+        token = tokenizer.id_to_token(token_id)
+        if token is None:
+            continue
+        if byte_level and all(ch in alphabet for ch in token):
+            lengths_V[token_id] = len(token)
+        else:
+            text = tokenizer.decode([token_id], skip_special_tokens=False)
+            lengths_V[token_id] = len(text.encode("utf-8"))
+    return lengths_V
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DataSpec:
+    """What the model and the metrics need to know about the tokens.
+
+    Attributes:
+      vocab_size: ids are checked to lie in [0, vocab_size) (the model's vocabulary, >= tokenizer).
+      pad_id: raw id written at padding positions (Engram hashes its compressed id).
+      eos_id: id appended to every document, or None when the tokenizer has none.
+      token_bytes_V: int32 [vocab_size] UTF-8 byte length per token (`token_byte_lengths`).
+    """
+
+    vocab_size: int
+    pad_id: int
+    eos_id: int | None
+    token_bytes_V: np.ndarray
+
+
+def make_data_spec(
+    tokenizer: tokenizers.Tokenizer, *, pad_id: int | None = None, vocab_size: int | None = None
+) -> DataSpec:
+    """Reads pad/eos ids from the tokenizer and builds a `DataSpec`.
+
+    The pad id is the tokenizer's pad token (`<pad>`, `[PAD]`, `<|pad|>`, `<|padding|>`, or its
+    padding setting) when it has one; otherwise `pad_id` must be given (config `model.pad_id`).
+    The eos id is the first of `<eos>`, `</s>`, `<|endoftext|>`, `<|end_of_text|>`, `<|eos|>`,
+    `[SEP]` the tokenizer knows, else None.
+
+    Args:
+      tokenizer: the tokenizer.
+      pad_id: raw pad id from the config; must agree with the tokenizer's pad token if it has one.
+      vocab_size: model vocabulary size (>= the tokenizer's size); None uses the tokenizer's size.
+
+    Raises:
+      ValueError: no pad id, a pad id conflicting with the tokenizer, or ids outside the vocab.
+    """
+    num_tokens = tokenizer.get_vocab_size(with_added_tokens=True)
+    size = num_tokens if vocab_size is None else vocab_size
+    if size < num_tokens:
+        raise ValueError(f"vocab_size: got {size}; expected >= the tokenizer's {num_tokens} tokens")
+    own_pad = _find_token(tokenizer, _PAD_NAMES)
+    if own_pad is None and tokenizer.padding is not None:
+        own_pad = tokenizer.padding["pad_id"]
+    if own_pad is not None and pad_id is not None and own_pad != pad_id:
+        raise ValueError(
+            f"pad_id: got {pad_id}; the tokenizer's pad token has id {own_pad} "
+            f"(set model.pad_id={own_pad})"
+        )
+    resolved_pad = own_pad if own_pad is not None else pad_id
+    if resolved_pad is None:
+        raise ValueError(
+            "pad_id: the tokenizer has no pad token; pass pad_id (config model.pad_id)"
+        )
+    if not 0 <= resolved_pad < size:
+        raise ValueError(f"pad_id: got {resolved_pad}; expected an id in [0, {size})")
+    return DataSpec(
+        vocab_size=size,
+        pad_id=int(resolved_pad),
+        eos_id=_find_token(tokenizer, _EOS_NAMES),
+        token_bytes_V=token_byte_lengths(tokenizer, size),
+    )
+
+
+# ---------------------------------------------------------------------------------------- pipeline
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EngramHashSpec:
+    """Host-side Engram hashing for `make_pipeline` (ALGORITHMS.md 1.2-1.3).
+
+    Attributes:
+      compressor: raw ids -> compressed ids of the pipeline's tokenizer.
+      hasher: built with V' = compressor.compressed_vocab_size and the compressed pad id.
+      layer_ids: Engram layers, in the order of the batch's `hash_ids` axis 1.
+    """
+
+    compressor: CompressedTokenizer
+    hasher: NgramHasher
+    layer_ids: tuple[int, ...]
+
+
+def make_engram_hash_spec(
+    tokenizer: tokenizers.Tokenizer,
+    spec: DataSpec,
+    *,
+    vocab_bases: Sequence[int],
+    max_ngram: int,
+    heads_per_ngram: int,
+    layer_ids: Sequence[int],
+    seed: int = 0,
+    cache_dir: str | None = None,
+) -> EngramHashSpec:
+    """Builds the compressor and hasher of a tokenizer (ALGORITHMS.md 1.2: hash with pad' =
+    old_to_new[pad_id]).
+
+    Args:
+      tokenizer: the pipeline's tokenizer.
+      spec: supplies the raw pad id.
+      vocab_bases, max_ngram, heads_per_ngram, layer_ids, seed: `NgramHasher` arguments.
+      cache_dir: where `CompressedTokenizer` caches its table (None: no cache).
+
+    Returns:
+      The EngramHashSpec.
+    """
+    compressor = CompressedTokenizer.from_tokenizer(tokenizer, cache_dir=cache_dir)
+    hasher = NgramHasher(
+        vocab_bases,
+        max_ngram,
+        heads_per_ngram,
+        layer_ids,
+        compressor.compressed_vocab_size,
+        int(compressor.old_to_new[spec.pad_id]),
+        seed=seed,
+    )
+    return EngramHashSpec(compressor, hasher, tuple(layer_ids))
+
+
+def _check_engram_spec(
+    engram: EngramHashSpec, spec: DataSpec, tokenizer: tokenizers.Tokenizer
+) -> None:
+    """The compressor must come from this tokenizer; the hasher must use its V' and pad'."""
+    num_tokens = tokenizer.get_vocab_size(with_added_tokens=True)
+    digest = hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
+    if engram.compressor.vocab_size != num_tokens or engram.compressor.tokenizer_sha256 not in (
+        "",
+        digest,
+    ):
+        raise ValueError(
+            f"engram.compressor: built for a tokenizer of {engram.compressor.vocab_size} tokens "
+            f"(sha256 {engram.compressor.tokenizer_sha256[:12] or '?'}); expected the pipeline's "
+            f"tokenizer ({num_tokens} tokens, sha256 {digest[:12]})"
+        )
+    pad_compressed = int(engram.compressor.old_to_new[spec.pad_id])
+    if engram.hasher.pad_id != pad_compressed:
+        raise ValueError(
+            f"engram.hasher.pad_id: got {engram.hasher.pad_id}; expected the compressed pad id "
+            f"old_to_new[{spec.pad_id}] = {pad_compressed} (ALGORITHMS.md 1.2)"
+        )
+    if engram.hasher.token_vocab_size != engram.compressor.compressed_vocab_size:
+        raise ValueError(
+            f"engram.hasher.token_vocab_size: got {engram.hasher.token_vocab_size}; expected the "
+            f"compressed vocab size {engram.compressor.compressed_vocab_size}"
+        )
+    unknown = [layer for layer in engram.layer_ids if layer not in engram.hasher.layer_ids]
+    if unknown or not engram.layer_ids:
+        raise ValueError(
+            f"engram.layer_ids: got {engram.layer_ids}; expected a non-empty subset of the "
+            f"hasher's layer_ids {engram.hasher.layer_ids}"
+        )
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int, where: str = "document") -> None:
+    """Raises ValueError naming the first id outside [0, vocab_size)."""
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        token_id = int(ids[np.argmax(bad)])
+        raise ValueError(
+            f"{where}: token id {token_id} is outside [0, vocab_size={vocab_size}); "
+            "the tokenizer and the model vocabulary disagree"
+        )
+
+
+class _TokenizeDocument(grain.transforms.Map):
+    """str -> {"inputs", "targets"}: the document's tokens (+ eos) shifted by one."""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, spec: DataSpec, add_eos: bool):
+        # A private copy, so that literal "<eos>" text in a document stays text.
+        self._tokenizer = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+        self._tokenizer.encode_special_tokens = True
+        self._spec = spec
+        self._add_eos = add_eos
+
+    def map(self, document: str) -> dict[str, np.ndarray]:
+        ids_X = np.asarray(
+            self._tokenizer.encode(document, add_special_tokens=False).ids, dtype=np.int64
+        )
+        check_token_ids(ids_X, self._spec.vocab_size)
+        if self._add_eos and ids_X.size:
+            ids_X = np.concatenate([ids_X, np.array([self._spec.eos_id], np.int64)])
+        ids_X = ids_X.astype(np.int32)
+        return {"inputs": ids_X[:-1], "targets": ids_X[1:]}
+
+
+def _has_tokens(example: dict[str, np.ndarray]) -> bool:
+    return example["inputs"].size > 0
+
+
+class _FinishRow(grain.transforms.Map):
+    """Packed row -> model fields; padding gets pad_id, loss_mask 0 and target_bytes 0."""
+
+    def __init__(self, spec: DataSpec):
+        self._pad_id = spec.pad_id
+        self._token_bytes_V = spec.token_bytes_V
+
+    def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        segment_ids_T = row["inputs_segment_ids"].astype(np.int32)
+        assert np.array_equal(segment_ids_T, row["targets_segment_ids"])
+        valid_T = segment_ids_T > 0
+        targets_T = np.where(valid_T, row["targets"], self._pad_id).astype(np.int32)
+        return {
+            "inputs": np.where(valid_T, row["inputs"], self._pad_id).astype(np.int32),
+            "targets": targets_T,
+            "loss_mask": valid_T.astype(np.float32),
+            "segment_ids": segment_ids_T,
+            "positions": np.where(valid_T, row["inputs_positions"], 0).astype(np.int32),
+            "target_bytes": np.where(valid_T, self._token_bytes_V[targets_T], 0).astype(np.int32),
+        }
+
+
+def compute_hash_ids(
+    inputs_BT: np.ndarray, segment_ids_BT: np.ndarray, engram: EngramHashSpec
+) -> np.ndarray:
+    """Engram hash ids of raw token ids, windows cut at segment starts.
+
+    Args:
+      inputs_BT: int [B, T] raw token ids (padding holds the raw pad id).
+      segment_ids_BT: int [B, T] segment ids (0 = padding).
+      engram: compressor, hasher and layer ids.
+
+    Returns:
+      int32 [B, L_e, T, M] with L_e = len(layer_ids), M = (max_ngram - 1) * heads_per_ngram.
+    """
+    compressed_BT = engram.compressor.compress(inputs_BT)
+    # One window build for all layers; document starts read as pad' like a row start.
+    by_layer = engram.hasher.hash_all(compressed_BT, segment_ids=segment_ids_BT)  # {l: [B, T, M]}
+    per_layer = [by_layer[layer_id] for layer_id in engram.layer_ids]  # L_e x [B, T, M]
+    return np.stack(per_layer, axis=1).astype(np.int32)  # [B, L_e, T, M]
+
+
+class _AddHashIds(grain.transforms.Map):
+    """Adds `hash_ids` [B, L_e, T, M] to a batch."""
+
+    def __init__(self, engram: EngramHashSpec):
+        self._engram = engram
+
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {
+            **batch,
+            "hash_ids": compute_hash_ids(batch["inputs"], batch["segment_ids"], self._engram),
+        }
+
+
+def make_dataset(
+    documents: Sequence[str],
+    tokenizer: tokenizers.Tokenizer,
+    spec: DataSpec,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_epochs: int | None = None,
+    shuffle: bool = True,
+    add_eos: bool = True,
+    drop_remainder: bool = True,
+    engram: EngramHashSpec | None = None,
+    worker_count: int = 0,
+) -> grain.IterDataset:
+    """The grain dataset behind `make_pipeline` (same arguments); iterate it for batches."""
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name}: got {value}; expected a positive integer")
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(
+            f"shard_index: got {shard_index}; expected an index in [0, shard_count={shard_count})"
+        )
+    if len(documents) < shard_count:
+        raise ValueError(
+            f"documents: got {len(documents)}; need at least shard_count={shard_count} "
+            "so that every process has data"
+        )
+    if add_eos and spec.eos_id is None:
+        raise ValueError("add_eos: the tokenizer has no eos token; pass add_eos=False")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs: got {num_epochs}; expected None (forever) or >= 1")
+    if engram is not None:
+        _check_engram_spec(engram, spec, tokenizer)
+
+    # Documents are sharded before shuffling: each process shuffles its own shard, every epoch
+    # anew (grain reseeds per epoch); shards are the interleaved slices docs[i::shard_count].
+    ds = grain.MapDataset.source(list(documents))[shard_index::shard_count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs)
+    ds = ds.map(_TokenizeDocument(tokenizer, spec, add_eos)).filter(_has_tokens)
+    # Concat-then-split: documents fill rows back to back; a document crossing a row end
+    # continues as a new segment (positions restart at 0) in the next row, with its targets.
+    packed = grain_experimental.ConcatThenSplitIterDataset(
+        ds.to_iter_dataset(), length_struct={"inputs": seq_len, "targets": seq_len}
+    )
+    batches = packed.map(_FinishRow(spec)).batch(batch_size, drop_remainder=drop_remainder)
+    if engram is not None:
+        batches = batches.map(_AddHashIds(engram))
+    if worker_count > 0:
+        if not flags.FLAGS.is_parsed():
+            raise ValueError(
+                f"worker_count={worker_count}: grain worker processes read absl flags; run under "
+                "absl.app.run (as engram_jax.train does) or call absl.flags.FLAGS.mark_as_parsed()"
+            )
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return batches
+
+
+def make_pipeline(
+    documents: Sequence[str],
+    tokenizer: tokenizers.Tokenizer,
+    spec: DataSpec,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_epochs: int | None = None,
+    shuffle: bool = True,
+    add_eos: bool = True,
+    drop_remainder: bool = True,
+    engram: EngramHashSpec | None = None,
+    worker_count: int = 0,
+) -> grain.DatasetIterator:
+    """A checkpointable iterator of packed, per-process batches.
+
+    Each document is tokenised (no special tokens added by the tokenizer), `eos` is appended, and
+    the sequence x_0..x_n becomes inputs x_0..x_{n-1} and targets x_1..x_n, so every non-padding
+    position has a target inside its own document: the eos is the target of the last real token,
+    and the last token of a document (the eos) never appears as an input. Documents are packed
+    back to back into rows of `seq_len` (grain concat-then-split); one crossing a row boundary is
+    cut, its remainder starting a new segment in the next row.
+
+    Batch fields (numpy, leading dims [B, T] with B = batch_size, T = seq_len):
+      * inputs int32 [B, T]: token ids; padding holds spec.pad_id.
+      * targets int32 [B, T]: next token of the same document; padding holds spec.pad_id.
+      * loss_mask float32 [B, T]: 1 where a target exists (every real token), 0 on padding.
+      * segment_ids int32 [B, T]: 1, 2, ... per document piece within the row; 0 on padding.
+      * positions int32 [B, T]: position within the segment, restarting at 0; 0 on padding.
+      * target_bytes int32 [B, T]: UTF-8 byte length of the target token (0 for special tokens
+        such as eos, and on padding), for bits per byte.
+      * hash_ids int32 [B, L_e, T, M] (only with `engram`): `engram.hasher` applied to the
+        compressed `inputs` with `segment_ids`, one slab per Engram layer in `layer_ids` order.
+
+    Padding only appears in the last rows of a finite (num_epochs) stream.
+
+    Args:
+      documents: the corpus (e.g. a `split_documents` side).
+      tokenizer: the tokenizer.
+      spec: ids and byte lengths (`make_data_spec`).
+      seq_len: tokens per row.
+      batch_size: rows per batch on this process.
+      seed: shuffling seed (the run's seed).
+      shard_index: this process's shard (jax.process_index()).
+      shard_count: number of shards (jax.process_count()); shard i reads documents[i::count].
+      num_epochs: passes over the shard; None repeats forever (training).
+      shuffle: shuffle documents (per epoch) with `seed`; False keeps corpus order (eval).
+      add_eos: append spec.eos_id to every document.
+      drop_remainder: drop a final incomplete batch of a finite stream.
+      engram: adds `hash_ids` when given.
+      worker_count: grain worker processes (0 runs in this process). Workers read interleaved
+        slices of the document stream, so the batch order depends on worker_count (a resume must
+        use the same value); the main script needs an `if __name__ == "__main__"` guard.
+
+    Returns:
+      A grain DatasetIterator; `get_state()` is a JSON-serialisable dict and `set_state(state)`
+      resumes at exactly the next batch.
+
+    Raises:
+      ValueError: bad sizes or shard arguments; during iteration, token ids outside
+        [0, spec.vocab_size).
+    """
+    return iter(
+        make_dataset(
+            documents,
+            tokenizer,
+            spec,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            seed=seed,
+            shard_index=shard_index,
+            shard_count=shard_count,
+            num_epochs=num_epochs,
+            shuffle=shuffle,
+            add_eos=add_eos,
+            drop_remainder=drop_remainder,
+            engram=engram,
+            worker_count=worker_count,
+        )
+    )
