@@ -343,3 +343,48 @@ class Progress:
 def _duration(seconds: float) -> str:
     """H:MM:SS."""
     return str(datetime.timedelta(seconds=round(seconds)))
+
+
+# Dense bf16 matmul peak per chip (FLOP/s), from the vendors' data sheets; used for MFU.
+_PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+_measured_peak: dict[str, float] = {}
+
+
+def peak_flops_per_second(device: Any = None) -> float:
+    """Peak matmul FLOP/s of one device, the denominator of MFU.
+
+    Accelerators use their data-sheet bf16 figure; any other device (a CPU, an unknown chip) is
+    measured once per process with a jitted float32 1024x1024 matmul, so CPU MFU compares against
+    what this machine actually achieves.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    device = device or jax.devices()[0]
+    kind = device.device_kind
+    for name, flops in _PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return flops
+    if kind not in _measured_peak:
+        n = 1024
+        a = jnp.ones((n, n), jnp.float32)
+        matmul = jax.jit(lambda x: x @ x)
+        matmul(a).block_until_ready()
+        repeats = 5
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = matmul(a)
+        out.block_until_ready()
+        _measured_peak[kind] = 2 * n**3 * repeats / (time.perf_counter() - start)
+    return _measured_peak[kind]

@@ -1,4 +1,4 @@
-"""Meshes and mesh-aware lookups: `make_mesh` and the row-sharded (vocab-parallel) table lookup.
+"""Meshes, logical-axis rules and mesh-aware lookups (the row-sharded Engram table lookup).
 
 Model code names logical axes only; the device-level pieces live here and reach the layers as
 callables (`Engram(lookup_fn=vocab_parallel_lookup(mesh, "model"))`).
@@ -7,10 +7,15 @@ callables (`Engram(lookup_fn=vocab_parallel_lookup(mesh, "model"))`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, Mesh, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from engram_jax import axes
+from engram_jax.config import MeshConfig
 
 _AXIS_TYPES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
 
@@ -160,3 +165,113 @@ def vocab_parallel_lookup(
         return fn(table_RW, flat_ids.astype(jnp.int32))
 
     return lookup_fn
+
+
+# ------------------------------------------------------------------------------------------------
+# Meshes from the config, logical axis rules, shardings of trees and batches.
+# ------------------------------------------------------------------------------------------------
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# Mesh axes the Engram tables' rows are split over; the lookup sums partial rows over them.
+TABLE_ROW_AXES = ("fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical name -> mesh axis (or axes). A logical axis whose mesh axis is already used by an
+# earlier dimension of the same array falls back to replication (flax's resolution order).
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    (axes.BATCH, BATCH_AXES),
+    (axes.LENGTH, None),
+    (axes.ACT_EMBED, None),
+    (axes.ACT_STREAMS, None),
+    (axes.ACT_HEADS, "tensor"),
+    (axes.ACT_KV_HEADS, "tensor"),
+    (axes.ACT_MLP, "tensor"),
+    (axes.ACT_VOCAB, "tensor"),
+    (axes.ACT_MEMORY_HEADS, None),
+    (axes.ACT_EXPERTS, "tensor"),
+    (axes.EMBED, "fsdp"),
+    (axes.VOCAB, "tensor"),
+    (axes.MLP, "tensor"),
+    (axes.HEADS, "tensor"),
+    (axes.KV_HEADS, "tensor"),
+    (axes.HEAD_DIM, None),
+    (axes.LATENT, None),
+    (axes.EXPERTS, "tensor"),
+    (axes.STREAMS, None),
+    (axes.HC_COEFFS, None),
+    (axes.CONV_WIDTH, None),
+    (axes.NORM, None),
+    (axes.LAYERS, None),
+    (axes.TABLE_ROWS, TABLE_ROW_AXES),
+    (axes.MEMORY_WIDTH, None),
+    (axes.MEMORY_IN, None),
+)
+
+
+def mesh_from_config(mesh_config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh of a validated config; one axis may be -1 (the rest).
+
+    Raises:
+      ValueError: naming the config field when the sizes do not multiply to the device count.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": mesh_config.data, "fsdp": mesh_config.fsdp, "tensor": mesh_config.tensor}
+    known = 1
+    for size in sizes.values():
+        if size != -1:
+            known *= size
+    for name, size in sizes.items():
+        if size == -1:
+            if len(devices) % known:
+                raise ValueError(
+                    f"config.mesh.{name}=-1: {len(devices)} devices are not divisible by the "
+                    f"other axes' product {known}"
+                )
+            sizes[name] = len(devices) // known
+    total = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
+    if total != len(devices):
+        raise ValueError(
+            f"config.mesh: data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']}"
+            f" = {total}; expected the number of devices, {len(devices)} (set one axis to -1)"
+        )
+    return make_mesh(
+        [sizes[name] for name in MESH_AXES], MESH_AXES, mesh_config.axis_types, devices=devices
+    )
+
+
+def tree_shardings(abstract_tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+    """NamedShardings for a tree of (possibly logically boxed) abstract values.
+
+    Leaves without logical annotations are replicated.
+    """
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches are split along their leading axis over the data-parallel axes."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def table_row_shards(mesh: Mesh) -> int:
+    """How many blocks each Engram table's rows are split into on this mesh."""
+    count = 1
+    for name in TABLE_ROW_AXES:
+        count *= mesh.shape[name]
+    return count
+
+
+def table_lookup_fn(mesh: Mesh) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
+    """The Engram lookup for this mesh: vocab-parallel when rows are split, else plain take."""
+    if table_row_shards(mesh) == 1:
+        return None
+    return vocab_parallel_lookup(mesh, TABLE_ROW_AXES, batch_axes=("data",))
+
+
+def global_batch(local_batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles each process's numpy batch into global arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {
+        key: jax.make_array_from_process_local_data(sharding, value)
+        for key, value in local_batch.items()
+    }

@@ -1,0 +1,612 @@
+"""`python -m engram_jax.train --config=configs/<name>.py --workdir=DIR`: the training program.
+
+The host reads, tokenises, packs and hashes the data (Engram addresses depend only on tokens, so
+the accelerator never hashes); one compiled `train_step` updates the dense parameters with AdamW
+and the Engram tables with their own optimizer; orbax checkpoints keep the dense state, the memory
+tables and the data-iterator position as separate items, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from engram_jax import checkpoint as checkpoint_lib
+from engram_jax import config as config_lib
+from engram_jax import data as data_lib
+from engram_jax import metrics as metrics_lib
+from engram_jax import optim, sharding
+from engram_jax.accounting import account, format_accounting
+from engram_jax.model import MOE_BIAS, Transformer, cross_entropy_loss
+
+logger = logging.getLogger(__name__)
+
+# Checkpoint metadata entries that must match for a restore to mean the same thing.
+TOKENIZER_FILE = "tokenizer.json"
+_MUST_MATCH = ("model", "tokenizer_fingerprint", "compressed_tokenizer_fingerprint", "hasher")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes between steps; a checkpoint saves exactly this (plus the data).
+
+    `params` are the dense parameters, `memory` the Engram tables (separate checkpoint item),
+    `moe_bias` the MoE balancing biases (outside the gradient).
+    """
+
+    step: jax.Array
+    params: Any
+    memory: Any
+    opt_state: Any
+    memory_opt_state: Any
+    moe_bias: Any
+
+
+@dataclasses.dataclass
+class DataSetup:
+    """The host-side data pieces built from the config."""
+
+    tokenizer: Any
+    spec: data_lib.DataSpec
+    engram: data_lib.EngramHashSpec | None
+    train_documents: list[str]
+    eval_documents: list[str]
+
+    def metadata(self) -> dict[str, Any]:
+        import hashlib
+
+        meta = {
+            "tokenizer_fingerprint": hashlib.sha256(
+                self.tokenizer.to_str().encode("utf-8")
+            ).hexdigest(),
+            "compressed_tokenizer_fingerprint": "",
+            "hasher": "",
+        }
+        if self.engram is not None:
+            meta["compressed_tokenizer_fingerprint"] = self.engram.compressor.fingerprint()
+            meta["hasher"] = self.engram.hasher.fingerprint()
+        return meta
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks.
+# ------------------------------------------------------------------------------------------------
+
+
+def build_data(cfg: config_lib.Config, workdir: str) -> DataSetup:
+    """Loads the corpus, the tokenizer (trained and cached in the workdir when none is given) and
+    the Engram hashing of the configured layers."""
+    documents = data_lib.load_documents(cfg.train.data_path)
+    train_docs, eval_docs = data_lib.split_documents(documents, cfg.train.eval_fraction)
+    tokenizer = data_lib.load_or_train_tokenizer(
+        cfg.train.tokenizer_path,
+        train_docs,
+        cfg.model.vocab_size,
+        cache_dir=os.path.join(workdir, "tokenizer"),
+    )
+    spec = data_lib.make_data_spec(
+        tokenizer, pad_id=cfg.model.pad_id, vocab_size=cfg.model.vocab_size
+    )
+    engram = None
+    e = cfg.model.engram
+    if e.enabled:
+        engram = data_lib.make_engram_hash_spec(
+            tokenizer,
+            spec,
+            vocab_bases=e.table_rows_per_head,
+            max_ngram=e.max_ngram,
+            heads_per_ngram=e.heads_per_ngram,
+            layer_ids=e.layer_ids,
+            seed=e.hash_seed,
+            cache_dir=os.path.join(workdir, "tokenizer"),
+        )
+    return DataSetup(tokenizer, spec, engram, train_docs, eval_docs)
+
+
+def make_batches(
+    setup: DataSetup, cfg: config_lib.Config, *, train: bool
+) -> data_lib.grain.DatasetIterator:
+    """This process's share of the training stream (endless, shuffled) or the eval stream."""
+    per_process = cfg.train.batch_size // jax.process_count()
+    return data_lib.make_pipeline(
+        setup.train_documents if train else setup.eval_documents,
+        setup.tokenizer,
+        setup.spec,
+        seq_len=cfg.train.seq_len,
+        batch_size=per_process,
+        seed=cfg.train.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        shuffle=train,
+        add_eos=setup.spec.eos_id is not None,
+        engram=setup.engram,
+    )
+
+
+def make_optimizers(cfg: config_lib.Config) -> tuple[optax.GradientTransformation, ...]:
+    """Dense AdamW and the Engram tables' transform (ALGORITHMS.md 1.11)."""
+    t = cfg.train
+    schedule = optim.learning_rate_schedule(
+        t.learning_rate,
+        t.warmup_steps,
+        t.num_train_steps,
+        kind=t.schedule,
+        final_fraction=t.final_lr_fraction,
+        decay_fraction=t.decay_fraction,
+    )
+    dense = optim.dense_optimizer(
+        schedule,
+        weight_decay=t.weight_decay,
+        b1=t.adam_b1,
+        b2=t.adam_b2,
+        eps=t.adam_eps,
+        clip_norm=t.clip_norm or None,
+    )
+    memory = optim.memory_optimizer(
+        schedule,
+        lr_multiplier=cfg.model.engram.table_lr_multiplier,
+        b1=t.adam_b1,
+        b2=t.adam_b2,
+        eps=t.adam_eps,
+        weight_decay=cfg.model.engram.table_weight_decay,
+    )
+    return dense, memory, schedule
+
+
+def _dummy_inputs(cfg: config_lib.Config, batch_size: int) -> tuple[jax.Array, ...]:
+    t = cfg.train.seq_len
+    tokens = jnp.zeros((batch_size, t), jnp.int32)
+    hash_ids = None
+    e = cfg.model.engram
+    if e.enabled:
+        hash_ids = jnp.zeros((batch_size, len(e.layer_ids), t, e.num_heads), jnp.int32)
+    return tokens, None, None, hash_ids
+
+
+def init_train_state(
+    model: Transformer,
+    cfg: config_lib.Config,
+    txs: tuple[optax.GradientTransformation, optax.GradientTransformation],
+    rng: jax.Array,
+) -> TrainState:
+    """A fresh state with logically boxed leaves (unbox it, or use `create_train_state`)."""
+    dense_tx, memory_tx = txs
+    variables = model.init(rng, *_dummy_inputs(cfg, 1))
+    params, memory = optim.partition_params(variables["params"])
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        memory=memory,
+        # Initialised on the boxed parameters so the moments inherit their logical axes (and so
+        # their shardings) instead of being replicated.
+        opt_state=dense_tx.init(params),
+        memory_opt_state=memory_tx.init(memory),
+        moe_bias=variables.get(MOE_BIAS, {}),
+    )
+
+
+def create_train_state(
+    model: Transformer,
+    cfg: config_lib.Config,
+    txs: tuple[optax.GradientTransformation, optax.GradientTransformation],
+    mesh: jax.sharding.Mesh,
+) -> tuple[TrainState, Any]:
+    """Initialises the state directly into its shardings (abstract shapes first, nothing
+    full-size on one device) and returns it with the state's sharding tree."""
+
+    def init(rng: jax.Array) -> TrainState:
+        return init_train_state(model, cfg, txs, rng)
+
+    rng = jax.random.PRNGKey(cfg.train.seed)
+    shardings = sharding.tree_shardings(jax.eval_shape(init, rng), mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        state = jax.jit(lambda key: nn.meta.unbox(init(key)), out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def _gate_and_load_metrics(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    metrics = {}
+    if "engram_gates" in aux:
+        gates = aux["engram_gates"]  # [L_e, B, T, G]
+        metrics["engram_gate_mean"] = jnp.mean(gates)
+        metrics["engram_gate_std"] = jnp.std(gates)
+        for i in range(gates.shape[0]):
+            metrics[f"engram_gate_mean/layer_{i}"] = jnp.mean(gates[i])
+    if "moe_load" in aux:
+        load = aux["moe_load"]  # [L_moe, E]
+        metrics["moe_max_violation"] = jnp.mean(jnp.max(load, axis=-1) * load.shape[-1] - 1.0)
+        metrics["moe_balance_loss"] = aux["moe_balance_loss"]
+    return metrics
+
+
+def make_train_step(
+    model: Transformer,
+    txs: tuple[optax.GradientTransformation, optax.GradientTransformation],
+    schedule: optax.Schedule,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure step: loss, gradients of dense and memory parameters, both optimizer updates and
+    the MoE bias update (inside `apply`, outside the gradient). Jit it once at the call site."""
+    dense_tx, memory_tx = txs
+
+    def loss_fn(params, memory, moe_bias, batch):
+        variables = {"params": optim.merge_params(params, memory), MOE_BIAS: moe_bias}
+        (logits, aux), updated = model.apply(
+            variables,
+            batch["inputs"],
+            batch["positions"],
+            batch["segment_ids"],
+            batch.get("hash_ids"),
+            mutable=[MOE_BIAS],
+        )
+        loss, _ = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
+        total = loss + aux.get("moe_balance_loss", 0.0)
+        return total, (loss, aux, updated.get(MOE_BIAS, {}))
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+        (_, (loss, aux, moe_bias)), (dense_grads, memory_grads) = grad_fn(
+            state.params, state.memory, state.moe_bias, batch
+        )
+        updates, opt_state = dense_tx.update(dense_grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        memory_updates, memory_opt_state = memory_tx.update(
+            memory_grads, state.memory_opt_state, state.memory
+        )
+        memory = optax.apply_updates(state.memory, memory_updates)
+        metrics = {
+            "train_loss": loss,
+            "grad_norm": optax.global_norm(dense_grads),
+            "memory_grad_norm": optax.global_norm(memory_grads),
+            "learning_rate": schedule(state.step),
+            **_gate_and_load_metrics(aux),
+        }
+        new_state = TrainState(
+            step=state.step + 1,
+            params=params,
+            memory=memory,
+            opt_state=opt_state,
+            memory_opt_state=memory_opt_state,
+            moe_bias=moe_bias,
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: Transformer) -> Callable[[TrainState, dict[str, jax.Array]], dict]:
+    """Summed negative log-likelihood, token count and target bytes of one batch."""
+
+    def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        variables = {"params": optim.merge_params(state.params, state.memory)}
+        if state.moe_bias:
+            variables[MOE_BIAS] = state.moe_bias
+        logits, _ = model.apply(
+            variables,
+            batch["inputs"],
+            batch["positions"],
+            batch["segment_ids"],
+            batch.get("hash_ids"),
+        )
+        loss, count = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
+        target_bytes = jnp.sum(batch["target_bytes"] * batch["loss_mask"])
+        return {"nll_sum": loss * count, "tokens": count, "bytes": target_bytes}
+
+    return eval_step
+
+
+def evaluate(
+    eval_step: Callable, state: TrainState, batches: Iterator[dict[str, jax.Array]]
+) -> dict[str, float]:
+    """Validation loss, perplexity and bits per byte over the given batches."""
+    totals = {"nll_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
+    for batch in batches:
+        out = jax.device_get(eval_step(state, batch))
+        for key in totals:
+            totals[key] += float(out[key])
+    if totals["tokens"] == 0:
+        raise ValueError("evaluation saw no tokens: the validation split is empty")
+    loss = totals["nll_sum"] / totals["tokens"]
+    bits_per_byte = totals["nll_sum"] / max(totals["bytes"], 1.0) / math.log(2)
+    return {
+        "eval_loss": loss,
+        "eval_perplexity": math.exp(min(loss, 50.0)),
+        "eval_bits_per_byte": bits_per_byte,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# The program.
+# ------------------------------------------------------------------------------------------------
+
+
+def _checkpoint_metadata(config: ml_collections.ConfigDict, setup: DataSetup) -> dict[str, Any]:
+    full = config_lib.to_dict(config)
+    return {"config": full, "model": full["model"], **setup.metadata()}
+
+
+def _restore_or_init(
+    store: checkpoint_lib.CheckpointStore,
+    config: ml_collections.ConfigDict,
+    setup: DataSetup,
+    state: TrainState,
+    shardings: Any,
+) -> tuple[TrainState, dict | None]:
+    step = store.latest_step()
+    if step is None:
+        return state, None
+    saved = store.read_metadata(step)
+    checkpoint_lib.check_compatible(
+        saved, _checkpoint_metadata(config, setup), keys_must_match=_MUST_MATCH
+    )
+
+    def abstract(tree, tree_shardings):
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, tree_shardings
+        )
+
+    dense = {
+        "step": state.step,
+        "params": state.params,
+        "opt_state": state.opt_state,
+        "moe_bias": state.moe_bias,
+    }
+    dense_shardings = {
+        "step": shardings.step,
+        "params": shardings.params,
+        "opt_state": shardings.opt_state,
+        "moe_bias": shardings.moe_bias,
+    }
+    memory = {"tables": state.memory, "opt_state": state.memory_opt_state}
+    memory_shardings = {"tables": shardings.memory, "opt_state": shardings.memory_opt_state}
+    restored = store.restore(
+        step,
+        abstract_state=abstract(dense, dense_shardings),
+        abstract_memory=abstract(memory, memory_shardings),
+        items=("state", "memory", "data"),
+    )
+    d, m = restored["state"], restored.get("memory") or {"tables": {}, "opt_state": ()}
+    logger.info("restored checkpoint step %d from %s", step, store.directory)
+    new_state = TrainState(
+        step=d["step"],
+        params=d["params"],
+        memory=m["tables"],
+        opt_state=d["opt_state"],
+        memory_opt_state=m["opt_state"] if m["tables"] else state.memory_opt_state,
+        moe_bias=d["moe_bias"],
+    )
+    return new_state, restored.get("data")
+
+
+def _save(store, state: TrainState, data_iter, metadata: dict[str, Any]) -> None:
+    step = int(jax.device_get(state.step))
+    store.save(
+        step,
+        state={
+            "step": state.step,
+            "params": state.params,
+            "opt_state": state.opt_state,
+            "moe_bias": state.moe_bias,
+        },
+        memory={"tables": state.memory, "opt_state": state.memory_opt_state},
+        data_state=data_iter.get_state(),
+        metadata=metadata,
+    )
+
+
+def _host_metrics(step: int, device_metrics: dict[str, jax.Array]) -> dict[str, float]:
+    metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    if not math.isfinite(metrics["train_loss"]):
+        raise FloatingPointError(
+            f"train_loss is {metrics['train_loss']} at step {step}; stopping before any "
+            "checkpoint of this state is written"
+        )
+    return metrics
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    step_hook: Callable[[int, TrainState], None] | None = None,
+) -> dict[str, float]:
+    """Trains (resuming from the workdir's latest checkpoint when there is one) and evaluates.
+
+    Args:
+      config: a config from `base_config()` (validated here).
+      workdir: checkpoints, metrics, TensorBoard events and the tokenizer go here.
+      step_hook: called as `step_hook(step, state)` after every step (and its checkpoint save,
+        if any), e.g. for custom logging or fault-injection tests.
+
+    Returns:
+      The last step's training metrics merged with the last evaluation.
+    """
+    cfg = config_lib.validate(config)
+    t = cfg.train
+    if t.batch_size % jax.process_count():
+        raise config_lib.ConfigError(
+            f"config.batch_size: got {t.batch_size}; expected a multiple of the process count "
+            f"{jax.process_count()}"
+        )
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.mesh_from_config(cfg.mesh)
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if t.batch_size % batch_shards:
+        raise config_lib.ConfigError(
+            f"config.batch_size: got {t.batch_size}; expected a multiple of data x fsdp = "
+            f"{batch_shards} devices"
+        )
+    setup = build_data(cfg, workdir)
+    if jax.process_index() == 0:
+        # What `engram_jax.generate` loads; the checkpoint's fingerprint guards it.
+        setup.tokenizer.save(os.path.join(workdir, TOKENIZER_FILE))
+    model = Transformer(cfg.model, lookup_fn=sharding.table_lookup_fn(mesh))
+    accounting = account(cfg.model, t.seq_len)
+    logger.info("model:\n%s", format_accounting(accounting))
+
+    dense_tx, memory_tx, schedule = make_optimizers(cfg)
+    state, shardings = create_train_state(model, cfg, (dense_tx, memory_tx), mesh)
+    store = checkpoint_lib.CheckpointStore(
+        os.path.join(workdir, "checkpoints"), max_to_keep=t.max_to_keep
+    )
+    metadata = _checkpoint_metadata(config, setup)
+    state, data_state = _restore_or_init(store, config, setup, state, shardings)
+
+    train_iter = make_batches(setup, cfg, train=True)
+    if data_state is not None:
+        train_iter.set_state(data_state)
+
+    batch_sharding = sharding.batch_sharding(mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        train_step = jax.jit(
+            make_train_step(model, (dense_tx, memory_tx), schedule),
+            in_shardings=(shardings, batch_sharding),
+            out_shardings=(shardings, None),
+            donate_argnums=0,
+        )
+        eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings, batch_sharding))
+        return _loop(
+            cfg,
+            mesh,
+            setup,
+            state,
+            train_iter,
+            train_step,
+            eval_step,
+            store,
+            metadata,
+            accounting.flops_per_token,
+            workdir,
+            step_hook,
+        )
+
+
+def _loop(
+    cfg,
+    mesh,
+    setup,
+    state,
+    train_iter,
+    train_step,
+    eval_step,
+    store,
+    metadata,
+    flops,
+    workdir,
+    step_hook,
+):
+    t = cfg.train
+    step = int(jax.device_get(state.step))
+    tokens_per_step = t.batch_size * t.seq_len
+    peak_flops = metrics_lib.peak_flops_per_second() * jax.device_count()
+    writer = metrics_lib.MetricsWriter(workdir)
+    progress = metrics_lib.Progress(
+        t.num_train_steps, initial_step=step, log_every=t.log_every, tokens_per_step=tokens_per_step
+    )
+    pending: tuple[int, dict[str, jax.Array]] | None = None
+    last: dict[str, float] = {}
+    window_start, window_steps = time.perf_counter(), 0
+
+    def flush_pending() -> None:
+        nonlocal pending, last, window_start, window_steps
+        if pending is None:
+            return
+        pending_step, device_metrics = pending
+        pending = None
+        metrics = _host_metrics(pending_step, device_metrics)
+        window_steps += 1
+        if pending_step % t.log_every == 0 or pending_step == t.num_train_steps:
+            elapsed = time.perf_counter() - window_start
+            tokens_per_second = window_steps * tokens_per_step / max(elapsed, 1e-9)
+            metrics["tokens_per_second"] = tokens_per_second
+            metrics["mfu"] = tokens_per_second * flops / peak_flops
+            window_start, window_steps = time.perf_counter(), 0
+            writer.write(pending_step, metrics)
+        progress.update(pending_step, metrics)
+        last.update(metrics)
+
+    def run_eval() -> None:
+        eval_iter = make_batches(setup, cfg, train=False)
+        batches = (sharding.global_batch(next(eval_iter), mesh) for _ in range(t.eval_batches))
+        eval_metrics = evaluate(eval_step, state, batches)
+        writer.write(step, eval_metrics)
+        logger.info("step %d: %s", step, eval_metrics)
+        last.update(eval_metrics)
+
+    try:
+        while step < t.num_train_steps:
+            batch = sharding.global_batch(next(train_iter), mesh)
+            state, device_metrics = train_step(state, batch)
+            step += 1
+            # Fetch the previous step's metrics only now, so the device never waits for the host.
+            flush_pending()
+            pending = (step, device_metrics)
+            save_now = step == t.num_train_steps or (
+                t.checkpoint_every and step % t.checkpoint_every == 0
+            )
+            eval_now = step == t.num_train_steps or (t.eval_every and step % t.eval_every == 0)
+            if save_now or eval_now:
+                flush_pending()
+            if eval_now and t.eval_batches:
+                run_eval()
+            if save_now:
+                _save(store, state, train_iter, metadata)
+            if step_hook is not None:
+                step_hook(step, state)
+        flush_pending()
+    finally:
+        store.wait_until_finished()
+        store.close()
+        writer.close()
+        progress.close()
+    return last
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    del argv
+    flags_values = flags.FLAGS
+    config = flags_values.config
+    config_lib.validate(config)
+    if flags_values.num_processes > 1 or config.mesh.coordinator_address:
+        jax.distributed.initialize(
+            coordinator_address=config.mesh.coordinator_address or None,
+            num_processes=flags_values.num_processes if flags_values.num_processes > 1 else None,
+            process_id=flags_values.process_id if flags_values.num_processes > 1 else None,
+            initialization_timeout=config.mesh.initialization_timeout,
+        )
+    # Orbax and absl log every checkpoint internal at INFO; keep the console to our own lines.
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    train_and_evaluate(config, flags_values.workdir)
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file (configs/<name>.py).", lock_config=True
+    )
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
+    flags.DEFINE_integer("num_processes", 1, "Processes of a multi-process run (1: single).")
+    flags.DEFINE_integer("process_id", 0, "This process's index in a multi-process run.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

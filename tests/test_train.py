@@ -1,0 +1,271 @@
+"""The training program end to end: exact resume after SIGKILL, one compile, eval, bad input,
+and deterministic generation from the checkpoint it leaves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from engram_jax import checkpoint as checkpoint_lib
+from engram_jax import config as config_lib
+from engram_jax import generate as generate_lib
+from engram_jax import metrics as metrics_lib
+from engram_jax import train as train_lib
+
+NUM_STEPS = 6
+
+_TEXT = (
+    "the memory table maps every suffix ngram to a row and the gate decides how much of it to "
+    "use while attention mixes the context of earlier tokens into the hidden state of each "
+    "position so that named entities and formulaic phrases are recalled in one lookup"
+)
+_WORDS = _TEXT.split()
+
+
+def _write_corpus(path: str) -> None:
+    rng = np.random.default_rng(0)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(120):
+            length = int(rng.integers(20, 60))
+            # Documents are separated by two blank lines (data.split_text_documents).
+            f.write(" ".join(rng.choice(_WORDS, size=length)) + "\n\n\n")
+
+
+def _small_config(data_path: str):
+    c = config_lib.base_config()
+    c.num_train_steps = NUM_STEPS
+    c.batch_size = 4
+    c.seq_len = 32
+    c.learning_rate = 3e-3
+    c.warmup_steps = 2
+    c.eval_every = 3
+    c.eval_batches = 1
+    c.checkpoint_every = 3
+    c.log_every = 1
+    c.data_path = data_path
+    c.eval_fraction = 0.1
+    m = c.model
+    m.vocab_size = 320
+    m.num_layers = 2
+    m.hidden_size = 32
+    m.mlp_hidden_size = 64
+    m.num_dense_layers = 1
+    m.attention.num_heads = 2
+    m.attention.num_kv_heads = 1
+    m.attention.head_dim = 16
+    m.moe.num_experts = 4
+    m.moe.top_k = 2
+    m.moe.expert_hidden_size = 16
+    m.engram.layer_ids = (1,)
+    m.engram.heads_per_ngram = 2
+    m.engram.embed_per_ngram = 16
+    m.engram.table_rows_per_head = (101, 211)
+    m.hc.kind = "mhc"
+    m.hc.n_streams = 2
+    return c
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+    _write_corpus(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    """One full run; other tests compare against it or read its checkpoint."""
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    final = train_lib.train_and_evaluate(_small_config(corpus), workdir)
+    return workdir, final
+
+
+def _losses(workdir: str) -> dict[int, float]:
+    """Train loss per step; a resumed run's rows replace the killed run's for the same step."""
+    losses = {}
+    for row in metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl")):
+        if "train_loss" in row:
+            losses[row["step"]] = row["train_loss"]
+    return losses
+
+
+def _final_params(workdir: str):
+    store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"), create=False)
+    restored = store.restore(items=("state", "memory"))
+    store.close()
+    return restored["state"]["params"], restored["memory"]["tables"]
+
+
+def test_loss_falls_and_checkpoint_has_separate_memory_item(uninterrupted):
+    workdir, final = uninterrupted
+    losses = _losses(workdir)
+    assert sorted(losses) == list(range(1, NUM_STEPS + 1))
+    assert losses[NUM_STEPS] < losses[1]
+    for key in ("eval_loss", "eval_bits_per_byte", "eval_perplexity", "mfu"):
+        assert np.isfinite(final[key]), key
+    rows = metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    assert any("tokens_per_second" in row for row in rows)
+    assert any("eval_loss" in row for row in rows)
+    step_dir = os.path.join(workdir, "checkpoints", str(NUM_STEPS))
+    assert {"state", "memory", "data", "meta"} <= set(os.listdir(step_dir))
+    events = os.listdir(os.path.join(workdir, "tensorboard"))
+    assert any(name.startswith("events.out.tfevents") for name in events)
+    # The memory item holds the Engram tables alone: restoring it needs no dense state.
+    store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"), create=False)
+    memory = store.restore(items=("memory",))["memory"]
+    store.close()
+    tables = jax.tree_util.tree_leaves(memory["tables"])
+    assert len(tables) == 1 and tables[0].shape == (101 + 103 + 211 + 223, 8)
+
+
+def test_resume_after_sigkill_is_exact(uninterrupted, corpus, tmp_path):
+    reference_dir, _ = uninterrupted
+    workdir = str(tmp_path / "killed")
+    half = NUM_STEPS // 2
+    # The child trains towards NUM_STEPS and SIGKILLs itself as soon as the step-`half`
+    # checkpoint has committed (its directory appears under its final name).
+    child = textwrap.dedent(
+        f"""
+        import os, signal, sys, time
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        from test_train import _small_config
+        from engram_jax import train
+        committed = os.path.join({workdir!r}, "checkpoints", "{half}")
+
+        def kill_after_checkpoint(step, state):
+            if step == {half}:
+                while not os.path.isdir(committed):
+                    time.sleep(0.01)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        train.train_and_evaluate(
+            _small_config({corpus!r}), {workdir!r}, step_hook=kill_after_checkpoint
+        )
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"), create=False)
+    assert store.all_steps() == [half]
+    store.close()
+
+    train_lib.train_and_evaluate(_small_config(corpus), workdir)
+
+    assert _losses(workdir) == _losses(reference_dir)
+    resumed, reference = _final_params(workdir), _final_params(reference_dir)
+    chex.assert_trees_all_equal(resumed, reference)
+
+
+def test_train_step_compiles_once(corpus, tmp_path):
+    cfg = config_lib.validate(_small_config(corpus))
+    setup = train_lib.build_data(cfg, str(tmp_path))
+    mesh = train_lib.sharding.mesh_from_config(cfg.mesh)
+    model = train_lib.Transformer(cfg.model)
+    dense_tx, memory_tx, schedule = train_lib.make_optimizers(cfg)
+    state, _ = train_lib.create_train_state(model, cfg, (dense_tx, memory_tx), mesh)
+    step_fn = chex.assert_max_traces(
+        train_lib.make_train_step(model, (dense_tx, memory_tx), schedule), n=1
+    )
+    jitted = jax.jit(step_fn, donate_argnums=0)
+    batches = train_lib.make_batches(setup, cfg, train=True)
+    for _ in range(3):
+        state, metrics = jitted(state, train_lib.sharding.global_batch(next(batches), mesh))
+    assert int(state.step) == 3
+    assert np.isfinite(float(metrics["train_loss"]))
+
+
+def test_greedy_generation_is_deterministic(uninterrupted):
+    workdir, _ = uninterrupted
+    generator = generate_lib.Generator(workdir)
+    sampling = generate_lib.SamplingConfig(max_tokens=8, temperature=0.0)
+    first = generator.generate("the memory table", sampling)
+    second = generator.generate("the memory table", sampling)
+    assert first == second
+    assert isinstance(first, str)
+
+
+def test_refuses_incompatible_checkpoint_and_keeps_it(uninterrupted, corpus, tmp_path):
+    workdir = str(tmp_path / "copy")
+    subprocess.run(["cp", "-r", uninterrupted[0], workdir], check=True)
+    config = _small_config(corpus)
+    config.num_train_steps = NUM_STEPS + 3
+    config.model.hidden_size = 48
+    with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="model.hidden_size"):
+        train_lib.train_and_evaluate(config, workdir)
+    store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"), create=False)
+    assert store.latest_step() == NUM_STEPS
+    store.close()
+
+
+def test_corrupt_checkpoint_is_named(uninterrupted, corpus, tmp_path):
+    workdir = str(tmp_path / "corrupt")
+    subprocess.run(["cp", "-r", uninterrupted[0], workdir], check=True)
+    state_dir = os.path.join(workdir, "checkpoints", str(NUM_STEPS), "state")
+    for root, _, files in os.walk(state_dir):
+        for name in files:
+            if not name.startswith("_"):
+                with open(os.path.join(root, name), "wb") as f:
+                    f.write(b"garbage")
+    config = _small_config(corpus)
+    config.num_train_steps = NUM_STEPS + 3
+    with pytest.raises(checkpoint_lib.CheckpointReadError, match=f"step {NUM_STEPS}"):
+        train_lib.train_and_evaluate(config, workdir)
+
+
+def test_bad_inputs_have_clear_errors(corpus, tmp_path):
+    config = _small_config(str(tmp_path / "missing.txt"))
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        train_lib.train_and_evaluate(config, str(tmp_path / "w1"))
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n\n")
+    with pytest.raises(ValueError, match="empty.txt"):
+        train_lib.train_and_evaluate(_small_config(str(empty)), str(tmp_path / "w2"))
+
+    bad_tokenizer = tmp_path / "tokenizer.json"
+    bad_tokenizer.write_text("{not json")
+    config = _small_config(corpus)
+    config.tokenizer_path = str(bad_tokenizer)
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        train_lib.train_and_evaluate(config, str(tmp_path / "w3"))
+
+    config = _small_config(corpus)
+    config.model.engram.layer_ids = (5,)
+    with pytest.raises(config_lib.ConfigError, match=r"layer_ids: got \(5,\)"):
+        train_lib.train_and_evaluate(config, str(tmp_path / "w4"))
+
+
+def test_unknown_config_key_fails_at_parse_time(tmp_path):
+    script = textwrap.dedent(
+        """
+        import sys
+        from engram_jax import train
+        from absl import app
+        train._define_flags()
+        app.run(train.main)
+        """
+    )
+    config_path = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            f"--config={config_path}",
+            f"--workdir={tmp_path}",
+            "--config.model.num_layerz=3",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "num_layerz" in result.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
