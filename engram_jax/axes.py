@@ -1,8 +1,8 @@
 """Logical axis names for parameters and activations.
 
-Model code names axes with these constants only; `sharding.py` maps them to mesh axes through the config's
-rules table. Activation names are kept distinct from weight names so that, for example, the batch of an
-activation and the rows of a memory table can be placed independently.
+Model code names axes with these constants only; `sharding.py` maps them to mesh axes through its
+rules table. Activation names are kept distinct from weight names so that, for example, the batch
+of an activation and the rows of a memory table can be placed independently.
 """
 
 # Activations.

@@ -1,7 +1,7 @@
-"""Run a code snippet in a subprocess with N simulated CPU devices and return the JSON it prints last.
+"""Run code in a subprocess with N simulated CPU devices and return the JSON it prints last.
 
-XLA reads `--xla_force_host_platform_device_count` when jax initialises its backend, so it has to be set in a
-fresh process before jax is imported; the test process itself keeps one device.
+XLA reads `--xla_force_host_platform_device_count` when jax initialises its backend, so it has to
+be set in a fresh process before jax is imported; the test process itself keeps one device.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 
 def run_with_devices(num_devices: int, code: str, timeout: float = 600.0) -> Any:
-    """Runs `code` with `num_devices` CPU devices; the code must print one JSON value as its last line."""
+    """Runs `code` with `num_devices` CPU devices; its last printed line must be one JSON value."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={num_devices}"

@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmark modules: warm-up, block_until_ready, medians, machine line."""
+"""Timing helpers shared by the benchmarks: warm-up, block_until_ready, medians, machine line."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def _block(value: Any) -> Any:
 
 
 def time_call(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5) -> float:
-    """Median wall-clock seconds of `fn()` after `warmup` untimed calls; device work is waited for."""
+    """Median wall-clock seconds of `fn()` after `warmup` untimed calls, waiting for the device."""
     for _ in range(warmup):
         _block(fn())
     samples = []
