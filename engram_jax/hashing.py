@@ -1,8 +1,9 @@
 """Host-side Engram front end: tokenizer compression (ALGORITHMS.md §1.2) and multi-head N-gram
 hashing (§1.3).
 
-Runs on the host inside the input pipeline; imports only numpy, `tokenizers` and the standard
-library.
+Runs on the host inside the input pipeline; imports numpy, `tokenizers` and the standard library;
+the hashing kernel is compiled with numba (imported on first use) and falls back to a pure numpy
+implementation when numba is not importable. Both give bit-identical ids.
 """
 
 from __future__ import annotations
@@ -271,11 +272,81 @@ _MR_BASES = (
     37,
 )  # first 12 primes: exact below 3.3e24 > 2^63
 _MAX_PRIME = 2**31  # every hash must fit int32 output
-_FAST_MIN_PRIME = (
-    2**13
-)  # float quotient error < 1 needs p > ~5122 (see _mod_block); margin included
+# Float quotient error < 1 needs p > ~5122 (see _hash_rows and _hash_tokens); margin included.
+_FAST_MIN_PRIME = 2**13
 _MAGIC = float(2**52)  # x + 2^52 rounds x to an integer held in the low mantissa bits
 _BLOCK = 4096  # tokens per block: [heads, block] f64 temporaries stay in L2
+_USE_NUMBA = True  # private switch: False forces the numpy fallback (tests exercise both paths)
+_numba_kernel: object = None  # the compiled kernel, built on first use; False when unavailable
+
+
+def _hash_tokens(
+    ids_BT, starts_BT, has_segments, m_N, p_H, inv_H, pad_id, k_heads, fast, out_BTH, start, stop
+):
+    """Hashes flat tokens [start, stop) of [B, T] into out_BTH (§1.3 steps 3-5); numba-compiled.
+
+    Per token the mixes of all orders are built incrementally (step 4) and every head's
+    `mix mod p` (step 5) is written straight into the int32 [B, T, H] output. With `fast` (all
+    primes >= _FAST_MIN_PRIME), q = trunc(float(mix) * (1/p)) is within 1 of floor(mix / p)
+    (|fl(mix) - mix| <= 2^9 since 0 <= mix < 2^63, and the product's relative error is ~2^-52 on a
+    quotient < 2^50), so r = mix - q*p (int64, wrapping) lies in [-p, 2p) and one correction step
+    each way makes it exact. Windows stop at document starts: `starts_BT[b, t]` marks t == 0 or a
+    segment change (only read when `has_segments`).
+    """
+    t_len = ids_BT.shape[1]
+    n = m_N.shape[0]
+    mixes_O = np.empty(n - 1, np.int64)
+    if t_len == 0:
+        return
+    for b in range(start // t_len, (stop + t_len - 1) // t_len):  # rows, no division per token
+        for t in range(max(start - b * t_len, 0), min(stop - b * t_len, t_len)):
+            # pos = min(position inside the document, n - 1); window k reads ids_BT[b, t - k]
+            # iff pos >= k, else pad_id (§1.3 step 3).
+            pos = min(t, n - 1)
+            if has_segments:
+                pos = 0
+                while pos < n - 1 and pos < t and not starts_BT[b, t - pos]:
+                    pos += 1
+            mix = ids_BT[b, t] * m_N[0]
+            for k in range(1, n):
+                tok = ids_BT[b, t - k] if pos >= k else pad_id
+                mix ^= tok * m_N[k]  # §1.3 step 4: mix_{k+1} = mix_k XOR (s_k * m_k)
+                mixes_O[k - 1] = mix
+            for o in range(n - 1):
+                mix = mixes_O[o]
+                mix_f = np.float64(mix)
+                for j in range(k_heads):  # vectorised over heads
+                    h = o * k_heads + j
+                    p = p_H[h]
+                    if fast:
+                        r = mix - np.int64(mix_f * inv_H[h]) * p
+                        if r < 0:
+                            r += p
+                        elif r >= p:
+                            r -= p
+                    else:
+                        r = mix % p
+                    out_BTH[b, t, h] = r
+
+
+def _compiled_kernel():
+    """The numba-compiled `_hash_tokens` (cached on disk), or None when numba is unavailable."""
+    global _numba_kernel
+    if not _USE_NUMBA:
+        return None
+    if _numba_kernel is None:
+        try:
+            import numba
+        except ImportError:
+            _log.info("numba not importable; NgramHasher uses the numpy fallback")
+            _numba_kernel = False
+        else:
+            try:
+                _numba_kernel = numba.njit(cache=True, nogil=True)(_hash_tokens)
+            except RuntimeError as err:  # no writable cache location: compile per process
+                _log.warning("numba cache unavailable (%s); compiling without it", err)
+                _numba_kernel = numba.njit(nogil=True)(_hash_tokens)
+    return _numba_kernel or None
 
 
 def _is_prime(n: int) -> bool:
@@ -453,10 +524,14 @@ class NgramHasher:
 
     # ---- hashing ---------------------------------------------------------------------------------
 
-    def _windows(
+    def _validate(
         self, ids: object, segment_ids: object | None
-    ) -> tuple[np.ndarray, tuple[int, int]]:
-        """Validates ids and builds the shifted windows s_k, int64 [N, B*T] (§1.3 step 3)."""
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Checks ids (and segment ids); returns ids int64 [B, T] and document starts bool [B, T].
+
+        `starts_BT[b, t]` is True at t == 0 and wherever the segment id changes; None without
+        segment ids.
+        """
         ids_BT = np.asarray(ids)
         if ids_BT.dtype.kind not in _INT_KINDS:
             raise TypeError(f"NgramHasher: ids has dtype {ids_BT.dtype}; expected an integer dtype")
@@ -474,30 +549,37 @@ class NgramHasher:
                     "in "
                     f"[0, token_vocab_size={self.token_vocab_size}){hint}"
                 )
+        ids_BT = np.ascontiguousarray(ids_BT, dtype=np.int64)
+        if segment_ids is None:
+            return ids_BT, None
+        seg_BT = np.asarray(segment_ids)
+        if seg_BT.shape != (b, t):
+            raise ValueError(
+                f"NgramHasher: segment_ids has shape {seg_BT.shape}; expected ids' shape {(b, t)}"
+            )
+        # Windows stop at the document start, exactly as at the start of a row, so a document
+        # hashes the same wherever packing puts it.
+        starts_BT = np.ones((b, t), dtype=bool)
+        starts_BT[:, 1:] = seg_BT[:, 1:] != seg_BT[:, :-1]
+        return ids_BT, starts_BT
+
+    def _windows(self, ids_BT: np.ndarray, starts_BT: np.ndarray | None) -> np.ndarray:
+        """The shifted windows s_k of the numpy fallback, int64 [N, B*T] (§1.3 step 3)."""
         n = self.max_ngram
+        b, t = ids_BT.shape
         windows_NBT = np.empty((n, b, t), dtype=np.int64)
         windows_NBT[0] = ids_BT
         for k in range(1, n):
             windows_NBT[k, :, :k] = self.pad_id
             windows_NBT[k, :, k:] = ids_BT[:, : max(t - k, 0)]
-        if segment_ids is not None:
-            seg_BT = np.asarray(segment_ids)
-            if seg_BT.shape != (b, t):
-                raise ValueError(
-                    f"NgramHasher: segment_ids has shape {seg_BT.shape}; "
-                    f"expected ids' shape {(b, t)}"
-                )
-            # Position of each token inside its document: windows stop at the document start,
-            # exactly as
-            # at the start of a row, so a document hashes the same wherever packing puts it.
-            starts_BT = np.ones((b, t), dtype=bool)
-            starts_BT[:, 1:] = seg_BT[:, 1:] != seg_BT[:, :-1]
+        if starts_BT is not None:
+            # Position of each token inside its document; earlier positions read as pad_id.
             index_BT = np.broadcast_to(np.arange(t), (b, t))
             doc_start_BT = np.maximum.accumulate(np.where(starts_BT, index_BT, 0), axis=1)
             pos_BT = index_BT - doc_start_BT
             for k in range(1, n):
                 windows_NBT[k][pos_BT < k] = self.pad_id
-        return windows_NBT.reshape(n, b * t), (b, t)
+        return windows_NBT.reshape(n, b * t)  # [N, B, T] -> [N, B*T]
 
     def _hash_rows(
         self, windows_NX: np.ndarray, layer_id: int, out_XH: np.ndarray, start: int, stop: int
@@ -578,50 +660,90 @@ class NgramHasher:
             ids: compressed ids, integer [B, T], each in [0, token_vocab_size).
             layer_id: one of `layer_ids`.
             segment_ids: optional [B, T] document ids of packed rows; windows stop at document
-                boundaries
-                (earlier positions read as pad_id). Without it the output equals the reference
-                demo's.
-            num_threads: threads over token blocks (numpy releases the GIL); results are identical.
+                boundaries (earlier positions read as pad_id). Without it the output equals the
+                reference demo's.
+            num_threads: threads over token blocks (the kernel releases the GIL); results are
+                identical.
 
         Returns:
-            int32 [B, T, (max_ngram - 1) * heads_per_ngram], order-major heads, each value < its
-            prime.
+            int32 [B, T, (max_ngram - 1) * heads_per_ngram] (C-contiguous), order-major heads, each
+            value < its prime.
 
         Raises:
             TypeError: ids is not an integer array.
             ValueError: bad shape, ids out of range, unknown layer_id, segment_ids shape mismatch.
         """
         self._check_layer(layer_id)
-        windows_NX, (b, t) = self._windows(ids, segment_ids)
-        return self._hash_layer(windows_NX, layer_id, b, t, num_threads)
+        ids_BT, starts_BT = self._validate(ids, segment_ids)
+        kernel = _compiled_kernel()
+        windows_NX = None if kernel is not None else self._windows(ids_BT, starts_BT)
+        return self._hash_layer(kernel, ids_BT, starts_BT, windows_NX, layer_id, num_threads)
 
     def hash_all(
         self, ids: np.ndarray, segment_ids: np.ndarray | None = None, *, num_threads: int = 1
     ) -> dict[int, np.ndarray]:
-        """Hash ids for every layer; windows are built once. Returns {layer_id: int32 [B, T, H]}."""
-        windows_NX, (b, t) = self._windows(ids, segment_ids)
-        return {
-            layer: self._hash_layer(windows_NX, layer, b, t, num_threads)
-            for layer in self.layer_ids
-        }
+        """Hash ids for every layer; ids are validated once.
+
+        Returns:
+            {layer_id: int32 [B, T, H]}, each C-contiguous: the layers share one [L, B, T, H]
+            allocation (one block of fresh pages instead of L).
+        """
+        ids_BT, starts_BT = self._validate(ids, segment_ids)
+        kernel = _compiled_kernel()
+        windows_NX = None if kernel is not None else self._windows(ids_BT, starts_BT)
+        b, t = ids_BT.shape
+        out_LBTH = np.empty((len(self.layer_ids), b, t, self.num_heads), dtype=np.int32)
+        for i, layer in enumerate(self.layer_ids):
+            self._hash_layer(kernel, ids_BT, starts_BT, windows_NX, layer, num_threads, out_LBTH[i])
+        return {layer: out_LBTH[i] for i, layer in enumerate(self.layer_ids)}  # [B, T, H] each
 
     def _hash_layer(
-        self, windows_NX: np.ndarray, layer_id: int, b: int, t: int, num_threads: int
+        self,
+        kernel: object,
+        ids_BT: np.ndarray,
+        starts_BT: np.ndarray | None,
+        windows_NX: np.ndarray | None,
+        layer_id: int,
+        num_threads: int,
+        out_BTH: np.ndarray | None = None,
     ) -> np.ndarray:
+        """Hashes one layer into out_BTH (int32 [B, T, H], C-contiguous; allocated when None)."""
+        b, t = ids_BT.shape
         total = b * t
-        out_XH = np.empty((total, self.num_heads), dtype=np.int32)
+        if out_BTH is None:
+            out_BTH = np.empty((b, t, self.num_heads), dtype=np.int32)
+        if kernel is not None:
+            primes_H = self._prime_arrays[layer_id]
+            args = (
+                ids_BT,
+                starts_BT if starts_BT is not None else np.ones((1, 1), dtype=bool),
+                starts_BT is not None,
+                self._multipliers[layer_id],
+                primes_H,
+                1.0 / primes_H.astype(np.float64),
+                self.pad_id,
+                self.heads_per_ngram,
+                bool(primes_H.min() >= _FAST_MIN_PRIME),
+                out_BTH,
+            )
+
+            def work(s: int, e: int) -> None:
+                kernel(*args, s, e)
+        else:
+            out_XH = out_BTH.reshape(total, self.num_heads)  # [B, T, H] -> [B*T, H], a view
+
+            def work(s: int, e: int) -> None:
+                self._hash_rows(windows_NX, layer_id, out_XH, s, e)
+
         if num_threads <= 1 or total <= _BLOCK:
-            self._hash_rows(windows_NX, layer_id, out_XH, 0, total)
+            work(0, total)
         else:
             chunk = -(-total // num_threads)
             chunk = -(-chunk // _BLOCK) * _BLOCK  # whole blocks per thread
             with ThreadPoolExecutor(max_workers=num_threads) as pool:
                 futures = [
-                    pool.submit(
-                        self._hash_rows, windows_NX, layer_id, out_XH, s, min(total, s + chunk)
-                    )
-                    for s in range(0, total, chunk)
+                    pool.submit(work, s, min(total, s + chunk)) for s in range(0, total, chunk)
                 ]
                 for future in futures:
                     future.result()  # re-raises a worker's exception
-        return out_XH.reshape(b, t, self.num_heads)  # [B*T, H] -> [B, T, H]
+        return out_BTH

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from engram_jax import hashing
 from engram_jax.hashing import CompressedTokenizer, NgramHasher, canonicalise
 
 # --------------------------------------------------------------------------------------------------
@@ -142,6 +143,17 @@ def metaspace_tok() -> Tokenizer:
 # NgramHasher vs reference
 # --------------------------------------------------------------------------------------------------
 
+
+@pytest.fixture(params=["numba", "numpy"])
+def kernel_path(request, monkeypatch) -> str:
+    """Runs a test once with the numba kernel and once with the numpy fallback."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+    monkeypatch.setattr(hashing, "_USE_NUMBA", request.param == "numba")
+    assert (hashing._compiled_kernel() is not None) == (request.param == "numba")
+    return request.param
+
+
 CONFIGS = [
     # bases, N, K, layer_ids, V', pad, seed, T
     ([100], 2, 3, [0, 2, 5], 50, 0, 0, 16),  # small primes: exact int64 path
@@ -164,7 +176,7 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("bases,n,k,layers,vocab,pad,seed,t", CONFIGS)
-def test_hasher_matches_reference(bases, n, k, layers, vocab, pad, seed, t):
+def test_hasher_matches_reference(bases, n, k, layers, vocab, pad, seed, t, kernel_path):
     hasher = NgramHasher(bases, n, k, layers, vocab, pad, seed=seed)
     rng = np.random.default_rng(seed + 1)
     ids = rng.integers(0, vocab, size=(2, t))
@@ -193,7 +205,7 @@ def test_hasher_matches_reference(bases, n, k, layers, vocab, pad, seed, t):
         )
 
 
-def test_hasher_many_blocks_and_threads():
+def test_hasher_many_blocks_and_threads(kernel_path):
     """Several 4096-token blocks, a ragged last block, int32 and uint16 inputs."""
     layers = [1, 15]
     hasher = NgramHasher([646400, 646400], 3, 8, layers, 98000, 2)
@@ -234,7 +246,7 @@ def test_primes_distinct_and_multipliers_odd():
         assert np.all(m % 2 == 1) and np.all(m > 0) and np.all(m < 2 * hasher.half_bound)
 
 
-def test_worked_example():
+def test_worked_example(kernel_path):
     """ALGORITHMS.md §1.3 worked example, golden numbers."""
     hasher = NgramHasher([100, 100], 3, 2, [1, 15], 1000, 2, seed=0)
     assert hasher.half_bound == 4611686018427387
@@ -280,7 +292,7 @@ def test_demo_default_primes():
     assert sum(hasher.head_vocab_sizes(15)) == 10_348_242
 
 
-def test_segment_ids_make_documents_position_independent():
+def test_segment_ids_make_documents_position_independent(kernel_path):
     layers = [1, 15]
     hasher = NgramHasher([646400, 646400, 646400], 4, 4, layers, 98000, 2)
     rng = np.random.default_rng(5)
@@ -311,6 +323,43 @@ def test_segment_ids_make_documents_position_independent():
         np.testing.assert_array_equal(hasher(packed, layer, segment_ids=np.zeros((1, 12))), plain)
     both = hasher.hash_all(packed, segment_ids=segments)
     np.testing.assert_array_equal(both[15][:, 5:], hasher(doc_b[None, :], 15))
+
+
+def test_packed_documents_match_per_document_reference(kernel_path):
+    """Many documents (lengths 1..9) packed in ragged rows: every token hashes as in its document
+    alone (the reference on that document); threads and both layers agree."""
+    layers = [1, 15]
+    cfg = dict(bases=[646400, 646400], max_ngram=3, heads=8, layer_ids=layers, vocab=98000, pad=2)
+    hasher = NgramHasher([646400, 646400], 3, 8, layers, 98000, 2)
+    rng = np.random.default_rng(11)
+    b, t = 3, 1500
+    ids = rng.integers(0, 98000, size=(b, t))
+    segments = np.zeros((b, t), dtype=np.int64)
+    bounds = []  # (row, start, stop) of each document
+    for row in range(b):
+        start, seg = 0, 0
+        while start < t:
+            stop = min(t, start + int(rng.integers(1, 10)))
+            segments[row, start:stop] = seg + 100 * row  # ids restart per row; values arbitrary
+            bounds.append((row, start, stop))
+            start, seg = stop, seg + 1
+    all_layers = hasher.hash_all(ids, segment_ids=segments)
+    threaded = hasher.hash_all(ids, segment_ids=segments, num_threads=2)
+    # Documents as rows of one right-padded [D, 9] array (windows only look back, so the right
+    # padding changes nothing): one reference call per layer.
+    docs = np.full((len(bounds), 9), 2, dtype=np.int64)
+    for d, (row, start, stop) in enumerate(bounds):
+        docs[d, : stop - start] = ids[row, start:stop]
+    for layer in layers:
+        by_doc = _reference_hash(docs, layer, **cfg)  # [D, 9, H]
+        expected = np.empty((b, t, 16), dtype=np.int64)
+        for d, (row, start, stop) in enumerate(bounds):
+            expected[row, start:stop] = by_doc[d, : stop - start]
+        got = all_layers[layer]
+        assert got.dtype == np.int32 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(threaded[layer], expected)
+        np.testing.assert_array_equal(hasher(ids, layer, segment_ids=segments), expected)
 
 
 # --------------------------------------------------------------------------------------------------
