@@ -258,6 +258,11 @@ class Transformer(nn.Module):
                     f"Transformer: {name} has shape {value.shape}; expected {tokens_BT.shape} "
                     "(the tokens' [B, T])"
                 )
+        if self.decode and segment_ids_BT is not None:
+            raise ValueError(
+                "Transformer: segment_ids must be None with decode=True (one sequence per batch "
+                "row; the decode cache cannot separate packed documents)"
+            )
         e = cfg.engram
         if e.enabled:
             b, t = tokens_BT.shape
