@@ -93,6 +93,7 @@ class Block(nn.Module):
     engram_sizes: tuple[int, ...] | None = None
     decode: bool = False
     lookup_fn: Callable | None = None
+    sow_mixing: bool = False
 
     def _hyper(self, site: int, name: str) -> HyperConnection:
         hc = self.config.hc
@@ -110,6 +111,7 @@ class Block(nn.Module):
             if hc.coeff_init_std > 0
             else nn.initializers.zeros_init(),
             norm_eps=self.config.norm_eps,
+            sow_mixing=self.sow_mixing,
             dtype=_DTYPES[self.config.dtype],
             param_dtype=_DTYPES[self.config.param_dtype],
             name=name,
@@ -240,11 +242,15 @@ class Transformer(nn.Module):
     Decoding (`decode=True`): initialise with a full-length input to create the `cache`
     collection (attention KV / MLA latent caches and Engram convolution states), then call with
     `mutable=["cache"]` on chunks with explicit positions (see `attention.py`'s protocol).
+
+    With `sow_mixing=True` every hyper-connection sows its mixing matrices into "intermediates";
+    `mixing_matrices` orders them by depth for the mHC diagnostics.
     """
 
     config: ModelConfig
     decode: bool = False
     lookup_fn: Callable | None = None
+    sow_mixing: bool = False
 
     def _check_inputs(self, tokens_BT, positions_BT, segment_ids_BT, hash_ids) -> None:
         cfg = self.config
@@ -316,6 +322,7 @@ class Transformer(nn.Module):
                 use_moe=run.use_moe,
                 decode=self.decode,
                 lookup_fn=self.lookup_fn,
+                sow_mixing=self.sow_mixing,
             )
             block_cls = nn.remat(Block, static_argnums=()) if cfg.remat else Block
             if run.stop - run.start == 1:
@@ -363,6 +370,29 @@ class Transformer(nn.Module):
             logits_BTV.astype(jnp.float32), (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB)
         )
         return logits_BTV, _collect_stats(stats_per_run)
+
+
+def mixing_matrices(config: ModelConfig, intermediates: dict[str, Any]) -> jax.Array:
+    """The applied `h_res` of every hyper-connection site in depth order, `[2L, X, G, G]`.
+
+    Attention and FFN sites count separately (layer l gives sites 2l and 2l + 1), X = B*T tokens.
+    `intermediates` is what `apply(..., mutable=["intermediates"])` returned for a model built with
+    `sow_mixing=True` (scanned runs hold their layers stacked on the leading axis).
+    """
+    sites = []
+    for run in layer_runs(config):
+        run_tree = intermediates[run.name]
+        per_site = []
+        for site in ("attention_hc", "ffn_hc"):
+            h_res = run_tree[site]["h_res"][0]
+            if run.stop - run.start == 1:
+                h_res = h_res[None]  # [1, B, T, G, G]
+            per_site.append(h_res)
+        # [L_run, 2, B, T, G, G]: attention then FFN within each layer.
+        sites.append(jnp.stack(per_site, axis=1))
+    stacked = jnp.concatenate(sites, axis=0)
+    layers, _, b, t, g, _ = stacked.shape
+    return stacked.reshape(layers * 2, b * t, g, g)  # [2L, X, G, G]
 
 
 def _collect_stats(stats_per_run: list[tuple[_Run, dict[str, jax.Array]]]) -> dict[str, Any]:

@@ -29,7 +29,8 @@ from engram_jax import data as data_lib
 from engram_jax import metrics as metrics_lib
 from engram_jax import optim, sharding
 from engram_jax.accounting import account, format_accounting
-from engram_jax.model import MOE_BIAS, Transformer, cross_entropy_loss
+from engram_jax.mhc import amax_gain, mixing_stats
+from engram_jax.model import MOE_BIAS, Transformer, cross_entropy_loss, mixing_matrices
 
 logger = logging.getLogger(__name__)
 
@@ -306,6 +307,44 @@ def make_eval_step(model: Transformer) -> Callable[[TrainState, dict[str, jax.Ar
     return eval_step
 
 
+def make_mixing_diagnostics(
+    cfg: config_lib.Config, lookup_fn: Callable | None
+) -> Callable[[TrainState, dict[str, jax.Array]], dict[str, jax.Array]] | None:
+    """mHC/HC diagnostics on one batch (ALGORITHMS.md 2.6): composite Amax gains from the bottom
+    site to the top and the worst row/column-sum error of the mixing matrices; None for a plain
+    residual model (no mixing)."""
+    if cfg.model.hc.kind == "residual" or cfg.model.hc.n_streams == 1:
+        return None
+    model = Transformer(cfg.model, lookup_fn=lookup_fn, sow_mixing=True)
+
+    def diagnostics(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        variables = {"params": optim.merge_params(state.params, state.memory)}
+        if state.moe_bias:
+            variables[MOE_BIAS] = state.moe_bias
+        _, inter = model.apply(
+            variables,
+            batch["inputs"],
+            batch["positions"],
+            batch["segment_ids"],
+            batch.get("hash_ids"),
+            mutable=["intermediates"],
+        )
+        h_res_SXGG = mixing_matrices(cfg.model, inter["intermediates"])
+        gains = amax_gain(h_res_SXGG)
+        stats = mixing_stats(h_res_SXGG)
+        return {
+            "hc_composite_forward_gain": gains["composite_forward"][0],
+            "hc_composite_backward_gain": gains["composite_backward"][0],
+            "hc_max_composite_forward_gain": jnp.max(gains["composite_forward"]),
+            "hc_max_composite_backward_gain": jnp.max(gains["composite_backward"]),
+            "hc_row_sum_err": jnp.max(stats["row_sum_err"]),
+            "hc_col_sum_err": jnp.max(stats["col_sum_err"]),
+            "hc_mixing_entropy": jnp.mean(stats["entropy"]),
+        }
+
+    return diagnostics
+
+
 def evaluate(
     eval_step: Callable, state: TrainState, batches: Iterator[dict[str, jax.Array]]
 ) -> dict[str, float]:
@@ -476,6 +515,9 @@ def train_and_evaluate(
             donate_argnums=0,
         )
         eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings, batch_sharding))
+        diagnostics = make_mixing_diagnostics(cfg, model.lookup_fn)
+        if diagnostics is not None:
+            diagnostics = jax.jit(diagnostics, in_shardings=(shardings, batch_sharding))
         return _loop(
             cfg,
             mesh,
@@ -484,6 +526,7 @@ def train_and_evaluate(
             train_iter,
             train_step,
             eval_step,
+            diagnostics,
             store,
             metadata,
             accounting.flops_per_token,
@@ -500,6 +543,7 @@ def _loop(
     train_iter,
     train_step,
     eval_step,
+    diagnostics,
     store,
     metadata,
     flops,
@@ -538,8 +582,12 @@ def _loop(
 
     def run_eval() -> None:
         eval_iter = make_batches(setup, cfg, train=False)
-        batches = (sharding.global_batch(next(eval_iter), mesh) for _ in range(t.eval_batches))
-        eval_metrics = evaluate(eval_step, state, batches)
+        batches = [sharding.global_batch(next(eval_iter), mesh) for _ in range(t.eval_batches)]
+        eval_metrics = evaluate(eval_step, state, iter(batches))
+        if diagnostics is not None:
+            eval_metrics.update(
+                {k: float(v) for k, v in jax.device_get(diagnostics(state, batches[0])).items()}
+            )
         writer.write(step, eval_metrics)
         logger.info("step %d: %s", step, eval_metrics)
         last.update(eval_metrics)

@@ -27,6 +27,7 @@ from engram_jax.model import (
     cross_entropy_loss,
     engram_table_sizes,
     layer_runs,
+    mixing_matrices,
 )
 
 B, T = 2, 16
@@ -507,3 +508,26 @@ def test_nnx_bridge_matches_linen():
     )
     np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(aux["moe_load"], ref_aux["moe_load"], atol=1e-7)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_mixing_matrices_in_depth_order(base, scan):
+    """Sown h_res of every site, in depth order, equal what each site's HyperConnection computes."""
+    cfg = _config(scan_layers=scan)
+    model = Transformer(cfg, sow_mixing=True)
+    variables = base.variables
+    if scan:
+        variables = {k: _to_scanned(v, cfg) for k, v in variables.items()}
+    _, inter = model.apply(
+        variables, base.tokens, None, None, base.hash_ids, mutable=["intermediates"]
+    )
+    h_res_SXGG = mixing_matrices(cfg, inter["intermediates"])
+    assert h_res_SXGG.shape == (2 * cfg.num_layers, B * T, 4, 4)
+    # mHC rows are exact convex combinations (row normalisation runs last).
+    np.testing.assert_allclose(np.sum(h_res_SXGG, axis=-1), 1.0, atol=1e-5)
+    # Site 2l+1 is layer l's FFN: recompute it from that layer's own hyper-connection.
+    unscanned = Transformer(base.cfg, sow_mixing=True).apply(
+        base.variables, base.tokens, None, None, base.hash_ids, mutable=["intermediates"]
+    )[1]["intermediates"]
+    ffn_layer3 = unscanned["layer_3"]["ffn_hc"]["h_res"][0].reshape(B * T, 4, 4)
+    np.testing.assert_allclose(h_res_SXGG[7], ffn_layer3, atol=1e-6)

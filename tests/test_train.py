@@ -111,6 +111,10 @@ def test_loss_falls_and_checkpoint_has_separate_memory_item(uninterrupted):
     assert losses[NUM_STEPS] < losses[1]
     for key in ("eval_loss", "eval_bits_per_byte", "eval_perplexity", "mfu"):
         assert np.isfinite(final[key]), key
+    # mHC diagnostics: products of row-stochastic non-negative matrices keep every row sum at 1,
+    # so the composite forward gain is 1; columns are only approximately normalised.
+    assert abs(final["hc_composite_forward_gain"] - 1.0) < 1e-4
+    assert abs(final["hc_composite_backward_gain"] - 1.0) < 0.05
     rows = metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
     assert any("tokens_per_second" in row for row in rows)
     assert any("eval_loss" in row for row in rows)
