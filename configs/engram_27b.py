@@ -51,4 +51,7 @@ def get_config():
     g.heads_per_ngram = 8
     g.embed_per_ngram = 640
     g.table_rows_per_head = (2_262_400, 2_262_400)
+    # Rows padded to a multiple of 1024 (< 1024 unused rows per layer) so the tables split evenly
+    # over any fsdp x tensor row sharding up to 1024 devices, and checkpoints move between meshes.
+    g.table_row_multiple = 1024
     return config

@@ -143,7 +143,8 @@ def _engram_layer_counts(config: ModelConfig, sizes: tuple[int, ...]) -> tuple[i
     e, d, g = config.engram, config.hidden_size, config.hc.n_streams
     w = e.row_width
     d_mem = e.num_heads * w
-    table = sum(sizes) * w
+    multiple = e.table_row_multiple
+    table = -(-sum(sizes) // multiple) * multiple * w  # rows padded up to the shardable multiple
     projections = d_mem * g * d + g * d + d_mem * d + d  # key kernel/bias, value kernel/bias.
     norms = 3 * g * d  # key, query and conv RMSNorm gains [G, D].
     conv = e.conv_kernel_size * g * d  # depthwise taps [K, G, D].

@@ -126,6 +126,10 @@ def base_config() -> ml_collections.ConfigDict:
     g.gate_clamp = 1e-6  # Signed square root clamp of the gate score.
     g.table_init_std = 1.0  # N(0, std) rows, PyTorch nn.Embedding default as in the demo.
     g.table_dtype = "float32"
+    # Each table's rows are padded up to a multiple of this (never addressed) so that they split
+    # evenly over the mesh's fsdp x tensor devices. Keep it fixed across meshes: checkpoints then
+    # restore on any mesh whose row shards divide it.
+    g.table_row_multiple = 1
     # Tables train with Adam at 5x the base LR (ALGORITHMS.md 1.11, 9.2).
     g.table_lr_multiplier = 5.0
     g.table_weight_decay = 0.0
@@ -203,6 +207,7 @@ class EngramConfig:
     gate_clamp: float
     table_init_std: float
     table_dtype: DType
+    table_row_multiple: int
     table_lr_multiplier: float
     table_weight_decay: float
 
@@ -451,6 +456,7 @@ def _validate_model(p: _Problems, m: ml_collections.ConfigDict) -> None:
         _check_positive(p, "model.engram.conv_kernel_size", g.conv_kernel_size)
         _check_positive(p, "model.engram.conv_dilation", g.conv_dilation, allow_zero=True)
         _check_choice(p, "model.engram.table_dtype", g.table_dtype, _DTYPES)
+        _check_positive(p, "model.engram.table_row_multiple", g.table_row_multiple)
         for key in ("qk_norm_eps", "conv_norm_eps", "gate_clamp", "table_init_std"):
             p.check(g[key] > 0, f"model.engram.{key}", g[key], "> 0")
         p.check(

@@ -198,6 +198,7 @@ class Block(nn.Module):
                 dtype=_DTYPES[cfg.dtype],
                 param_dtype=_DTYPES[cfg.param_dtype],
                 table_dtype=_DTYPES[e.table_dtype],
+                table_row_multiple=e.table_row_multiple,
                 lookup_fn=self.lookup_fn,
                 decode=self.decode,
                 name="engram",

@@ -242,10 +242,26 @@ def mesh_from_config(mesh_config: MeshConfig, devices: Sequence[jax.Device] | No
 def tree_shardings(abstract_tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
     """NamedShardings for a tree of (possibly logically boxed) abstract values.
 
-    Leaves without logical annotations are replicated.
+    Leaves without logical annotations are replicated, and so is any dimension whose size the
+    mapped mesh axes do not divide (one KV head on a tensor axis of 2, say): such a dimension is
+    too small to be worth splitting, and an uneven split would fail at `jit` time.
     """
-    specs = nn.get_partition_spec(abstract_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_tree), rules)
+    shapes = nn.meta.unbox(abstract_tree)
+
+    def fit(spec: PartitionSpec, leaf: Any) -> NamedSharding:
+        dims = []
+        padded = tuple(spec or ()) + (None,) * leaf.ndim
+        for axis_size, names in zip(leaf.shape, padded, strict=False):
+            shards = 1
+            for name in _as_axes(names):
+                shards *= mesh.shape[name]
+            dims.append(names if axis_size % shards == 0 else None)
+        return NamedSharding(mesh, PartitionSpec(*dims))
+
+    return jax.tree.map(
+        fit, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -167,7 +167,8 @@ def make_optimizers(cfg: config_lib.Config) -> tuple[optax.GradientTransformatio
 
 
 def _dummy_inputs(cfg: config_lib.Config, batch_size: int) -> tuple[jax.Array, ...]:
-    t = cfg.train.seq_len
+    # Parameter shapes do not depend on the length: one position keeps the init forward cheap.
+    t = 1
     tokens = jnp.zeros((batch_size, t), jnp.int32)
     hash_ids = None
     e = cfg.model.engram
@@ -181,10 +182,14 @@ def init_train_state(
     cfg: config_lib.Config,
     txs: tuple[optax.GradientTransformation, optax.GradientTransformation],
     rng: jax.Array,
+    batch_size: int = 1,
 ) -> TrainState:
-    """A fresh state with logically boxed leaves (unbox it, or use `create_train_state`)."""
+    """A fresh state with logically boxed leaves (unbox it, or use `create_train_state`).
+
+    `batch_size` of the dummy init batch must split over the mesh's batch axes.
+    """
     dense_tx, memory_tx = txs
-    variables = model.init(rng, *_dummy_inputs(cfg, 1))
+    variables = model.init(rng, *_dummy_inputs(cfg, batch_size))
     params, memory = optim.partition_params(variables["params"])
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -207,8 +212,10 @@ def create_train_state(
     """Initialises the state directly into its shardings (abstract shapes first, nothing
     full-size on one device) and returns it with the state's sharding tree."""
 
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+
     def init(rng: jax.Array) -> TrainState:
-        return init_train_state(model, cfg, txs, rng)
+        return init_train_state(model, cfg, txs, rng, batch_size=batch_shards)
 
     rng = jax.random.PRNGKey(cfg.train.seed)
     shardings = sharding.tree_shardings(jax.eval_shape(init, rng), mesh)
@@ -485,6 +492,12 @@ def train_and_evaluate(
         raise config_lib.ConfigError(
             f"config.batch_size: got {t.batch_size}; expected a multiple of data x fsdp = "
             f"{batch_shards} devices"
+        )
+    row_shards = sharding.table_row_shards(mesh)
+    if cfg.model.engram.enabled and cfg.model.engram.table_row_multiple % row_shards:
+        raise config_lib.ConfigError(
+            f"config.model.engram.table_row_multiple: got {cfg.model.engram.table_row_multiple}; "
+            f"expected a multiple of the {row_shards} table-row shards (mesh fsdp x tensor)"
         )
     setup = build_data(cfg, workdir)
     if jax.process_index() == 0:

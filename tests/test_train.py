@@ -19,6 +19,7 @@ from engram_jax import config as config_lib
 from engram_jax import generate as generate_lib
 from engram_jax import metrics as metrics_lib
 from engram_jax import train as train_lib
+from tests.multidevice import run_with_devices
 
 NUM_STEPS = 6
 
@@ -68,6 +69,8 @@ def _small_config(data_path: str):
     m.engram.heads_per_ngram = 2
     m.engram.embed_per_ngram = 16
     m.engram.table_rows_per_head = (101, 211)
+    # 638 rows padded to 640, so the 8-device test can split them over fsdp x tensor = 4.
+    m.engram.table_row_multiple = 4
     m.hc.kind = "mhc"
     m.hc.n_streams = 2
     return c
@@ -127,7 +130,7 @@ def test_loss_falls_and_checkpoint_has_separate_memory_item(uninterrupted):
     memory = store.restore(items=("memory",))["memory"]
     store.close()
     tables = jax.tree_util.tree_leaves(memory["tables"])
-    assert len(tables) == 1 and tables[0].shape == (101 + 103 + 211 + 223, 8)
+    assert len(tables) == 1 and tables[0].shape == (640, 8)
 
 
 def test_resume_after_sigkill_is_exact(uninterrupted, corpus, tmp_path):
@@ -166,6 +169,40 @@ def test_resume_after_sigkill_is_exact(uninterrupted, corpus, tmp_path):
     assert _losses(workdir) == _losses(reference_dir)
     resumed, reference = _final_params(workdir), _final_params(reference_dir)
     chex.assert_trees_all_equal(resumed, reference)
+
+
+def test_eight_devices_match_one_device(uninterrupted, corpus, tmp_path):
+    """data=2 x fsdp=2 x tensor=2 on simulated CPU devices: the tables are row-sharded over
+    fsdp x tensor (vocab-parallel lookup), and the losses equal the one-device run's."""
+    reference_dir, _ = uninterrupted
+    workdir = str(tmp_path / "mesh")
+    code = f"""
+        import json, os, sys
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        import jax
+        from test_train import _small_config
+        from engram_jax import train
+
+        config = _small_config({corpus!r})
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+        shards = {{}}
+
+        def record(step, state):
+            table = jax.tree_util.tree_leaves(state.memory)[0]
+            shards["table"] = sorted({{s.data.shape for s in table.addressable_shards}})
+            shards["devices"] = len(table.sharding.device_set)
+
+        train.train_and_evaluate(config, {workdir!r}, step_hook=record)
+        print(json.dumps(shards))
+        """
+    shards = run_with_devices(8, code)
+    assert shards["devices"] == 8
+    assert shards["table"] == [[160, 8]]  # 640 rows / (fsdp 2 x tensor 2)
+    mesh_losses, reference = _losses(workdir), _losses(reference_dir)
+    assert sorted(mesh_losses) == sorted(reference)
+    for step, loss in reference.items():
+        # Same maths, different reduction order across devices.
+        assert abs(mesh_losses[step] - loss) <= 1e-4 * abs(loss), step
 
 
 def test_train_step_compiles_once(corpus, tmp_path):
