@@ -641,11 +641,13 @@ def main(argv: list[str]) -> None:
     flags_values = flags.FLAGS
     config = flags_values.config
     config_lib.validate(config)
-    if flags_values.num_processes > 1 or config.mesh.coordinator_address:
+    multi = flags_values.num_processes > 1
+    if flags_values.distributed or multi or config.mesh.coordinator_address:
+        # With no address or counts, jax detects them itself (Cloud TPU pods, SLURM).
         jax.distributed.initialize(
             coordinator_address=config.mesh.coordinator_address or None,
-            num_processes=flags_values.num_processes if flags_values.num_processes > 1 else None,
-            process_id=flags_values.process_id if flags_values.num_processes > 1 else None,
+            num_processes=flags_values.num_processes if multi else None,
+            process_id=flags_values.process_id if multi else None,
             initialization_timeout=config.mesh.initialization_timeout,
         )
     # Orbax and absl log every checkpoint internal at INFO; keep the console to our own lines.
@@ -661,6 +663,12 @@ def _define_flags() -> None:
         "config", None, "Config file (configs/<name>.py).", lock_config=True
     )
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
+    flags.DEFINE_bool(
+        "distributed",
+        False,
+        "Call jax.distributed.initialize() even without a coordinator address or process count, "
+        "letting jax detect them (Cloud TPU pods, SLURM); launch/tpu_pod.sh sets it.",
+    )
     flags.DEFINE_integer("num_processes", 1, "Processes of a multi-process run (1: single).")
     flags.DEFINE_integer("process_id", 0, "This process's index in a multi-process run.")
     flags.mark_flags_as_required(["config", "workdir"])

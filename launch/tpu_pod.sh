@@ -216,7 +216,7 @@ fi
 install_remote+="python3 -m pip install -q -e $dir; "
 install_remote+="echo ENGRAM_JAX_INSTALLED worker=\$W"
 
-train_args=(python3 -m engram_jax.train "--config=$config" "--workdir=$workdir")
+train_args=(python3 -m engram_jax.train --distributed "--config=$config" "--workdir=$workdir")
 [[ -z "$coordinator_port" ]] ||
   train_args+=("--config.mesh.coordinator_address=$worker_ip0:$coordinator_port")
 [[ -z "$init_timeout" ]] || train_args+=("--config.mesh.initialization_timeout=$init_timeout")

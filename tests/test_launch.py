@@ -101,6 +101,7 @@ def test_tpu_pod_dry_run_targets_all_workers():
         "python3",
         "-m",
         "engram_jax.train",
+        "--distributed",
         "--config=configs/tiny.py",
         "--workdir=gs://bucket/run1",
         "--config.mesh.coordinator_address=WORKER0_IP:8476",
