@@ -129,13 +129,25 @@ def _with_warmup(
 # --------------------------------------------------------------------------------------------------
 
 
-def decay_mask(params: Any) -> Any:
-    """True for leaves with ndim >= 2 (matrices, embeddings, kernels); False for gains and biases.
+# Gains, biases and mixing coefficients, by name. Rank cannot tell them from matrices: Engram's
+# per-stream gains are [G, D], mHC's b_res is [G, G], and a scanned layer axis makes vectors 2-D.
+_NO_DECAY = re.compile(r"(scale|bias|norm)$|^(b|static|alpha|s)_")
 
-    Decaying a norm gain towards 0 (rather than its init of 1) or a bias only fights the model; the
-    usual LM practice (GPT-2/3, Llama) is to decay matrices only.
+
+def decay_mask(params: Any) -> Any:
+    """True for weight matrices (kernels, embeddings, expert weights, projections); False for norm
+    gains, biases and the hyper-connections' biases, static mixings and scalar scales.
+
+    Decaying a norm gain towards 0 (rather than its init of 1), or mHC's `b_res` off-diagonal -8
+    towards 0 (H_res towards uniform mixing), only fights the model; the usual LM practice
+    (GPT-2/3, Llama) is to decay matrices only.
     """
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+    def decays(path, leaf) -> bool:
+        name = str(getattr(path[-1], "key", path[-1])) if path else ""
+        return jnp.ndim(leaf) >= 2 and not _NO_DECAY.search(name)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def dense_optimizer(

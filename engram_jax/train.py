@@ -9,6 +9,7 @@ tables and the data-iterator position as separate items, so a resumed run contin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -66,8 +67,7 @@ class DataSetup:
     eval_documents: list[str]
 
     def metadata(self) -> dict[str, Any]:
-        import hashlib
-
+        """Fingerprints of everything that decides what a token id and a table row mean."""
         meta = {
             "tokenizer_fingerprint": hashlib.sha256(
                 self.tokenizer.to_str().encode("utf-8")
@@ -531,43 +531,47 @@ def train_and_evaluate(
         diagnostics = make_mixing_diagnostics(cfg, model.lookup_fn)
         if diagnostics is not None:
             diagnostics = jax.jit(diagnostics, in_shardings=(shardings, batch_sharding))
-        return _loop(
-            cfg,
-            mesh,
-            setup,
-            state,
-            train_iter,
-            train_step,
-            eval_step,
-            diagnostics,
-            store,
-            metadata,
-            accounting.flops_per_token,
-            workdir,
-            step_hook,
+        program = _Program(
+            cfg=cfg,
+            mesh=mesh,
+            setup=setup,
+            train_step=train_step,
+            eval_step=eval_step,
+            diagnostics=diagnostics,
+            store=store,
+            metadata=metadata,
+            flops_per_token=accounting.flops_per_token,
+            workdir=workdir,
+            step_hook=step_hook,
         )
+        return _loop(program, state, train_iter)
 
 
-def _loop(
-    cfg,
-    mesh,
-    setup,
-    state,
-    train_iter,
-    train_step,
-    eval_step,
-    diagnostics,
-    store,
-    metadata,
-    flops,
-    workdir,
-    step_hook,
-):
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """The compiled steps and the services the training loop drives."""
+
+    cfg: config_lib.Config
+    mesh: jax.sharding.Mesh
+    setup: DataSetup
+    train_step: Callable
+    eval_step: Callable
+    diagnostics: Callable | None
+    store: checkpoint_lib.CheckpointStore
+    metadata: dict[str, Any]
+    flops_per_token: float
+    workdir: str
+    step_hook: Callable[[int, TrainState], None] | None
+
+
+def _loop(program: _Program, state: TrainState, train_iter) -> dict[str, float]:
+    """Steps until `num_train_steps`, evaluating, logging and checkpointing on schedule."""
+    cfg, mesh, store = program.cfg, program.mesh, program.store
     t = cfg.train
     step = int(jax.device_get(state.step))
     tokens_per_step = t.batch_size * t.seq_len
     peak_flops = metrics_lib.peak_flops_per_second() * jax.device_count()
-    writer = metrics_lib.MetricsWriter(workdir)
+    writer = metrics_lib.MetricsWriter(program.workdir)
     progress = metrics_lib.Progress(
         t.num_train_steps, initial_step=step, log_every=t.log_every, tokens_per_step=tokens_per_step
     )
@@ -587,20 +591,19 @@ def _loop(
             elapsed = time.perf_counter() - window_start
             tokens_per_second = window_steps * tokens_per_step / max(elapsed, 1e-9)
             metrics["tokens_per_second"] = tokens_per_second
-            metrics["mfu"] = tokens_per_second * flops / peak_flops
+            metrics["mfu"] = tokens_per_second * program.flops_per_token / peak_flops
             window_start, window_steps = time.perf_counter(), 0
             writer.write(pending_step, metrics)
         progress.update(pending_step, metrics)
         last.update(metrics)
 
     def run_eval() -> None:
-        eval_iter = make_batches(setup, cfg, train=False)
+        eval_iter = make_batches(program.setup, cfg, train=False)
         batches = [sharding.global_batch(next(eval_iter), mesh) for _ in range(t.eval_batches)]
-        eval_metrics = evaluate(eval_step, state, iter(batches))
-        if diagnostics is not None:
-            eval_metrics.update(
-                {k: float(v) for k, v in jax.device_get(diagnostics(state, batches[0])).items()}
-            )
+        eval_metrics = evaluate(program.eval_step, state, iter(batches))
+        if program.diagnostics is not None:
+            diagnostics = jax.device_get(program.diagnostics(state, batches[0]))
+            eval_metrics.update({k: float(v) for k, v in diagnostics.items()})
         writer.write(step, eval_metrics)
         logger.info("step %d: %s", step, eval_metrics)
         last.update(eval_metrics)
@@ -608,7 +611,7 @@ def _loop(
     try:
         while step < t.num_train_steps:
             batch = sharding.global_batch(next(train_iter), mesh)
-            state, device_metrics = train_step(state, batch)
+            state, device_metrics = program.train_step(state, batch)
             step += 1
             # Fetch the previous step's metrics only now, so the device never waits for the host.
             flush_pending()
@@ -622,9 +625,9 @@ def _loop(
             if eval_now and t.eval_batches:
                 run_eval()
             if save_now:
-                _save(store, state, train_iter, metadata)
-            if step_hook is not None:
-                step_hook(step, state)
+                _save(store, state, train_iter, program.metadata)
+            if program.step_hook is not None:
+                program.step_hook(step, state)
         flush_pending()
     finally:
         store.wait_until_finished()

@@ -223,3 +223,29 @@ def test_wsd_decay_length_is_rounded():
     sched = optim.learning_rate_schedule(1.0, 0, 10, "wsd", final_fraction=0.0, decay_fraction=0.25)
     assert math.isclose(float(sched(8)), 1.0, rel_tol=1e-6)
     assert math.isclose(float(sched(9)), 0.5, rel_tol=1e-6)
+
+
+def test_decay_mask_by_name_covers_stream_gains_and_scanned_vectors():
+    params = {
+        "layer_1": {
+            "engram": {
+                "key_norm_scale": jnp.ones((4, 8)),  # [G, D] gain
+                "key_bias": jnp.zeros((4, 8)),
+                "key_kernel": jnp.ones((16, 4, 8)),
+            },
+            "ffn_hc": {"b_res": jnp.zeros((4, 4)), "phi_res": jnp.zeros((32, 16))},
+        },
+        "layers_2_to_3": {
+            "attention_hc": {"norm": {"scale": jnp.ones((2, 8))}, "b_pre": jnp.ones((2, 4))}
+        },
+        "embed": {"embedding": jnp.ones((10, 8))},
+    }
+    mask = optim.decay_mask(params)
+    assert mask["layer_1"]["engram"] == {
+        "key_norm_scale": False,
+        "key_bias": False,
+        "key_kernel": True,
+    }
+    assert mask["layer_1"]["ffn_hc"] == {"b_res": False, "phi_res": True}
+    assert mask["layers_2_to_3"]["attention_hc"] == {"norm": {"scale": False}, "b_pre": False}
+    assert mask["embed"]["embedding"] is True
