@@ -138,16 +138,17 @@ def base_config() -> ml_collections.ConfigDict:
     h.kind = "mhc"  # "residual", "hc", "mhc" or "mhc_lite".
     h.n_streams = 4
     h.sinkhorn_iters = 20
-    # Denominator floor (the paper states none; DeepSeek's later code uses 1e-6).
-    h.sinkhorn_eps = 1e-6
+    # Denominator floor: the paper states none (0, its preset; the log-domain iteration needs
+    # none); DeepSeek's later code uses 1e-6.
+    h.sinkhorn_eps = 0.0
     h.sinkhorn_order = "row_last"  # Paper: column then row normalisation, so rows are exact.
     h.alpha_init = 0.01  # Initial alpha scales (ALGORITHMS.md 2.2, 9.1).
     h.res_offdiag_bias = -8.0  # b_res off-diagonal init: H_res starts near identity (2.5, 9.1).
-    h.lite_offperm_bias = -8.0
+    h.lite_offperm_bias = -8.0  # mHC-lite: logit bias of the non-identity permutations (4, 9.13).
     # Std of the coefficient projections phi. ALGORITHMS.md 2.5 starts from phi = 0 (unverified,
     # 9.1), but then streams copied from one embedding stay identical forever unless another part
     # (Engram's per-stream keys) breaks the symmetry; a small random phi moves H at init by < 1e-2.
-    h.coeff_init_std = 0.02  # mHC-lite: logit bias of the non-identity permutations (4, 9.13).
+    h.coeff_init_std = 0.02
 
     # ---------------------------------------------------------------- devices
     d = c.mesh = ml_collections.ConfigDict()
@@ -453,6 +454,16 @@ def _validate_model(p: _Problems, m: ml_collections.ConfigDict) -> None:
             rows,
             "integers in [2, 2**31)",
         )
+        if all(isinstance(r, int) for r in rows) and isinstance(g.heads_per_ngram, int):
+            # Each layer's heads share one flat int32-indexed table (primes ~ just above bases).
+            approx_rows = g.heads_per_ngram * sum(rows) + g.table_row_multiple
+            p.check(
+                approx_rows < 2**31,
+                "model.engram.table_rows_per_head",
+                rows,
+                f"heads_per_ngram={g.heads_per_ngram} x sum(rows) < 2**31 (one layer's flat "
+                "table is indexed with int32)",
+            )
         _check_positive(p, "model.engram.conv_kernel_size", g.conv_kernel_size)
         _check_positive(p, "model.engram.conv_dilation", g.conv_dilation, allow_zero=True)
         _check_choice(p, "model.engram.table_dtype", g.table_dtype, _DTYPES)

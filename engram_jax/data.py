@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 import numpy as np
@@ -532,20 +532,29 @@ def check_token_ids(ids: np.ndarray, vocab_size: int, where: str = "document") -
         )
 
 
+def make_encoder(tokenizer: tokenizers.Tokenizer) -> Callable[[str], np.ndarray]:
+    """Text -> int64 token ids exactly as the pipeline encodes documents (and `generate` prompts):
+    no special tokens added by the tokenizer's post-processor, and special-token text such as a
+    literal "<eos>" inside a document encoded as plain text (on a private copy of the tokenizer)."""
+    private = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+    private.encode_special_tokens = True
+
+    def encode(text: str) -> np.ndarray:
+        return np.asarray(private.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    return encode
+
+
 class _TokenizeDocument(grain.transforms.Map):
     """str -> {"inputs", "targets"}: the document's tokens (+ eos) shifted by one."""
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, spec: DataSpec, add_eos: bool):
-        # A private copy, so that literal "<eos>" text in a document stays text.
-        self._tokenizer = tokenizers.Tokenizer.from_str(tokenizer.to_str())
-        self._tokenizer.encode_special_tokens = True
+        self._encode = make_encoder(tokenizer)
         self._spec = spec
         self._add_eos = add_eos
 
     def map(self, document: str) -> dict[str, np.ndarray]:
-        ids_X = np.asarray(
-            self._tokenizer.encode(document, add_special_tokens=False).ids, dtype=np.int64
-        )
+        ids_X = self._encode(document)
         check_token_ids(ids_X, self._spec.vocab_size)
         if self._add_eos and ids_X.size:
             ids_X = np.concatenate([ids_X, np.array([self._spec.eos_id], np.int64)])

@@ -373,6 +373,13 @@ class Engram(nn.Module):
         for name in ("row_width", "conv_kernel_size", "dilation", "table_row_multiple"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"Engram: {name} is {getattr(self, name)}; expected >= 1")
+        if self.num_table_rows >= 2**31:
+            # Flat row ids (hash + head offset) are int32: a larger table would wrap silently.
+            raise ValueError(
+                f"Engram: the table has {self.num_table_rows} rows (sum of head_vocab_sizes, "
+                "padded); expected < 2**31 so that flat row ids fit in int32 (split the memory "
+                "over more layers or use smaller tables)"
+            )
 
     def _check_inputs(
         self,

@@ -92,6 +92,7 @@ class Generator:
         self.model_config = cfg.model
         path = os.path.join(workdir, TOKENIZER_FILE)
         self.tokenizer = data_lib.load_tokenizer(path)
+        self._encode = data_lib.make_encoder(self.tokenizer)
         digest = hashlib.sha256(self.tokenizer.to_str().encode("utf-8")).hexdigest()
         if digest != metadata["tokenizer_fingerprint"]:
             raise checkpoint_lib.CheckpointMismatchError(
@@ -163,7 +164,7 @@ class Generator:
 
     def generate(self, prompt: str, sampling: SamplingConfig) -> str:
         """Continues `prompt` by up to `sampling.max_tokens` tokens (stopping at eos)."""
-        prompt_ids = np.asarray(self.tokenizer.encode(prompt).ids, np.int32)[None, :]  # [1, P]
+        prompt_ids = self._encode(prompt).astype(np.int32)[None, :]  # [1, P]
         if prompt_ids.shape[1] == 0:
             raise ValueError("prompt: got an empty prompt; expected at least one token")
         data_lib.check_token_ids(prompt_ids, self.spec.vocab_size, where="prompt")

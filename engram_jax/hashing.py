@@ -38,10 +38,9 @@ _INT_KINDS = "iu"
 def canonicaliser() -> normalizers.Normalizer:
     """The §1.2 canonicalisation chain built from the `tokenizers` normalizers the demo uses.
 
-    Built from the library's own objects (not Python's `unicodedata`/`str.lower`) because per-
-    character
-    Unicode lowercasing differs from Python's on e.g. the Greek final sigma ("ΟΔΟΣ" -> "οδοσ", not
-    "οδος").
+    Built from the library's own objects (not Python's `unicodedata`/`str.lower`) because
+    per-character Unicode lowercasing differs from Python's on e.g. the Greek final sigma
+    ("ΟΔΟΣ" -> "οδοσ", not "οδος").
     """
     return normalizers.Sequence(
         [
@@ -124,15 +123,12 @@ class CompressedTokenizer:
     """Surjective map from raw token ids to compressed ids (ALGORITHMS.md §1.2).
 
     Build with `CompressedTokenizer.from_tokenizer(tokenizer_or_path, cache_dir=None)`. With a
-    `cache_dir` the
-    table is stored as `<cache_dir>/compressed_<sha256 of tokenizer.to_str()>.npy` (written
-    atomically); a cache
-    file that fails to load or to validate is rebuilt, never trusted.
+    `cache_dir` the table is stored as `<cache_dir>/compressed_<sha256 of tokenizer.to_str()>.npy`
+    (written atomically); a cache file that fails to load or to validate is rebuilt, never trusted.
 
     Decoding uses `tokenizers`' own `decode` of a single id with `skip_special_tokens=False`; this
-    matches the
-    demo when the Hugging Face tokenizer config has `clean_up_tokenization_spaces=False` (as
-    DeepSeek-V3's has).
+    matches the demo when the Hugging Face tokenizer config has
+    `clean_up_tokenization_spaces=False` (as DeepSeek-V3's has).
 
     Attributes:
         old_to_new: int32 [V] table, raw id -> compressed id.
@@ -401,15 +397,15 @@ def table_primes(
             candidate = base - 1
             for _ in range(heads_per_ngram):
                 candidate += 1
-                while candidate in seen or not _is_prime(candidate):
+                while candidate < _MAX_PRIME and (candidate in seen or not _is_prime(candidate)):
                     candidate += 1
-                    if candidate >= _MAX_PRIME:
-                        raise ValueError(
-                            f"NgramHasher: vocab_bases={list(vocab_bases)} with "
-                            f"heads_per_ngram={heads_per_ngram} and {len(layer_ids)} layers "
-                            "needs primes >= 2^31; expected all hash table sizes < 2^31 "
-                            "(int32 ids)"
-                        )
+                if candidate >= _MAX_PRIME:
+                    raise ValueError(
+                        f"NgramHasher: vocab_bases={list(vocab_bases)} with "
+                        f"heads_per_ngram={heads_per_ngram} and {len(layer_ids)} layers "
+                        "needs primes >= 2^31; expected all hash table sizes < 2^31 "
+                        "(int32 ids)"
+                    )
                 seen.add(candidate)
                 primes.append(candidate)
         primes_by_layer[layer] = primes

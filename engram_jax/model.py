@@ -59,8 +59,11 @@ class _Run:
 def layer_runs(config: ModelConfig) -> list[_Run]:
     """Groups layers into runs of identical blocks; an Engram layer is always a run of its own.
 
-    With `scan_layers=False` every run has one layer.
+    With `scan_layers=False` every run has one layer, and so with `hc.kind="hc"`: HC's static init
+    reads stream `site mod n` at each site (ALGORITHMS.md 3.3), so its blocks differ by layer and
+    a scan (one init for the whole run) would give every layer the same read stream.
     """
+    scan = config.scan_layers and config.hc.kind != "hc"
     runs: list[_Run] = []
     engram_layers = set(config.engram.layer_ids)
     for layer in range(config.num_layers):
@@ -68,7 +71,7 @@ def layer_runs(config: ModelConfig) -> list[_Run]:
         has_engram = layer in engram_layers
         previous = runs[-1] if runs else None
         if (
-            config.scan_layers
+            scan
             and previous is not None
             and not has_engram
             and not previous.has_engram

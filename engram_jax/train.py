@@ -612,6 +612,9 @@ def _loop(program: _Program, state: TrainState, train_iter) -> dict[str, float]:
         while step < t.num_train_steps:
             batch = sharding.global_batch(next(train_iter), mesh)
             state, device_metrics = program.train_step(state, batch)
+            if pending is None and window_steps == 0:
+                # The first call compiled the step; throughput counts from here.
+                window_start = time.perf_counter()
             step += 1
             # Fetch the previous step's metrics only now, so the device never waits for the host.
             flush_pending()
@@ -626,6 +629,9 @@ def _loop(program: _Program, state: TrainState, train_iter) -> dict[str, float]:
                 run_eval()
             if save_now:
                 _save(store, state, train_iter, program.metadata)
+            if save_now or eval_now:
+                # Evaluation and checkpoint time are not training throughput.
+                window_start, window_steps = time.perf_counter(), 0
             if program.step_hook is not None:
                 program.step_hook(step, state)
         flush_pending()

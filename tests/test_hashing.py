@@ -619,3 +619,8 @@ def test_table_fingerprint(bytelevel_tok, metaspace_tok):
     assert real.fingerprint() != CompressedTokenizer.from_tokenizer(metaspace_tok).fingerprint()
     with pytest.raises(ValueError, match="old_to_new"):
         CompressedTokenizer(np.zeros((2, 2), dtype=np.int32))
+
+
+def test_prime_base_at_or_above_int32_range_is_rejected():
+    with pytest.raises(ValueError, match="2\\^31"):
+        hashing.table_primes([2**31 + 11], 1, [0])

@@ -531,3 +531,8 @@ def test_mixing_matrices_in_depth_order(base, scan):
     )[1]["intermediates"]
     ffn_layer3 = unscanned["layer_3"]["ffn_hc"]["h_res"][0].reshape(B * T, 4, 4)
     np.testing.assert_allclose(h_res_SXGG[7], ffn_layer3, atol=1e-6)
+
+
+def test_hc_kind_is_never_scanned_so_each_layer_reads_its_own_stream():
+    cfg = _config(**{"scan_layers": True, "hc.kind": "hc"})
+    assert all(run.stop - run.start == 1 for run in layer_runs(cfg))
