@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -204,6 +205,12 @@ def test_eight_devices_match_one_device(uninterrupted, corpus, tmp_path):
         # Same maths, different reduction order across devices.
         assert abs(mesh_losses[step] - loss) <= 1e-4 * abs(loss), step
 
+    # The 8-device checkpoint restores onto this one-device mesh and training continues.
+    config = _small_config(corpus)
+    config.num_train_steps = NUM_STEPS + 2
+    train_lib.train_and_evaluate(config, workdir)
+    assert sorted(_losses(workdir)) == list(range(1, NUM_STEPS + 3))
+
 
 def test_train_step_compiles_once(corpus, tmp_path):
     cfg = config_lib.validate(_small_config(corpus))
@@ -310,3 +317,50 @@ def test_unknown_config_key_fails_at_parse_time(tmp_path):
     assert result.returncode != 0
     assert "num_layerz" in result.stderr
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_two_processes_train_together(corpus, tmp_path):
+    """A real two-process run (jax.distributed over loopback, CPU collectives through gloo): each
+    process reads its own document shard, gradients are reduced across processes, only process 0
+    writes metrics, and the checkpoint holds both processes' iterator states."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    workdir = str(tmp_path / "two")
+    child = textwrap.dedent(
+        f"""
+        import os, sys
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        import jax
+        process_id = int(sys.argv[1])
+        jax.distributed.initialize(
+            coordinator_address="localhost:{port}", num_processes=2, process_id=process_id,
+            initialization_timeout=120,
+        )
+        from test_train import _small_config
+        from engram_jax import train
+
+        config = _small_config({corpus!r})
+        config.eval_every = 0
+        train.train_and_evaluate(config, {workdir!r})
+        """
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", child, str(process_id)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for process_id in (0, 1)
+    ]
+    for process in children:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-3000:]
+    losses = _losses(workdir)
+    assert sorted(losses) == list(range(1, NUM_STEPS + 1))  # one row per step: process 0 only
+    assert all(np.isfinite(v) for v in losses.values())
+    data_items = os.listdir(os.path.join(workdir, "checkpoints", str(NUM_STEPS), "data"))
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_items)
