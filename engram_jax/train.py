@@ -275,8 +275,8 @@ def make_train_step(
         memory = optax.apply_updates(state.memory, memory_updates)
         metrics = {
             "train_loss": loss,
-            "grad_norm": optax.global_norm(dense_grads),
-            "memory_grad_norm": optax.global_norm(memory_grads),
+            "grad_norm": optax.tree.norm(dense_grads),
+            "memory_grad_norm": optax.tree.norm(memory_grads),
             "learning_rate": schedule(state.step),
             **_gate_and_load_metrics(aux),
         }
