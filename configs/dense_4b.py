@@ -12,21 +12,13 @@ MLA dimensions. Result (`engram_jax.accounting`): 4.13B total without the token 
 4.1B), 3.80B activated without embeddings.
 """
 
-import importlib.util
 from pathlib import Path
 
-
-def _moe_27b_config():
-    spec = importlib.util.spec_from_file_location(
-        "configs_moe_27b", Path(__file__).with_name("moe_27b.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from engram_jax.config import load_config_file
 
 
 def get_config():
-    config = _moe_27b_config()
+    config = load_config_file(Path(__file__).with_name("moe_27b.py"))
     m = config.model
     m.moe.num_experts = 0
     m.num_dense_layers = m.num_layers

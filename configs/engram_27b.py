@@ -28,21 +28,13 @@ tables alone are 2 layers x 16 heads x ~2.26M rows x 80 = 5.79B; the paper's fig
 truncated), allocation ratio rho = 0.743 (the paper's optimum is 0.75-0.80, §1.9).
 """
 
-import importlib.util
 from pathlib import Path
 
-
-def _moe_27b_config():
-    spec = importlib.util.spec_from_file_location(
-        "configs_moe_27b", Path(__file__).with_name("moe_27b.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from engram_jax.config import load_config_file
 
 
 def get_config():
-    config = _moe_27b_config()
+    config = load_config_file(Path(__file__).with_name("moe_27b.py"))
     m = config.model
     m.moe.num_experts = 55
     g = m.engram

@@ -13,20 +13,12 @@ Result (`engram_jax.accounting`): 39.47B total without the token embedding (pape
 activated without embeddings (paper 3.8B), Engram 18.57B (paper 18.5B), rho = 0.475.
 """
 
-import importlib.util
 from pathlib import Path
 
-
-def _engram_27b_config():
-    spec = importlib.util.spec_from_file_location(
-        "configs_engram_27b", Path(__file__).with_name("engram_27b.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from engram_jax.config import load_config_file
 
 
 def get_config():
-    config = _engram_27b_config()
+    config = load_config_file(Path(__file__).with_name("engram_27b.py"))
     config.model.engram.table_rows_per_head = (7_239_680, 7_239_680)
     return config

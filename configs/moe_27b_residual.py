@@ -10,21 +10,13 @@ Accounting: python -m engram_jax.accounting --config=configs/moe_27b_residual.py
 Everything else as configs/moe_27b.py (its derived sizes are documented there).
 """
 
-import importlib.util
 from pathlib import Path
 
-
-def _moe_27b_config():
-    spec = importlib.util.spec_from_file_location(
-        "configs_moe_27b", Path(__file__).with_name("moe_27b.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from engram_jax.config import load_config_file
 
 
 def get_config():
-    config = _moe_27b_config()
+    config = load_config_file(Path(__file__).with_name("moe_27b.py"))
     config.model.hc.kind = "residual"
     config.model.hc.n_streams = 1
     return config

@@ -9,8 +9,11 @@ the dataclasses (`ModelConfig`, `EngramConfig`, `HyperConfig`, `AttentionConfig`
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import ml_collections
@@ -567,6 +570,23 @@ def validate(config: ml_collections.ConfigDict) -> Config:
         model=model,
         mesh=MeshConfig(**_fields(MeshConfig, config.mesh)),
     )
+
+
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file (`configs/<name>.py`) loaded by path.
+
+    Config files that extend another one (engram_27b extends moe_27b) use it with a path beside
+    themselves, so `configs/` needs no package `__init__`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"engram_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {str(path)!r} defines no get_config()")
+    return module.get_config()
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

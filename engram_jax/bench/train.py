@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gzip
-import importlib.util
 import logging
 import os
 import pathlib
@@ -78,10 +77,7 @@ def _load_config(configs_dir: pathlib.Path, name: str) -> ml_collections.ConfigD
     path = configs_dir / f"{name}.py"
     if not path.is_file():
         raise FileNotFoundError(f"--configs: {name!r} has no config file {path}")
-    spec = importlib.util.spec_from_file_location(f"_bench_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_lib.load_config_file(path)
 
 
 def _uptime() -> str:
