@@ -293,13 +293,19 @@ def make_train_step(
     return train_step
 
 
+def _inference_variables(state: TrainState) -> dict[str, Any]:
+    """The model's variables for a forward pass without updates: all parameters and MoE biases."""
+    variables = {"params": optim.merge_params(state.params, state.memory)}
+    if state.moe_bias:
+        variables[MOE_BIAS] = state.moe_bias
+    return variables
+
+
 def make_eval_step(model: Transformer) -> Callable[[TrainState, dict[str, jax.Array]], dict]:
     """Summed negative log-likelihood, token count and target bytes of one batch."""
 
     def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        variables = {"params": optim.merge_params(state.params, state.memory)}
-        if state.moe_bias:
-            variables[MOE_BIAS] = state.moe_bias
+        variables = _inference_variables(state)
         logits, _ = model.apply(
             variables,
             batch["inputs"],
@@ -325,9 +331,7 @@ def make_mixing_diagnostics(
     model = Transformer(cfg.model, lookup_fn=lookup_fn, sow_mixing=True)
 
     def diagnostics(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        variables = {"params": optim.merge_params(state.params, state.memory)}
-        if state.moe_bias:
-            variables[MOE_BIAS] = state.moe_bias
+        variables = _inference_variables(state)
         _, inter = model.apply(
             variables,
             batch["inputs"],
