@@ -162,7 +162,13 @@ def vocab_parallel_lookup(
             in_specs=(table_spec, ids_spec),
             out_specs=PartitionSpec(lead),
         )
-        return fn(table_RW, flat_ids.astype(jnp.int32))
+        flat_ids = flat_ids.astype(jnp.int32)
+        if AxisType.Explicit in mesh.axis_types:
+            # Explicit axes carry shardings in the types: bring both operands to the specs the
+            # shard_map expects (a no-op when they already match, as in a row-sharded train step).
+            table_RW = jax.sharding.reshard(table_RW, NamedSharding(mesh, table_spec))
+            flat_ids = jax.sharding.reshard(flat_ids, NamedSharding(mesh, ids_spec))
+        return fn(table_RW, flat_ids)
 
     return lookup_fn
 

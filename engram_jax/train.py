@@ -489,6 +489,15 @@ def train_and_evaluate(
             f"config.batch_size: got {t.batch_size}; expected a multiple of the process count "
             f"{jax.process_count()}"
         )
+    if cfg.mesh.axis_types != "auto":
+        # The trainer places arrays by logical-axis rules and leaves the rest to XLA's sharding
+        # propagation; Explicit axes would need an out_sharding on every reshape and gather of
+        # the MoE dispatch. The Engram lookup itself (sharding.vocab_parallel_lookup) supports
+        # Explicit meshes for custom training loops.
+        raise config_lib.ConfigError(
+            f"config.mesh.axis_types: got {cfg.mesh.axis_types!r}; the training program runs on "
+            "'auto' meshes"
+        )
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.mesh_from_config(cfg.mesh)
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -286,6 +286,11 @@ def test_bad_inputs_have_clear_errors(corpus, tmp_path):
         train_lib.train_and_evaluate(config, str(tmp_path / "w3"))
 
     config = _small_config(corpus)
+    config.mesh.axis_types = "explicit"
+    with pytest.raises(config_lib.ConfigError, match="axis_types: got 'explicit'"):
+        train_lib.train_and_evaluate(config, str(tmp_path / "w5"))
+
+    config = _small_config(corpus)
     config.model.engram.layer_ids = (5,)
     with pytest.raises(config_lib.ConfigError, match=r"layer_ids: got \(5,\)"):
         train_lib.train_and_evaluate(config, str(tmp_path / "w4"))
