@@ -24,7 +24,7 @@ from absl import flags
 from grain import experimental as grain_experimental
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from engram_jax.hashing import CompressedTokenizer, NgramHasher
+from engram_jax.hashing import CompressedTokenizer, NgramHasher, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -492,7 +492,7 @@ def _check_engram_spec(
 ) -> None:
     """The compressor must come from this tokenizer; the hasher must use its V' and pad'."""
     num_tokens = tokenizer.get_vocab_size(with_added_tokens=True)
-    digest = hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
+    digest = tokenizer_fingerprint(tokenizer)
     if engram.compressor.vocab_size != num_tokens or engram.compressor.tokenizer_sha256 not in (
         "",
         digest,

@@ -8,7 +8,6 @@ as the training pipeline hashes whole sequences.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 from typing import Any
@@ -23,6 +22,7 @@ from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import config as config_lib
 from engram_jax import data as data_lib
 from engram_jax import optim
+from engram_jax.hashing import tokenizer_fingerprint
 from engram_jax.model import MOE_BIAS, Transformer
 from engram_jax.train import TOKENIZER_FILE
 
@@ -93,7 +93,7 @@ class Generator:
         path = os.path.join(workdir, TOKENIZER_FILE)
         self.tokenizer = data_lib.load_tokenizer(path)
         self._encode = data_lib.make_encoder(self.tokenizer)
-        digest = hashlib.sha256(self.tokenizer.to_str().encode("utf-8")).hexdigest()
+        digest = tokenizer_fingerprint(self.tokenizer)
         if digest != metadata["tokenizer_fingerprint"]:
             raise checkpoint_lib.CheckpointMismatchError(
                 f"{path}: tokenizer fingerprint {digest[:12]}... differs from the checkpoint's "

@@ -119,6 +119,11 @@ def _table_is_valid(table: np.ndarray, vocab_size: int) -> bool:
     return bool(np.all(table[firsts] == np.arange(int(firsts.sum()))))
 
 
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """sha256 of the tokenizer's full JSON (vocabulary, merges, normalizer, special tokens)."""
+    return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
+
+
 class CompressedTokenizer:
     """Surjective map from raw token ids to compressed ids (ALGORITHMS.md §1.2).
 
@@ -172,7 +177,7 @@ class CompressedTokenizer:
             ValueError: the path does not exist.
         """
         tok = _tokenizer_from(tokenizer)
-        digest = hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()
+        digest = tokenizer_fingerprint(tok)
         vocab_size = tok.get_vocab_size(with_added_tokens=True)
         path = None
         if cache_dir is not None:

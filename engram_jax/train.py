@@ -9,7 +9,6 @@ tables and the data-iterator position as separate items, so a resumed run contin
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import os
@@ -30,13 +29,14 @@ from engram_jax import data as data_lib
 from engram_jax import metrics as metrics_lib
 from engram_jax import optim, sharding
 from engram_jax.accounting import account, format_accounting
+from engram_jax.hashing import tokenizer_fingerprint
 from engram_jax.mhc import amax_gain, mixing_stats
 from engram_jax.model import MOE_BIAS, Transformer, cross_entropy_loss, mixing_matrices
 
 logger = logging.getLogger(__name__)
 
-# Checkpoint metadata entries that must match for a restore to mean the same thing.
 TOKENIZER_FILE = "tokenizer.json"
+# Checkpoint metadata entries that must match for a restore to mean the same thing.
 _MUST_MATCH = ("model", "tokenizer_fingerprint", "compressed_tokenizer_fingerprint", "hasher")
 
 
@@ -69,9 +69,7 @@ class DataSetup:
     def metadata(self) -> dict[str, Any]:
         """Fingerprints of everything that decides what a token id and a table row mean."""
         meta = {
-            "tokenizer_fingerprint": hashlib.sha256(
-                self.tokenizer.to_str().encode("utf-8")
-            ).hexdigest(),
+            "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer),
             "compressed_tokenizer_fingerprint": "",
             "hasher": "",
         }
