@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -127,10 +126,11 @@ class Generator:
             lambda rng: nn.meta.unbox(train_lib.init_train_state(model, cfg, txs, rng)),
             jax.random.PRNGKey(0),
         )
+        abstract_dense, abstract_memory = train_lib.checkpoint_items(abstract)
         restored = store.restore(
             step,
-            abstract_state=_dense_view(abstract),
-            abstract_memory={"tables": abstract.memory, "opt_state": abstract.memory_opt_state},
+            abstract_state=abstract_dense,
+            abstract_memory=abstract_memory,
             items=("state", "memory"),
         )
         store.close()
@@ -213,15 +213,6 @@ def _zero_hash_ids(model_config: config_lib.ModelConfig, length: int) -> jax.Arr
     if not e.enabled:
         return None
     return jnp.zeros((1, len(e.layer_ids), length, e.num_heads), jnp.int32)
-
-
-def _dense_view(state: Any) -> dict[str, Any]:
-    return {
-        "step": state.step,
-        "params": state.params,
-        "opt_state": state.opt_state,
-        "moe_bias": state.moe_bias,
-    }
 
 
 def main(argv: list[str]) -> None:

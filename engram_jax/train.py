@@ -384,6 +384,18 @@ def _checkpoint_metadata(config: ml_collections.ConfigDict, setup: DataSetup) ->
     return {"config": full, "model": full["model"], **setup.metadata()}
 
 
+def checkpoint_items(state: TrainState) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The "state" item (dense parameters, optimizer state, step, MoE biases) and the "memory"
+    item (Engram tables and their optimizer state) of a TrainState, or of its sharding tree."""
+    dense = {
+        "step": state.step,
+        "params": state.params,
+        "opt_state": state.opt_state,
+        "moe_bias": state.moe_bias,
+    }
+    return dense, {"tables": state.memory, "opt_state": state.memory_opt_state}
+
+
 def _restore_or_init(
     store: checkpoint_lib.CheckpointStore,
     config: ml_collections.ConfigDict,
@@ -404,20 +416,8 @@ def _restore_or_init(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, tree_shardings
         )
 
-    dense = {
-        "step": state.step,
-        "params": state.params,
-        "opt_state": state.opt_state,
-        "moe_bias": state.moe_bias,
-    }
-    dense_shardings = {
-        "step": shardings.step,
-        "params": shardings.params,
-        "opt_state": shardings.opt_state,
-        "moe_bias": shardings.moe_bias,
-    }
-    memory = {"tables": state.memory, "opt_state": state.memory_opt_state}
-    memory_shardings = {"tables": shardings.memory, "opt_state": shardings.memory_opt_state}
+    dense, memory = checkpoint_items(state)
+    dense_shardings, memory_shardings = checkpoint_items(shardings)
     restored = store.restore(
         step,
         abstract_state=abstract(dense, dense_shardings),
@@ -439,15 +439,11 @@ def _restore_or_init(
 
 def _save(store, state: TrainState, data_iter, metadata: dict[str, Any]) -> None:
     step = int(jax.device_get(state.step))
+    dense, memory = checkpoint_items(state)
     store.save(
         step,
-        state={
-            "step": state.step,
-            "params": state.params,
-            "opt_state": state.opt_state,
-            "moe_bias": state.moe_bias,
-        },
-        memory={"tables": state.memory, "opt_state": state.memory_opt_state},
+        state=dense,
+        memory=memory,
         data_state=data_iter.get_state(),
         metadata=metadata,
     )
