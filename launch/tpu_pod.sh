@@ -57,35 +57,8 @@ Everything after '--' is passed to the trainer, e.g. -- --config.num_train_steps
 EOF
 }
 
-die_usage() {
-  echo "$SCRIPT_NAME: error: $*" >&2
-  echo "Run '$SCRIPT_NAME --help' for usage." >&2
-  exit 2
-}
-
-# Quotes one word for a POSIX shell, readably: bare when safe, else in single quotes; for
-# --flag=value only the value is quoted.
-shell_quote() {
-  local word="$1" prefix=""
-  if [[ "$word" =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-    prefix="${BASH_REMATCH[1]}"
-    word="${BASH_REMATCH[2]}"
-  fi
-  if [[ "$word" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s%s' "$prefix" "$word"
-  else
-    printf "%s'%s'" "$prefix" "${word//\'/\'\\\'\'}"
-  fi
-}
-
-# Prints a command as one shell-quoted line (copy-pasteable).
-print_command() {
-  local line="" word
-  for word in "$@"; do
-    line+="$(shell_quote "$word") "
-  done
-  echo "${line% }"
-}
+# shellcheck source=launch/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 tpu="" zone="" project="" config="" workdir="" repo="" ref="main" remote_dir="engram_jax"
 jax_spec="jax[tpu]" coordinator_port="" init_timeout="" num_workers="" run_name=""
@@ -140,13 +113,6 @@ done
   die_usage "--workdir: got '$workdir'; expected gs://BUCKET/PATH (every worker must see the same directory)"
 [[ "$remote_dir" =~ ^[A-Za-z0-9._/-]+$ && "$remote_dir" != /* ]] ||
   die_usage "--remote_dir: got '$remote_dir'; expected a relative path of letters, digits, '._/-'"
-# require_int OPTION VALUE MIN MAX: VALUE must be an integer in [MIN, MAX] when it is set.
-require_int() {
-  [[ -z "$2" ]] && return 0
-  if [[ ! "$2" =~ ^[0-9]+$ ]] || (($2 < $3 || $2 > $4)); then
-    die_usage "$1: got '$2'; expected an integer in [$3, $4]"
-  fi
-}
 require_int --coordinator_port "$coordinator_port" 1 65535
 require_int --init_timeout "$init_timeout" 1 86400
 require_int --num_workers "$num_workers" 1 4096

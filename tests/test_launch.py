@@ -53,7 +53,10 @@ def test_bash_syntax(script):
 def test_shellcheck(script):
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (apt-get install -y shellcheck)")
-    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    # -x follows the `source`d launch/_common.sh (paths relative to the repository root).
+    result = subprocess.run(
+        ["shellcheck", "-x", str(script)], capture_output=True, text=True, cwd=REPO
+    )
     assert result.returncode == 0, result.stdout
 
 
