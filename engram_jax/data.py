@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 from collections.abc import Callable, Sequence
 
 import grain
@@ -310,9 +311,15 @@ def load_or_train_tokenizer(
     tokenizer = train_bpe_tokenizer(documents, vocab_size)
     os.makedirs(os.path.dirname(cache_path), exist_ok=True)
     # Write then rename: processes training the same tokenizer never see a half-written file.
-    tmp_path = f"{cache_path}.tmp{os.getpid()}"
-    tokenizer.save(tmp_path)
-    os.replace(tmp_path, cache_path)
+    # A unique temporary name: processes on several hosts can share a PID and a workdir.
+    fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(cache_path), suffix=".tmp")
+    os.close(fd)
+    try:
+        tokenizer.save(tmp_path)
+        os.replace(tmp_path, cache_path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
     logger.info("Saved tokenizer to %s", cache_path)
     return tokenizer
 

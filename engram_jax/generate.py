@@ -164,7 +164,12 @@ class Generator:
 
     def generate(self, prompt: str, sampling: SamplingConfig) -> str:
         """Continues `prompt` by up to `sampling.max_tokens` tokens (stopping at eos)."""
-        prompt_ids = self._encode(prompt).astype(np.int32)[None, :]  # [1, P]
+        prompt_ids = self._encode(prompt).astype(np.int32)  # [P]
+        return self.tokenizer.decode(self.generate_ids(prompt_ids, sampling))
+
+    def generate_ids(self, prompt_ids: np.ndarray, sampling: SamplingConfig) -> list[int]:
+        """The token ids that continue `prompt_ids` (`[P]` raw ids), eos excluded."""
+        prompt_ids = np.asarray(prompt_ids, np.int32)[None, :]  # [1, P]
         if prompt_ids.shape[1] == 0:
             raise ValueError("prompt: got an empty prompt; expected at least one token")
         data_lib.check_token_ids(prompt_ids, self.spec.vocab_size, where="prompt")
@@ -205,7 +210,7 @@ class Generator:
             logits, cache = self._step(
                 self.variables, cache, history[:, -1:], position, self._hash_ids(history, 1)
             )
-        return self.tokenizer.decode(new_tokens)
+        return new_tokens
 
 
 def _zero_hash_ids(model_config: config_lib.ModelConfig, length: int) -> jax.Array | None:

@@ -8,7 +8,9 @@ tables and the data-iterator position as separate items, so a resumed run contin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -381,7 +383,19 @@ def evaluate(
 
 def _checkpoint_metadata(config: ml_collections.ConfigDict, setup: DataSetup) -> dict[str, Any]:
     full = config_lib.to_dict(config)
-    return {"config": full, "model": full["model"], **setup.metadata()}
+    documents = hashlib.sha256()
+    for document in setup.train_documents:
+        documents.update(hashlib.sha256(document.encode("utf-8")).digest())
+    # What decides the order and content of the batches: a saved iterator position means the same
+    # thing only under the same values.
+    data = {
+        "seed": full["seed"],
+        "batch_size": full["batch_size"],
+        "seq_len": full["seq_len"],
+        "process_count": jax.process_count(),
+        "train_documents_sha256": documents.hexdigest(),
+    }
+    return {"config": full, "model": full["model"], "data": data, **setup.metadata()}
 
 
 def checkpoint_items(state: TrainState) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -418,11 +432,24 @@ def _restore_or_init(
 
     dense, memory = checkpoint_items(state)
     dense_shardings, memory_shardings = checkpoint_items(shardings)
+    items = ("state", "memory", "data")
+    current_data = _checkpoint_metadata(config, setup)["data"]
+    if saved.get("data") != current_data:
+        # New data, batch shape, seed or process count: the saved iterator position would mean
+        # other batches, so the model resumes and the data stream starts afresh.
+        logger.warning(
+            "checkpoint step %d: data settings differ (saved %s, now %s); restoring the model "
+            "and starting the data stream from the beginning",
+            step,
+            saved.get("data"),
+            current_data,
+        )
+        items = ("state", "memory")
     restored = store.restore(
         step,
         abstract_state=abstract(dense, dense_shardings),
         abstract_memory=abstract(memory, memory_shardings),
-        items=("state", "memory", "data"),
+        items=items,
     )
     d, m = restored["state"], restored.get("memory") or {"tables": {}, "opt_state": ()}
     logger.info("restored checkpoint step %d from %s", step, store.directory)
@@ -451,11 +478,13 @@ def _save(store, state: TrainState, data_iter, metadata: dict[str, Any]) -> None
 
 def _host_metrics(step: int, device_metrics: dict[str, jax.Array]) -> dict[str, float]:
     metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    if not math.isfinite(metrics["train_loss"]):
-        raise FloatingPointError(
-            f"train_loss is {metrics['train_loss']} at step {step}; stopping before any "
-            "checkpoint of this state is written"
-        )
+    # A finite loss with non-finite gradients still leaves NaN parameters behind it.
+    for key in ("train_loss", "grad_norm", "memory_grad_norm"):
+        if not math.isfinite(metrics[key]):
+            raise FloatingPointError(
+                f"{key} is {metrics[key]} at step {step}; stopping before any checkpoint of "
+                "this state is written"
+            )
     return metrics
 
 
@@ -507,6 +536,12 @@ def train_and_evaluate(
             f"expected a multiple of the {row_shards} table-row shards (mesh fsdp x tensor)"
         )
     setup = build_data(cfg, workdir)
+    if cfg.train.eval_batches and len(setup.eval_documents) < jax.process_count():
+        raise config_lib.ConfigError(
+            f"config.eval_fraction: got {cfg.train.eval_fraction}, which holds out "
+            f"{len(setup.eval_documents)} documents; every one of the {jax.process_count()} "
+            "processes needs at least one (raise eval_fraction or use a larger corpus)"
+        )
     if jax.process_index() == 0:
         # What `engram_jax.generate` loads; the checkpoint's fingerprint guards it.
         setup.tokenizer.save(os.path.join(workdir, TOKENIZER_FILE))
@@ -615,6 +650,15 @@ def _loop(program: _Program, state: TrainState, train_iter) -> dict[str, float]:
         logger.info("step %d: %s", step, eval_metrics)
         last.update(eval_metrics)
 
+    def close_all() -> None:
+        # Every closer runs even if an earlier one raises (waiting for the last checkpoint
+        # first); the first error is re-raised after all have run.
+        with contextlib.ExitStack() as closers:
+            closers.callback(progress.close)
+            closers.callback(writer.close)
+            closers.callback(store.close)
+            closers.callback(store.wait_until_finished)
+
     try:
         while step < t.num_train_steps:
             batch = sharding.global_batch(next(train_iter), mesh)
@@ -642,11 +686,14 @@ def _loop(program: _Program, state: TrainState, train_iter) -> dict[str, float]:
             if program.step_hook is not None:
                 program.step_hook(step, state)
         flush_pending()
-    finally:
-        store.wait_until_finished()
-        store.close()
-        writer.close()
-        progress.close()
+    except BaseException:
+        # The loop's own error is the one to report; a failure while closing is only logged.
+        try:
+            close_all()
+        except Exception:
+            logger.exception("error while closing after a failed training loop")
+        raise
+    close_all()
     return last
 
 
