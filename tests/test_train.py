@@ -399,3 +399,19 @@ def test_two_processes_train_together(corpus, tmp_path):
     assert all(np.isfinite(v) for v in losses.values())
     data_items = os.listdir(os.path.join(workdir, "checkpoints", str(NUM_STEPS), "data"))
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_items)
+
+
+def test_resume_with_new_data_settings_restarts_the_stream(uninterrupted, corpus, tmp_path, caplog):
+    """Changing the batch size (or seed, data, process count) keeps the trained model but not the
+    saved iterator position, which would mean other batches now."""
+    workdir = str(tmp_path / "newdata")
+    subprocess.run(["cp", "-r", uninterrupted[0], workdir], check=True)
+    config = _small_config(corpus)
+    config.num_train_steps = NUM_STEPS + 2
+    config.batch_size = 2
+    with caplog.at_level("WARNING", logger="engram_jax.train"):
+        train_lib.train_and_evaluate(config, workdir)
+    assert "data settings differ" in caplog.text
+    losses = _losses(workdir)
+    assert sorted(losses) == list(range(1, NUM_STEPS + 3))
+    assert losses[NUM_STEPS + 1] < losses[1]  # resumed from the trained parameters
