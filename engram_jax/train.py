@@ -521,6 +521,12 @@ def train_and_evaluate(
             f"config.mesh.axis_types: got {cfg.mesh.axis_types!r}; the training program runs on "
             "'auto' meshes"
         )
+    if "://" in workdir:
+        raise ValueError(
+            f"workdir: got {workdir!r}; expected a filesystem path (metrics, TensorBoard events "
+            "and the tokenizer are written with POSIX file I/O): mount the bucket on every host, "
+            "e.g. with gcsfuse, and pass the mount path"
+        )
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.mesh_from_config(cfg.mesh)
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]

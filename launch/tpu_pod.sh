@@ -23,7 +23,7 @@ readonly METADATA_URL="http://metadata.google.internal/computeMetadata/v1/instan
 
 usage() {
   cat <<EOF
-Usage: $SCRIPT_NAME --tpu=NAME --zone=ZONE --config=configs/NAME.py --workdir=gs://BUCKET/PATH
+Usage: $SCRIPT_NAME --tpu=NAME --zone=ZONE --config=configs/NAME.py --workdir=/SHARED/PATH
                     --repo=GIT_URL [options] [-- TRAINER_OVERRIDES...]
 
 Installs engram_jax on every worker of a Cloud TPU VM and starts
@@ -34,7 +34,9 @@ Required:
   --tpu=NAME               TPU VM (pod slice) name.
   --zone=ZONE              Its zone, e.g. us-central2-b.
   --config=PATH            Config file relative to the repository root (configs/*.py).
-  --workdir=gs://...       Run directory on GCS, shared by every worker.
+  --workdir=/SHARED/PATH   Run directory every worker sees at the same absolute path, e.g. a
+                           bucket mounted with gcsfuse or an NFS/Filestore share (the trainer
+                           uses POSIX file I/O for metrics and the tokenizer).
   --repo=GIT_URL           Repository every worker clones (default: this checkout's origin remote).
 
 Options:
@@ -100,7 +102,7 @@ done
 [[ -n "$tpu" ]] || die_usage "--tpu=NAME is required"
 [[ -n "$zone" ]] || die_usage "--zone=ZONE is required"
 [[ -n "$config" ]] || die_usage "--config=PATH is required (e.g. configs/tiny.py)"
-[[ -n "$workdir" ]] || die_usage "--workdir=gs://BUCKET/PATH is required"
+[[ -n "$workdir" ]] || die_usage "--workdir=/SHARED/PATH is required"
 [[ "$tpu" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
   die_usage "--tpu: got '$tpu'; expected a TPU name (lowercase letters, digits, '-')"
 [[ "$zone" =~ ^[a-z]+-[a-z]+[0-9]+-[a-z]$ ]] ||
@@ -109,8 +111,8 @@ done
   die_usage "--config: got '$config'; expected a .py path relative to the repository root"
 [[ -f "$REPO_ROOT/$config" ]] ||
   die_usage "--config: '$config' does not exist in $REPO_ROOT (the workers check out the same repository)"
-[[ "$workdir" == gs://?* ]] ||
-  die_usage "--workdir: got '$workdir'; expected gs://BUCKET/PATH (every worker must see the same directory)"
+[[ "$workdir" == /?* ]] ||
+  die_usage "--workdir: got '$workdir'; expected an absolute path mounted on every worker (e.g. gcsfuse)"
 [[ "$remote_dir" =~ ^[A-Za-z0-9._/-]+$ && "$remote_dir" != /* ]] ||
   die_usage "--remote_dir: got '$remote_dir'; expected a relative path of letters, digits, '._/-'"
 require_int --coordinator_port "$coordinator_port" 1 65535

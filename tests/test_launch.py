@@ -21,7 +21,7 @@ _POD_ARGS = [
     "--tpu=my-pod",
     "--zone=us-central2-b",
     "--config=configs/tiny.py",
-    "--workdir=gs://bucket/run1",
+    "--workdir=/mnt/gcs/run1",
     "--repo=https://github.com/owner/engram_jax",
 ]
 
@@ -106,7 +106,7 @@ def test_tpu_pod_dry_run_targets_all_workers():
         "engram_jax.train",
         "--distributed",
         "--config=configs/tiny.py",
-        "--workdir=gs://bucket/run1",
+        "--workdir=/mnt/gcs/run1",
         "--config.mesh.coordinator_address=WORKER0_IP:8476",
         "--config.mesh.initialization_timeout=1200",
         "--config.num_train_steps=1000",
@@ -139,7 +139,7 @@ def test_tpu_pod_dry_run_options():
         ({"--zone": None}, "--zone=ZONE is required"),
         ({"--zone": "central"}, "--zone: got 'central'"),
         ({"--config": "configs/missing.py"}, "does not exist"),
-        ({"--workdir": "/tmp/run"}, "expected gs://BUCKET/PATH"),
+        ({"--workdir": "gs://bucket/run"}, "expected an absolute path mounted on every worker"),
         ({"--coordinator_port": "99999"}, "--coordinator_port: got '99999'"),
         ({"--init_timeout": "soon"}, "--init_timeout: got 'soon'"),
         ({"--bogus": "1"}, "unknown argument '--bogus=1'"),

@@ -312,6 +312,9 @@ def test_bad_inputs_have_clear_errors(corpus, tmp_path):
     with pytest.raises(ValueError, match="tokenizer.json"):
         train_lib.train_and_evaluate(config, str(tmp_path / "w3"))
 
+    with pytest.raises(ValueError, match="workdir: got 'gs://bucket/run'"):
+        train_lib.train_and_evaluate(_small_config(corpus), "gs://bucket/run")
+
     config = _small_config(corpus)
     config.mesh.axis_types = "explicit"
     with pytest.raises(config_lib.ConfigError, match="axis_types: got 'explicit'"):
