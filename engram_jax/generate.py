@@ -21,9 +21,9 @@ from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import config as config_lib
 from engram_jax import data as data_lib
 from engram_jax import optim
+from engram_jax import train as train_lib
 from engram_jax.hashing import tokenizer_fingerprint
 from engram_jax.model import MOE_BIAS, Transformer
-from engram_jax.train import TOKENIZER_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +80,6 @@ class Generator:
     """A trained model loaded from a workdir, ready to continue prompts."""
 
     def __init__(self, workdir: str, step: int | None = None):
-        from engram_jax import train as train_lib
-
         store = checkpoint_lib.CheckpointStore(
             os.path.join(workdir, "checkpoints"), create=False, cleanup_partial=False
         )
@@ -89,7 +87,7 @@ class Generator:
         self.config = ml_collections.ConfigDict(metadata["config"])
         cfg = config_lib.validate(self.config)
         self.model_config = cfg.model
-        path = os.path.join(workdir, TOKENIZER_FILE)
+        path = os.path.join(workdir, train_lib.TOKENIZER_FILE)
         self.tokenizer = data_lib.load_tokenizer(path)
         self._encode = data_lib.make_encoder(self.tokenizer)
         digest = tokenizer_fingerprint(self.tokenizer)
@@ -99,26 +97,12 @@ class Generator:
                 f"{metadata['tokenizer_fingerprint'][:12]}...; the checkpoint was trained with "
                 "another tokenizer"
             )
-        self.spec = data_lib.make_data_spec(
-            self.tokenizer, pad_id=cfg.model.pad_id, vocab_size=cfg.model.vocab_size
-        )
-        self.engram = None
-        e = cfg.model.engram
-        if e.enabled:
-            self.engram = data_lib.make_engram_hash_spec(
-                self.tokenizer,
-                self.spec,
-                vocab_bases=e.table_rows_per_head,
-                max_ngram=e.max_ngram,
-                heads_per_ngram=e.heads_per_ngram,
-                layer_ids=e.layer_ids,
-                seed=e.hash_seed,
+        self.spec, self.engram = train_lib.token_specs(cfg, self.tokenizer)
+        if self.engram is not None and self.engram.hasher.fingerprint() != metadata["hasher"]:
+            raise checkpoint_lib.CheckpointMismatchError(
+                "Engram hasher fingerprint differs from the checkpoint's: the hash layout "
+                "(seed, orders, heads, layers, primes, compressed vocabulary) changed"
             )
-            if self.engram.hasher.fingerprint() != metadata["hasher"]:
-                raise checkpoint_lib.CheckpointMismatchError(
-                    "Engram hasher fingerprint differs from the checkpoint's: the hash layout "
-                    "(seed, orders, heads, layers, primes, compressed vocabulary) changed"
-                )
 
         model = Transformer(cfg.model)
         txs = train_lib.make_optimizers(cfg)[:2]

@@ -86,33 +86,40 @@ class DataSetup:
 # ------------------------------------------------------------------------------------------------
 
 
+def token_specs(
+    cfg: config_lib.Config, tokenizer: Any, cache_dir: str | None = None
+) -> tuple[data_lib.DataSpec, data_lib.EngramHashSpec | None]:
+    """The token ids' spec (pad, eos, byte lengths) and, with Engram on, the compressor and hasher
+    the config describes (`cache_dir` caches the compressed-token table)."""
+    spec = data_lib.make_data_spec(
+        tokenizer, pad_id=cfg.model.pad_id, vocab_size=cfg.model.vocab_size
+    )
+    e = cfg.model.engram
+    if not e.enabled:
+        return spec, None
+    engram = data_lib.make_engram_hash_spec(
+        tokenizer,
+        spec,
+        vocab_bases=e.table_rows_per_head,
+        max_ngram=e.max_ngram,
+        heads_per_ngram=e.heads_per_ngram,
+        layer_ids=e.layer_ids,
+        seed=e.hash_seed,
+        cache_dir=cache_dir,
+    )
+    return spec, engram
+
+
 def build_data(cfg: config_lib.Config, workdir: str) -> DataSetup:
     """Loads the corpus, the tokenizer (trained and cached in the workdir when none is given) and
     the Engram hashing of the configured layers."""
     documents = data_lib.load_documents(cfg.train.data_path)
     train_docs, eval_docs = data_lib.split_documents(documents, cfg.train.eval_fraction)
+    cache_dir = os.path.join(workdir, "tokenizer")
     tokenizer = data_lib.load_or_train_tokenizer(
-        cfg.train.tokenizer_path,
-        train_docs,
-        cfg.model.vocab_size,
-        cache_dir=os.path.join(workdir, "tokenizer"),
+        cfg.train.tokenizer_path, train_docs, cfg.model.vocab_size, cache_dir=cache_dir
     )
-    spec = data_lib.make_data_spec(
-        tokenizer, pad_id=cfg.model.pad_id, vocab_size=cfg.model.vocab_size
-    )
-    engram = None
-    e = cfg.model.engram
-    if e.enabled:
-        engram = data_lib.make_engram_hash_spec(
-            tokenizer,
-            spec,
-            vocab_bases=e.table_rows_per_head,
-            max_ngram=e.max_ngram,
-            heads_per_ngram=e.heads_per_ngram,
-            layer_ids=e.layer_ids,
-            seed=e.hash_seed,
-            cache_dir=os.path.join(workdir, "tokenizer"),
-        )
+    spec, engram = token_specs(cfg, tokenizer, cache_dir=cache_dir)
     return DataSetup(tokenizer, spec, engram, train_docs, eval_docs)
 
 
