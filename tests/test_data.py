@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import string
 
 import numpy as np
 import pyarrow as pa
@@ -198,6 +199,11 @@ def test_bundled_corpus():
     assert len(docs) >= 700
     assert sum(len(d.encode("utf-8")) for d in docs) > 1_000_000
     assert docs[0].startswith("2 The Python Tutorial")
+    # An earlier slice had lost every f, x, 0, 7 and 8 ("Python Sotware Foundation").
+    text = "".join(docs)
+    missing = sorted(set(string.ascii_letters + string.digits) - set(text))
+    assert missing == [], f"the bundled corpus lacks {missing}"
+    assert "for x in" in text and "f-string" in text
 
 
 def test_split_documents():
