@@ -317,7 +317,7 @@ def _cli() -> None:  # pragma: no cover - exercised through a subprocess test
     from engram_jax.config import validate
 
     config_flag = config_flags.DEFINE_config_file(
-        "config", None, "Config file (configs/<name>.py).", lock_config=True
+        "config", None, "Config file, or the name of a shipped config (tiny).", lock_config=True
     )
     json_flag = flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
     flags.mark_flag_as_required("config")
@@ -330,7 +330,11 @@ def _cli() -> None:  # pragma: no cover - exercised through a subprocess test
         text = json.dumps(to_json_dict(acc), indent=2) if json_flag.value else None
         print(text or format_accounting(acc))
 
-    app.run(main)
+    import sys
+
+    from engram_jax.configs import resolve_argv
+
+    app.run(main, argv=resolve_argv(sys.argv))  # --config=tiny: a shipped config by name
 
 
 if __name__ == "__main__":  # pragma: no cover

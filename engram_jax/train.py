@@ -751,7 +751,11 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
     from absl import app
 
+    from engram_jax.configs import resolve_argv
+
     _define_flags()
-    app.run(main)
+    app.run(main, argv=resolve_argv(sys.argv))  # --config=tiny: a shipped config by name

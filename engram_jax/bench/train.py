@@ -13,9 +13,10 @@ the ratio to residual-without-Engram of the same config. The fastest timed step 
 too: on a machine shared with other jobs it is the less load-sensitive estimate of the uncontended
 rate. `load` is the 1-minute load average when the variant finished.
 
-(a) `configs/tiny.py` on the bundled corpus; (b) `configs/small_cpu.py` on `--corpus` (default:
-`../shared/corpora/python-3.11-docs.txt.gz` beside the repository, when present), of which only
-the first `--corpus_mb` MB of text (cut at a document boundary) is written to the temp dir and used.
+(a) `configs/tiny.py` on the bundled corpus; (b) `configs/small_cpu.py` on `--corpus` (a .txt or
+.txt.gz corpus such as the full Python 3.11 documentation; default: the bundled corpus), of which
+only the first `--corpus_mb` MB of text (cut at a document boundary) is written to the temp dir and
+used.
 One BPE tokenizer is trained per (corpus, vocab size) and shared by all variants of that config
 (`config.tokenizer_path`), and the workdirs share one tokenizer cache directory, so the Engram
 compressed-token table is also built once.
@@ -49,9 +50,8 @@ from engram_jax import data as data_lib
 from engram_jax import metrics as metrics_lib
 from engram_jax import train as train_lib
 from engram_jax.bench._timing import machine_description, print_table
+from engram_jax.configs import CONFIG_DIR
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-DEFAULT_CORPUS = REPO_ROOT.parent / "shared" / "corpora" / "python-3.11-docs.txt.gz"
 VARIANTS = (
     ("residual", False),
     ("residual", True),
@@ -218,12 +218,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--configs", default="tiny,small_cpu", help="comma-separated config names in --configs_dir"
     )
-    parser.add_argument("--configs_dir", default=str(REPO_ROOT / "configs"))
+    parser.add_argument("--configs_dir", default=str(CONFIG_DIR))
     parser.add_argument(
-        "--corpus",
-        default=str(DEFAULT_CORPUS) if DEFAULT_CORPUS.is_file() else "",
-        help="corpus of every config but tiny ('' = the bundled corpus); default: "
-        f"{DEFAULT_CORPUS} when it exists",
+        "--corpus", default="", help="corpus of every config but tiny ('' = the bundled corpus)"
     )
     parser.add_argument(
         "--corpus_mb",
