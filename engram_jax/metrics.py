@@ -251,21 +251,33 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """Progress of the training loop: a tqdm bar with ETA on a terminal, log lines otherwise.
+    """Progress of the training loop: one tqdm bar on a terminal, one short log line per log step
+    otherwise.
 
-    On a TTY (or `use_tqdm=True`) a tqdm bar shows step/total, rate and ETA with the latest metrics
-    as postfix. Otherwise (logs redirected to a file, a cluster job) one `logging` INFO line every
-    `log_every` steps and at the last step:
-    `step 200/1000 (20.0%) | loss 3.1234 | tokens/s 12,345 | elapsed 0:01:02 | ETA 0:04:08`.
-    The rate (and so ETA and tokens/s) is measured from the first `update`, which keeps the first
-    step's compilation out of it.
+    Both modes show the same few fields, in this order: the training loss, tokens per second and
+    the learning rate (`loss 3.142 | tok/s 12.3k | lr 3.00e-04`); everything else goes only to
+    `metrics.jsonl` and TensorBoard.
+
+    * On a TTY (or `use_tqdm=True`) a tqdm bar shows step/total, elapsed time and ETA with those
+      fields as a fixed postfix. While the bar is open, log records of the console handlers
+      (the root logger's stream handlers and absl's) are written through `tqdm.write`, so they
+      appear above the bar instead of breaking it.
+    * Otherwise (logs redirected to a file, a cluster job) one `logging` INFO line every
+      `log_every` steps and at the last step:
+      `step 200/1000 | loss 3.123 | tok/s 12.3k | lr 3.00e-04 | elapsed 0:01:02 | ETA 0:04:08`.
+      The rate behind ETA is measured from the first `update`, which keeps the first step's
+      compilation out of it.
+
+    `log_eval` writes an evaluation as one line of named values with 4 significant digits in both
+    modes.
 
     Args:
       total_steps: last step of the run.
       enabled: None means "only on process 0".
       initial_step: step the run starts (or resumes) from.
       log_every: steps between log lines (non-TTY mode).
-      tokens_per_step: global tokens per step, for tokens/s; None omits it.
+      tokens_per_step: global tokens per step, for tokens/s when the metrics carry no
+        `tokens_per_second`; None omits it.
       stream: where tqdm writes and whose `isatty()` picks the mode (default stderr).
       use_tqdm: force the mode; None picks tqdm when `stream` is a TTY.
     """
@@ -293,7 +305,9 @@ class Progress:
         self._tokens_per_step = tokens_per_step
         self._step = int(initial_step)
         self._first: tuple[float, int] | None = None  # (time, step) of the first update
+        self._fields: dict[str, float] = {}  # latest value of each shown field
         self._bar = None
+        self._redirected: list[tuple[logging.StreamHandler, Any]] = []
         stream = sys.stderr if stream is None else stream
         if use_tqdm is None:
             use_tqdm = bool(getattr(stream, "isatty", lambda: False)())
@@ -301,44 +315,124 @@ class Progress:
             import tqdm
 
             self._bar = tqdm.tqdm(
-                total=self._total, initial=self._step, file=stream, unit="step", dynamic_ncols=True
+                total=self._total,
+                initial=self._step,
+                file=stream,
+                unit="step",
+                dynamic_ncols=True,
+                # No rate: tok/s in the postfix says it better, and the bar keeps its width.
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
             )
+            self._redirect_console_logging(stream)
 
     def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
-        """Reports that `step` is done, with optional scalar metrics (e.g. loss)."""
+        """Reports that `step` is done, with its metrics (`train_loss`, `tokens_per_second`,
+        `learning_rate` are shown; others are ignored)."""
         if not self._enabled:
             return
         step = int(step)
         now = time.monotonic()
         if self._first is None:
             self._first = (now, step)
-        shown = {k: _to_float(v) for k, v in _flatten_metrics(metrics or {}).items()}
+        self._update_fields(step, now, metrics or {})
         if self._bar is not None:
             self._bar.update(step - self._step)
-            if shown:
-                self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+            if self._fields:
+                self._bar.set_postfix_str(self._postfix(", "), refresh=False)
         elif step % self._log_every == 0 or step == self._total:
-            logger.info("%s", self._line(step, now, shown))
+            logger.info("%s", self._line(step, now))
         self._step = step
 
-    def _line(self, step: int, now: float, shown: Mapping[str, float]) -> str:
+    def log_eval(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """One line of an evaluation's named values, 4 significant digits:
+        `eval step 100 | loss 3.142 | perplexity 23.15 | bits_per_byte 1.234 | ...`."""
+        if not self._enabled:
+            return
+        parts = [f"eval step {int(step)}"]
+        for key, value in _flatten_metrics(metrics).items():
+            name = key.removeprefix("eval_")
+            parts.append(f"{name} {_to_float(value):.4g}")
+        logger.info("%s", " | ".join(parts))
+
+    def _update_fields(self, step: int, now: float, metrics: Mapping[str, Any]) -> None:
+        """Keeps the latest loss, tokens/s and learning rate."""
+        for key, name in (("train_loss", "loss"), ("loss", "loss"), ("learning_rate", "lr")):
+            if key in metrics:
+                self._fields[name] = _to_float(metrics[key])
+        if "tokens_per_second" in metrics:
+            self._fields["tok/s"] = _to_float(metrics["tokens_per_second"])
+        elif self._tokens_per_step:
+            t0, s0 = self._first
+            if step > s0 and now > t0:
+                self._fields["tok/s"] = (step - s0) / (now - t0) * self._tokens_per_step
+
+    def _postfix(self, separator: str) -> str:
+        """`loss 3.142 | tok/s 12.3k | lr 3.00e-04`: fixed order, fixed formats."""
+        formats = {"loss": "{:.4f}", "tok/s": None, "lr": "{:.2e}"}
+        parts = []
+        for name, fmt in formats.items():
+            if name in self._fields:
+                value = self._fields[name]
+                parts.append(f"{name} {_si(value) if fmt is None else fmt.format(value)}")
+        return separator.join(parts)
+
+    def _line(self, step: int, now: float) -> str:
         """One plain progress line."""
-        parts = [f"step {step}/{self._total} ({100.0 * step / max(self._total, 1):.1f}%)"]
-        parts += [f"{k} {v:.4f}" for k, v in shown.items()]
+        parts = [f"step {step}/{self._total}"]
+        if self._fields:
+            parts.append(self._postfix(" | "))
         t0, s0 = self._first
         rate = (step - s0) / (now - t0) if step > s0 and now > t0 else None
-        if rate is not None and self._tokens_per_step:
-            parts.append(f"tokens/s {rate * self._tokens_per_step:,.0f}")
         parts.append(f"elapsed {_duration(now - t0)}")
         if rate is not None:
             parts.append(f"ETA {_duration((self._total - step) / rate)}")
         return " | ".join(parts)
 
+    def _redirect_console_logging(self, stream: IO[str]) -> None:
+        """Routes the console log handlers through `tqdm.write` while the bar is open."""
+        consoles = {id(sys.stderr), id(sys.stdout), id(stream)}
+        handlers = []
+        for handler in logging.getLogger().handlers:
+            # absl's handler writes through an inner StreamHandler.
+            handlers.append(getattr(handler, "python_handler", handler))
+        for handler in handlers:
+            if isinstance(handler, logging.StreamHandler) and id(handler.stream) in consoles:
+                original = handler.setStream(_TqdmStream(handler.stream))
+                self._redirected.append((handler, original))
+
     def close(self) -> None:
-        """Closes the bar (no-op in log mode)."""
+        """Closes the bar and restores the log handlers (no-op in log mode)."""
+        for handler, original in reversed(self._redirected):
+            handler.setStream(original)
+        self._redirected = []
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class _TqdmStream:
+    """A text stream whose lines go through `tqdm.write` (above any open bar)."""
+
+    def __init__(self, stream: IO[str]):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        import tqdm
+
+        if text.strip():
+            tqdm.tqdm.write(text.rstrip("\n"), file=self._stream)
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+def _si(value: float) -> str:
+    """12345 -> "12.3k": three significant digits with an SI suffix."""
+    for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= threshold:
+            return f"{value / threshold:.3g}{suffix}"
+    return f"{value:.3g}"
 
 
 def _duration(seconds: float) -> str:

@@ -30,6 +30,7 @@ from engram_jax import config as config_lib
 from engram_jax import data as data_lib
 from engram_jax import metrics as metrics_lib
 from engram_jax import optim, sharding
+from engram_jax import plot as plot_lib
 from engram_jax.accounting import account, format_accounting
 from engram_jax.hashing import tokenizer_fingerprint
 from engram_jax.mhc import amax_gain, mixing_stats
@@ -630,6 +631,7 @@ def _loop(program: _Program, state: TrainState, train_iter) -> dict[str, float]:
     progress = metrics_lib.Progress(
         t.num_train_steps, initial_step=step, log_every=t.log_every, tokens_per_step=tokens_per_step
     )
+    plots = plot_lib.PlotRefresher(program.workdir, enabled=writer.enabled)
     pending: tuple[int, dict[str, jax.Array]] | None = None
     last: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
@@ -660,14 +662,17 @@ def _loop(program: _Program, state: TrainState, train_iter) -> dict[str, float]:
             diagnostics = jax.device_get(program.diagnostics(state, batches[0]))
             eval_metrics.update({k: float(v) for k, v in diagnostics.items()})
         writer.write(step, eval_metrics)
-        logger.info("step %d: %s", step, eval_metrics)
+        progress.log_eval(step, eval_metrics)
         last.update(eval_metrics)
+        writer.flush()  # the plots read metrics.jsonl
+        plots.refresh()
 
     def close_all() -> None:
         # Every closer runs even if an earlier one raises (waiting for the last checkpoint
         # first); the first error is re-raised after all have run.
         with contextlib.ExitStack() as closers:
             closers.callback(progress.close)
+            closers.callback(plots.close)  # runs after writer.close (LIFO): every row is on disk
             closers.callback(writer.close)
             closers.callback(store.close)
             closers.callback(store.wait_until_finished)
@@ -736,7 +741,7 @@ def _define_flags() -> None:
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file(
-        "config", None, "Config file (configs/<name>.py).", lock_config=True
+        "config", None, "Config file, or the name of a shipped config (tiny).", lock_config=True
     )
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
     flags.DEFINE_bool(

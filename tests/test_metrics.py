@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 import struct
 
 import jax.numpy as jnp
@@ -117,6 +118,24 @@ def test_writer_thread_error_is_reraised(tmp_path):
     writer.close()  # raised once
 
 
+_PROGRESS_LINE = re.compile(
+    r"^step (\d+)/100 \| loss (\d\.\d{4}) \| tok/s ([\d.]+k?) \| lr (\d\.\d\de-\d\d) "
+    r"\| elapsed \d+:\d\d:\d\d \| ETA \d+:\d\d:\d\d$"
+)
+
+
+def _step_metrics(step: int) -> dict[str, float]:
+    # As train.py reports them: many metrics, of which the line shows three.
+    return {
+        "train_loss": 1.0 / step,
+        "learning_rate": 3e-4,
+        "grad_norm": 0.5,
+        "engram_gate_mean/layer_0": 0.5,
+        "tokens_per_second": 12345.0,
+        "mfu": 0.1,
+    }
+
+
 def test_progress_log_lines_without_tty(caplog):
     stream = io.StringIO()  # not a TTY: log mode
     progress = Progress(
@@ -124,20 +143,53 @@ def test_progress_log_lines_without_tty(caplog):
     )
     with caplog.at_level(logging.INFO, logger=metrics_lib.__name__):
         for step in range(11, 101):
-            progress.update(step, {"loss": 1.0 / step})
+            progress.update(step, _step_metrics(step))
+        progress.log_eval(
+            100, {"eval_loss": 3.14159, "eval_perplexity": 23.1406, "eval_bits_per_byte": 1.23456}
+        )
         progress.close()
     lines = [r.getMessage() for r in caplog.records if r.name == metrics_lib.__name__]
-    assert [line.split(" ")[1] for line in lines] == [
-        "20/100",
-        "40/100",
-        "60/100",
-        "80/100",
-        "100/100",
-    ]
-    assert lines[0].startswith("step 20/100 (20.0%) | loss 0.0500")
-    for part in ("elapsed", "ETA", "tokens/s"):
-        assert part in lines[-1]
+    *step_lines, eval_line = lines
+    matches = [_PROGRESS_LINE.match(line) for line in step_lines]
+    assert all(matches), step_lines
+    assert [int(m.group(1)) for m in matches] == [20, 40, 60, 80, 100]
+    assert matches[0].group(2) == "0.0500"
+    assert matches[0].group(3) == "12.3k"  # the metrics' tokens_per_second, nothing else
+    assert matches[0].group(4) == "3.00e-04"
+    assert eval_line == "eval step 100 | loss 3.142 | perplexity 23.14 | bits_per_byte 1.235"
     assert stream.getvalue() == ""
+
+
+class _FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_with_log_records_above_it():
+    stream = _FakeTerminal()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        progress = Progress(50, enabled=True, tokens_per_step=512, stream=stream)
+        for step in range(1, 51):
+            progress.update(step, _step_metrics(step))
+            if step == 25:
+                logging.getLogger("engram_jax.some_module").warning("a log record")
+                assert handler.stream is not stream  # routed through tqdm.write while open
+        progress.close()
+        assert handler.stream is stream
+    finally:
+        root.removeHandler(handler)
+    output = stream.getvalue()
+    # tqdm redraws with carriage returns; a record must be a line of its own, never mid-bar.
+    pieces = re.split(r"[\r\n]", output)
+    assert "a log record" in pieces
+    final = [p for p in pieces if "50/50" in p][-1]
+    assert final.endswith("loss 0.0200, tok/s 12.3k, lr 3.00e-04]"), final
+    assert "grad_norm" not in output and "mfu" not in output
+    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", final), final  # elapsed<ETA from the bar
 
 
 def test_progress_tqdm_and_disabled():

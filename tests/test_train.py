@@ -418,3 +418,17 @@ def test_resume_with_new_data_settings_restarts_the_stream(uninterrupted, corpus
     losses = _losses(workdir)
     assert sorted(losses) == list(range(1, NUM_STEPS + 3))
     assert losses[NUM_STEPS + 1] < losses[1]  # resumed from the trained parameters
+
+
+def test_plots_in_the_workdir_are_valid_pngs(uninterrupted):
+    import matplotlib.image
+
+    workdir, _ = uninterrupted
+    plots = os.path.join(workdir, "plots")
+    names = {"loss.png", "engram_gate.png", "hc_amax_gain.png", "moe_load.png"}
+    assert set(os.listdir(plots)) == names  # no leftover temporary file either
+    for name in names:
+        with open(os.path.join(plots, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+        image = matplotlib.image.imread(os.path.join(plots, name))
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, name
