@@ -2,7 +2,9 @@
 
 The kernel is this interpreter: a kernel spec written into a temporary directory starts
 `sys.executable -m ipykernel_launcher`, so no installed or user-level Jupyter kernel is needed and
-nothing is fetched. The notebook runs from `colab/`, which also checks that it finds `configs/`.
+nothing is fetched. The notebook runs from `colab/`: its install cell finds the checkout one level
+up, sees that the importable engram_jax comes from it and installs nothing (the test checks the
+commands it would run); the training run draws the workdir's plots, which the notebook shows.
 """
 
 from __future__ import annotations
@@ -67,6 +69,19 @@ def test_notebook_runs_and_plots(tmp_path):
         metadata={"tags": ["injected-parameters"]},
     )
     nb.cells.insert(_parameters_cell_index(nb) + 1, overrides)
+    # Right after the install cell: the local-checkout path it took, and the commands it would run.
+    install_index = next(i for i, c in enumerate(nb.cells) if "def install_commands" in c.source)
+    install_check = nbformat.v4.new_code_cell(
+        f"assert find_checkout() == Path({str(REPO)!r}), find_checkout()\n"
+        f"assert source == {str(REPO)!r} and installed_from(source)\n"
+        f"pip = [sys.executable, '-m', 'pip', 'install', '-q']\n"
+        f"assert install_commands(source, True) == [[*pip, '--no-deps', source]]\n"
+        f"assert install_commands(source, False) == [[*pip, source]]\n"
+        "assert 'jax' not in ' '.join(missing_requirements())\n"
+        "assert any(pin.startswith('jax==') for pin in pinned_jax())\n",
+        metadata={"tags": ["injected-check"]},
+    )
+    nb.cells.insert(install_index + 1, install_check)
 
     client = NotebookClient(
         nb,
@@ -84,7 +99,10 @@ def test_notebook_runs_and_plots(tmp_path):
         for output in cell.outputs
         if "image/png" in output.get("data", {})
     ]
-    assert len(images) == 2, f"expected the loss curve and the gate heatmap, got {len(images)}"
+    # loss, engram_gate, hc_amax_gain and moe_load from <workdir>/plots/, then the gate heatmap.
+    assert len(images) == 5, (
+        f"expected the four workdir plots and the gate heatmap, got {len(images)}"
+    )
     text = "".join(
         output.get("text", "")
         for cell in nb.cells
@@ -92,9 +110,11 @@ def test_notebook_runs_and_plots(tmp_path):
         for output in cell.outputs
         if output.output_type == "stream"
     )
+    assert f"already installed from {REPO}" in text
     assert "greedy:" in text and "top-p" in text
     assert "mean gate per layer" in text
     assert (workdir / "metrics.jsonl").is_file()
+    assert len(list((workdir / "plots").glob("*.png"))) == 4
     assert not any(
         output.output_type == "error"
         for cell in nb.cells
