@@ -131,20 +131,20 @@ def _plot_hc(runs: dict[str, list[dict]], out_dir: str) -> str | None:
         return None
     figure, (ax,) = _new_figure()
     many = len(runs) > 1
+    drawn: list[float] = []
     for index, (run, rows) in enumerate(runs.items()):
-        for key, style, what in keys:
+        for which, (key, style, what) in enumerate(keys):
             steps, values = _series(rows, key)
             if steps:
+                # One color per run for several runs; forward/backward colors for one run.
+                color = f"C{index}" if many else f"C{which}"
                 ax.plot(
-                    steps,
-                    values,
-                    style,
-                    marker="o",
-                    color=f"C{index}",
-                    label=_label(run, many, what),
+                    steps, values, style, marker="o", color=color, label=_label(run, many, what)
                 )
+                drawn += values
     ax.axhline(1.0, color="gray", linewidth=0.8)
-    ax.set_yscale("log")
+    if drawn and max(drawn) / max(min(drawn), 1e-30) > 10:
+        ax.set_yscale("log")  # an unconstrained HC gain can grow by orders of magnitude
     ax.set_xlabel("step")
     ax.set_ylabel("composite Amax gain")
     ax.set_title("Residual mixing, bottom to top (1 = no amplification)")
