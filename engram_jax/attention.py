@@ -1,8 +1,8 @@
 """Causal self-attention: RoPE, grouped-query attention, DeepSeek MLA, KV cache.
 
-Shape suffixes follow STYLE.md §4, plus L = a low-rank latent width (MLA). In MLA names, H is the
-per-head width of whichever part the name says (`q_nope_BTNH` has qk_nope_head_dim, `v_BSNH` has
-v_head_dim).
+Shape suffixes follow the notation of docs/design.md, plus L = a low-rank latent width (MLA). In
+MLA names, H is the per-head width of whichever part the name says (`q_nope_BTNH` has
+qk_nope_head_dim, `v_BSNH` has v_head_dim).
 
 Decode protocol (both modules, flax lm1b style, variables in the `cache` collection):
 

@@ -134,7 +134,7 @@ def signed_sqrt(x: jax.Array, clamp: float = 1e-6) -> jax.Array:
     """`sign(x) * sqrt(max(|x|, clamp))` with the three-way sign (ALGORITHMS.md §1.5, demo).
 
     `sign(0) = 0`, so a zero score maps to exactly 0 (gate exactly 0.5) and the gradient there is 0,
-    not the `1/(2 sqrt(clamp))` spike a two-way sign gives (USER_NEEDS §1, the gate's tie at
+    not the `1/(2 sqrt(clamp))` spike a two-way sign gives (the gate's tie at
     zero).
     """
     return jnp.sign(x) * jnp.sqrt(jnp.maximum(jnp.abs(x), clamp))

@@ -1,0 +1,53 @@
+"""Project files cite only what the repository holds: no design document, style guide or corpus
+outside it, and every `docs/design.md §X.Y` they cite is a section of that document."""
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DESIGN = REPO / "docs" / "design.md"
+# Names of files that exist only outside the repository (assembled so this file does not match).
+OUTSIDE = (
+    "ALGORITHMS" + ".md",
+    "STYLE" + ".md",
+    "USER_" + "NEEDS",
+    "../" + "shared",
+    "/work/" + "shared",
+)
+
+
+def _project_files() -> list[Path]:
+    files = [REPO / "README.md", REPO / "pyproject.toml", DESIGN]
+    for folder, pattern in (
+        ("engram_jax", "*.py"),
+        ("engram_jax", "*.md"),
+        ("tests", "*.py"),
+        ("launch", "*.sh"),
+        ("colab", "*.ipynb"),
+        ("docs", "*.md"),
+    ):
+        files += sorted((REPO / folder).rglob(pattern))
+    return sorted(set(files))
+
+
+def test_no_file_cites_a_file_outside_the_repository():
+    offending = []
+    for path in _project_files():
+        text = path.read_text(encoding="utf-8")
+        for name in OUTSIDE:
+            for match in re.finditer(re.escape(name), text):
+                line = text.count("\n", 0, match.start()) + 1
+                offending.append(f"{path.relative_to(REPO)}:{line}: {name}")
+    assert not offending, "citations of files outside the repository:\n" + "\n".join(offending)
+
+
+def test_cited_design_sections_exist():
+    headings = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", DESIGN.read_text("utf-8"), re.M))
+    assert {"1.3", "1.5", "2.3", "2.6", "9", "10", "12"} <= headings
+    missing = []
+    for path in _project_files():
+        text = path.read_text(encoding="utf-8")
+        for match in re.finditer(r"docs/design\.md,? §(\d+(?:\.\d+)?)", text):
+            if match.group(1) not in headings:
+                missing.append(f"{path.relative_to(REPO)}: §{match.group(1)}")
+    assert not missing, "citations of sections docs/design.md does not have:\n" + "\n".join(missing)
