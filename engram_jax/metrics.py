@@ -5,6 +5,7 @@ progress display (tqdm on a terminal, periodic log lines otherwise).
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import logging
 import math
@@ -250,6 +251,16 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+# (metric key, shown name) of the evaluation line, in order.
+_EVAL_FIELDS = (
+    ("eval_loss", "loss"),
+    ("eval_perplexity", "perplexity"),
+    ("eval_bits_per_byte", "bits/byte"),
+    ("hc_composite_forward_gain", "amax fwd"),
+    ("hc_composite_backward_gain", "amax bwd"),
+)
+
+
 class Progress:
     """Progress of the training loop: one tqdm bar on a terminal, one short log line per log step
     otherwise.
@@ -268,8 +279,8 @@ class Progress:
       The rate behind ETA is measured from the first `update`, which keeps the first step's
       compilation out of it.
 
-    `log_eval` writes an evaluation as one line of named values with 4 significant digits in both
-    modes.
+    `log_eval` writes an evaluation as one line of its main values, named, with 4 significant
+    digits, in both modes.
 
     Args:
       total_steps: last step of the run.
@@ -314,12 +325,17 @@ class Progress:
         if self._enabled and use_tqdm:
             import tqdm
 
+            # A pseudo-terminal without a size (some job runners) reports 0 columns, in which
+            # tqdm draws nothing: use a fixed size there.
+            sized = _terminal_columns(stream) > 0
             self._bar = tqdm.tqdm(
                 total=self._total,
                 initial=self._step,
                 file=stream,
                 unit="step",
-                dynamic_ncols=True,
+                dynamic_ncols=sized,
+                ncols=None if sized else 100,
+                nrows=None if sized else 20,
                 # No rate: tok/s in the postfix says it better, and the bar keeps its width.
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
             )
@@ -344,14 +360,15 @@ class Progress:
         self._step = step
 
     def log_eval(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """One line of an evaluation's named values, 4 significant digits:
-        `eval step 100 | loss 3.142 | perplexity 23.15 | bits_per_byte 1.234 | ...`."""
+        """One line of an evaluation's main values, named, 4 significant digits, e.g.
+        `eval step 100 | loss 3.142 | perplexity 23.15 | bits/byte 1.234 | amax fwd 1 | amax bwd 1`
+        (the mHC composite Amax gains when present; every other value only in metrics.jsonl)."""
         if not self._enabled:
             return
         parts = [f"eval step {int(step)}"]
-        for key, value in _flatten_metrics(metrics).items():
-            name = key.removeprefix("eval_")
-            parts.append(f"{name} {_to_float(value):.4g}")
+        for key, name in _EVAL_FIELDS:
+            if key in metrics:
+                parts.append(f"{name} {_to_float(metrics[key]):.4g}")
         logger.info("%s", " | ".join(parts))
 
     def _update_fields(self, step: int, now: float, metrics: Mapping[str, Any]) -> None:
@@ -425,6 +442,14 @@ class _TqdmStream:
 
     def flush(self) -> None:
         self._stream.flush()
+
+
+def _terminal_columns(stream: IO[str]) -> int:
+    """Columns of the terminal behind `stream` (0 when unknown or unsized)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return 0
 
 
 def _si(value: float) -> str:

@@ -144,9 +144,15 @@ def test_progress_log_lines_without_tty(caplog):
     with caplog.at_level(logging.INFO, logger=metrics_lib.__name__):
         for step in range(11, 101):
             progress.update(step, _step_metrics(step))
-        progress.log_eval(
-            100, {"eval_loss": 3.14159, "eval_perplexity": 23.1406, "eval_bits_per_byte": 1.23456}
-        )
+        evaluation = {
+            "eval_loss": 3.14159,
+            "eval_perplexity": 23.1406,
+            "eval_bits_per_byte": 1.23456,
+            "hc_composite_forward_gain": 1.0000002,
+            "hc_composite_backward_gain": 1.04519,
+            "hc_mixing_entropy": 0.0175,  # metrics.jsonl only
+        }
+        progress.log_eval(100, evaluation)
         progress.close()
     lines = [r.getMessage() for r in caplog.records if r.name == metrics_lib.__name__]
     *step_lines, eval_line = lines
@@ -156,7 +162,10 @@ def test_progress_log_lines_without_tty(caplog):
     assert matches[0].group(2) == "0.0500"
     assert matches[0].group(3) == "12.3k"  # the metrics' tokens_per_second, nothing else
     assert matches[0].group(4) == "3.00e-04"
-    assert eval_line == "eval step 100 | loss 3.142 | perplexity 23.14 | bits_per_byte 1.235"
+    assert eval_line == (
+        "eval step 100 | loss 3.142 | perplexity 23.14 | bits/byte 1.235 | amax fwd 1 "
+        "| amax bwd 1.045"
+    )
     assert stream.getvalue() == ""
 
 
