@@ -14,6 +14,7 @@ Figures (each only when its metrics exist):
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -53,9 +54,18 @@ def _new_figure(panels: int = 1):
 
 
 def _save(figure, path: str) -> None:
-    """Writes the PNG under a temporary name and renames it, so no reader sees half a file."""
+    """Writes the PNG so that no reader sees half a file: a local file under a temporary name,
+    then renamed; a URL (gs://, through etils.epath) as one object write."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    if "://" in path:
+        from etils import epath
+
+        epath.Path(path).write_bytes(buffer.getvalue())
+        return
     tmp = f"{path}.tmp"
-    figure.savefig(tmp, format="png", dpi=100)
+    with open(tmp, "wb") as f:
+        f.write(buffer.getvalue())
     os.replace(tmp, path)
 
 
@@ -199,7 +209,12 @@ def draw_plots(workdirs: str | Sequence[str], out_dir: str | None = None) -> lis
         while name in runs:  # two runs with the same directory name
             name += "'"
         runs[name] = read_metrics(workdir)
-    os.makedirs(out_dir, exist_ok=True)
+    if "://" in out_dir:
+        from etils import epath
+
+        epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+    else:
+        os.makedirs(out_dir, exist_ok=True)
     drawers = (_plot_loss, _plot_gates, _plot_hc, _plot_moe)
     return [path for draw in drawers if (path := draw(runs, out_dir)) is not None]
 
