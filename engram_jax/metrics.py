@@ -317,6 +317,7 @@ class Progress:
         self._step = int(initial_step)
         self._first: tuple[float, int] | None = None  # (time, step) of the first update
         self._fields: dict[str, float] = {}  # latest value of each shown field
+        self._caller_rate = False  # the metrics carry tokens_per_second
         self._bar = None
         self._redirected: list[tuple[logging.StreamHandler, Any]] = []
         stream = sys.stderr if stream is None else stream
@@ -377,8 +378,11 @@ class Progress:
             if key in metrics:
                 self._fields[name] = _to_float(metrics[key])
         if "tokens_per_second" in metrics:
+            # The caller measures it (per log window): keep showing its latest value between
+            # log steps instead of mixing in this class's own estimate.
             self._fields["tok/s"] = _to_float(metrics["tokens_per_second"])
-        elif self._tokens_per_step:
+            self._caller_rate = True
+        elif self._tokens_per_step and not self._caller_rate:
             t0, s0 = self._first
             if step > s0 and now > t0:
                 self._fields["tok/s"] = (step - s0) / (now - t0) * self._tokens_per_step
