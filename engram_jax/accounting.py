@@ -12,10 +12,10 @@ Conventions (the paper leaves several implicit; each is a choice documented here
   pass: attention, the dense FFN, shared experts, the top-k routed experts, the router, norms,
   hyper-connection coefficients, Engram's projections / norms / convolution, and the LM head.
   Lookup tables are NOT activated (a token reads a few rows of them, like an unrouted expert it
-  never touches): neither the Engram tables (ALGORITHMS.md §1.9 counts them in P_sparse) nor the
+  never touches): neither the Engram tables (docs/design.md §1.9 counts them in P_sparse) nor the
   token embedding. With tied embeddings the shared matrix counts as activated once (as the LM
   head). This reproduces mHC's "27B: 4.14B activated" (§2.8) as 3.81B + the 0.33B LM head.
-- `*_excl_embeddings` removes the token embedding and the LM head (ALGORITHMS.md §1.9: P_tot and
+- `*_excl_embeddings` removes the token embedding and the LM head (docs/design.md §1.9: P_tot and
   P_act). `total_params_excl_token_embedding` keeps the LM head: the Engram paper's Table 5 column
   "total params (no token emb.)" matches that reading to 0.1% (26.7B, 39.5B, Dense-4B 4.1B), while
   its "3.8B activated" matches `activated_params_excl_embeddings`.

@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.schedule = "cosine"  # "cosine", "wsd" (warmup-stable-decay) or "constant" after warm-up.
     c.final_lr_fraction = 0.1  # Final LR as a fraction of the peak (cosine and wsd).
     c.decay_fraction = 0.2  # wsd only: fraction of the steps spent decaying.
-    # AdamW decay of dense matrices (ALGORITHMS.md 1.11); 1-D params never decay.
+    # AdamW decay of dense matrices (docs/design.md 1.11); 1-D params never decay.
     c.weight_decay = 0.1
     c.adam_b1 = 0.9
     c.adam_b2 = 0.95
@@ -73,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- model
     m = c.model = ml_collections.ConfigDict()
     m.vocab_size = 4096  # Token vocabulary (also the size a trained BPE tokenizer aims for).
-    m.pad_id = 0  # Raw pad token id; Engram hashes with its compressed id (ALGORITHMS.md 1.2).
+    m.pad_id = 0  # Raw pad token id; Engram hashes with its compressed id (docs/design.md 1.2).
     m.num_layers = 4
     m.hidden_size = 128  # D: width of one residual stream.
     m.mlp_hidden_size = 512  # F of the dense SwiGLU layers.
@@ -119,13 +119,13 @@ def base_config() -> ml_collections.ConfigDict:
     g.heads_per_ngram = 8  # K hash heads per order.
     # Row width of one order summed over its heads; D_head = embed_per_ngram / K.
     g.embed_per_ngram = 512
-    g.table_rows_per_head = (646400, 646400)  # Prime-search base per order (ALGORITHMS.md 1.3).
+    g.table_rows_per_head = (646400, 646400)  # Prime-search base per order (docs/design.md 1.3).
     g.hash_seed = 0
     g.conv_kernel_size = 4
-    g.conv_dilation = 0  # 0 means max_ngram (ALGORITHMS.md 1.6).
+    g.conv_dilation = 0  # 0 means max_ngram (docs/design.md 1.6).
     g.conv_zero_init = True  # The paper's zero-initialised convolution; False keeps a random init.
-    g.qk_norm_eps = 1.1920929e-07  # Demo's key/query RMSNorm eps (ALGORITHMS.md 9.6: unverified).
-    g.conv_norm_eps = 1e-5  # Demo's convolution RMSNorm eps (ALGORITHMS.md 9.6: unverified).
+    g.qk_norm_eps = 1.1920929e-07  # Demo's key/query RMSNorm eps (docs/design.md 9.6: unverified).
+    g.conv_norm_eps = 1e-5  # Demo's convolution RMSNorm eps (docs/design.md 9.6: unverified).
     g.gate_clamp = 1e-6  # Signed square root clamp of the gate score.
     g.table_init_std = 1.0  # N(0, std) rows, PyTorch nn.Embedding default as in the demo.
     g.table_dtype = "float32"
@@ -133,7 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
     # evenly over the mesh's fsdp x tensor devices. Keep it fixed across meshes: checkpoints then
     # restore on any mesh whose row shards divide it.
     g.table_row_multiple = 1
-    # Tables train with Adam at 5x the base LR (ALGORITHMS.md 1.11, 9.2).
+    # Tables train with Adam at 5x the base LR (docs/design.md 1.11, 9.2).
     g.table_lr_multiplier = 5.0
     g.table_weight_decay = 0.0
 
@@ -145,10 +145,10 @@ def base_config() -> ml_collections.ConfigDict:
     # none); DeepSeek's later code uses 1e-6.
     h.sinkhorn_eps = 0.0
     h.sinkhorn_order = "row_last"  # Paper: column then row normalisation, so rows are exact.
-    h.alpha_init = 0.01  # Initial alpha scales (ALGORITHMS.md 2.2, 9.1).
+    h.alpha_init = 0.01  # Initial alpha scales (docs/design.md 2.2, 9.1).
     h.res_offdiag_bias = -8.0  # b_res off-diagonal init: H_res starts near identity (2.5, 9.1).
     h.lite_offperm_bias = -8.0  # mHC-lite: logit bias of the non-identity permutations (4, 9.13).
-    # Std of the coefficient projections phi. ALGORITHMS.md 2.5 starts from phi = 0 (unverified,
+    # Std of the coefficient projections phi. docs/design.md 2.5 starts from phi = 0 (unverified,
     # 9.1), but then streams copied from one embedding stay identical forever unless another part
     # (Engram's per-stream keys) breaks the symmetry; a small random phi moves H at init by < 1e-2.
     h.coeff_init_std = 0.02

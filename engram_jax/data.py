@@ -445,7 +445,7 @@ def make_data_spec(
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class EngramHashSpec:
-    """Host-side Engram hashing for `make_pipeline` (ALGORITHMS.md 1.2-1.3).
+    """Host-side Engram hashing for `make_pipeline` (docs/design.md 1.2-1.3).
 
     Attributes:
       compressor: raw ids -> compressed ids of the pipeline's tokenizer.
@@ -469,7 +469,7 @@ def make_engram_hash_spec(
     seed: int = 0,
     cache_dir: str | None = None,
 ) -> EngramHashSpec:
-    """Builds the compressor and hasher of a tokenizer (ALGORITHMS.md 1.2: hash with pad' =
+    """Builds the compressor and hasher of a tokenizer (docs/design.md 1.2: hash with pad' =
     old_to_new[pad_id]).
 
     Args:
@@ -513,7 +513,7 @@ def _check_engram_spec(
     if engram.hasher.pad_id != pad_compressed:
         raise ValueError(
             f"engram.hasher.pad_id: got {engram.hasher.pad_id}; expected the compressed pad id "
-            f"old_to_new[{spec.pad_id}] = {pad_compressed} (ALGORITHMS.md 1.2)"
+            f"old_to_new[{spec.pad_id}] = {pad_compressed} (docs/design.md 1.2)"
         )
     if engram.hasher.token_vocab_size != engram.compressor.compressed_vocab_size:
         raise ValueError(

@@ -1,6 +1,6 @@
 """Engram conditional memory: multi-head table lookup, context-aware gate, causal short conv.
 
-Pure functions hold the maths (ALGORITHMS.md §1.4-1.6); `Engram` is the thin Linen module that owns
+Pure functions hold the maths (docs/design.md §1.4-1.6); `Engram` is the thin Linen module that owns
 the parameters. Hash ids are computed on the host (`hashing.py`); this module only consumes them.
 """
 
@@ -23,7 +23,7 @@ Initializer = Callable[..., jax.Array]
 LookupFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 # PyTorch's default RMSNorm eps for f32 inputs (machine epsilon), used by the demo's key/query norms
-# (ALGORITHMS.md §1.5). Whether the paper's models used it is unverified (§9.6).
+# (docs/design.md §1.5). Whether the paper's models used it is unverified (§9.6).
 TORCH_F32_EPS = 1.1920929e-07
 
 
@@ -33,7 +33,7 @@ TORCH_F32_EPS = 1.1920929e-07
 
 
 def head_offsets(head_vocab_sizes: Sequence[int]) -> np.ndarray:
-    """Row offset of each head in the flat table: exclusive prefix sums (ALGORITHMS.md §1.4).
+    """Row offset of each head in the flat table: exclusive prefix sums (docs/design.md §1.4).
 
     Args:
       head_vocab_sizes: rows per head, order-major (`[p_{2,0..K-1}, p_{3,0..K-1}, ...]`).
@@ -91,7 +91,7 @@ def lookup_rows(
     lookup_fn: LookupFn | None = None,
     head_vocab_sizes: Sequence[int] | None = None,
 ) -> jax.Array:
-    """Gathers each head's row from the flat table: `table[ids + offset]` (ALGORITHMS.md §1.4).
+    """Gathers each head's row from the flat table: `table[ids + offset]` (docs/design.md §1.4).
 
     Out-of-range ids read a zero row rather than a clamped (wrong) row: with `head_vocab_sizes`
     given, an id outside `[0, head_vocab_sizes[m])` is sent past the table end, and the gather uses
@@ -131,7 +131,7 @@ def lookup_rows(
 
 
 def signed_sqrt(x: jax.Array, clamp: float = 1e-6) -> jax.Array:
-    """`sign(x) * sqrt(max(|x|, clamp))` with the three-way sign (ALGORITHMS.md §1.5, demo).
+    """`sign(x) * sqrt(max(|x|, clamp))` with the three-way sign (docs/design.md §1.5, demo).
 
     `sign(0) = 0`, so a zero score maps to exactly 0 (gate exactly 0.5) and the gradient there is 0,
     not the `1/(2 sqrt(clamp))` spike a two-way sign gives (the gate's tie at
@@ -170,7 +170,7 @@ def causal_short_conv(
     dilation: int,
     segment_ids_BT: jax.Array | None = None,
 ) -> jax.Array:
-    """Depthwise causal dilated convolution, no bias (ALGORITHMS.md §1.6).
+    """Depthwise causal dilated convolution, no bias (docs/design.md §1.6).
 
     `y[t, c] = sum_i kernel[i, c] * x[t - (K-1-i) * dilation, c]`, zero for negative time, so
     `kernel[K-1]` multiplies the current step (the demo's `w[c, i]` is `kernel[i, c]`, the same tap
@@ -261,7 +261,7 @@ def _is_concrete(x: Any) -> bool:
 
 
 class Engram(nn.Module):
-    """One Engram layer: hashed n-gram memory read by a context-aware gate (ALGORITHMS.md §1.4-1.7).
+    """One Engram layer: hashed n-gram memory read by a context gate (docs/design.md §1.4-1.7).
 
     Returns `Y = V~ + SiLU(conv(RMSNorm(V~)))` of shape `[B, T, G, D]`; the caller adds it to every
     residual stream (`h <- h + Engram(h, hash_ids)`, §1.7).
@@ -291,7 +291,7 @@ class Engram(nn.Module):
       conv_kernel_size: K taps of the short convolution.
       conv_dilation: tap spacing; None means `max_ngram` (§1.6).
       qk_norm_eps: eps of the key and query RMSNorms; default PyTorch's f32 eps as in the demo
-        (unverified for the paper's models, ALGORITHMS.md §9.6).
+        (unverified for the paper's models, docs/design.md §9.6).
       conv_norm_eps: eps of the convolution's RMSNorm.
       gate_clamp: clamp of |score| inside the signed square root.
       conv_zero_init: zero-initialise the conv kernel so that `Y = V~` at init (paper); False uses

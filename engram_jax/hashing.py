@@ -1,4 +1,4 @@
-"""Host-side Engram front end: tokenizer compression (ALGORITHMS.md §1.2) and multi-head N-gram
+"""Host-side Engram front end: tokenizer compression (docs/design.md §1.2) and multi-head N-gram
 hashing (§1.3).
 
 Runs on the host inside the input pipeline; imports numpy, `tokenizers` and the standard library;
@@ -125,7 +125,7 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
 
 
 class CompressedTokenizer:
-    """Surjective map from raw token ids to compressed ids (ALGORITHMS.md §1.2).
+    """Surjective map from raw token ids to compressed ids (docs/design.md §1.2).
 
     Build with `CompressedTokenizer.from_tokenizer(tokenizer_or_path, cache_dir=None)`. With a
     `cache_dir` the table is stored as `<cache_dir>/compressed_<sha256 of tokenizer.to_str()>.npy`
@@ -385,7 +385,7 @@ def table_primes(
     heads_per_ngram: int,
     layer_ids: Sequence[int],
 ) -> dict[int, list[int]]:
-    """Per-layer hash table sizes (primes), order-major, exactly as ALGORITHMS.md §1.3 step 2.
+    """Per-layer hash table sizes (primes), order-major, exactly as docs/design.md §1.3 step 2.
 
     One base per order 2..N. Primes are searched upward from each order's base and never reused
     across layers, orders or heads. They do not depend on the vocabulary, so a model's table
@@ -418,7 +418,7 @@ def table_primes(
 
 
 class NgramHasher:
-    """Multi-head N-gram hashing, bit-exact to ALGORITHMS.md §1.3.
+    """Multi-head N-gram hashing, bit-exact to docs/design.md §1.3.
 
     Args:
         vocab_bases: `max_ngram - 1` starting points of the prime searches, one per order 2..N (each

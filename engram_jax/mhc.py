@@ -1,6 +1,6 @@
 """Hyper-connections around any sub-layer (residual, HC, mHC, mHC-lite), Sinkhorn and diagnostics.
 
-Orientation, stated once for the whole module (ALGORITHMS.md §2.1): every `h_res` array this module
+Orientation, stated once for the whole module (docs/design.md §2.1): every `h_res` array this module
 returns or sows is the operator APPLIED to the streams, `out[i] = sum_j h_res[i, j] x[j]` — row
 index = output stream. HC stores `A_r` and applies `A_r^T` (§3.1), so its `h_res` is `A_r^T`;
 `transpose_res=True` applies a Sinkhorn matrix transposed, as DeepSeek-V4 ports and MaxText do

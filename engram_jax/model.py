@@ -1,7 +1,7 @@
 """The decoder-only language model: token embedding -> hyper-connection streams -> blocks ->
 merge -> final RMSNorm -> LM head, every choice taken from one `ModelConfig`.
 
-Block `l` (ALGORITHMS.md §1.7, §2.1): optional Engram (added to every stream, not wrapped by the
+Block `l` (docs/design.md §1.7, §2.1): optional Engram (added to every stream, not wrapped by the
 hyper-connection), then attention and the FFN (dense SwiGLU for the first `num_dense_layers`, MoE
 after), each wrapped by the configured hyper-connection kind, which owns the sub-layer's pre-norm.
 """
@@ -60,7 +60,7 @@ def layer_runs(config: ModelConfig) -> list[_Run]:
     """Groups layers into runs of identical blocks; an Engram layer is always a run of its own.
 
     With `scan_layers=False` every run has one layer, and so with `hc.kind="hc"`: HC's static init
-    reads stream `site mod n` at each site (ALGORITHMS.md 3.3), so its blocks differ by layer and
+    reads stream `site mod n` at each site (docs/design.md 3.3), so its blocks differ by layer and
     a scan (one init for the whole run) would give every layer the same read stream.
     """
     scan = config.scan_layers and config.hc.kind != "hc"

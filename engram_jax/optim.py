@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 ScheduleKind = Literal["cosine", "wsd", "constant"]
 
 # Engram tables are parameters named `table` inside a module whose name starts with `engram`
-# (`.../engram/table`, `.../engram_3/table`); the optimizer split keys on this (ALGORITHMS.md
+# (`.../engram/table`, `.../engram_3/table`); the optimizer split keys on this (docs/design.md
 # §1.11: the tables get their own optimizer).
 DEFAULT_MEMORY_PATTERN = r"(^|/)engram[^/]*/table$"
 
@@ -162,12 +162,12 @@ def dense_optimizer(
 
     Order: clip the raw gradients' global norm to `clip_norm`, then AdamW. Weight decay is decoupled
     (AdamW: `-lr * wd * p` added to the update) and masked off for leaves with fewer than 2 dims
-    (norm gains, biases); see `decay_mask`. The paper's backbone optimizer is Muon (ALGORITHMS.md
+    (norm gains, biases); see `decay_mask`. The paper's backbone optimizer is Muon (docs/design.md
     §1.11); AdamW is our default because optax ships it and it is the common baseline.
 
     Args:
       schedule: learning rate, a float or an optax schedule.
-      weight_decay: decoupled weight decay for >= 2-D leaves (0.1 in ALGORITHMS.md §1.11).
+      weight_decay: decoupled weight decay for >= 2-D leaves (0.1 in docs/design.md §1.11).
       b1: Adam first-moment decay.
       b2: Adam second-moment decay.
       eps: Adam epsilon.
@@ -196,7 +196,7 @@ def memory_optimizer(
 ) -> optax.GradientTransformation:
     """Adam for the Engram embedding tables, at `lr_multiplier` times the base schedule.
 
-    Defaults follow ALGORITHMS.md §1.11 (tables: Adam at 5x the base LR, no weight decay); §9.2
+    Defaults follow docs/design.md §1.11 (tables: Adam at 5x the base LR, no weight decay); §9.2
     lists these values as unverified (secondary transcriptions only), so they are arguments. This is
     dense Adam over the whole table: rows not looked up this step get zero gradient, but their
     moments still decay and their momentum update is still applied. Row-wise sparse updates live in

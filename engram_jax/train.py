@@ -145,7 +145,7 @@ def make_batches(
 
 
 def make_optimizers(cfg: config_lib.Config) -> tuple[optax.GradientTransformation, ...]:
-    """Dense AdamW and the Engram tables' transform (ALGORITHMS.md 1.11)."""
+    """Dense AdamW and the Engram tables' transform (docs/design.md 1.11)."""
     t = cfg.train
     schedule = optim.learning_rate_schedule(
         t.learning_rate,
@@ -331,7 +331,7 @@ def make_eval_step(model: Transformer) -> Callable[[TrainState, dict[str, jax.Ar
 def make_mixing_diagnostics(
     cfg: config_lib.Config, lookup_fn: Callable | None
 ) -> Callable[[TrainState, dict[str, jax.Array]], dict[str, jax.Array]] | None:
-    """mHC/HC diagnostics on one batch (ALGORITHMS.md 2.6): composite Amax gains from the bottom
+    """mHC/HC diagnostics on one batch (docs/design.md 2.6): composite Amax gains from the bottom
     site to the top and the worst row/column-sum error of the mixing matrices; None for a plain
     residual model (no mixing)."""
     if cfg.model.hc.kind == "residual" or cfg.model.hc.n_streams == 1:

@@ -170,7 +170,7 @@ def test_account_rejects_bad_seq_len():
         account(small_config({}), seq_len=0)
 
 
-# Published sizes (ALGORITHMS.md §1.10 Engram paper Table 5; §2.8 mHC 27B), tolerance 3%.
+# Published sizes (docs/design.md §1.10 Engram paper Table 5; §2.8 mHC 27B), tolerance 3%.
 # "total (no token emb.)" is compared with total_params_excl_token_embedding, the 3.8B activated
 # with activated_params_excl_embeddings; mHC's 27.0B / 4.14B with total/activated_params.
 PAPER = {

@@ -77,7 +77,7 @@ def test_config_builds_abstractly(name):
 
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
 def test_paper_training_setup(name):
-    """ALGORITHMS.md §1.10-1.11: the shared backbone and recipe of the four paper models."""
+    """docs/design.md §1.10-1.11: the shared backbone and recipe of the four paper models."""
     cfg = validate(load_config(name).get_config())
     assert (cfg.train.seq_len, cfg.train.batch_size) == (4096, 1280)
     assert (cfg.train.num_train_steps, cfg.train.learning_rate) == (50_000, 4e-4)

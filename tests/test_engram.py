@@ -2,7 +2,7 @@
 
 One small config (B=2, T=16, G=2, D=32, 2 orders x 4 heads, W=8) and module-level jitted functions
 keep the file fast. The numpy reference below is an independent float64 transcription of
-ALGORITHMS.md §1.4-1.6.
+docs/design.md §1.4-1.6.
 """
 
 from __future__ import annotations

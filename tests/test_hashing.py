@@ -247,7 +247,7 @@ def test_primes_distinct_and_multipliers_odd():
 
 
 def test_worked_example(kernel_path):
-    """ALGORITHMS.md §1.3 worked example, golden numbers."""
+    """docs/design.md §1.3 worked example, golden numbers."""
     hasher = NgramHasher([100, 100], 3, 2, [1, 15], 1000, 2, seed=0)
     assert hasher.half_bound == 4611686018427387
     assert hasher.multipliers(1).tolist() == [7593627661414631, 479593001838623, 3563315849468963]

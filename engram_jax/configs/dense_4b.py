@@ -1,4 +1,4 @@
-"""Dense-4B of the Engram paper (ALGORITHMS.md §1.10): the MoE-27B backbone with a dense FFN in
+"""Dense-4B of the Engram paper (docs/design.md §1.10): the MoE-27B backbone with a dense FFN in
 every layer.
 
 python -m engram_jax.train --config=configs/dense_4b.py --workdir=/tmp/dense_4b \

@@ -1,4 +1,4 @@
-"""Engram-27B of the Engram paper (ALGORITHMS.md §1.10): MoE-27B with 17 routed experts traded for
+"""Engram-27B of the Engram paper (docs/design.md §1.10): MoE-27B with 17 routed experts traded for
 two Engram layers at equal total and activated parameters.
 
 python -m engram_jax.train --config=configs/engram_27b.py --workdir=/tmp/engram_27b \

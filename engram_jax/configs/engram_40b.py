@@ -1,4 +1,4 @@
-"""Engram-40B of the Engram paper (ALGORITHMS.md §1.10): Engram-27B with 3.2x larger tables.
+"""Engram-40B of the Engram paper (docs/design.md §1.10): Engram-27B with 3.2x larger tables.
 
 python -m engram_jax.train --config=configs/engram_40b.py --workdir=/tmp/engram_40b \
     --config.data_path=/data/corpus --config.tokenizer_path=/data/deepseek_v3/tokenizer.json \

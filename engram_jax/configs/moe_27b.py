@@ -1,4 +1,4 @@
-"""MoE-27B of the Engram paper (ALGORITHMS.md §1.10): the 27B DeepSeek-V3-style MoE + mHC backbone.
+"""MoE-27B of the Engram paper (docs/design.md §1.10): the 27B DeepSeek-V3-style MoE + mHC backbone.
 
 python -m engram_jax.train --config=configs/moe_27b.py --workdir=/tmp/moe_27b \
     --config.data_path=/data/corpus --config.tokenizer_path=/data/deepseek_v3/tokenizer.json \
@@ -11,7 +11,7 @@ DeepSeek-V3 tokenizer: pass its tokenizer.json), 2 shared + 72 routed experts, t
 dense, sequence 4096, batch 1280, 50,000 steps (262B tokens), base LR 4e-4, weight decay 0.1;
 26.7B total parameters without the token embedding, 3.8B activated.
 
-Derived here (NOT published; ALGORITHMS.md §9.4), chosen so the accounting reproduces the totals:
+Derived here (NOT published; docs/design.md §9.4), chosen so the accounting reproduces the totals:
 - expert width F = 1536: removing 17 routed experts in 29 MoE layers must free the 5.8B that
   Engram-27B adds (17 * 29 * 3 * 2560 * F = 5.8B gives F ~ 1539, §1.10).
 - MLA dimensions of DeepSeek-V2-Lite (the published MLA model nearest this width): no query

@@ -1,5 +1,5 @@
 """MoE-27B with unconstrained dynamic hyper-connections (hc.kind hc, n = 4): the HC arm of the
-mHC paper's 27B comparison (ALGORITHMS.md §2.8, §3), which showed a loss surge near step 12k.
+mHC paper's 27B comparison (docs/design.md §2.8, §3), which showed a loss surge near step 12k.
 
 python -m engram_jax.train --config=configs/moe_27b_hc.py --workdir=/tmp/moe_27b_hc \
     --config.data_path=/data/corpus --config.tokenizer_path=/data/deepseek_v3/tokenizer.json \

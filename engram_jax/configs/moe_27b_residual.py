@@ -1,5 +1,5 @@
 """MoE-27B with a plain pre-norm residual (hc.kind residual, one stream): the baseline of the
-mHC paper's 27B comparison (ALGORITHMS.md §2.8).
+mHC paper's 27B comparison (docs/design.md §2.8).
 
 python -m engram_jax.train --config=configs/moe_27b_residual.py --workdir=/tmp/moe_27b_residual \
     --config.data_path=/data/corpus --config.tokenizer_path=/data/deepseek_v3/tokenizer.json \
