@@ -536,6 +536,11 @@ def train_and_evaluate(
 
     Returns:
       The last step's training metrics merged with the last evaluation.
+
+    Raises:
+      preemption.TrainingStopped: SIGTERM or SIGINT (on any process) stopped training at a step
+        boundary; that step was saved and the metrics flushed first. A second signal exits the
+        process at once.
     """
     cfg = config_lib.validate(config)
     t = cfg.train
