@@ -14,11 +14,14 @@ import inspect
 import linecache
 import logging
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
+# pytest's per-test temporary directories, shortened to TMP/ in the table.
+_TMP_PATH = re.compile(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/]+/")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_MESSAGE = 400
 
@@ -87,6 +90,18 @@ class _Plugin:
         _current_test[0] = item.nodeid
 
 
+class _WarningRecorder(logging.Handler):
+    """The package's warnings during those tests (e.g. a prompt cut to the trained context)."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        row = (_current_test[0], f"(logged by {record.name})", "warning", record.getMessage())
+        if row not in _records:
+            _records.append(row)
+
+
 def _extra_rows() -> list[tuple[str, str, str, str]]:
     """Messages the tests check in logs or a child's stderr rather than as exceptions."""
     sys.path.insert(0, ROOT)
@@ -117,7 +132,7 @@ def _extra_rows() -> list[tuple[str, str, str, str]]:
             (
                 "tests/test_train.py::test_sigterm_and_sigint_save_the_current_step_and_resume_"
                 "exactly",
-                f"signal {signum} to `python -m engram_jax.train` after step {step}",
+                f"signal {signum} to python -m engram_jax.train after step {step}",
                 f"exit {128 + signum}, log line",
                 str(preemption.TrainingStopped(signum, step, "WORKDIR/checkpoints/" + str(step))),
             )
@@ -157,7 +172,7 @@ def _extra_rows() -> list[tuple[str, str, str, str]]:
 
 
 def _cell(text: str) -> str:
-    text = " ".join(text.split())
+    text = _TMP_PATH.sub("TMP/", " ".join(text.split()))
     if len(text) > MAX_MESSAGE:
         text = text[: MAX_MESSAGE - 1] + "…"
     return text.replace("|", "\\|")
@@ -166,6 +181,9 @@ def _cell(text: str) -> str:
 def main() -> None:
     extra = _extra_rows()
     plugin = _Plugin()
+    package_logger = logging.getLogger("engram_jax")
+    package_logger.addHandler(_WarningRecorder())
+    package_logger.setLevel(logging.INFO)
     code = pytest.main(
         ["-q", "-p", "no:cacheprovider", "-o", "addopts=", os.path.join(ROOT, "tests")],
         plugins=[plugin],
@@ -180,7 +198,8 @@ def main() -> None:
         "tests (`python docs/errors_table.py > docs/errors.md`; messages longer than "
         f"{MAX_MESSAGE} characters are cut).",
         "Not in this table yet (added when they merge): the workdir lock held by another run, "
-        "the fallback from a corrupt newest checkpoint, and `gs://` workdirs.",
+        "the fallback from a corrupt newest checkpoint, and `gs://` workdirs (the `gs://` "
+        "refusal below goes away with them).",
         "",
         "| Test | Bad input | Error | Message |",
         "|---|---|---|---|",
