@@ -6,6 +6,11 @@ multi-process run must stop at the same step (the save is collective), so there 
 are combined by a small all-reduce that is dispatched at each boundary and read one boundary
 later, when the device has long finished it: no extra host-device wait, and a stop requested on
 any process is honoured by all of them one step later. A second signal exits at once.
+
+jax's own preemption service (`multihost_utils.reached_preemption_sync_point`) is not used: it
+hears SIGTERM only (not Ctrl-C), and orbax also calls it with the step of each checkpoint it
+finalises, from a background thread, which moves the step counter the service agrees on. While
+these handlers are installed they replace that service's SIGTERM handler.
 """
 
 from __future__ import annotations
