@@ -168,6 +168,29 @@ def _extra_rows() -> list[tuple[str, str, str, str]]:
             last[0] if last else override.stderr[-300:],
         )
     )
+    generate = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engram_jax.generate",
+            "--workdir=/tmp/unused",
+            "--prompt=hello",
+            "--max_tokens=-3",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    last = [line for line in generate.stderr.splitlines() if "--max_tokens" in line][-1:]
+    rows.append(
+        (
+            "tests/test_generate.py::test_command_line_refuses_negative_max_tokens",
+            "python -m engram_jax.generate ... --max_tokens=-3",
+            f"exit {generate.returncode}, stderr",
+            last[0] if last else generate.stderr[-300:],
+        )
+    )
     return rows
 
 

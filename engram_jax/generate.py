@@ -256,13 +256,16 @@ def main(argv: list[str]) -> None:
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)
     f = flags.FLAGS
-    generator = Generator(f.workdir, step=f.step)
+    # Before loading the model: a typo should not cost a checkpoint restore.
     if f.max_tokens < 0:
         raise app.UsageError(
             f"--max_tokens: got {f.max_tokens}; expected a positive number of tokens (0: the "
             "config's generate_max_tokens)"
         )
-    if f.top_k < 0 or f.top_k > generator.num_tokens:
+    if f.top_k < 0:
+        raise app.UsageError(f"--top_k: got {f.top_k}; expected >= 0 (0 keeps all)")
+    generator = Generator(f.workdir, step=f.step)
+    if f.top_k > generator.num_tokens:
         raise app.UsageError(
             f"--top_k: got {f.top_k}; expected 0 (keep all) to the tokenizer's "
             f"{generator.num_tokens} tokens"
