@@ -32,6 +32,7 @@ _EXPORTS = {
     "ConfigError": "engram_jax.config",
     "account": "engram_jax.accounting",
     "train_and_evaluate": "engram_jax.train",
+    "TrainingStopped": "engram_jax.preemption",
     "Generator": "engram_jax.generate",
 }
 

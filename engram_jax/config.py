@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -67,13 +68,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.data_path = ""  # Text/JSONL/Parquet file, glob or directory; "" is the bundled corpus.
     # tokenizer.json; "" trains a byte-level BPE on the corpus (cached in the workdir).
     c.tokenizer_path = ""
+    # Text of the token appended to every document and that ends generation; "" recognises the
+    # usual names (<eos>, </s>, <|endoftext|>, <|end_of_text|>, DeepSeek's <｜end▁of▁sentence｜>,
+    # ...) and warns at start when the tokenizer has none of them.
+    c.eos_token = ""
     c.eval_fraction = 0.05  # Fraction of documents held out for validation.
     c.generate_max_tokens = 64  # Tokens sampled by `engram_jax.generate` unless overridden.
 
     # ---------------------------------------------------------------- model
     m = c.model = ml_collections.ConfigDict()
     m.vocab_size = 4096  # Token vocabulary (also the size a trained BPE tokenizer aims for).
-    m.pad_id = 0  # Raw pad token id; Engram hashes with its compressed id (docs/design.md 1.2).
+    # Raw pad token id; Engram hashes with its compressed id (docs/design.md §1.2). -1 takes the
+    # tokenizer's pad token (<pad>, [PAD], <|pad|>, DeepSeek's <｜▁pad▁｜>, ...), else its eos
+    # token, else id 0, with a warning at start naming this key.
+    m.pad_id = -1
     m.num_layers = 4
     m.hidden_size = 128  # D: width of one residual stream.
     m.mlp_hidden_size = 512  # F of the dense SwiGLU layers.
@@ -161,6 +169,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.axis_types = "auto"  # "auto" or "explicit" sharding-in-types axes.
     d.coordinator_address = ""  # Multi-process: host:port of process 0 ("" = from the environment).
     d.initialization_timeout = 600  # Seconds jax.distributed waits for every process.
+    # Config files and overrides set values, never add keys: a misspelt key fails where it is set.
+    c.lock()
     return c
 
 
@@ -303,6 +313,7 @@ class TrainConfig:
     log_every: int
     data_path: str
     tokenizer_path: str
+    eos_token: str
     eval_fraction: float
     generate_max_tokens: int
 
@@ -358,10 +369,10 @@ def _validate_model(p: _Problems, m: ml_collections.ConfigDict) -> None:
         _check_positive(p, f"model.{key}", m[key])
     _check_positive(p, "model.num_dense_layers", m.num_dense_layers, allow_zero=True)
     p.check(
-        isinstance(m.pad_id, int) and 0 <= m.pad_id < m.vocab_size,
+        isinstance(m.pad_id, int) and -1 <= m.pad_id < m.vocab_size,
         "model.pad_id",
         m.pad_id,
-        f"a token id in [0, vocab_size={m.vocab_size})",
+        f"a token id in [0, vocab_size={m.vocab_size}), or -1 for the tokenizer's pad token",
     )
     p.check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "> 0")
     _check_choice(p, "model.dtype", m.dtype, _DTYPES)
@@ -515,6 +526,11 @@ def _validate_train(p: _Problems, c: ml_collections.ConfigDict) -> None:
     p.check(0 < c.decay_fraction <= 1, "decay_fraction", c.decay_fraction, "in (0, 1]")
     p.check(c.weight_decay >= 0, "weight_decay", c.weight_decay, ">= 0")
     p.check(c.clip_norm >= 0, "clip_norm", c.clip_norm, ">= 0 (0 disables)")
+    for key in ("adam_b1", "adam_b2"):
+        # b = 1 never forgets the first gradient; b < 0 flips the sign of old moments.
+        p.check(0 <= c[key] < 1, key, c[key], "in [0, 1)")
+    p.check(c.adam_eps > 0, "adam_eps", c.adam_eps, "> 0")
+    p.check(isinstance(c.eos_token, str), "eos_token", c.eos_token, 'a token\'s text or ""')
     p.check(0 < c.eval_fraction < 1, "eval_fraction", c.eval_fraction, "in (0, 1)")
 
 
@@ -586,7 +602,22 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {str(path)!r} defines no get_config()")
-    return module.get_config()
+    try:
+        return module.get_config()
+    except AttributeError as e:
+        unknown = _UNKNOWN_KEY.search(str(e))
+        if unknown is None:
+            raise
+        hint = _KEY_HINT.search(str(e))
+        raise ConfigError(
+            f"config file {str(path)!r}: sets key {unknown.group(1)!r}, which base_config() does "
+            "not declare" + (f"; did you mean {hint.group(1)!r}?" if hint else "")
+        ) from e
+
+
+# ml_collections' message for a key added to a locked ConfigDict (it also lists every field).
+_UNKNOWN_KEY = re.compile(r'Key "([^"]+)" does not exist and cannot be added')
+_KEY_HINT = re.compile(r'Did you mean "([^"]+)"')
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

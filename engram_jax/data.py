@@ -5,6 +5,8 @@ Everything here runs on the host with numpy and grain; the model receives finish
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import dataclasses
 import glob
 import gzip
@@ -16,7 +18,9 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import TextIO
 
 import grain
 import numpy as np
@@ -63,11 +67,51 @@ def _extension(path: str) -> str:
     )
 
 
-def _open_text(path: str):
-    """Opens a possibly gzip-compressed UTF-8 file for reading."""
-    if path.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+@contextlib.contextmanager
+def _open_text(path: str) -> Iterator[TextIO]:
+    """Opens a possibly gzip-compressed UTF-8 file for reading; bad bytes or a broken gzip stream
+    met while the caller reads become a ValueError naming the file (and the byte offset)."""
+    compressed = path.lower().endswith(".gz")
+    with (
+        gzip.open(path, "rt", encoding="utf-8") if compressed else open(path, encoding="utf-8")
+    ) as f:
+        try:
+            yield f
+        except UnicodeDecodeError as e:
+            raise ValueError(_utf8_error_message(path, compressed)) from e
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+            raise ValueError(
+                f"{path}: not a readable gzip file ({type(e).__name__}: {e}); expected "
+                "gzip-compressed text for a name ending in .gz"
+            ) from e
+
+
+def _utf8_error_message(path: str, compressed: bool) -> str:
+    """Finds the first invalid UTF-8 byte by re-reading the file (the text decoder's own offset
+    is relative to its read chunk)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes fed to the decoder before `chunk`
+    with gzip.open(path, "rb") if compressed else open(path, "rb") as f:
+        head = f.read(2)
+        f.seek(0)
+        while chunk := f.read(1 << 20):
+            buffered = len(decoder.getstate()[0])
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                position = offset - buffered + e.start
+                where = "of the decompressed data " if compressed else ""
+                hint = (
+                    " (the file looks gzip-compressed: name it .gz)"
+                    if head == b"\x1f\x8b" and not compressed
+                    else ""
+                )
+                return (
+                    f"{path}: invalid UTF-8 at byte offset {position} {where}"
+                    f"(byte 0x{e.object[e.start]:02x}: {e.reason}); expected UTF-8 text{hint}"
+                )
+            offset += len(chunk)
+    return f"{path}: invalid UTF-8 (truncated multi-byte sequence at the end); expected UTF-8 text"
 
 
 def split_text_documents(text: str) -> list[str]:
@@ -219,8 +263,37 @@ def split_documents(documents: Sequence[str], eval_fraction: float) -> tuple[lis
 
 PAD_TOKEN = "<pad>"  # id 0 in tokenizers trained here
 EOS_TOKEN = "<eos>"  # id 1 in tokenizers trained here
-_PAD_NAMES = (PAD_TOKEN, "[PAD]", "<|pad|>", "<|padding|>")
-_EOS_NAMES = (EOS_TOKEN, "</s>", "<|endoftext|>", "<|end_of_text|>", "<|eos|>", "[SEP]")
+# Special-token names recognised by text, first match wins. DeepSeek-V3 spells its specials with
+# FULLWIDTH VERTICAL LINE (U+FF5C) and LOWER ONE EIGHTH BLOCK (U+2581); some conversions use "|".
+_PAD_NAMES = (
+    PAD_TOKEN,
+    "[PAD]",
+    "<|pad|>",
+    "<|padding|>",
+    "<\uff5c\u2581pad\u2581\uff5c>",
+    "<|\u2581pad\u2581|>",
+    "<|finetune_right_pad_id|>",
+)
+_EOS_NAMES = (
+    EOS_TOKEN,
+    "</s>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<|eos|>",
+    "<\uff5cend\u2581of\u2581sentence\uff5c>",
+    "<|end\u2581of\u2581sentence|>",
+    "[SEP]",
+)
+_BOS_NAMES = (
+    "<bos>",
+    "<s>",
+    "<|begin_of_text|>",
+    "<|startoftext|>",
+    "<|bos|>",
+    "<\uff5cbegin\u2581of\u2581sentence\uff5c>",
+    "<|begin\u2581of\u2581sentence|>",
+    "[CLS]",
+)
 _CACHE_VERSION = "engram_jax-bpe-v1"
 
 
@@ -387,56 +460,117 @@ class DataSpec:
       pad_id: raw id written at padding positions (Engram hashes its compressed id).
       eos_id: id appended to every document, or None when the tokenizer has none.
       token_bytes_V: int32 [vocab_size] UTF-8 byte length per token (`token_byte_lengths`).
+      bos_id: the tokenizer's begin-of-sequence id, or None; recognised for the start-up report
+        only (documents are separated by eos, no bos is added).
     """
 
     vocab_size: int
     pad_id: int
     eos_id: int | None
     token_bytes_V: np.ndarray
+    bos_id: int | None = None
+
+
+def _describe(tokenizer: tokenizers.Tokenizer, token_id: int | None) -> str:
+    if token_id is None:
+        return "none"
+    return f"{token_id} {tokenizer.id_to_token(token_id)!r}"
+
+
+def _special_names(tokenizer: tokenizers.Tokenizer) -> list[str]:
+    """The tokenizer's special tokens, for error messages (at most 12)."""
+    added = tokenizer.get_added_tokens_decoder()
+    names = [added[i].content for i in sorted(added) if added[i].special]
+    return names[:12] + (["..."] if len(names) > 12 else [])
 
 
 def make_data_spec(
-    tokenizer: tokenizers.Tokenizer, *, pad_id: int | None = None, vocab_size: int | None = None
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    pad_id: int | None = None,
+    vocab_size: int | None = None,
+    eos_token: str = "",
 ) -> DataSpec:
-    """Reads pad/eos ids from the tokenizer and builds a `DataSpec`.
+    """Reads pad/eos/bos ids from the tokenizer and builds a `DataSpec`.
 
-    The pad id is the tokenizer's pad token (`<pad>`, `[PAD]`, `<|pad|>`, `<|padding|>`, or its
-    padding setting) when it has one; otherwise `pad_id` must be given (config `model.pad_id`).
-    The eos id is the first of `<eos>`, `</s>`, `<|endoftext|>`, `<|end_of_text|>`, `<|eos|>`,
-    `[SEP]` the tokenizer knows, else None.
+    Special tokens are recognised by their text: pad is the first of `<pad>`, `[PAD]`, `<|pad|>`,
+    `<|padding|>`, DeepSeek's `<｜▁pad▁｜>`, Llama 3's `<|finetune_right_pad_id|>` (or the
+    tokenizer's padding setting); eos the first of `<eos>`, `</s>`, `<|endoftext|>`,
+    `<|end_of_text|>`, `<|eos|>`, `<｜end▁of▁sentence｜>`, `[SEP]`; bos the first of `<bos>`, `<s>`,
+    `<|begin_of_text|>`, `<|startoftext|>`, `<|bos|>`, `<｜begin▁of▁sentence｜>`, `[CLS]`.
+
+    Without a recognisable pad token the pad id falls back to the eos id, then to 0; without an
+    eos token documents are packed with no separator and generation stops only at its token
+    limit. Both cases log a warning naming the config key that sets the id.
 
     Args:
       tokenizer: the tokenizer.
-      pad_id: raw pad id from the config; must agree with the tokenizer's pad token if it has one.
+      pad_id: raw pad id from the config (`model.pad_id`); None or -1 takes the tokenizer's. An
+        explicit id must agree with the tokenizer's pad token if it has one.
       vocab_size: model vocabulary size (>= the tokenizer's size); None uses the tokenizer's size.
+      eos_token: the eos token's text (config `eos_token`); "" recognises it by name.
 
     Raises:
-      ValueError: no pad id, a pad id conflicting with the tokenizer, or ids outside the vocab.
+      ValueError: a pad id conflicting with the tokenizer, an `eos_token` the tokenizer lacks, or
+        ids outside the vocab.
     """
     num_tokens = tokenizer.get_vocab_size(with_added_tokens=True)
     size = num_tokens if vocab_size is None else vocab_size
     if size < num_tokens:
         raise ValueError(f"vocab_size: got {size}; expected >= the tokenizer's {num_tokens} tokens")
+    if eos_token:
+        eos_id = tokenizer.token_to_id(eos_token)
+        if eos_id is None:
+            raise ValueError(
+                f"eos_token: got {eos_token!r}, which the tokenizer does not have; expected one "
+                f'of its tokens (special tokens: {_special_names(tokenizer)}) or "" to recognise '
+                "it by name"
+            )
+    else:
+        eos_id = _find_token(tokenizer, _EOS_NAMES)
+        if eos_id is None:
+            logger.warning(
+                "the tokenizer has no recognisable eos token (none of %s): documents are packed "
+                "without a separator and generation stops only at max_tokens; set config "
+                "eos_token (--config.eos_token=TEXT) to its text",
+                ", ".join(_EOS_NAMES),
+            )
     own_pad = _find_token(tokenizer, _PAD_NAMES)
     if own_pad is None and tokenizer.padding is not None:
         own_pad = tokenizer.padding["pad_id"]
+    if pad_id == -1:
+        pad_id = None
     if own_pad is not None and pad_id is not None and own_pad != pad_id:
         raise ValueError(
             f"pad_id: got {pad_id}; the tokenizer's pad token has id {own_pad} "
-            f"(set model.pad_id={own_pad})"
+            f"(set model.pad_id={own_pad} or -1)"
         )
     resolved_pad = own_pad if own_pad is not None else pad_id
     if resolved_pad is None:
-        raise ValueError(
-            "pad_id: the tokenizer has no pad token; pass pad_id (config model.pad_id)"
+        resolved_pad = eos_id if eos_id is not None else 0
+        logger.warning(
+            "the tokenizer has no recognisable pad token (none of %s): padding uses id %s (%s); "
+            "set config model.pad_id (--config.model.pad_id=ID) to choose another",
+            ", ".join(_PAD_NAMES),
+            _describe(tokenizer, resolved_pad),
+            "its eos token" if resolved_pad == eos_id else "no eos token either",
         )
     if not 0 <= resolved_pad < size:
         raise ValueError(f"pad_id: got {resolved_pad}; expected an id in [0, {size})")
+    bos_id = _find_token(tokenizer, _BOS_NAMES)
+    logger.info(
+        "tokenizer: %d tokens; pad %s, eos %s, bos %s",
+        num_tokens,
+        _describe(tokenizer, resolved_pad),
+        _describe(tokenizer, eos_id),
+        _describe(tokenizer, bos_id),
+    )
     return DataSpec(
         vocab_size=size,
         pad_id=int(resolved_pad),
-        eos_id=_find_token(tokenizer, _EOS_NAMES),
+        eos_id=eos_id,
         token_bytes_V=token_byte_lengths(tokenizer, size),
+        bos_id=bos_id,
     )
 
 

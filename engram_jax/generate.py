@@ -25,6 +25,8 @@ from engram_jax import train as train_lib
 from engram_jax.hashing import tokenizer_fingerprint
 from engram_jax.model import MOE_BIAS, Transformer
 
+logger = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -35,6 +37,27 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+
+    def __post_init__(self):
+        problems = []
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            problems.append(f"max_tokens: got {self.max_tokens}; expected an integer >= 0")
+        if not self.temperature >= 0:
+            problems.append(f"temperature: got {self.temperature}; expected >= 0 (0 is greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append(f"top_k: got {self.top_k}; expected an integer >= 0 (0 keeps all)")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p: got {self.top_p}; expected a value in (0, 1]")
+        if problems:
+            raise ValueError("sampling: " + "; ".join(problems))
+
+
+def mask_beyond_vocab(logits_BV: jax.Array, num_tokens: int) -> jax.Array:
+    """Sets the logits of ids >= `num_tokens` to -inf: the model's vocabulary may be larger than
+    the tokenizer's (a BPE trained on a small corpus comes out short), and such ids have no text
+    and no compressed id to hash."""
+    ids_V = jnp.arange(logits_BV.shape[-1])
+    return jnp.where(ids_V[None, :] < num_tokens, logits_BV, -jnp.inf)  # [B, V]
 
 
 def sample_logits(
@@ -56,6 +79,11 @@ def sample_logits(
         raise ValueError(
             f"sampling: temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
             f"top_p={top_p} (in (0, 1]) expected"
+        )
+    if top_k > logits_BV.shape[-1]:
+        raise ValueError(
+            f"top_k: got {top_k}; expected at most the vocabulary size {logits_BV.shape[-1]} "
+            "(0 keeps all)"
         )
     logits_BV = logits_BV.astype(jnp.float32)
     if temperature == 0:
@@ -123,6 +151,8 @@ class Generator:
         if restored["state"]["moe_bias"]:
             self.variables[MOE_BIAS] = restored["state"]["moe_bias"]
         self.decoder = Transformer(cfg.model, decode=True)
+        self.num_tokens = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.context_length = cfg.train.seq_len
         self._step = jax.jit(self._decode_step, donate_argnums=1)
 
     def _decode_step(self, variables, cache, tokens_BT, positions_BT, hash_ids):
@@ -134,7 +164,7 @@ class Generator:
             hash_ids,
             mutable=["cache"],
         )
-        return logits_BTV[:, -1], updated["cache"]
+        return mask_beyond_vocab(logits_BTV[:, -1], self.num_tokens), updated["cache"]
 
     def _hash_ids(self, history: np.ndarray, count: int) -> np.ndarray | None:
         """Hash ids `[1, L_e, count, M]` of the last `count` tokens of `history` ([1, n])."""
@@ -156,7 +186,23 @@ class Generator:
         prompt_ids = np.asarray(prompt_ids, np.int32)[None, :]  # [1, P]
         if prompt_ids.shape[1] == 0:
             raise ValueError("prompt: got an empty prompt; expected at least one token")
-        data_lib.check_token_ids(prompt_ids, self.spec.vocab_size, where="prompt")
+        data_lib.check_token_ids(prompt_ids, self.num_tokens, where="prompt")
+        if sampling.top_k > self.num_tokens:
+            raise ValueError(
+                f"top_k: got {sampling.top_k}; expected at most the tokenizer's "
+                f"{self.num_tokens} tokens (0 keeps all)"
+            )
+        if prompt_ids.shape[1] > self.context_length:
+            # Positions past the trained context were never seen in training; the most recent
+            # tokens are the ones that condition the continuation.
+            logger.warning(
+                "prompt: %d tokens, longer than the trained context seq_len=%d; keeping its "
+                "last %d tokens",
+                prompt_ids.shape[1],
+                self.context_length,
+                self.context_length,
+            )
+            prompt_ids = prompt_ids[:, -self.context_length :]
         total = prompt_ids.shape[1] + sampling.max_tokens
         cache_shapes = jax.eval_shape(
             self.decoder.init,
@@ -205,12 +251,25 @@ def _zero_hash_ids(model_config: config_lib.ModelConfig, length: int) -> jax.Arr
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
+    from absl import app, flags
 
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)
     f = flags.FLAGS
+    # Before loading the model: a typo should not cost a checkpoint restore.
+    if f.max_tokens < 0:
+        raise app.UsageError(
+            f"--max_tokens: got {f.max_tokens}; expected a positive number of tokens (0: the "
+            "config's generate_max_tokens)"
+        )
+    if f.top_k < 0:
+        raise app.UsageError(f"--top_k: got {f.top_k}; expected >= 0 (0 keeps all)")
     generator = Generator(f.workdir, step=f.step)
+    if f.top_k > generator.num_tokens:
+        raise app.UsageError(
+            f"--top_k: got {f.top_k}; expected 0 (keep all) to the tokenizer's "
+            f"{generator.num_tokens} tokens"
+        )
     sampling = SamplingConfig(
         max_tokens=f.max_tokens or generator.config.generate_max_tokens,
         temperature=f.temperature,
@@ -225,11 +284,20 @@ def _define_flags() -> None:
     from absl import flags
 
     flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/, tokenizer.json).")
-    flags.DEFINE_string("prompt", None, "Text to continue.")
+    flags.DEFINE_string(
+        "prompt",
+        None,
+        "Text to continue. A prompt longer than the trained context (the config's seq_len) "
+        "keeps its last seq_len tokens, with a warning.",
+    )
     flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-    flags.DEFINE_integer("max_tokens", 0, "Tokens to sample (0: the config's generate_max_tokens).")
+    flags.DEFINE_integer(
+        "max_tokens", 0, "Tokens to sample, >= 0 (0: the config's generate_max_tokens)."
+    )
     flags.DEFINE_float("temperature", 0.0, "0 is greedy decoding.")
-    flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
+    flags.DEFINE_integer(
+        "top_k", 0, "Keep the k most likely tokens, at most the tokenizer's size (0: all)."
+    )
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1.0: off).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.mark_flags_as_required(["workdir", "prompt"])

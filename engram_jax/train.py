@@ -14,6 +14,8 @@ import hashlib
 import logging
 import math
 import os
+import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,12 +26,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from etils import epath
 
 from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import config as config_lib
 from engram_jax import data as data_lib
 from engram_jax import metrics as metrics_lib
-from engram_jax import optim, sharding
+from engram_jax import optim, preemption, sharding
 from engram_jax import plot as plot_lib
 from engram_jax.accounting import account, format_accounting
 from engram_jax.hashing import tokenizer_fingerprint
@@ -93,7 +96,10 @@ def token_specs(
     """The token ids' spec (pad, eos, byte lengths) and, with Engram on, the compressor and hasher
     the config describes (`cache_dir` caches the compressed-token table)."""
     spec = data_lib.make_data_spec(
-        tokenizer, pad_id=cfg.model.pad_id, vocab_size=cfg.model.vocab_size
+        tokenizer,
+        pad_id=cfg.model.pad_id,
+        vocab_size=cfg.model.vocab_size,
+        eos_token=cfg.train.eos_token,
     )
     e = cfg.model.engram
     if not e.enabled:
@@ -496,6 +502,25 @@ def _host_metrics(step: int, device_metrics: dict[str, jax.Array]) -> dict[str, 
     return metrics
 
 
+def _prepare_workdir(workdir: str) -> None:
+    """Creates the workdir and proves it writable, so a bad path fails before any work."""
+    path = epath.Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(
+            f"workdir: {workdir!r} is a file; expected a directory (or a path to create)"
+        )
+    probe = path / f".write_test_{socket.gethostname()}_{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(
+            f"workdir: cannot write to {workdir!r} ({type(e).__name__}: {e}); expected a "
+            "writable directory"
+        ) from e
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -512,6 +537,11 @@ def train_and_evaluate(
 
     Returns:
       The last step's training metrics merged with the last evaluation.
+
+    Raises:
+      preemption.TrainingStopped: SIGTERM or SIGINT (on any process) stopped training at a step
+        boundary; that step was saved and the metrics flushed first. A second signal exits the
+        process at once.
     """
     cfg = config_lib.validate(config)
     t = cfg.train
@@ -535,7 +565,7 @@ def train_and_evaluate(
             "and the tokenizer are written with POSIX file I/O): mount the bucket on every host, "
             "e.g. with gcsfuse, and pass the mount path"
         )
-    os.makedirs(workdir, exist_ok=True)
+    _prepare_workdir(workdir)
     mesh = sharding.mesh_from_config(cfg.mesh)
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if t.batch_size % batch_shards:
@@ -677,6 +707,9 @@ def _loop(program: _Program, state: TrainState, train_iter) -> dict[str, float]:
             closers.callback(store.close)
             closers.callback(store.wait_until_finished)
 
+    stop = preemption.StopSignals(
+        mesh, t.batch_size // jax.process_count(), sharding.BATCH_AXES
+    ).install()
     try:
         while step < t.num_train_steps:
             batch = sharding.global_batch(next(train_iter), mesh)
@@ -703,6 +736,11 @@ def _loop(program: _Program, state: TrainState, train_iter) -> dict[str, float]:
                 window_start, window_steps = time.perf_counter(), 0
             if program.step_hook is not None:
                 program.step_hook(step, state)
+            if stop.should_stop(step):
+                if not save_now:
+                    flush_pending()
+                    _save(store, state, train_iter, program.metadata)
+                break
         flush_pending()
     except BaseException:
         # The loop's own error is the one to report; a failure while closing is only logged.
@@ -710,8 +748,17 @@ def _loop(program: _Program, state: TrainState, train_iter) -> dict[str, float]:
             close_all()
         except Exception:
             logger.exception("error while closing after a failed training loop")
+        finally:
+            stop.uninstall()
         raise
-    close_all()
+    try:
+        close_all()
+    finally:
+        stop.uninstall()
+    if stop.agreed:
+        raise preemption.TrainingStopped(
+            stop.agreed, step, str(store.directory / str(step)), local=stop.local
+        )
     return last
 
 
@@ -733,7 +780,11 @@ def main(argv: list[str]) -> None:
         )
     # Orbax and absl log every checkpoint internal at INFO; keep the console to our own lines.
     logging.getLogger("absl").setLevel(logging.WARNING)
-    train_and_evaluate(config, flags_values.workdir)
+    try:
+        train_and_evaluate(config, flags_values.workdir)
+    except preemption.TrainingStopped as stopped:
+        logger.warning("%s", stopped)
+        sys.exit(stopped.exit_code)
 
 
 def _define_flags() -> None:

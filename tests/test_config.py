@@ -60,3 +60,47 @@ def test_locked_config_rejects_unknown_keys():
     c.lock()
     with pytest.raises(AttributeError):
         c.model.num_layerz = 3
+
+
+_MISSPELT = """
+from engram_jax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model.hidden_sise = 64
+    return c
+"""
+
+
+# ml_collections' config_flags still loads files with the deprecated importlib load_module().
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+def test_config_file_setting_an_unknown_key_fails(tmp_path):
+    """Config files fail like command-line overrides: the key set of base_config() is frozen."""
+    path = tmp_path / "misspelt.py"
+    path.write_text(_MISSPELT)
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"misspelt.py': sets key 'hidden_sise', which base_config\(\) does not declare; "
+        r"did you mean 'hidden_size'\?",
+    ):
+        config_lib.load_config_file(path)
+
+    # The training program's --config flag loads files with ml_collections' config_flags.
+    from absl import flags
+    from ml_collections import config_flags
+
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True)
+    with pytest.raises(AttributeError, match='Key "hidden_sise" does not exist'):
+        flag_values(["prog", f"--config={path}"])
+
+
+def test_adam_betas_must_lie_in_unit_interval():
+    c = config_lib.base_config()
+    c.adam_b1 = 1.0
+    c.adam_b2 = -0.1
+    with pytest.raises(config_lib.ConfigError) as err:
+        config_lib.validate(c)
+    assert "config.adam_b1: got 1.0; expected in [0, 1)" in str(err.value)
+    assert "config.adam_b2: got -0.1; expected in [0, 1)" in str(err.value)

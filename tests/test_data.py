@@ -475,3 +475,104 @@ def test_hash_spec_must_match_tokenizer(tokenizer, spec, engram, tmp_path):
     )
     with pytest.raises(ValueError, match="compressed pad id"):
         _finite(DOCS, tokenizer, spec, engram=wrong_pad)
+
+
+# ---------------------------------------------------------------------------------------- specials
+
+_DEEPSEEK = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>")
+
+
+def _tokenizer_with_specials(specials):
+    """A real byte-level BPE whose first ids are `specials`, as tokenizers of other families
+    (DeepSeek-V3, Llama 3, GPT-2, T5, BERT, Gemma) carry them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=280,
+        special_tokens=list(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(DOCS[:10], trainer=trainer)
+    return tokenizer
+
+
+@pytest.mark.parametrize(
+    "specials, expected",
+    [
+        (_DEEPSEEK, (2, 1, 0)),  # DeepSeek-V3: bos 0, eos 1, pad 2
+        (("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"), (2, 1, 0)),
+        (("<pad>", "</s>", "<unk>"), (0, 1, None)),  # T5
+        (("[PAD]", "[UNK]", "[CLS]", "[SEP]"), (0, 3, 2)),  # BERT
+        (("<pad>", "<eos>", "<bos>"), (0, 1, 2)),  # Gemma
+        (("<unk>", "<s>", "</s>"), (2, 2, 1)),  # Llama 2: no pad, so pad = eos (warned)
+    ],
+)
+def test_special_token_families(specials, expected, caplog):
+    tokenizer = _tokenizer_with_specials(specials)
+    with caplog.at_level("WARNING", logger="engram_jax.data"):
+        spec = data.make_data_spec(tokenizer, vocab_size=320)
+    assert (spec.pad_id, spec.eos_id, spec.bos_id) == expected
+    assert ("no recognisable pad token" in caplog.text) == ("<unk>" in specials[0])
+
+
+def test_deepseek_specials_in_the_pipeline():
+    """Documents end with DeepSeek's eos (id 1) and padding holds its pad (id 2), not its bos."""
+    tokenizer = _tokenizer_with_specials(_DEEPSEEK)
+    spec = data.make_data_spec(tokenizer, pad_id=-1)
+    batches = _finite(DOCS[:3], tokenizer, spec, shuffle=False)
+    targets = np.concatenate([b["targets"].ravel() for b in batches])
+    inputs = np.concatenate([b["inputs"].ravel() for b in batches])
+    mask = np.concatenate([b["loss_mask"].ravel() for b in batches])
+    assert np.sum(targets[mask > 0] == 1) == 3  # one eos per document
+    assert np.all(inputs[mask == 0] == 2) and np.any(mask == 0)
+    assert not np.any(inputs == 0)  # bos is never written
+
+
+def test_missing_specials_warn_and_name_the_config_keys(caplog):
+    tokenizer = _tokenizer_with_specials(())
+    with caplog.at_level("WARNING", logger="engram_jax.data"):
+        spec = data.make_data_spec(tokenizer)
+    assert (spec.pad_id, spec.eos_id, spec.bos_id) == (0, None, None)
+    assert "no recognisable eos token" in caplog.text and "eos_token" in caplog.text
+    assert "no recognisable pad token" in caplog.text and "model.pad_id" in caplog.text
+
+
+def test_explicit_eos_token():
+    tokenizer = _tokenizer_with_specials(("<|im_end|>", "<|pad|>"))
+    assert data.make_data_spec(tokenizer, eos_token="<|im_end|>").eos_id == 0
+    with pytest.raises(ValueError, match=r"eos_token: got '</s>'.*\['<\|im_end\|>', '<\|pad\|>'\]"):
+        data.make_data_spec(tokenizer, eos_token="</s>")
+
+
+# ---------------------------------------------------------------------------------------- encodings
+
+
+def test_non_utf8_and_broken_gzip_files_are_named(tmp_path):
+    # The bad byte sits past the reader's first 1 MiB chunk, right after a 2-byte character cut
+    # by the chunk boundary, so the offset must count across chunks.
+    prefix = ("a" * ((1 << 20) - 1) + "é").encode("utf-8")
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(prefix + b" ok \xff rest")
+    offset = len(prefix) + 4
+    with pytest.raises(ValueError, match=rf"latin1.txt: invalid UTF-8 at byte offset {offset} "):
+        data.load_documents(str(bad))
+    zipped = tmp_path / "latin1.jsonl.gz"
+    zipped.write_bytes(gzip.compress(b'{"text": "ok"}\n{"text": "caf\xe9"}\n'))
+    with pytest.raises(ValueError, match="latin1.jsonl.gz: invalid UTF-8 at byte offset 28 of the"):
+        data.load_documents(str(zipped))
+    not_gzip = tmp_path / "plain.txt.gz"
+    not_gzip.write_text("just text")
+    with pytest.raises(ValueError, match="plain.txt.gz: not a readable gzip file"):
+        data.load_documents(str(not_gzip))
+    truncated = tmp_path / "cut.txt.gz"
+    truncated.write_bytes(gzip.compress(b"x" * 1000)[:20])
+    with pytest.raises(ValueError, match="cut.txt.gz: not a readable gzip file.*EOFError"):
+        data.load_documents(str(truncated))
+    misnamed = tmp_path / "zipped.txt"
+    misnamed.write_bytes(gzip.compress(b"text"))
+    with pytest.raises(ValueError, match="zipped.txt: invalid UTF-8 at byte offset 1 .*name it"):
+        data.load_documents(str(misnamed))

@@ -432,3 +432,155 @@ def test_plots_in_the_workdir_are_valid_pngs(uninterrupted):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
         image = matplotlib.image.imread(os.path.join(plots, name))
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, name
+
+
+def _run_until_signal(corpus: str, workdir: str, signum: int, at_step: int, tmp_path):
+    """Runs the command-line trainer (`train.main` under absl) on `_small_config`, sending
+    `signum` to itself from the step hook after step `at_step`."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    config_file = tmp_path / f"config_{signum}.py"
+    config_file.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {tests_dir!r})
+            from test_train import _small_config
+
+            def get_config():
+                return _small_config({corpus!r})
+            """
+        )
+    )
+    child = textwrap.dedent(
+        f"""
+        import functools, os, sys
+        sys.path.insert(0, {tests_dir!r})
+        from absl import app
+        from engram_jax import train
+
+        def send_signal(step, state):
+            if step == {at_step}:
+                os.kill(os.getpid(), {int(signum)})
+
+        # The real entry point; only the fault injection is added.
+        train.train_and_evaluate = functools.partial(
+            train.train_and_evaluate, step_hook=send_signal
+        )
+        train._define_flags()
+        app.run(train.main)
+        """
+    )
+    return subprocess.run(
+        [sys.executable, "-c", child, f"--config={config_file}", f"--workdir={workdir}"],
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_sigterm_and_sigint_save_the_current_step_and_resume_exactly(
+    uninterrupted, corpus, tmp_path
+):
+    """A preemption (SIGTERM) after step 2 and a Ctrl-C (SIGINT) after step 4, while the step-3
+    checkpoint may still be writing: each run saves the step it stopped at, flushes its metrics
+    and exits with 128 + the signal number and one line; the resumed run matches an
+    uninterrupted one exactly."""
+    reference_dir, _ = uninterrupted
+    workdir = str(tmp_path / "signals")
+    checkpoints = os.path.join(workdir, "checkpoints")
+
+    result = _run_until_signal(corpus, workdir, signal.SIGTERM, 2, tmp_path)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    assert "stopped by SIGTERM at step 2: checkpoint saved" in result.stderr
+    store = checkpoint_lib.CheckpointStore(checkpoints, create=False)
+    assert store.all_steps() == [2]
+    store.close()
+    assert max(_losses(workdir)) == 2
+
+    result = _run_until_signal(corpus, workdir, signal.SIGINT, 4, tmp_path)
+    assert result.returncode == 128 + signal.SIGINT, result.stderr[-3000:]
+    assert "stopped by SIGINT at step 4: checkpoint saved" in result.stderr
+    store = checkpoint_lib.CheckpointStore(checkpoints, create=False)
+    assert store.all_steps() == [2, 3, 4]
+    store.close()
+    assert max(_losses(workdir)) == 4
+
+    train_lib.train_and_evaluate(_small_config(corpus), workdir)
+    assert _losses(workdir) == _losses(reference_dir)
+    chex.assert_trees_all_equal(_final_params(workdir), _final_params(reference_dir))
+
+
+def test_workdir_that_is_a_file_or_read_only_is_named(corpus, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(NotADirectoryError, match=f"workdir: '{a_file}' is a file"):
+        train_lib.train_and_evaluate(_small_config(corpus), str(a_file))
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.geteuid() == 0:  # root ignores permission bits, not the immutable attribute
+        subprocess.run(["chattr", "+i", str(read_only)], check=True)
+    try:
+        with pytest.raises(PermissionError, match=f"workdir: cannot write to '{read_only}'"):
+            train_lib.train_and_evaluate(_small_config(corpus), str(read_only))
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(read_only)], check=True)
+        read_only.chmod(0o755)
+    assert os.listdir(read_only) == []
+
+
+def _deepseek_style_tokenizer(corpus: str, path: str) -> int:
+    """A byte-level BPE with DeepSeek-V3's specials (bos 0, eos 1, pad 2), shorter than the
+    model's vocabulary; returns its size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(data_lib.load_documents(corpus), trainer=trainer)
+    tokenizer.save(path)
+    return tokenizer.get_vocab_size()
+
+
+def test_generation_with_a_short_deepseek_tokenizer(corpus, tmp_path, caplog):
+    """A model whose vocabulary (384) is larger than its tokenizer (300, DeepSeek specials) never
+    samples an id the tokenizer lacks, stops on DeepSeek's eos, and refuses bad arguments."""
+    workdir = str(tmp_path / "short")
+    config = _small_config(corpus)
+    config.tokenizer_path = str(tmp_path / "tokenizer.json")
+    num_tokens = _deepseek_style_tokenizer(corpus, config.tokenizer_path)
+    config.num_train_steps = 2
+    config.eval_every = config.eval_batches = config.checkpoint_every = 0
+    config.model.vocab_size = 384
+    config.model.moe.num_experts = 0
+    train_lib.train_and_evaluate(config, workdir)
+
+    generator = generate_lib.Generator(workdir)
+    assert generator.num_tokens == num_tokens < 384
+    assert (generator.spec.eos_id, generator.spec.pad_id, generator.spec.bos_id) == (1, 2, 0)
+    prompt = generator._encode("the memory table")
+    # Near-uniform sampling: without the mask about a fifth of the draws fall past the tokenizer.
+    hot = generate_lib.SamplingConfig(max_tokens=40, temperature=50.0, seed=3)
+    tokens = generator.generate_ids(prompt, hot)
+    assert tokens and max(tokens) < num_tokens and 1 not in tokens
+    generator.tokenizer.decode(tokens)
+
+    # A prompt longer than the trained context keeps its last seq_len tokens.
+    long_prompt = np.tile(prompt, 20)[:45]
+    # 32 + 11 = 3 + 40 cache positions: the decode steps compiled above are reused.
+    greedy = generate_lib.SamplingConfig(max_tokens=11, temperature=0.0)
+    with caplog.at_level("WARNING", logger="engram_jax.generate"):
+        kept = generator.generate_ids(long_prompt, greedy)
+    assert "prompt: 45 tokens, longer than the trained context seq_len=32" in caplog.text
+    assert kept == generator.generate_ids(long_prompt[-32:], greedy)
+
+    with pytest.raises(ValueError, match=f"top_k: got {num_tokens + 1}; expected at most"):
+        generator.generate_ids(prompt, generate_lib.SamplingConfig(top_k=num_tokens + 1))
+    with pytest.raises(ValueError, match="max_tokens: got -1; expected an integer >= 0"):
+        generate_lib.SamplingConfig(max_tokens=-1)
