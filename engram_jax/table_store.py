@@ -4,7 +4,7 @@ readers with a bounded LRU row cache, read in row blocks from an orbax checkpoin
 Row file format (one per table, beside the checkpoints: `<workdir>/table_rows/<step>/`):
 `<name>.rows` holds the `[R, W]` table as raw little-endian C-order rows (row r at byte offset
 `r * W * itemsize`), and `<name>.json` its `{"shape": [R, W], "dtype": "float32", "step": N,
-"source": "<array name in the memory item>"}`. The JSON is written last, after the rows file is
+"source": "<leaf name in the memory item>"}`. The JSON is written last, after the rows file is
 complete and renamed into place, so a row file with its JSON is always whole.
 """
 
@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 from etils import epath
+
+from engram_jax import table_checkpoint
 
 # Rows read per block when converting or loading a table (a few MiB at W = 64).
 BLOCK_ROWS = 1 << 16
@@ -39,6 +41,10 @@ def open_checkpoint_table(memory_dir: str | os.PathLike, path: Sequence[str]) ->
       FileNotFoundError: the item or the array does not exist (naming both).
     """
     memory_dir = epath.Path(memory_dir)
+    name = memory_array_name(path)
+    if (memory_dir / table_checkpoint.INDEX_FILE).exists():
+        return table_checkpoint.open_leaf(memory_dir, name)
+    # An older checkpoint: orbax's standard layout (zarr over OCDBT).
     metadata_file = memory_dir / "_METADATA"
     if not metadata_file.exists():
         raise FileNotFoundError(
@@ -46,7 +52,6 @@ def open_checkpoint_table(memory_dir: str | os.PathLike, path: Sequence[str]) ->
             "'memory' item of a committed checkpoint"
         )
     meta = json.loads(metadata_file.read_text())
-    name = memory_array_name(path)
     driver = "zarr3" if meta.get("use_zarr3") else "zarr"
     if meta.get("use_ocdbt", True):
         kvstore = {"driver": "ocdbt", "base": _kvstore_url(memory_dir), "path": name + "/"}
@@ -71,7 +76,12 @@ def iter_row_blocks(
     Blocks are rounded to the stored chunk's rows, so no chunk is decoded twice.
     """
     num_rows = array.shape[0]
-    chunk = array.chunk_layout.read_chunk.shape[0] or block_rows
+    try:
+        chunk_shape = array.chunk_layout.read_chunk.shape
+    except ValueError:
+        chunk_shape = None
+    # A virtual (stitched) view of several shards has no single chunk shape.
+    chunk = chunk_shape[0] if chunk_shape and chunk_shape[0] else block_rows
     step = max(chunk, block_rows // chunk * chunk)
     for start in range(0, num_rows, step):
         stop = min(start + step, num_rows)

@@ -16,7 +16,7 @@ import pytest
 from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import config as config_lib
 from engram_jax import generate as generate_lib
-from engram_jax import sharding, table_init, table_store
+from engram_jax import sharding, table_checkpoint, table_init, table_store
 from engram_jax import train as train_lib
 from tests.multidevice import run_with_devices
 from tests.test_train import _small_config, _write_corpus
@@ -175,3 +175,47 @@ def test_chunked_init_is_reproducible_and_sharding_independent():
     out = run_with_devices(8, code)
     assert out["shard"] == [250, 8]
     np.testing.assert_array_equal(np.asarray(out["values"], np.float32), whole)
+
+
+def test_memory_item_round_trip_across_meshes_and_numpy_targets(tmp_path):
+    """Saved from 8 devices (rows over 4, replicated over 2), restored on 1 device, into numpy
+    in place, and opened without reading; an orbax-layout item still restores."""
+    directory = str(tmp_path / "memory")
+    code = f"""
+        import json, jax, jax.numpy as jnp, numpy as np
+        from etils import epath
+        from engram_jax import table_checkpoint
+        mesh = jax.make_mesh((4, 2), ("rows", "copies"),
+                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
+        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows"))
+        table = jax.device_put(jnp.arange(40 * 3, dtype=jnp.float32).reshape(40, 3), rows)
+        tree = {{"tables": {{"t": table}}, "opt_state": (jnp.int32(7), {{"v": table * 2}})}}
+        path = epath.Path({directory!r})
+        path.mkdir()
+        table_checkpoint.save_memory(path, tree, block_rows=3)
+        print(json.dumps(sorted(p.name for p in (path / "tables.t").iterdir())))
+        """
+    assert run_with_devices(8, code) == [f"shard_{a}-{a + 10}_0-3" for a in (0, 10, 20, 30)]
+    expected = np.arange(120, dtype=np.float32).reshape(40, 3)
+    directory = table_checkpoint.epath.Path(directory)
+    target = {
+        "tables": {"t": jax.ShapeDtypeStruct((40, 3), jnp.float32)},
+        "opt_state": (jax.ShapeDtypeStruct((), jnp.int32), {"v": np.zeros((40, 3), np.float32)}),
+    }
+    restored = table_checkpoint.restore_memory(directory, target, block_rows=7)
+    np.testing.assert_array_equal(np.asarray(restored["tables"]["t"]), expected)
+    assert int(restored["opt_state"][0]) == 7
+    assert restored["opt_state"][1]["v"] is target["opt_state"][1]["v"]  # filled in place
+    np.testing.assert_array_equal(restored["opt_state"][1]["v"], 2 * expected)
+    view = table_store.open_checkpoint_table(directory, ("t",))
+    np.testing.assert_array_equal(table_store.load_host_table(view, block_rows=6), expected)
+    bad = {"tables": {"t": jax.ShapeDtypeStruct((40, 3), jnp.float32)}}
+    with pytest.raises(ValueError, match="saved only"):
+        table_checkpoint.restore_memory(directory, bad)
+
+    legacy = tmp_path / "legacy"
+    ocp = table_checkpoint.ocp
+    ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(legacy, {"t": expected})
+    handler = table_checkpoint.MemoryHandler()
+    out = handler.restore(legacy, table_checkpoint.MemoryRestore({"t": np.zeros((40, 3))}))
+    np.testing.assert_array_equal(np.asarray(out["t"]), expected)
