@@ -181,8 +181,10 @@ class CheckpointStore:
         """Starts an asynchronous save of one step.
 
         Arrays may be sharded `jax.Array`s (each process writes its shards) or numpy arrays; the
-        caller may donate or overwrite them as soon as `save` returns. Saving a step that already
-        exists raises: a good checkpoint is never overwritten.
+        caller may donate or overwrite them as soon as `save` returns. The `memory` item is written
+        before `save` returns, in row blocks straight from the live arrays (no host copy of the
+        tables); the rest is written in the background. Saving a step that already exists raises:
+        a good checkpoint is never overwritten.
 
         Args:
           step: training step, >= 0.

@@ -250,6 +250,23 @@ def restore_memory(directory: epath.Path, target: Any, block_rows: int = BLOCK_R
     return jax.tree_util.tree_unflatten(treedef, restored)
 
 
+def _numpy_target(directory: epath.Path) -> dict[str, Any]:
+    """Without a target: numpy leaves in nested dicts keyed by the saved names' dotted parts
+    (sequence indices become string keys), like orbax's target-less restore of a dict tree."""
+    saved = json.loads((directory / INDEX_FILE).read_text())["leaves"]
+    tree: dict[str, Any] = {}
+    for name, info in saved.items():
+        *parents, last = name.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        if "scalar" in info:
+            node[last] = np.zeros((), info["dtype"])
+        else:
+            node[last] = np.empty(info["shape"], info["dtype"])
+    return tree
+
+
 # ------------------------------------------------------------------------------------------------
 # orbax handler.
 # ------------------------------------------------------------------------------------------------
@@ -274,7 +291,7 @@ class MemoryHandler(ocp.CheckpointHandler):
                 directory, args=ocp.args.StandardRestore(target)
             )
         if target is None:
-            raise ValueError(f"{directory}: restoring the memory item needs a target tree")
+            target = _numpy_target(directory)
         return restore_memory(directory, target, self._block_rows)
 
 
