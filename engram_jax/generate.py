@@ -26,7 +26,7 @@ import numpy as np
 from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import config as config_lib
 from engram_jax import data as data_lib
-from engram_jax import optim, table_store
+from engram_jax import optim, table_checkpoint, table_store
 from engram_jax import train as train_lib
 from engram_jax.engram import head_offsets
 from engram_jax.hashing import tokenizer_fingerprint
@@ -143,18 +143,24 @@ class Generator:
         )
         abstract_dense, abstract_memory = train_lib.checkpoint_items(abstract)
         offloaded = table_placement != "device" and self.engram is not None
+        saved_step = metadata[checkpoint_lib.RESERVED_META_KEY]["step"]
+        memory_dir = store.directory / str(saved_step) / "memory"
+        # Inference needs the tables, not their optimizer state (2x the tables under Adam).
+        tables_only = (memory_dir / table_checkpoint.INDEX_FILE).exists()
         restored = store.restore(
             step,
             abstract_state=abstract_dense,
             abstract_memory=abstract_memory,
-            items=("state",) if offloaded else ("state", "memory"),
+            items=("state",) if offloaded or tables_only else ("state", "memory"),
         )
         memory = restored.get("memory") or {}
         memory = memory["tables"] if memory else {}
         if offloaded:
-            saved_step = metadata[checkpoint_lib.RESERVED_META_KEY]["step"]
-            memory_dir = store.directory / str(saved_step) / "memory"
             self.rows = self._open_tables(workdir, memory_dir, saved_step, row_cache_mib)
+        elif tables_only and self.engram is not None:
+            memory = table_checkpoint.restore_memory(
+                memory_dir, {"tables": abstract_memory["tables"]}, partial=True
+            )["tables"]
         store.close()
         self.variables = {"params": optim.merge_params(restored["state"]["params"], memory)}
         if restored["state"]["moe_bias"]:

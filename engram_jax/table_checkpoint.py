@@ -225,9 +225,13 @@ def _restore_leaf(directory: epath.Path, name: str, info: dict, target: Any, blo
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
-def restore_memory(directory: epath.Path, target: Any, block_rows: int = BLOCK_ROWS) -> Any:
+def restore_memory(
+    directory: epath.Path, target: Any, block_rows: int = BLOCK_ROWS, *, partial: bool = False
+) -> Any:
     """Restores the tree `target` describes (`jax.ShapeDtypeStruct` leaves with shardings, or
-    numpy arrays filled in place); structure and shapes must match the saved ones exactly."""
+    numpy arrays filled in place); structure and shapes must match the saved ones exactly, or,
+    with `partial=True`, `target` may name a subset of the saved leaves (e.g. the tables without
+    their optimizer state, for inference)."""
     meta = json.loads((directory / INDEX_FILE).read_text())
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(
@@ -237,7 +241,7 @@ def restore_memory(directory: epath.Path, target: Any, block_rows: int = BLOCK_R
     saved = meta["leaves"]
     leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
     names = [leaf_name(path) for path, _ in leaves]
-    if sorted(names) != sorted(saved):
+    if set(names) - set(saved) or (not partial and set(saved) - set(names)):
         missing, extra = sorted(set(saved) - set(names)), sorted(set(names) - set(saved))
         raise ValueError(
             f"{directory}: saved leaves differ from the target (saved only: {missing}; target "
