@@ -6,8 +6,9 @@ every item has committed, so a step directory is either complete or absent):
 
 - `state/`: the dense pytree (params without tables, optimizer state, step, MoE bias, ...), orbax
   `StandardCheckpointHandler` (tensorstore/OCDBT, sharded, any dtype).
-- `memory/`: the Engram tables and their optimizer state, same handler; omitted when the tree has no
-  leaves (orbax refuses empty items) and restored as `{}`.
+- `memory/`: the Engram tables and their optimizer state, written and read in row blocks by
+  `table_checkpoint.MemoryHandler` (bounded memory; orbax's standard layout of older checkpoints
+  still restores); omitted when the tree has no leaves and restored as `{}`.
 - `data/process_<i>-of-<n>.json`: each process's input-iterator state, the same file layout as
   `grain.checkpoint.CheckpointHandler` but taking a JSON dict instead of a live iterator.
 - `meta/metadata`: JSON, the caller's metadata plus a reserved `"_checkpoint"` entry
@@ -26,6 +27,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from engram_jax import table_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +151,7 @@ class CheckpointStore:
             options=options,
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
-                "memory": ocp.StandardCheckpointHandler(),
+                "memory": table_checkpoint.MemoryHandler(),
                 "data": _ProcessJsonHandler(),
                 "meta": ocp.JsonCheckpointHandler(),
             },
@@ -178,8 +181,10 @@ class CheckpointStore:
         """Starts an asynchronous save of one step.
 
         Arrays may be sharded `jax.Array`s (each process writes its shards) or numpy arrays; the
-        caller may donate or overwrite them as soon as `save` returns. Saving a step that already
-        exists raises: a good checkpoint is never overwritten.
+        caller may donate or overwrite them as soon as `save` returns. The `memory` item is written
+        before `save` returns, in row blocks straight from the live arrays (no host copy of the
+        tables); the rest is written in the background. Saving a step that already exists raises:
+        a good checkpoint is never overwritten.
 
         Args:
           step: training step, >= 0.
@@ -208,7 +213,8 @@ class CheckpointStore:
             raise ValueError(f"save: metadata key {RESERVED_META_KEY!r} is reserved")
         items: dict[str, ocp.args.CheckpointArgs] = {"state": ocp.args.StandardSave(state)}
         if jax.tree.leaves(memory):
-            items["memory"] = ocp.args.StandardSave(memory)
+            # Written synchronously in row blocks from the live arrays: no host snapshot.
+            items["memory"] = table_checkpoint.MemorySave(memory)
         if data_state is not None:
             _check_json(data_state, "data_state", step)
             items["data"] = _DataSave(dict(data_state))
@@ -374,8 +380,12 @@ class CheckpointStore:
                     )
                 result["data"] = self._restore_item(step, "data", _DataRestore())
             else:
-                target = abstract_state if item == "state" else abstract_memory
-                result[item] = self._restore_item(step, item, ocp.args.StandardRestore(target))
+                args = (
+                    ocp.args.StandardRestore(abstract_state)
+                    if item == "state"
+                    else table_checkpoint.MemoryRestore(abstract_memory)
+                )
+                result[item] = self._restore_item(step, item, args)
         logger.info("restored checkpoint step %d items %s", step, tuple(items))
         return result
 

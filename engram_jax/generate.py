@@ -3,6 +3,11 @@
 Decoding runs one token at a time with the KV cache (attention keys/values, MLA latents and the
 Engram convolution state); the host hashes each new token from the last `max_ngram` tokens, exactly
 as the training pipeline hashes whole sequences.
+
+`--table_placement` chooses where the Engram tables live: `device` (restored into accelerator
+memory, looked up inside the step), `host` (numpy in host RAM) or `disk` (a flat row file beside
+the checkpoints, `table_store.py`, read through an LRU row cache of `--row_cache_mib`). With
+`host` and `disk` the host gathers each step's rows and the model runs on the pre-gathered rows.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -20,10 +26,14 @@ import numpy as np
 from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import config as config_lib
 from engram_jax import data as data_lib
-from engram_jax import optim
+from engram_jax import optim, table_checkpoint, table_store
 from engram_jax import train as train_lib
+from engram_jax.engram import head_offsets
 from engram_jax.hashing import tokenizer_fingerprint
-from engram_jax.model import MOE_BIAS, Transformer
+from engram_jax.model import MOE_BIAS, Transformer, engram_table_sizes
+
+PLACEMENTS = ("device", "host", "disk")
+ROW_DIR = "table_rows"  # <workdir>/table_rows/<step>/: flat row files of the disk placement
 
 logger = logging.getLogger(__name__)
 
@@ -105,9 +115,30 @@ def sample_logits(
 
 
 class Generator:
-    """A trained model loaded from a workdir, ready to continue prompts."""
+    """A trained model loaded from a workdir, ready to continue prompts.
 
-    def __init__(self, workdir: str, step: int | None = None):
+    Args:
+      workdir: the training workdir (checkpoints/, tokenizer.json).
+      step: checkpoint step; None = latest.
+      table_placement: "device", "host" or "disk" (see the module docstring).
+      row_cache_mib: row cache size of the "disk" placement, in MiB (0 disables the cache).
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        step: int | None = None,
+        table_placement: str = "device",
+        row_cache_mib: float = 256.0,
+    ):
+        if table_placement not in PLACEMENTS:
+            raise ValueError(
+                f"table_placement: got {table_placement!r}; expected one of {PLACEMENTS}"
+            )
+        if not row_cache_mib >= 0:
+            raise ValueError(f"row_cache_mib: got {row_cache_mib}; expected >= 0")
+        self.table_placement = table_placement
+        self.rows: table_store.RowGatherer | None = None
         store = checkpoint_lib.CheckpointStore(
             os.path.join(workdir, "checkpoints"), create=False, cleanup_partial=False
         )
@@ -139,14 +170,26 @@ class Generator:
             jax.random.PRNGKey(0),
         )
         abstract_dense, abstract_memory = train_lib.checkpoint_items(abstract)
+        offloaded = table_placement != "device" and self.engram is not None
+        saved_step = metadata[checkpoint_lib.RESERVED_META_KEY]["step"]
+        memory_dir = store.directory / str(saved_step) / "memory"
+        # Inference needs the tables, not their optimizer state (2x the tables under Adam).
+        tables_only = (memory_dir / table_checkpoint.INDEX_FILE).exists()
         restored = store.restore(
             step,
             abstract_state=abstract_dense,
             abstract_memory=abstract_memory,
-            items=("state", "memory"),
+            items=("state",) if offloaded or tables_only else ("state", "memory"),
         )
+        memory = restored.get("memory") or {}
+        memory = memory["tables"] if memory else {}
+        if offloaded:
+            self.rows = self._open_tables(workdir, memory_dir, saved_step, row_cache_mib)
+        elif tables_only and self.engram is not None:
+            memory = table_checkpoint.restore_memory(
+                memory_dir, {"tables": abstract_memory["tables"]}, partial=True
+            )["tables"]
         store.close()
-        memory = restored["memory"]["tables"] if restored["memory"] else {}
         self.variables = {"params": optim.merge_params(restored["state"]["params"], memory)}
         if restored["state"]["moe_bias"]:
             self.variables[MOE_BIAS] = restored["state"]["moe_bias"]
@@ -155,16 +198,51 @@ class Generator:
         self.context_length = cfg.train.seq_len
         self._step = jax.jit(self._decode_step, donate_argnums=1)
 
-    def _decode_step(self, variables, cache, tokens_BT, positions_BT, hash_ids):
+    def _open_tables(
+        self, workdir: str, memory_dir, step: int, row_cache_mib: float
+    ) -> table_store.RowGatherer:
+        """Row readers of every Engram layer's table, in `layer_ids` order, behind one cache."""
+        e = self.model_config.engram
+        sizes = engram_table_sizes(self.model_config)
+        # [L_e, M] row offset of each head in its layer's flat table.
+        self._offsets = np.stack([head_offsets(sizes[layer]) for layer in e.layer_ids])
+        sources = []
+        for layer in e.layer_ids:
+            path = (f"layer_{layer}", "engram", "table")
+            array = table_store.open_checkpoint_table(memory_dir, path)
+            if self.table_placement == "host":
+                sources.append(table_store.HostRows(table_store.load_host_table(array)))
+            else:
+                rows_path = table_store.write_row_file(
+                    array,
+                    os.path.join(workdir, ROW_DIR, str(step)),
+                    f"layer_{layer}",
+                    step=step,
+                    source=table_store.memory_array_name(path),
+                )
+                sources.append(table_store.RowFile(rows_path))
+        # Host tables are already in RAM: a cache would only copy rows.
+        capacity = int(row_cache_mib * 2**20) if self.table_placement == "disk" else 0
+        return table_store.RowGatherer(table_store.RowCache(sources, capacity))
+
+    def _decode_step(self, variables, cache, tokens_BT, positions_BT, hash_ids, rows=None):
         (logits_BTV, _), updated = self.decoder.apply(
             {**variables, "cache": cache},
             tokens_BT,
             positions_BT,
             None,
             hash_ids,
+            rows,
             mutable=["cache"],
         )
         return mask_beyond_vocab(logits_BTV[:, -1], self.num_tokens), updated["cache"]
+
+    def _engram_inputs(self, hash_ids: np.ndarray | None) -> tuple[Any, Any]:
+        """`(hash_ids, None)` for device tables, `(None, rows [B, L_e, T, M, W])` otherwise."""
+        if hash_ids is None or self.rows is None:
+            return hash_ids, None
+        flat_ids = hash_ids.astype(np.int64) + self._offsets[None, :, None, :]  # [B, L_e, T, M]
+        return None, self.rows.gather(flat_ids)
 
     def _hash_ids(self, history: np.ndarray, count: int) -> np.ndarray | None:
         """Hash ids `[1, L_e, count, M]` of the last `count` tokens of `history` ([1, n])."""
@@ -204,13 +282,22 @@ class Generator:
             )
             prompt_ids = prompt_ids[:, -self.context_length :]
         total = prompt_ids.shape[1] + sampling.max_tokens
+        zero_ids, zero_rows = _zero_hash_ids(self.model_config, total), None
+        if self.rows is not None:
+            e = self.model_config.engram
+            zero_ids = None
+            zero_rows = jnp.zeros(
+                (1, len(e.layer_ids), total, e.num_heads, e.row_width),
+                self.rows.cache.sources[0].dtype,
+            )
         cache_shapes = jax.eval_shape(
             self.decoder.init,
             jax.random.PRNGKey(0),
             jnp.zeros((1, total), jnp.int32),
             None,
             None,
-            _zero_hash_ids(self.model_config, total),
+            zero_ids,
+            zero_rows,
         )["cache"]
         cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
         rng = jax.random.PRNGKey(sampling.seed)
@@ -222,7 +309,7 @@ class Generator:
             cache,
             prompt_ids,
             positions,
-            self._hash_ids(history, prompt_ids.shape[1]),
+            *self._engram_inputs(self._hash_ids(history, prompt_ids.shape[1])),
         )
         new_tokens = []
         for index in range(sampling.max_tokens):
@@ -238,7 +325,11 @@ class Generator:
                 break
             position = np.asarray([[history.shape[1] - 1]], np.int32)
             logits, cache = self._step(
-                self.variables, cache, history[:, -1:], position, self._hash_ids(history, 1)
+                self.variables,
+                cache,
+                history[:, -1:],
+                position,
+                *self._engram_inputs(self._hash_ids(history, 1)),
             )
         return new_tokens
 
@@ -264,7 +355,9 @@ def main(argv: list[str]) -> None:
         )
     if f.top_k < 0:
         raise app.UsageError(f"--top_k: got {f.top_k}; expected >= 0 (0 keeps all)")
-    generator = Generator(f.workdir, step=f.step)
+    generator = Generator(
+        f.workdir, step=f.step, table_placement=f.table_placement, row_cache_mib=f.row_cache_mib
+    )
     if f.top_k > generator.num_tokens:
         raise app.UsageError(
             f"--top_k: got {f.top_k}; expected 0 (keep all) to the tokenizer's "
@@ -300,6 +393,14 @@ def _define_flags() -> None:
     )
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1.0: off).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_enum(
+        "table_placement",
+        "device",
+        list(PLACEMENTS),
+        "Engram tables in accelerator memory (device), host RAM (host) or a row file read "
+        "through a row cache (disk).",
+    )
+    flags.DEFINE_float("row_cache_mib", 256.0, "Row cache of the disk placement, in MiB.")
     flags.mark_flags_as_required(["workdir", "prompt"])
 
 

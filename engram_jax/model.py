@@ -181,6 +181,7 @@ class Block(nn.Module):
         positions_BT: jax.Array,
         segment_ids_BT: jax.Array | None,
         hash_ids_BTM: jax.Array | None,
+        engram_rows_BTMW: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.config
         stats: dict[str, jax.Array] = {}
@@ -207,7 +208,11 @@ class Block(nn.Module):
                 name="engram",
             )
             memory_BTGD, gates_BTG = engram(
-                x_BTGD, hash_ids_BTM, segment_ids=segments, return_gates=True
+                x_BTGD,
+                hash_ids_BTM,
+                rows=engram_rows_BTMW,
+                segment_ids=segments,
+                return_gates=True,
             )
             # §1.7: Engram reads every stream directly and its output joins each stream.
             x_BTGD = x_BTGD + memory_BTGD.astype(x_BTGD.dtype)
@@ -241,7 +246,9 @@ class Transformer(nn.Module):
     `hash_ids[:, i]` are the hash ids of the i-th Engram layer in `config.engram.layer_ids` order,
     computed on the host (`NgramHasher` on compressed tokens). `aux` holds
     `moe_balance_loss` (summed over MoE layers), `moe_load [L_moe, E]` and
-    `engram_gates [L_e, B, T, G]` when those parts exist.
+    `engram_gates [L_e, B, T, G]` when those parts exist. With `engram_rows [B, L_e, T, M, W]`
+    instead of `hash_ids`, the Engram layers read those already-gathered table rows and own no
+    `table` parameter (tables kept on the host or on disk, `table_store.py`).
 
     Decoding (`decode=True`): initialise with a full-length input to create the `cache`
     collection (attention KV / MLA latent caches and Engram convolution states), then call with
@@ -256,7 +263,7 @@ class Transformer(nn.Module):
     lookup_fn: Callable | None = None
     sow_mixing: bool = False
 
-    def _check_inputs(self, tokens_BT, positions_BT, segment_ids_BT, hash_ids) -> None:
+    def _check_inputs(self, tokens_BT, positions_BT, segment_ids_BT, hash_ids, rows) -> None:
         cfg = self.config
         if tokens_BT.ndim != 2:
             raise ValueError(f"Transformer: tokens has shape {tokens_BT.shape}; expected [B, T]")
@@ -274,7 +281,16 @@ class Transformer(nn.Module):
                 "row; the decode cache cannot separate packed documents)"
             )
         e = cfg.engram
-        if e.enabled:
+        if rows is not None:
+            b, t = tokens_BT.shape
+            expected = (b, len(e.layer_ids), t, e.num_heads, e.row_width)
+            if hash_ids is not None or tuple(rows.shape) != expected:
+                raise ValueError(
+                    f"Transformer: engram_rows has shape {tuple(rows.shape)} with hash_ids "
+                    f"{'given' if hash_ids is not None else 'None'}; expected [B, L_e, T, M, W] = "
+                    f"{expected} and hash_ids=None (pre-gathered rows replace the ids)"
+                )
+        elif e.enabled:
             b, t = tokens_BT.shape
             expected = (b, len(e.layer_ids), t, e.num_heads)
             if hash_ids is None or tuple(hash_ids.shape) != expected:
@@ -293,9 +309,10 @@ class Transformer(nn.Module):
         positions_BT: jax.Array | None = None,
         segment_ids_BT: jax.Array | None = None,
         hash_ids: jax.Array | None = None,
+        engram_rows: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, Any]]:
         cfg = self.config
-        self._check_inputs(tokens_BT, positions_BT, segment_ids_BT, hash_ids)
+        self._check_inputs(tokens_BT, positions_BT, segment_ids_BT, hash_ids, engram_rows)
         dtype = _DTYPES[cfg.dtype]
         param_dtype = _DTYPES[cfg.param_dtype]
         b, t = tokens_BT.shape
@@ -330,12 +347,15 @@ class Transformer(nn.Module):
             )
             block_cls = nn.remat(Block, static_argnums=()) if cfg.remat else Block
             if run.stop - run.start == 1:
-                hash_ids_BTM = None
+                hash_ids_BTM = rows_BTMW = None
                 if run.has_engram:
                     block_kwargs["engram_sizes"] = sizes[run.start]
-                    hash_ids_BTM = hash_ids[:, engram_index[run.start]]  # [B, T, M]
+                    if engram_rows is not None:
+                        rows_BTMW = engram_rows[:, engram_index[run.start]]  # [B, T, M, W]
+                    else:
+                        hash_ids_BTM = hash_ids[:, engram_index[run.start]]  # [B, T, M]
                 x_BTGD, stats = block_cls(**block_kwargs, name=run.name)(
-                    x_BTGD, positions_BT, segment_ids_BT, hash_ids_BTM
+                    x_BTGD, positions_BT, segment_ids_BT, hash_ids_BTM, rows_BTMW
                 )
                 stats = {k: v[None] for k, v in stats.items()}  # [1, ...] like a scan
             else:

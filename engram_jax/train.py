@@ -32,7 +32,7 @@ from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import config as config_lib
 from engram_jax import data as data_lib
 from engram_jax import metrics as metrics_lib
-from engram_jax import optim, preemption, sharding
+from engram_jax import optim, preemption, sharding, table_init
 from engram_jax import plot as plot_lib
 from engram_jax.accounting import account, format_accounting
 from engram_jax.hashing import tokenizer_fingerprint
@@ -232,10 +232,19 @@ def create_train_state(
         return init_train_state(model, cfg, txs, rng, batch_size=batch_shards)
 
     rng = jax.random.PRNGKey(cfg.train.seed)
-    shardings = sharding.tree_shardings(jax.eval_shape(init, rng), mesh)
+    abstract = jax.eval_shape(init, rng)
+    shardings = sharding.tree_shardings(abstract, mesh)
+    # The tables leave the jitted init (XLA drops their unused generation) and are built in row
+    # chunks per shard: a whole-table normal costs ~4x the table in memory (table_init.py).
+    without_tables = shardings.replace(memory={})
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-        state = jax.jit(lambda key: nn.meta.unbox(init(key)), out_shardings=shardings)(rng)
-    return state, shardings
+        state = jax.jit(
+            lambda key: nn.meta.unbox(init(key)).replace(memory={}), out_shardings=without_tables
+        )(rng)
+    memory = table_init.init_tables(
+        rng, nn.meta.unbox(abstract.memory), shardings.memory, cfg.model.engram.table_init_std
+    )
+    return state.replace(memory=memory), shardings
 
 
 def _gate_and_load_metrics(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:

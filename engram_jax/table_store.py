@@ -1,0 +1,268 @@
+"""Engram tables outside the accelerator for inference: host (numpy) and disk (flat row file)
+readers with a bounded LRU row cache, read in row blocks from an orbax checkpoint's `memory` item.
+
+Row file format (one per table, beside the checkpoints: `<workdir>/table_rows/<step>/`):
+`<name>.rows` holds the `[R, W]` table as raw little-endian C-order rows (row r at byte offset
+`r * W * itemsize`), and `<name>.json` its `{"shape": [R, W], "dtype": "float32", "step": N,
+"source": "<leaf name in the memory item>"}`. The JSON is written last, after the rows file is
+complete and renamed into place, so a row file with its JSON is always whole.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import json
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+from etils import epath
+
+from engram_jax import table_checkpoint
+
+# Rows read per block when converting or loading a table (a few MiB at W = 64).
+BLOCK_ROWS = 1 << 16
+
+
+def memory_array_name(path: Sequence[str]) -> str:
+    """Name of a table's array inside the `memory` item (orbax joins tree keys with dots)."""
+    return ".".join(["tables", *path])
+
+
+def open_checkpoint_table(memory_dir: str | os.PathLike, path: Sequence[str]) -> ts.TensorStore:
+    """Opens (without reading) the table at `path` (e.g. `("layer_1", "engram", "table")`) in an
+    orbax `memory` item directory, as a read-only tensorstore array.
+
+    Raises:
+      FileNotFoundError: the item or the array does not exist (naming both).
+    """
+    memory_dir = epath.Path(memory_dir)
+    name = memory_array_name(path)
+    if (memory_dir / table_checkpoint.INDEX_FILE).exists():
+        return table_checkpoint.open_leaf(memory_dir, name)
+    # An older checkpoint: orbax's standard layout (zarr over OCDBT).
+    metadata_file = memory_dir / "_METADATA"
+    if not metadata_file.exists():
+        raise FileNotFoundError(
+            f"{memory_dir}: no orbax item metadata (_METADATA); expected the "
+            "'memory' item of a committed checkpoint"
+        )
+    meta = json.loads(metadata_file.read_text())
+    driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+    if meta.get("use_ocdbt", True):
+        kvstore = {"driver": "ocdbt", "base": _kvstore_url(memory_dir), "path": name + "/"}
+    else:
+        kvstore = _kvstore_url(memory_dir / name)
+    try:
+        return ts.open({"driver": driver, "kvstore": kvstore}, read=True).result()
+    except ValueError as e:
+        raise FileNotFoundError(f"{memory_dir}: cannot open table array {name!r}: {e}") from e
+
+
+def _kvstore_url(path: epath.Path) -> str:
+    text = os.fspath(path)
+    return text if "://" in text else "file://" + os.path.abspath(text)
+
+
+def iter_row_blocks(
+    array: ts.TensorStore, block_rows: int = BLOCK_ROWS
+) -> Iterator[tuple[int, np.ndarray]]:
+    """`(first_row, rows [n, W])` over the array, block by block.
+
+    Blocks are rounded to the stored chunk's rows, so no chunk is decoded twice.
+    """
+    num_rows = array.shape[0]
+    try:
+        chunk_shape = array.chunk_layout.read_chunk.shape
+    except ValueError:
+        chunk_shape = None
+    # A virtual (stitched) view of several shards has no single chunk shape.
+    chunk = chunk_shape[0] if chunk_shape and chunk_shape[0] else block_rows
+    step = max(chunk, block_rows // chunk * chunk)
+    for start in range(0, num_rows, step):
+        stop = min(start + step, num_rows)
+        yield start, array[start:stop].read().result()
+
+
+def load_host_table(array: ts.TensorStore, block_rows: int = BLOCK_ROWS) -> np.ndarray:
+    """The whole table in a numpy array, filled block by block (peak: table + one block)."""
+    out_RW = np.empty(array.shape, array.dtype.numpy_dtype)
+    for start, block in iter_row_blocks(array, block_rows):
+        out_RW[start : start + block.shape[0]] = block
+    return out_RW
+
+
+def write_row_file(
+    array: ts.TensorStore, directory: str | os.PathLike, name: str, *, step: int, source: str
+) -> str:
+    """Converts a checkpoint table into a flat row file (see the module docstring), block by
+    block; returns the `.rows` path. An existing complete row file is kept."""
+    directory = os.fspath(directory)
+    rows_path = os.path.join(directory, name + ".rows")
+    meta_path = os.path.join(directory, name + ".json")
+    if os.path.exists(meta_path) and os.path.exists(rows_path):
+        return rows_path
+    os.makedirs(directory, exist_ok=True)
+    dtype = np.dtype(array.dtype.numpy_dtype).newbyteorder("<")
+    tmp_path = f"{rows_path}.tmp{os.getpid()}"
+    with open(tmp_path, "wb") as f:
+        for _, block in iter_row_blocks(array):
+            f.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
+    os.replace(tmp_path, rows_path)
+    meta = {"shape": list(array.shape), "dtype": dtype.name, "step": step, "source": source}
+    with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+    os.replace(meta_path + ".tmp", meta_path)
+    return rows_path
+
+
+class HostRows:
+    """Rows of a numpy table in host RAM."""
+
+    def __init__(self, table_RW: np.ndarray):
+        self.table_RW = table_RW
+        self.shape = table_RW.shape
+        self.dtype = table_RW.dtype
+
+    def read(self, rows_X: np.ndarray) -> np.ndarray:
+        """`[X, W]` rows (numpy fancy indexing copies only those rows)."""
+        return self.table_RW[rows_X]
+
+
+class RowFile:
+    """Rows of a flat row file read with `os.pread`, one call per row; `reads` counts rows read.
+
+    Reads go through the OS page cache, not this process's memory; the row cache above bounds
+    what this process holds.
+    """
+
+    def __init__(self, rows_path: str):
+        meta_path = rows_path[: -len(".rows")] + ".json"
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        self.shape = tuple(meta["shape"])
+        self.dtype = np.dtype(meta["dtype"])
+        self._row_bytes = self.shape[1] * self.dtype.itemsize
+        expected = self.shape[0] * self._row_bytes
+        size = os.path.getsize(rows_path)
+        if size != expected:
+            raise ValueError(
+                f"{rows_path}: {size} bytes; expected {expected} for a {self.shape} "
+                f"{self.dtype} table (delete it to convert the checkpoint table again)"
+            )
+        self._fd = os.open(rows_path, os.O_RDONLY)
+        self._lock = threading.Lock()
+        self.reads = 0
+
+    def read(self, rows_X: np.ndarray) -> np.ndarray:
+        out_XW = np.empty((len(rows_X), self.shape[1]), self.dtype)
+        view = memoryview(out_XW.reshape(-1).view(np.uint8))
+        for i, row in enumerate(rows_X):
+            offset = int(row) * self._row_bytes
+            got = os.preadv(
+                self._fd, [view[i * self._row_bytes : (i + 1) * self._row_bytes]], offset
+            )
+            if got != self._row_bytes:
+                raise OSError(f"short read of row {int(row)} ({got} of {self._row_bytes} bytes)")
+        with self._lock:
+            self.reads += len(rows_X)
+        return out_XW
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class RowCache:
+    """LRU cache of table rows over several sources (one per Engram layer), bounded in bytes.
+
+    `gather(layer, rows)` returns the requested rows in order; rows missing from the cache are
+    read once per call (duplicates collapse) from `sources[layer]`. Counters: `requested` (unique
+    rows asked for, per call), `hits`, `misses` (= rows read from the sources).
+    """
+
+    def __init__(self, sources: Sequence[Any], capacity_bytes: int):
+        if capacity_bytes < 0:
+            raise ValueError(f"RowCache: capacity_bytes={capacity_bytes}; expected >= 0")
+        self.sources = list(sources)
+        self.capacity_bytes = int(capacity_bytes)
+        self._rows: collections.OrderedDict[tuple[int, int], np.ndarray] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.requested = self.hits = self.misses = 0
+
+    @property
+    def cached_bytes(self) -> int:
+        return self._bytes
+
+    def gather(self, layer: int, rows_X: np.ndarray) -> np.ndarray:
+        """Rows `[..., W]` of table `layer` for flat row ids `rows_X` of any shape `[...]`."""
+        rows_X = np.asarray(rows_X, np.int64)
+        unique_U, inverse_X = np.unique(rows_X.reshape(-1), return_inverse=True)
+        source = self.sources[layer]
+        width = source.shape[1]
+        out_UW = np.empty((len(unique_U), width), source.dtype)
+        missing = []
+        with self._lock:
+            self.requested += len(unique_U)
+            for i, row in enumerate(unique_U.tolist()):
+                hit = self._rows.get((layer, row))
+                if hit is None:
+                    missing.append(i)
+                else:
+                    self._rows.move_to_end((layer, row))
+                    out_UW[i] = hit
+            self.hits += len(unique_U) - len(missing)
+            self.misses += len(missing)
+        if missing:
+            read_MW = source.read(unique_U[missing])
+            out_UW[missing] = read_MW
+            with self._lock:
+                for j, i in enumerate(missing):
+                    self._insert((layer, int(unique_U[i])), read_MW[j].copy())
+        return out_UW[inverse_X].reshape(*rows_X.shape, width)
+
+    def _insert(self, key: tuple[int, int], row: np.ndarray) -> None:
+        if row.nbytes > self.capacity_bytes or key in self._rows:
+            return
+        self._rows[key] = row
+        self._bytes += row.nbytes
+        while self._bytes > self.capacity_bytes:
+            _, old = self._rows.popitem(last=False)
+            self._bytes -= old.nbytes
+
+
+class RowGatherer:
+    """Gathers the rows of every Engram layer for a step, the layers' reads running concurrently
+    in a small thread pool (file reads release the GIL), through one `RowCache`.
+
+    `submit(flat_ids)` starts the reads for `[B, L_e, T, M]` flat row ids and returns a future of
+    `[B, L_e, T, M, W]` rows, so a caller can hash, read and dispatch while other work runs.
+    """
+
+    def __init__(self, cache: RowCache):
+        self.cache = cache
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, len(cache.sources)), thread_name_prefix="engram-rows"
+        )
+        self._join = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engram-join")
+
+    def submit(self, flat_ids: np.ndarray) -> concurrent.futures.Future:
+        flat_ids = np.asarray(flat_ids)
+        layers = [
+            self._pool.submit(self.cache.gather, i, flat_ids[:, i])
+            for i in range(flat_ids.shape[1])
+        ]
+        # A separate one-thread pool joins the layers: waiting inside the layer pool could starve it
+        return self._join.submit(lambda: np.stack([f.result() for f in layers], axis=1))
+
+    def gather(self, flat_ids: np.ndarray) -> np.ndarray:
+        """Blocking `submit(...).result()`."""
+        return self.submit(flat_ids).result()
+
+    def close(self) -> None:
+        self._join.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
