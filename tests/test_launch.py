@@ -6,6 +6,7 @@ validation before any command would run.
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -304,3 +305,26 @@ def test_help(script):
     result = _run(script, "--help")
     assert result.returncode == 0
     assert result.stdout.startswith("Usage: ")
+
+
+def test_preflight_checks_workdir_data_and_checkpoint(tmp_path):
+    """What every pod worker runs before the start (launch/tpu_pod.sh's check step)."""
+    from engram_jax import config as config_lib
+    from engram_jax import preflight
+
+    config = config_lib.base_config()
+    workdir = tmp_path / "run"
+    assert preflight.check(config, str(workdir)) == "data_files=1 latest_checkpoint=none"
+    assert workdir.is_dir() and not list(workdir.iterdir())  # the write probe is gone
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        preflight.check(config, str(workdir), require_checkpoint=True)
+    (workdir / "checkpoints" / "40").mkdir(parents=True)
+    assert preflight.check(config, str(workdir), require_checkpoint=True).endswith("=40")
+    config.data_path = str(tmp_path / "nowhere" / "*.jsonl")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        preflight.check(config, str(workdir))
+    config.data_path = ""
+    (tmp_path / "ro").mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root writes anywhere
+        with pytest.raises(OSError, match="not writable"):
+            preflight.check(config, str(tmp_path / "ro"))
