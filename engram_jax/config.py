@@ -72,7 +72,19 @@ def base_config() -> ml_collections.ConfigDict:
     # usual names (<eos>, </s>, <|endoftext|>, <|end_of_text|>, DeepSeek's <｜end▁of▁sentence｜>,
     # ...) and warns at start when the tokenizer has none of them.
     c.eos_token = ""
-    c.eval_fraction = 0.05  # Fraction of documents held out for validation.
+    # Fraction of documents held out for validation (chosen per document by a hash of its file
+    # name and position, so no process needs the corpus size).
+    c.eval_fraction = 0.05
+    # Host input pipeline. Each process streams its own shard of the corpus files.
+    c.data_workers = 0  # grain worker processes per host (0: in the trainer process).
+    c.data_prefetch = 2  # Batches prepared ahead (by a thread, or per worker process).
+    c.shuffle_window = 1024  # Documents shuffled together (on top of a per-epoch file order).
+    # Bytes of training text the BPE tokenizer is trained on (a sample spread over up to 64
+    # files; 0 reads the whole training split).
+    c.tokenizer_train_bytes = 100_000_000
+    # (start, stop): write a jax.profiler trace of steps start..stop-1 to
+    # <workdir>/tensorboard/plugins/profile/ (TensorBoard's profile tab); () disables.
+    c.profile_steps = ()
     c.generate_max_tokens = 64  # Tokens sampled by `engram_jax.generate` unless overridden.
 
     # ---------------------------------------------------------------- model
@@ -315,6 +327,11 @@ class TrainConfig:
     tokenizer_path: str
     eos_token: str
     eval_fraction: float
+    data_workers: int
+    data_prefetch: int
+    shuffle_window: int
+    tokenizer_train_bytes: int
+    profile_steps: tuple[int, ...]
     generate_max_tokens: int
 
 
@@ -532,6 +549,35 @@ def _validate_train(p: _Problems, c: ml_collections.ConfigDict) -> None:
     p.check(c.adam_eps > 0, "adam_eps", c.adam_eps, "> 0")
     p.check(isinstance(c.eos_token, str), "eos_token", c.eos_token, 'a token\'s text or ""')
     p.check(0 < c.eval_fraction < 1, "eval_fraction", c.eval_fraction, "in (0, 1)")
+    for key in ("data_workers", "data_prefetch", "tokenizer_train_bytes"):
+        _check_positive(p, key, c[key], allow_zero=True)
+    _check_positive(p, "shuffle_window", c.shuffle_window)
+    _check_profile_steps(p, c.profile_steps, c.num_train_steps)
+
+
+def _check_profile_steps(p: _Problems, steps: Any, num_train_steps: Any) -> None:
+    steps = tuple(steps) if isinstance(steps, (list, tuple)) else steps
+    if steps == ():
+        return
+    ok = (
+        isinstance(steps, tuple)
+        and len(steps) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in steps)
+        and 1 <= steps[0] < steps[1]
+    )
+    p.check(
+        ok,
+        "profile_steps",
+        steps,
+        "() (off) or (start, stop) with integers 1 <= start < stop: traces steps start..stop-1",
+    )
+    if ok and isinstance(num_train_steps, int):
+        p.check(
+            steps[0] <= num_train_steps,
+            "profile_steps",
+            steps,
+            f"start <= num_train_steps={num_train_steps} (otherwise nothing is traced)",
+        )
 
 
 def _validate_mesh(p: _Problems, d: ml_collections.ConfigDict) -> None:

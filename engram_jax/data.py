@@ -5,22 +5,13 @@ Everything here runs on the host with numpy and grain; the model receives finish
 
 from __future__ import annotations
 
-import codecs
-import contextlib
 import dataclasses
-import glob
-import gzip
 import hashlib
-import importlib.resources
-import json
 import logging
 import math
 import os
-import re
 import tempfile
-import zlib
-from collections.abc import Callable, Iterator, Sequence
-from typing import TextIO
+from collections.abc import Callable, Iterable, Sequence
 
 import grain
 import numpy as np
@@ -29,173 +20,19 @@ from absl import flags
 from grain import experimental as grain_experimental
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from engram_jax import corpus as corpus_lib
 from engram_jax.hashing import CompressedTokenizer, NgramHasher, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------- documents
+# The readers, file listing and per-process shards live in engram_jax.corpus; these names stay
+# importable from here.
 
-SUPPORTED_EXTENSIONS = (
-    ".txt",
-    ".txt.gz",
-    ".jsonl",
-    ".jsonl.gz",
-    ".parquet",
-    ".arrayrecord",
-    ".array_record",
-)
-BUNDLED_CORPUS = "python_docs_slice.txt.gz"
-
-# Two or more blank lines end a document in .txt files; one blank line is a paragraph break.
-_DOCUMENT_SEPARATOR = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
-_GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-def bundled_corpus_path() -> str:
-    """Path of the bundled Python-docs slice (see assets/LICENSE_CORPUS.md)."""
-    return str(importlib.resources.files("engram_jax") / "assets" / BUNDLED_CORPUS)
-
-
-def _extension(path: str) -> str:
-    """The supported extension `path` ends with; ValueError otherwise."""
-    lower = path.lower()
-    for ext in sorted(SUPPORTED_EXTENSIONS, key=len, reverse=True):
-        if lower.endswith(ext):
-            return ext
-    raise ValueError(
-        f"data_path: unsupported file {path!r}; expected one of {', '.join(SUPPORTED_EXTENSIONS)}"
-    )
-
-
-@contextlib.contextmanager
-def _open_text(path: str) -> Iterator[TextIO]:
-    """Opens a possibly gzip-compressed UTF-8 file for reading; bad bytes or a broken gzip stream
-    met while the caller reads become a ValueError naming the file (and the byte offset)."""
-    compressed = path.lower().endswith(".gz")
-    with (
-        gzip.open(path, "rt", encoding="utf-8") if compressed else open(path, encoding="utf-8")
-    ) as f:
-        try:
-            yield f
-        except UnicodeDecodeError as e:
-            raise ValueError(_utf8_error_message(path, compressed)) from e
-        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-            raise ValueError(
-                f"{path}: not a readable gzip file ({type(e).__name__}: {e}); expected "
-                "gzip-compressed text for a name ending in .gz"
-            ) from e
-
-
-def _utf8_error_message(path: str, compressed: bool) -> str:
-    """Finds the first invalid UTF-8 byte by re-reading the file (the text decoder's own offset
-    is relative to its read chunk)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0  # bytes fed to the decoder before `chunk`
-    with gzip.open(path, "rb") if compressed else open(path, "rb") as f:
-        head = f.read(2)
-        f.seek(0)
-        while chunk := f.read(1 << 20):
-            buffered = len(decoder.getstate()[0])
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as e:
-                position = offset - buffered + e.start
-                where = "of the decompressed data " if compressed else ""
-                hint = (
-                    " (the file looks gzip-compressed: name it .gz)"
-                    if head == b"\x1f\x8b" and not compressed
-                    else ""
-                )
-                return (
-                    f"{path}: invalid UTF-8 at byte offset {position} {where}"
-                    f"(byte 0x{e.object[e.start]:02x}: {e.reason}); expected UTF-8 text{hint}"
-                )
-            offset += len(chunk)
-    return f"{path}: invalid UTF-8 (truncated multi-byte sequence at the end); expected UTF-8 text"
-
-
-def split_text_documents(text: str) -> list[str]:
-    """Splits text into documents at runs of two or more blank lines; drops blank documents."""
-    return [doc for doc in _DOCUMENT_SEPARATOR.split(text) if doc.strip()]
-
-
-def _read_txt(path: str) -> list[str]:
-    with _open_text(path) as f:
-        return split_text_documents(f.read())
-
-
-def _read_jsonl(path: str) -> list[str]:
-    documents = []
-    with _open_text(path) as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: invalid JSON ({e})") from e
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(
-                    f"{path}:{line_number}: expected a JSON object with a string field 'text'"
-                )
-            documents.append(record["text"])
-    return documents
-
-
-def _read_parquet(path: str) -> list[str]:
-    import pyarrow.parquet as pq
-
-    schema = pq.read_schema(path)
-    if "text" not in schema.names:
-        raise ValueError(f"{path}: no column 'text' (columns: {schema.names})")
-    column = pq.read_table(path, columns=["text"]).column("text")
-    return [doc for doc in column.to_pylist() if doc is not None]
-
-
-def _read_array_record(path: str) -> list[str]:
-    try:
-        source = grain.sources.ArrayRecordDataSource([path])
-    except ImportError as e:  # array_record is an optional dependency of grain.
-        raise ValueError(f"{path}: reading ArrayRecord needs the `array_record` package") from e
-    return [bytes(source[i]).decode("utf-8") for i in range(len(source))]
-
-
-_READERS = {
-    ".txt": _read_txt,
-    ".txt.gz": _read_txt,
-    ".jsonl": _read_jsonl,
-    ".jsonl.gz": _read_jsonl,
-    ".parquet": _read_parquet,
-    ".arrayrecord": _read_array_record,
-    ".array_record": _read_array_record,
-}
-
-
-def _files_for(data_path: str) -> list[str]:
-    """Resolves a file, glob or directory to a sorted list of files."""
-    if _GLOB_CHARS.search(data_path):
-        files = sorted(p for p in glob.glob(data_path, recursive=True) if os.path.isfile(p))
-        if not files:
-            raise FileNotFoundError(f"data_path={data_path!r}: the glob matches no files")
-        return files
-    if os.path.isdir(data_path):
-        files = []
-        for root, _, names in os.walk(data_path):
-            for name in names:
-                path = os.path.join(root, name)
-                if any(name.lower().endswith(ext) for ext in SUPPORTED_EXTENSIONS):
-                    files.append(path)
-                else:
-                    logger.info("data_path: skipping %s (unsupported extension)", path)
-        if not files:
-            raise ValueError(
-                f"data_path={data_path!r}: the directory holds no file ending in "
-                f"{', '.join(SUPPORTED_EXTENSIONS)}"
-            )
-        return sorted(files)
-    if os.path.isfile(data_path):
-        return [data_path]
-    raise FileNotFoundError(f"data_path={data_path!r}: no such file or directory")
+SUPPORTED_EXTENSIONS = corpus_lib.SUPPORTED_EXTENSIONS
+BUNDLED_CORPUS = corpus_lib.BUNDLED_CORPUS
+bundled_corpus_path = corpus_lib.bundled_corpus_path
+split_text_documents = corpus_lib.split_text_documents
 
 
 def load_documents(data_path: str) -> list[str]:
@@ -223,10 +60,10 @@ def load_documents(data_path: str) -> list[str]:
       FileNotFoundError: the path does not exist or the glob matches nothing.
       ValueError: an unsupported extension, a malformed record, or no non-blank document.
     """
-    files = [bundled_corpus_path()] if data_path == "" else _files_for(data_path)
+    files = corpus_lib.list_files(data_path)
     documents: list[str] = []
     for path in files:
-        documents.extend(doc for doc in _READERS[_extension(path)](path) if doc.strip())
+        documents.extend(corpus_lib.piece_documents(corpus_lib.Piece(path)))
     if not documents:
         raise ValueError(
             f"data_path={data_path!r}: found no non-blank document in {len(files)} file(s)"
@@ -297,14 +134,15 @@ _BOS_NAMES = (
 _CACHE_VERSION = "engram_jax-bpe-v1"
 
 
-def train_bpe_tokenizer(documents: Sequence[str], vocab_size: int) -> tokenizers.Tokenizer:
+def train_bpe_tokenizer(documents: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
     """Trains a byte-level BPE tokenizer with `<pad>` = 0 and `<eos>` = 1.
 
     Byte-level pre-tokenisation (no prefix space, no normaliser) makes encoding lossless, so the
     UTF-8 byte lengths of a document's tokens sum to the document's byte length.
 
     Args:
-      documents: training text.
+      documents: training text, a list or any iterable (e.g. `Corpus.sample`, a bounded stream:
+        the trainer counts pairs over what it is given, so pass a sample of a large corpus).
       vocab_size: target size including the 2 special tokens and 256 byte tokens; a small corpus
         may give fewer tokens.
 
@@ -326,7 +164,8 @@ def train_bpe_tokenizer(documents: Sequence[str], vocab_size: int) -> tokenizers
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(documents, trainer=trainer, length=len(documents))
+    length = len(documents) if isinstance(documents, Sequence) else None
+    tokenizer.train_from_iterator(documents, trainer=trainer, length=length)
     assert tokenizer.token_to_id(PAD_TOKEN) == 0 and tokenizer.token_to_id(EOS_TOKEN) == 1
     return tokenizer
 
@@ -354,17 +193,23 @@ def load_tokenizer(tokenizer_path: str) -> tokenizers.Tokenizer:
 
 
 def load_or_train_tokenizer(
-    tokenizer_path: str, documents: Sequence[str], vocab_size: int, cache_dir: str
+    tokenizer_path: str,
+    documents: Iterable[str],
+    vocab_size: int,
+    cache_dir: str,
+    *,
+    cache_key: str | None = None,
 ) -> tokenizers.Tokenizer:
     """Loads `tokenizer_path`, or trains (once) a byte-level BPE on `documents`.
 
     Args:
       tokenizer_path: a `tokenizer.json`; "" trains with `train_bpe_tokenizer`.
-      documents: the training corpus (used only when training).
+      documents: the training corpus (used only when training; iterated at most once).
       vocab_size: target vocabulary size when training.
-      cache_dir: trained tokenizers are stored as
-        `<cache_dir>/bpe-<tokenizer_cache_key(documents, vocab_size)>/tokenizer.json` and reused
-        by later calls with the same corpus and size.
+      cache_dir: trained tokenizers are stored as `<cache_dir>/bpe-<key>/tokenizer.json` and
+        reused by later calls with the same key.
+      cache_key: names the cached tokenizer (e.g. from a corpus fingerprint); None hashes the
+        documents' content (`tokenizer_cache_key`, for a list of documents).
 
     Returns:
       The tokenizer.
@@ -374,13 +219,14 @@ def load_or_train_tokenizer(
     """
     if tokenizer_path:
         return load_tokenizer(tokenizer_path)
-    cache_path = os.path.join(
-        cache_dir, f"bpe-{tokenizer_cache_key(documents, vocab_size)}", "tokenizer.json"
-    )
+    if cache_key is None:
+        documents = list(documents)
+        cache_key = tokenizer_cache_key(documents, vocab_size)
+    cache_path = os.path.join(cache_dir, f"bpe-{cache_key}", "tokenizer.json")
     if os.path.isfile(cache_path):
         logger.info("Reusing cached tokenizer %s", cache_path)
         return load_tokenizer(cache_path)
-    logger.info("Training a byte-level BPE (vocab_size=%d) on %d docs", vocab_size, len(documents))
+    logger.info("Training a byte-level BPE (vocab_size=%d)", vocab_size)
     tokenizer = train_bpe_tokenizer(documents, vocab_size)
     os.makedirs(os.path.dirname(cache_path), exist_ok=True)
     # Write then rename: processes training the same tokenizer never see a half-written file.
@@ -576,6 +422,8 @@ def make_data_spec(
 
 # ---------------------------------------------------------------------------------------- pipeline
 
+DEFAULT_SHUFFLE_WINDOW = 1024  # documents a DocumentStream shuffles together
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class EngramHashSpec:
@@ -763,7 +611,7 @@ class _AddHashIds(grain.transforms.Map):
 
 
 def make_dataset(
-    documents: Sequence[str],
+    documents: Sequence[str] | corpus_lib.DocumentStream,
     tokenizer: tokenizers.Tokenizer,
     spec: DataSpec,
     *,
@@ -778,16 +626,32 @@ def make_dataset(
     drop_remainder: bool = True,
     engram: EngramHashSpec | None = None,
     worker_count: int = 0,
+    prefetch: int = 0,
+    shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
 ) -> grain.IterDataset:
     """The grain dataset behind `make_pipeline` (same arguments); iterate it for batches."""
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"{name}: got {value}; expected a positive integer")
+    for name, value, least in (
+        ("worker_count", worker_count, 0),
+        ("prefetch", prefetch, 0),
+        ("shuffle_window", shuffle_window, 1),
+    ):
+        if value < least:
+            raise ValueError(f"{name}: got {value}; expected an integer >= {least}")
     if not 0 <= shard_index < shard_count:
         raise ValueError(
             f"shard_index: got {shard_index}; expected an index in [0, shard_count={shard_count})"
         )
-    if len(documents) < shard_count:
+    streaming = isinstance(documents, corpus_lib.DocumentStream)
+    if streaming and (shard_count != 1 or num_epochs is not None or not shuffle):
+        raise ValueError(
+            "documents: a DocumentStream is already one process's shard with its own epochs and "
+            "order (Corpus.stream(shard_index=, num_epochs=, shuffle=)); leave shard_index, "
+            "shard_count, num_epochs and shuffle at their defaults"
+        )
+    if not streaming and len(documents) < shard_count:
         raise ValueError(
             f"documents: got {len(documents)}; need at least shard_count={shard_count} "
             "so that every process has data"
@@ -799,17 +663,29 @@ def make_dataset(
     if engram is not None:
         _check_engram_spec(engram, spec, tokenizer)
 
-    # Documents are sharded before shuffling: each process shuffles its own shard, every epoch
-    # anew (grain reseeds per epoch); shards are the interleaved slices docs[i::shard_count].
-    ds = grain.MapDataset.source(list(documents))[shard_index::shard_count]
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs)
-    ds = ds.map(_TokenizeDocument(tokenizer, spec, add_eos)).filter(_has_tokens)
+    if streaming:
+        # Read lazily from this process's pieces; each grain worker reads its own pieces.
+        stream = documents.refined(worker_count) if worker_count else documents
+        ds = stream
+        if stream.shuffle and shuffle_window > 1:
+            ds = grain_experimental.WindowShuffleIterDataset(
+                ds, window_size=shuffle_window, seed=seed
+            )
+        ds = ds.map(_TokenizeDocument(tokenizer, spec, add_eos)).filter(_has_tokens)
+    else:
+        # Documents are sharded before shuffling: each process shuffles its own shard, every
+        # epoch anew (grain reseeds per epoch); shards are the interleaved slices
+        # docs[i::shard_count].
+        ds = grain.MapDataset.source(list(documents))[shard_index::shard_count]
+        if shuffle:
+            ds = ds.shuffle(seed=seed)
+        ds = ds.repeat(num_epochs)
+        ds = ds.map(_TokenizeDocument(tokenizer, spec, add_eos)).filter(_has_tokens)
+        ds = ds.to_iter_dataset()
     # Concat-then-split: documents fill rows back to back; a document crossing a row end
     # continues as a new segment (positions restart at 0) in the next row, with its targets.
     packed = grain_experimental.ConcatThenSplitIterDataset(
-        ds.to_iter_dataset(), length_struct={"inputs": seq_len, "targets": seq_len}
+        ds, length_struct={"inputs": seq_len, "targets": seq_len}
     )
     batches = packed.map(_FinishRow(spec)).batch(batch_size, drop_remainder=drop_remainder)
     if engram is not None:
@@ -820,7 +696,17 @@ def make_dataset(
                 f"worker_count={worker_count}: grain worker processes read absl flags; run under "
                 "absl.app.run (as engram_jax.train does) or call absl.flags.FLAGS.mark_as_parsed()"
             )
-        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+        batches = batches.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=worker_count, per_worker_buffer_size=max(prefetch, 1)
+            )
+        )
+    elif prefetch:
+        # A background thread prepares the next batches while the device runs the step; the
+        # iterator state stays that of the last batch handed out.
+        batches = grain_experimental.ThreadPrefetchIterDataset(
+            batches, prefetch_buffer_size=prefetch
+        )
     return batches
 
 
@@ -840,6 +726,8 @@ def make_pipeline(
     drop_remainder: bool = True,
     engram: EngramHashSpec | None = None,
     worker_count: int = 0,
+    prefetch: int = 0,
+    shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
 ) -> grain.DatasetIterator:
     """A checkpointable iterator of packed, per-process batches.
 
@@ -864,7 +752,11 @@ def make_pipeline(
     Padding only appears in the last rows of a finite (num_epochs) stream.
 
     Args:
-      documents: the corpus (e.g. a `split_documents` side).
+      documents: a list of documents (e.g. a `split_documents` side), sharded, shuffled and
+        repeated here; or a `corpus.DocumentStream` (`Corpus.stream(...)`): one process's lazily
+        read shard of a corpus, which brings its own shard, epochs and piece order (leave
+        shard_index, shard_count, num_epochs and shuffle at their defaults) and is shuffled
+        further within a window of `shuffle_window` documents.
       tokenizer: the tokenizer.
       spec: ids and byte lengths (`make_data_spec`).
       seq_len: tokens per row.
@@ -880,6 +772,9 @@ def make_pipeline(
       worker_count: grain worker processes (0 runs in this process). Workers read interleaved
         slices of the document stream, so the batch order depends on worker_count (a resume must
         use the same value); the main script needs an `if __name__ == "__main__"` guard.
+      prefetch: batches prepared ahead: by a background thread (worker_count=0), or per worker
+        process. 0 prepares each batch when it is asked for.
+      shuffle_window: documents of a DocumentStream shuffled together (1: file order).
 
     Returns:
       A grain DatasetIterator; `get_state()` is a JSON-serialisable dict and `set_state(state)`
@@ -905,5 +800,7 @@ def make_pipeline(
             drop_remainder=drop_remainder,
             engram=engram,
             worker_count=worker_count,
+            prefetch=prefetch,
+            shuffle_window=shuffle_window,
         )
     )

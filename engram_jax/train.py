@@ -30,9 +30,10 @@ from etils import epath
 
 from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import config as config_lib
+from engram_jax import corpus as corpus_lib
 from engram_jax import data as data_lib
 from engram_jax import metrics as metrics_lib
-from engram_jax import optim, preemption, sharding, table_init
+from engram_jax import optim, preemption, profiling, sharding, table_init
 from engram_jax import plot as plot_lib
 from engram_jax.accounting import account, format_accounting
 from engram_jax.hashing import tokenizer_fingerprint
@@ -69,8 +70,17 @@ class DataSetup:
     tokenizer: Any
     spec: data_lib.DataSpec
     engram: data_lib.EngramHashSpec | None
-    train_documents: list[str]
-    eval_documents: list[str]
+    corpus: corpus_lib.Corpus  # files and split; each process streams its own shard
+
+    @property
+    def train_documents(self) -> list[str]:
+        """The whole training split as a list (reads the corpus: for small corpora)."""
+        return list(self.corpus.documents("train"))
+
+    @property
+    def eval_documents(self) -> list[str]:
+        """The whole held-out split as a list (reads the corpus: for small corpora)."""
+        return list(self.corpus.documents("eval"))
 
     def metadata(self) -> dict[str, Any]:
         """Fingerprints of everything that decides what a token id and a table row mean."""
@@ -118,35 +128,60 @@ def token_specs(
 
 
 def build_data(cfg: config_lib.Config, workdir: str) -> DataSetup:
-    """Loads the corpus, the tokenizer (trained and cached in the workdir when none is given) and
-    the Engram hashing of the configured layers."""
-    documents = data_lib.load_documents(cfg.train.data_path)
-    train_docs, eval_docs = data_lib.split_documents(documents, cfg.train.eval_fraction)
+    """Lists the corpus (documents are read later, each process its own shard), the tokenizer
+    (trained on a bounded sample and cached in the workdir when none is given) and the Engram
+    hashing of the configured layers."""
+    t = cfg.train
+    corpus = corpus_lib.Corpus(t.data_path, t.eval_fraction)
     cache_dir = os.path.join(workdir, "tokenizer")
+    # Named by the corpus fingerprint and the sample size, not by hashing every document.
+    cache_key = hashlib.sha256(
+        f"{corpus.fingerprint}\n{t.eval_fraction}\n{t.tokenizer_train_bytes}\n"
+        f"{cfg.model.vocab_size}".encode()
+    ).hexdigest()[:20]
     tokenizer = data_lib.load_or_train_tokenizer(
-        cfg.train.tokenizer_path, train_docs, cfg.model.vocab_size, cache_dir=cache_dir
+        t.tokenizer_path,
+        corpus.sample(t.tokenizer_train_bytes),
+        cfg.model.vocab_size,
+        cache_dir=cache_dir,
+        cache_key=cache_key,
     )
     spec, engram = token_specs(cfg, tokenizer, cache_dir=cache_dir)
-    return DataSetup(tokenizer, spec, engram, train_docs, eval_docs)
+    return DataSetup(tokenizer, spec, engram, corpus)
 
 
 def make_batches(
     setup: DataSetup, cfg: config_lib.Config, *, train: bool
 ) -> data_lib.grain.DatasetIterator:
     """This process's share of the training stream (endless, shuffled) or the eval stream."""
-    per_process = cfg.train.batch_size // jax.process_count()
+    t = cfg.train
+    per_process = t.batch_size // jax.process_count()
     return data_lib.make_pipeline(
-        setup.train_documents if train else setup.eval_documents,
+        document_stream(setup, cfg, train=train),
         setup.tokenizer,
         setup.spec,
-        seq_len=cfg.train.seq_len,
+        seq_len=t.seq_len,
         batch_size=per_process,
-        seed=cfg.train.seed,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-        shuffle=train,
+        seed=t.seed,
         add_eos=setup.spec.eos_id is not None,
         engram=setup.engram,
+        worker_count=t.data_workers if train else 0,
+        prefetch=t.data_prefetch,
+        shuffle_window=t.shuffle_window,
+    )
+
+
+def document_stream(
+    setup: DataSetup, cfg: config_lib.Config, *, train: bool, num_epochs: int | None = None
+) -> corpus_lib.DocumentStream:
+    """This process's documents (its shard of the files) of the train or eval split."""
+    return setup.corpus.stream(
+        "train" if train else "eval",
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        seed=cfg.train.seed,
+        shuffle=train,
+        num_epochs=num_epochs,
     )
 
 
@@ -406,9 +441,6 @@ def evaluate(
 
 def _checkpoint_metadata(config: ml_collections.ConfigDict, setup: DataSetup) -> dict[str, Any]:
     full = config_lib.to_dict(config)
-    documents = hashlib.sha256()
-    for document in setup.train_documents:
-        documents.update(hashlib.sha256(document.encode("utf-8")).digest())
     # What decides the order and content of the batches: a saved iterator position means the same
     # thing only under the same values.
     data = {
@@ -416,7 +448,10 @@ def _checkpoint_metadata(config: ml_collections.ConfigDict, setup: DataSetup) ->
         "batch_size": full["batch_size"],
         "seq_len": full["seq_len"],
         "process_count": jax.process_count(),
-        "train_documents_sha256": documents.hexdigest(),
+        "corpus_fingerprint": setup.corpus.fingerprint,
+        "eval_fraction": full["eval_fraction"],
+        "data_workers": full["data_workers"],
+        "shuffle_window": full["shuffle_window"],
     }
     return {"config": full, "model": full["model"], "data": data, **setup.metadata()}
 
@@ -589,12 +624,10 @@ def train_and_evaluate(
             f"expected a multiple of the {row_shards} table-row shards (mesh fsdp x tensor)"
         )
     setup = build_data(cfg, workdir)
-    if cfg.train.eval_batches and len(setup.eval_documents) < jax.process_count():
-        raise config_lib.ConfigError(
-            f"config.eval_fraction: got {cfg.train.eval_fraction}, which holds out "
-            f"{len(setup.eval_documents)} documents; every one of the {jax.process_count()} "
-            "processes needs at least one (raise eval_fraction or use a larger corpus)"
-        )
+    if cfg.train.eval_batches:
+        # Fails now, not at the first evaluation, when this process's shard holds no
+        # held-out document (the stream names the data and the process).
+        next(iter(document_stream(setup, cfg, train=False)))
     if jax.process_index() == 0:
         # What `engram_jax.generate` loads; the checkpoint's fingerprint guards it.
         setup.tokenizer.save(os.path.join(workdir, TOKENIZER_FILE))
@@ -671,6 +704,7 @@ def _loop(program: _Program, state: TrainState, train_iter) -> dict[str, float]:
         t.num_train_steps, initial_step=step, log_every=t.log_every, tokens_per_step=tokens_per_step
     )
     plots = plot_lib.PlotRefresher(program.workdir, enabled=writer.enabled)
+    profiler = profiling.StepProfiler(program.workdir, t.profile_steps, jax.process_index())
     pending: tuple[int, dict[str, jax.Array]] | None = None
     last: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
@@ -715,6 +749,7 @@ def _loop(program: _Program, state: TrainState, train_iter) -> dict[str, float]:
             closers.callback(writer.close)
             closers.callback(store.close)
             closers.callback(store.wait_until_finished)
+            closers.callback(profiler.close)
 
     stop = preemption.StopSignals(
         mesh, t.batch_size // jax.process_count(), sharding.BATCH_AXES
@@ -722,7 +757,9 @@ def _loop(program: _Program, state: TrainState, train_iter) -> dict[str, float]:
     try:
         while step < t.num_train_steps:
             batch = sharding.global_batch(next(train_iter), mesh)
+            profiler.before_step(step + 1)
             state, device_metrics = program.train_step(state, batch)
+            profiler.after_step(step + 1, (state, device_metrics))
             if pending is None and window_steps == 0:
                 # The first call compiled the step; throughput counts from here.
                 window_start = time.perf_counter()

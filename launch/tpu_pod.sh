@@ -3,9 +3,10 @@
 #
 # A pod program must run on all workers at once: started on one host only, jax.distributed waits
 # for the missing processes until its timeout (or deadlocks). This script therefore always uses
-# `--worker=all`, first to install the package on every worker, then to start the trainer on every
-# worker (detached, logging to ~/engram_jax_logs/), and checks that each worker reported back; a
-# worker that did not is reported as a partial launch, with the command that stops the others.
+# `--worker=all`: to install the package into a venv on every worker, to check on every worker that
+# the workdir and the data are reachable, then to start the trainer on every worker (detached, each
+# worker logging into WORKDIR/logs/), and checks that each worker reported back after each step; a
+# worker that did not is reported, with the command that stops the others.
 #
 # Usage: see `launch/tpu_pod.sh --help`.
 
@@ -26,17 +27,24 @@ usage() {
 Usage: $SCRIPT_NAME --tpu=NAME --zone=ZONE --config=configs/NAME.py --workdir=/SHARED/PATH
                     --repo=GIT_URL [options] [-- TRAINER_OVERRIDES...]
 
-Installs engram_jax on every worker of a Cloud TPU VM and starts
-  python3 -m engram_jax.train --config=... --workdir=... [overrides]
-on all of them (gcloud compute tpus tpu-vm ssh NAME --worker=all).
+Installs engram_jax into a venv on every worker of a Cloud TPU VM, checks on every worker that
+the workdir and the data are reachable (python -m engram_jax.preflight), and starts
+  PY -m engram_jax.train --distributed --config=... --workdir=... [overrides]
+on all of them (gcloud compute tpus tpu-vm ssh NAME --worker=all). Each worker logs to
+WORKDIR/logs/RUN_NAME.worker<N>.log (with a gs:// workdir: to ~/engram_jax_logs/ on the worker,
+copied to the bucket every minute and at exit).
+
+After a preemption (or any stop), run the SAME command again with --resume and the run's
+--run_name: the workers are reinstalled (a recreated TPU VM is blank), the check also requires a
+checkpoint in the workdir, and the trainer restores the latest checkpoint (model, tables and data
+position) and appends to the same logs.
 
 Required:
   --tpu=NAME               TPU VM (pod slice) name.
   --zone=ZONE              Its zone, e.g. us-central2-b.
   --config=PATH            Config file relative to the repository root (configs/*.py).
-  --workdir=/SHARED/PATH   Run directory every worker sees at the same absolute path, e.g. a
-                           bucket mounted with gcsfuse or an NFS/Filestore share (the trainer
-                           uses POSIX file I/O for metrics and the tokenizer).
+  --workdir=DIR            Run directory every worker reaches: a gs:// URL, or an absolute path
+                           every worker sees (gcsfuse mount, NFS/Filestore share).
   --repo=GIT_URL           Repository every worker clones (default: this checkout's origin remote).
 
 Options:
@@ -45,13 +53,22 @@ Options:
   --remote_dir=DIR         Checkout directory on each worker, relative to home (default: engram_jax).
   --jax=SPEC               pip requirement for JAX on the workers (default: "jax[tpu]");
                            "none" keeps the JAX already installed.
+  --venv=DIR               Virtual environment on each worker, relative to home, created if
+                           missing (default: engram_jax_venv); needs python3-venv on the image.
+  --python=PY              Use this interpreter on the workers instead of a venv (installs into
+                           it; e.g. an image's own Python that allows pip installs).
+  --ssh_flag=FLAG          Extra flag for every 'gcloud ... tpu-vm ssh', repeatable, e.g.
+                           --ssh_flag=--internal-ip --ssh_flag=--tunnel-through-iap.
   --coordinator_port=PORT  Port of the jax.distributed coordinator on worker 0 (sets
                            config.mesh.coordinator_address=WORKER0_IP:PORT; default: JAX's own).
   --init_timeout=SECONDS   How long every process waits for all the others at start-up
                            (config.mesh.initialization_timeout).
   --num_workers=N          Worker count; default: read with 'gcloud ... tpu-vm describe'.
-  --run_name=NAME          Names the log and pid files on the workers (default: a timestamp).
+  --run_name=NAME          Names the log and pid files on the workers (default: a timestamp;
+                           required with --resume).
   --skip_install           Do not install; the workers already have the checkout.
+  --skip_check             Do not run the reachability check before starting.
+  --resume                 Relaunch a stopped or preempted run (see above).
   --dry-run                Print the commands instead of running them.
   -h, --help               This help.
 
@@ -64,8 +81,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 tpu="" zone="" project="" config="" workdir="" repo="" ref="main" remote_dir="engram_jax"
 jax_spec="jax[tpu]" coordinator_port="" init_timeout="" num_workers="" run_name=""
-skip_install=0 dry_run=0
-overrides=()
+venv="engram_jax_venv" python="" skip_install=0 skip_check=0 resume=0 dry_run=0
+overrides=() ssh_flags=()
 
 while (($#)); do
   case "$1" in
@@ -82,7 +99,12 @@ while (($#)); do
     --init_timeout=*) init_timeout="${1#*=}" ;;
     --num_workers=*) num_workers="${1#*=}" ;;
     --run_name=*) run_name="${1#*=}" ;;
+    --venv=*) venv="${1#*=}" ;;
+    --python=*) python="${1#*=}" ;;
+    --ssh_flag=*) ssh_flags+=("${1#*=}") ;;
     --skip_install) skip_install=1 ;;
+    --skip_check) skip_check=1 ;;
+    --resume) resume=1 ;;
     --dry-run | --dry_run) dry_run=1 ;;
     -h | --help)
       usage
@@ -102,7 +124,7 @@ done
 [[ -n "$tpu" ]] || die_usage "--tpu=NAME is required"
 [[ -n "$zone" ]] || die_usage "--zone=ZONE is required"
 [[ -n "$config" ]] || die_usage "--config=PATH is required (e.g. configs/tiny.py)"
-[[ -n "$workdir" ]] || die_usage "--workdir=/SHARED/PATH is required"
+[[ -n "$workdir" ]] || die_usage "--workdir=DIR is required (gs://BUCKET/PATH or /SHARED/PATH)"
 [[ "$tpu" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
   die_usage "--tpu: got '$tpu'; expected a TPU name (lowercase letters, digits, '-')"
 [[ "$zone" =~ ^[a-z]+-[a-z]+[0-9]+-[a-z]$ ]] ||
@@ -111,8 +133,15 @@ done
   die_usage "--config: got '$config'; expected a .py path relative to the repository root"
 [[ -f "$REPO_ROOT/$config" ]] ||
   die_usage "--config: '$config' does not exist in $REPO_ROOT (the workers check out the same repository)"
-[[ "$workdir" == /?* ]] ||
-  die_usage "--workdir: got '$workdir'; expected an absolute path mounted on every worker (e.g. gcsfuse)"
+[[ "$workdir" == /?* || "$workdir" =~ ^gs://[a-z0-9][-_.a-z0-9]*[a-z0-9](/.*)?$ ]] ||
+  die_usage "--workdir: got '$workdir'; expected gs://BUCKET/PATH or an absolute path every worker sees"
+[[ "$workdir" != *[[:space:]\'\"\$\`]* ]] ||
+  die_usage "--workdir: got '$workdir'; expected no spaces, quotes, '\$' or backquotes"
+[[ "$venv" =~ ^[A-Za-z0-9._/-]+$ && "$venv" != /* ]] ||
+  die_usage "--venv: got '$venv'; expected a relative path of letters, digits, '._/-'"
+for flag in "${ssh_flags[@]}"; do
+  [[ "$flag" == --?* ]] || die_usage "--ssh_flag: got '$flag'; expected a gcloud flag such as --internal-ip"
+done
 [[ "$remote_dir" =~ ^[A-Za-z0-9._/-]+$ && "$remote_dir" != /* ]] ||
   die_usage "--remote_dir: got '$remote_dir'; expected a relative path of letters, digits, '._/-'"
 require_int --coordinator_port "$coordinator_port" 1 65535
@@ -130,6 +159,9 @@ if [[ -z "$repo" ]]; then
   repo="$(git -C "$REPO_ROOT" remote get-url origin 2>/dev/null || true)"
   [[ -n "$repo" ]] || die_usage "--repo=GIT_URL is required (this checkout has no 'origin' remote)"
 fi
+if ((resume)); then
+  [[ -n "$run_name" ]] || die_usage "--resume needs the --run_name of the run to resume"
+fi
 [[ -n "$run_name" ]] || run_name="run-$(date +%Y%m%d-%H%M%S)"
 [[ "$run_name" =~ ^[A-Za-z0-9._-]+$ ]] ||
   die_usage "--run_name: got '$run_name'; expected letters, digits, '._-'"
@@ -145,7 +177,8 @@ describe_cmd=(gcloud compute tpus tpu-vm describe "${gcloud_target[@]}"
   "--format=value(networkEndpoints[].ipAddress)")
 
 ssh_all() { # ssh_all REMOTE_COMMAND
-  printf '%s\0' gcloud compute tpus tpu-vm ssh "${gcloud_target[@]}" --worker=all "--command=$1"
+  printf '%s\0' gcloud compute tpus tpu-vm ssh "${gcloud_target[@]}" --worker=all \
+    "${ssh_flags[@]}" "--command=$1"
 }
 
 q() { printf '%q' "$1"; }
@@ -175,28 +208,60 @@ fi
 
 worker_id="W=\$(curl -sf -H Metadata-Flavor:Google $METADATA_URL || echo unknown)"
 dir="\$HOME/$remote_dir"
+if [[ -n "$python" ]]; then
+  py="$(q "$python")"
+  make_env=""
+else
+  py="\$HOME/$venv/bin/python"
+  make_env="[ -x $py ] || python3 -m venv \$HOME/$venv || "
+  make_env+="{ echo 'python3 -m venv failed: install python3-venv or pass --python'; exit 1; }; "
+fi
 install_remote="set -e; $worker_id; "
 install_remote+="[ -d $dir/.git ] || git clone -q $(q "$repo") $dir; "
 install_remote+="git -C $dir fetch -q origin $(q "$ref"); git -C $dir checkout -q --detach FETCH_HEAD; "
+install_remote+="$make_env"
 if [[ "$jax_spec" != "none" ]]; then
-  install_remote+="python3 -m pip install -q -U $(q "$jax_spec"); "
+  install_remote+="$py -m pip install -q -U $(q "$jax_spec"); "
 fi
-install_remote+="python3 -m pip install -q -e $dir; "
+install_remote+="$py -m pip install -q -e $dir; "
 install_remote+="echo ENGRAM_JAX_INSTALLED worker=\$W"
 
-train_args=(python3 -m engram_jax.train --distributed "--config=$config" "--workdir=$workdir")
+config_args=("--config=$config" "--workdir=$workdir")
 [[ -z "$coordinator_port" ]] ||
-  train_args+=("--config.mesh.coordinator_address=$worker_ip0:$coordinator_port")
-[[ -z "$init_timeout" ]] || train_args+=("--config.mesh.initialization_timeout=$init_timeout")
-train_args+=("${overrides[@]}")
-train_line="$(printf '%q ' "${train_args[@]}")"
+  config_args+=("--config.mesh.coordinator_address=$worker_ip0:$coordinator_port")
+[[ -z "$init_timeout" ]] || config_args+=("--config.mesh.initialization_timeout=$init_timeout")
+config_args+=("${overrides[@]}")
+train_line="$py -m engram_jax.train --distributed $(printf '%q ' "${config_args[@]}")"
 logs="\$HOME/engram_jax_logs"
+pid_file="$logs/$run_name.pid"
+
+# Each worker checks the workdir and data (and, resuming, that a checkpoint exists and that no
+# trainer of this run still runs there) before anything starts.
+check_remote="$worker_id; cd $dir && "
+if ((resume)); then
+  check_remote+="if [ -f $pid_file ] && kill -0 \$(cat $pid_file) 2>/dev/null; then "
+  check_remote+="echo \"a trainer of $run_name still runs on worker \$W; stop it first\"; exit 1; fi; "
+fi
+check_remote+="$py -m engram_jax.preflight $(printf '%q ' "${config_args[@]}")"
+((resume)) && check_remote+="--require_checkpoint "
+check_remote+="&& echo ENGRAM_JAX_CHECKED worker=\$W"
+
+# Logs live in the workdir: written there directly, or (gs://) copied there by the runner.
+if [[ "$workdir" == gs://* ]]; then
+  worker_log="$logs/$run_name.worker\$W.log"
+  log_copy="${workdir%/}/logs/$run_name.worker\$W.log"
+else
+  worker_log="$(q "${workdir%/}")/logs/$run_name.worker\$W.log"
+  log_copy="''"
+fi
 launch_remote="$worker_id; mkdir -p $logs; cd $dir && "
-launch_remote+="{ nohup ${train_line}> $logs/$run_name.worker\$W.log 2>&1 < /dev/null & "
-launch_remote+="echo \$! > $logs/$run_name.pid; echo ENGRAM_JAX_STARTED worker=\$W pid=\$!; }"
-stop_remote="kill \$(cat $logs/$run_name.pid)"
+launch_remote+="{ nohup bash launch/_worker_run.sh $worker_log $log_copy -- ${train_line}"
+launch_remote+="> /dev/null 2>&1 < /dev/null & "
+launch_remote+="echo \$! > $pid_file; echo ENGRAM_JAX_STARTED worker=\$W pid=\$!; }"
+stop_remote="kill \$(cat $pid_file)"
 
 mapfile -d '' install_cmd < <(ssh_all "$install_remote")
+mapfile -d '' check_cmd < <(ssh_all "$check_remote")
 mapfile -d '' launch_cmd < <(ssh_all "$launch_remote")
 mapfile -d '' stop_cmd < <(ssh_all "$stop_remote")
 
@@ -205,7 +270,11 @@ if ((dry_run)); then
     echo "# install on every worker:"
     print_command "${install_cmd[@]}"
   fi
-  echo "# start the trainer on every worker:"
+  if ((!skip_check)); then
+    echo "# check the workdir and data path on every worker:"
+    print_command "${check_cmd[@]}"
+  fi
+  echo "# start the trainer on every worker$( ((resume)) && echo " (resuming $run_name from its latest checkpoint)"):"
   print_command "${launch_cmd[@]}"
   echo "# stop it on every worker:"
   print_command "${stop_cmd[@]}"
@@ -237,6 +306,18 @@ if ((!skip_install)); then
   fi
 fi
 
+if ((!skip_check)); then
+  echo "$SCRIPT_NAME: checking the workdir and data path on $num_workers workers ..."
+  check_rc=0
+  "${check_cmd[@]}" 2>&1 | tee "$output" || check_rc=$?
+  missing="$(missing_workers ENGRAM_JAX_CHECKED)"
+  if ((check_rc)) || [[ -n "$missing" ]]; then
+    echo "$SCRIPT_NAME: error: the check failed (gcloud exit $check_rc) on workers: ${missing:-unknown}." >&2
+    echo "Nothing was started. The ENGRAM_JAX_PREFLIGHT_FAILED lines above name the problem." >&2
+    exit 1
+  fi
+fi
+
 echo "$SCRIPT_NAME: starting the trainer on all $num_workers workers of $tpu ..."
 launch_rc=0
 "${launch_cmd[@]}" 2>&1 | tee "$output" || launch_rc=$?
@@ -250,6 +331,7 @@ if ((launch_rc)) || [[ -n "$missing" ]]; then
   } >&2
   exit 1
 fi
-echo "$SCRIPT_NAME: started on all $num_workers workers; logs: ~/engram_jax_logs/$run_name.worker<N>.log"
+echo "$SCRIPT_NAME: started on all $num_workers workers; logs: ${workdir%/}/logs/$run_name.worker<N>.log"
+echo "After a preemption, rerun this command with --resume --run_name=$run_name."
 echo "Stop with:"
 print_command "${stop_cmd[@]}"

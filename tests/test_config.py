@@ -104,3 +104,26 @@ def test_adam_betas_must_lie_in_unit_interval():
         config_lib.validate(c)
     assert "config.adam_b1: got 1.0; expected in [0, 1)" in str(err.value)
     assert "config.adam_b2: got -0.1; expected in [0, 1)" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (
+            "profile_steps",
+            (5, 3),
+            r"profile_steps: got \(5, 3\); expected \(\) \(off\) or \(start, stop\)",
+        ),
+        ("profile_steps", (2,), r"profile_steps: got \(2,\)"),
+        ("profile_steps", (2000, 2001), r"start <= num_train_steps=1000"),
+        ("data_workers", -1, r"data_workers: got -1; expected an integer >= 0"),
+        ("shuffle_window", 0, r"shuffle_window: got 0; expected an integer > 0"),
+    ],
+)
+def test_data_and_profile_keys_are_validated(key, value, message):
+    config = config_lib.base_config()
+    config[key] = value
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(config)
+    config[key] = config_lib.base_config()[key]
+    assert config_lib.validate(config).train.profile_steps == ()

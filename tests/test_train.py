@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import os
 import signal
 import socket
@@ -364,7 +365,7 @@ def test_two_processes_train_together(corpus, tmp_path):
     workdir = str(tmp_path / "two")
     child = textwrap.dedent(
         f"""
-        import os, sys
+        import json, os, sys
         sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
         import jax
         process_id = int(sys.argv[1])
@@ -377,7 +378,14 @@ def test_two_processes_train_together(corpus, tmp_path):
 
         config = _small_config({corpus!r})
         config.eval_every = 0
+        config.profile_steps = (2, 4)
         train.train_and_evaluate(config, {workdir!r})
+        # The documents of one epoch of this process's training stream, as the trainer reads it.
+        cfg = train.config_lib.validate(config)
+        setup = train.build_data(cfg, {workdir!r})
+        seen = list(train.document_stream(setup, cfg, train=True, num_epochs=1))
+        with open(os.path.join({workdir!r}, f"seen_{{process_id}}.json"), "w") as f:
+            json.dump(seen, f)
         """
     )
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
@@ -397,11 +405,27 @@ def test_two_processes_train_together(corpus, tmp_path):
     rows = metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
     steps = [row["step"] for row in rows if "train_loss" in row]
     assert steps == list(range(1, NUM_STEPS + 1))  # one row per step: process 0 writes alone
-    assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 1
+    events = [f for f in os.listdir(os.path.join(workdir, "tensorboard")) if "tfevents" in f]
+    assert len(events) == 1
     losses = _losses(workdir)
     assert all(np.isfinite(v) for v in losses.values())
     data_items = os.listdir(os.path.join(workdir, "checkpoints", str(NUM_STEPS), "data"))
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_items)
+    # Each process read its own documents: disjoint shards that together are the training split.
+    seen = []
+    for process_id in (0, 1):
+        with open(os.path.join(workdir, f"seen_{process_id}.json")) as f:
+            seen.append(json.load(f))
+    assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
+    corpus_docs = data_lib.load_documents(corpus)
+    train_docs = data_lib.corpus_lib.Corpus(corpus, 0.1).documents("train")
+    assert sorted(seen[0] + seen[1]) == sorted(train_docs)
+    assert len(seen[0]) + len(seen[1]) < len(corpus_docs)  # the held-out documents are not seen
+    # profile_steps: each process wrote a jax.profiler trace where TensorBoard looks for it.
+    for log_dir in ("tensorboard", os.path.join("tensorboard", "process_1")):
+        profile_dir = os.path.join(workdir, log_dir, "plugins", "profile")
+        traces = [f for _, _, files in os.walk(profile_dir) for f in files]
+        assert any(f.endswith(".xplane.pb") for f in traces), (log_dir, traces)
 
 
 def test_resume_with_new_data_settings_restarts_the_stream(uninterrupted, corpus, tmp_path, caplog):
