@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 CORPUS=${1:-$(python -c "from engram_jax.data import bundled_corpus_path; print(bundled_corpus_path())")}
-NAME=$(basename "$CORPUS"); NAME=${NAME%%.*}
+NAME=$(basename "$CORPUS"); NAME=${NAME%.gz}; NAME=${NAME%.txt}; NAME=${NAME%.jsonl}; NAME=${NAME%.parquet}
 SCRATCH=${2:-/tmp/engram_jax_experiments/$NAME}
 JOBS=${JOBS:-2}
 DOCS=docs/results/$NAME
@@ -40,7 +40,7 @@ run() {
 }
 
 run iso_param --steps=300 --seeds=3
-run allocation --steps=120 --seeds=1 --budgets=1,3
+run allocation --steps=120 --seeds=1 --budgets=1,3 --evals=4
 run hyper_stability --steps=300 --seeds=1 --learning_rate=0.01
 run gate_analysis --steps=300 --seeds=1
 python -m engram_jax.experiments.floors --data_path="$CORPUS" | tee -a "$DOCS/machine.txt"
