@@ -396,8 +396,13 @@ class Transformer(nn.Module):
         return logits_BTV, _collect_stats(stats_per_run)
 
 
-def mixing_matrices(config: ModelConfig, intermediates: dict[str, Any]) -> jax.Array:
+def mixing_matrices(
+    config: ModelConfig, intermediates: dict[str, Any], field: str = "h_res"
+) -> jax.Array:
     """The applied `h_res` of every hyper-connection site in depth order, `[2L, X, G, G]`.
+
+    `field="res_logits"` gives the sown pre-Sinkhorn (or permutation) logits instead, `[2L, X, G,
+    G]` for mHC and `[2L, X, n!]` for mHC-lite.
 
     Attention and FFN sites count separately (layer l gives sites 2l and 2l + 1), X = B*T tokens.
     `intermediates` is what `apply(..., mutable=["intermediates"])` returned for a model built with
@@ -408,15 +413,15 @@ def mixing_matrices(config: ModelConfig, intermediates: dict[str, Any]) -> jax.A
         run_tree = intermediates[run.name]
         per_site = []
         for site in ("attention_hc", "ffn_hc"):
-            h_res = run_tree[site]["h_res"][0]
+            h_res = run_tree[site][field][0]
             if run.stop - run.start == 1:
-                h_res = h_res[None]  # [1, B, T, G, G]
+                h_res = h_res[None]  # [1, B, T, G, G] (or [1, B, T, R] logits)
             per_site.append(h_res)
         # [L_run, 2, B, T, G, G]: attention then FFN within each layer.
         sites.append(jnp.stack(per_site, axis=1))
     stacked = jnp.concatenate(sites, axis=0)
-    layers, _, b, t, g, _ = stacked.shape
-    return stacked.reshape(layers * 2, b * t, g, g)  # [2L, X, G, G]
+    layers, _, b, t = stacked.shape[:4]
+    return stacked.reshape(layers * 2, b * t, *stacked.shape[4:])  # [2L, X, G, G] or [2L, X, R]
 
 
 def _collect_stats(stats_per_run: list[tuple[_Run, dict[str, jax.Array]]]) -> dict[str, Any]:

@@ -381,9 +381,9 @@ def make_eval_step(model: Transformer) -> Callable[[TrainState, dict[str, jax.Ar
 def make_mixing_diagnostics(
     cfg: config_lib.Config, lookup_fn: Callable | None
 ) -> Callable[[TrainState, dict[str, jax.Array]], dict[str, jax.Array]] | None:
-    """mHC/HC diagnostics on one batch (docs/design.md 2.6): composite Amax gains from the bottom
-    site to the top and the worst row/column-sum error of the mixing matrices; None for a plain
-    residual model (no mixing)."""
+    """mHC/HC diagnostics on one batch (docs/design.md §2.6): composite Amax gains from the bottom
+    site to the top, the worst row/column-sum error of the mixing matrices and (mHC, mHC-lite) the
+    largest spread of their logits; None for a plain residual model (no mixing)."""
     if cfg.model.hc.kind == "residual" or cfg.model.hc.n_streams == 1:
         return None
     model = Transformer(cfg.model, lookup_fn=lookup_fn, sow_mixing=True)
@@ -400,8 +400,14 @@ def make_mixing_diagnostics(
         )
         h_res_SXGG = mixing_matrices(cfg.model, inter["intermediates"])
         gains = amax_gain(h_res_SXGG)
-        stats = mixing_stats(h_res_SXGG)
+        logits = None
+        if cfg.model.hc.kind in ("mhc", "mhc_lite"):
+            # Pre-Sinkhorn (mHC-lite: permutation) logits, [2L, X, G, G] or [2L, X, n!].
+            logits = mixing_matrices(cfg.model, inter["intermediates"], field="res_logits")
+        stats = mixing_stats(h_res_SXGG, logits)
+        extra = {} if logits is None else {"hc_res_logit_spread": jnp.max(stats["logit_spread"])}
         return {
+            **extra,
             "hc_composite_forward_gain": gains["composite_forward"][0],
             "hc_composite_backward_gain": gains["composite_backward"][0],
             "hc_max_composite_forward_gain": jnp.max(gains["composite_forward"]),

@@ -1,0 +1,372 @@
+"""What a trained Engram model's gate does, and what switching the memory off costs.
+
+    python -m engram_jax.experiments.gate_analysis --data_path=PATH --workdir=DIR --steps=N \
+        --seeds=K [--jobs=J] [--rho=0.75]
+
+Trains the iso-parameter experiment's Engram + MoE model (one run per seed), then, on exactly the
+held-out tokens an evaluation scores:
+
+- a heatmap of the gate (mean over residual streams) over the first held-out sequences;
+- the tokens, bigrams and trigrams with the highest mean gate (the gate at position t weighs the
+  n-grams ending at t, docs/design.md §1.5);
+- the loss with Engram switched off at inference, split into four buckets of equal token count by
+  the target token's frequency in the training text. Switching off zeroes the Engram value
+  projection, so each Engram layer adds exactly zero (the gate multiplies a zero value, and the
+  convolution of zeros is zero).
+
+Mirrors the Engram paper's gate visualisations (the gate fires on multi-token entities and
+formulaic phrases) and its inference-time ablation (factual recall collapses, reading
+comprehension mostly survives).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from engram_jax import data as data_lib
+from engram_jax.experiments import common, iso_param, sizing
+
+NAME = "gate_analysis"
+NUM_BUCKETS = 4
+
+
+def base_config() -> ml_collections.ConfigDict:
+    return iso_param.base_config()
+
+
+def build_specs(
+    options: common.Options, corpus: common.Corpus, base: ml_collections.ConfigDict, rho: float
+) -> list[common.RunSpec]:
+    model = sizing.with_allocation(base, rho)
+    return [
+        common.RunSpec(
+            f"engram-s{seed}",
+            seed,
+            common.training_config(model, options, corpus, seed=seed),
+            {"variant": "engram"},
+        )
+        for seed in range(options.seeds)
+    ]
+
+
+def engram_off(params: Any) -> Any:
+    """The parameters with every Engram value projection zeroed: each Engram layer then adds 0."""
+
+    def zero(path, leaf):
+        names = [getattr(k, "key", str(k)) for k in path]
+        if "engram" in names and names[-1] in ("value_kernel", "value_bias"):
+            return jnp.zeros_like(leaf)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(zero, params)
+
+
+def _forward_fn(model):
+    """Per-token NLL [B, T] and gates [L_e, B, T, G] of one batch."""
+
+    def forward(variables, batch):
+        logits, aux = model.apply(
+            variables, batch["inputs"], batch["positions"], batch["segment_ids"], batch["hash_ids"]
+        )
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
+        return nll, aux["engram_gates"]
+
+    return jax.jit(forward)
+
+
+def token_counts(documents: list[str], tokenizer, vocab_size: int) -> np.ndarray:
+    """Occurrences of every token id in the documents (the training text)."""
+    encode = data_lib.make_encoder(tokenizer)
+    counts = np.zeros(vocab_size, np.int64)
+    for document in documents:
+        np.add.at(counts, encode(document), 1)
+    return counts
+
+
+def analyze(
+    run_path: str,
+    train_documents: list[str],
+    held_out: list[str],
+    *,
+    min_count: int,
+    top: int = 15,
+) -> dict[str, Any]:
+    """Gates and the Engram-off ablation of the trained model in `run_path` (its latest
+    checkpoint) on the held-out tokens its evaluation scores."""
+    from engram_jax.generate import Generator
+    from engram_jax.model import Transformer
+
+    generator = Generator(run_path)
+    config = generator.config
+    tokenizer = generator.tokenizer
+    spec, engram = generator.spec, generator.engram
+    stream = data_lib.make_pipeline(
+        held_out,
+        tokenizer,
+        spec,
+        seq_len=config.seq_len,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        shuffle=False,
+        add_eos=spec.eos_id is not None,
+        engram=engram,
+    )
+    batches = [next(stream) for _ in range(config.eval_batches)]
+    forward = _forward_fn(Transformer(generator.model_config))
+    variables_on = generator.variables
+    variables_off = {**variables_on, "params": engram_off(variables_on["params"])}
+
+    nll_on, nll_off, gates, inputs, targets, masks, segments = [], [], [], [], [], [], []
+    for batch in batches:
+        device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        on, gate = jax.device_get(forward(variables_on, device_batch))
+        off, _ = jax.device_get(forward(variables_off, device_batch))
+        nll_on.append(on)
+        nll_off.append(off)
+        gates.append(gate.mean(axis=-1))  # [L_e, B, T, G] -> [L_e, B, T]: mean over streams
+        inputs.append(batch["inputs"])
+        targets.append(batch["targets"])
+        masks.append(batch["loss_mask"])
+        segments.append(batch["segment_ids"])
+    nll_on, nll_off = np.concatenate(nll_on), np.concatenate(nll_off)  # [N, T]
+    gates_LNT = np.concatenate(gates, axis=1)  # [L_e, N, T]
+    inputs, targets = np.concatenate(inputs), np.concatenate(targets)
+    mask = np.concatenate(masks) > 0
+    segments = np.concatenate(segments)
+
+    # Frequency buckets of equal token count, by the target token's training frequency.
+    counts = token_counts(train_documents, tokenizer, spec.vocab_size)
+    freq = counts[targets[mask]]
+    order = np.argsort(freq, kind="stable")[::-1]  # most frequent first
+    buckets = []
+    for i, part in enumerate(np.array_split(order, NUM_BUCKETS)):
+        if part.size == 0:
+            continue
+        on, off = nll_on[mask][part], nll_off[mask][part]
+        buckets.append(
+            {
+                "bucket": i,
+                "tokens": int(part.size),
+                "train_count_min": int(freq[part].min()),
+                "train_count_max": int(freq[part].max()),
+                "loss_engram_on": float(on.mean()),
+                "loss_engram_off": float(off.mean()),
+                "loss_increase": float(off.mean() - on.mean()),
+            }
+        )
+
+    # Mean gate per token and per n-gram ending at each position (inside one document).
+    gate_NT = gates_LNT.mean(axis=0)  # [N, T]: mean over Engram layers
+    valid = segments > 0
+    stats: dict[str, collections.defaultdict] = {
+        name: collections.defaultdict(lambda: [0.0, 0]) for name in ("token", "bigram", "trigram")
+    }
+    n, t = inputs.shape
+    for row in range(n):
+        for pos in range(t):
+            if not valid[row, pos]:
+                continue
+            g = float(gate_NT[row, pos])
+            keys = {"token": (int(inputs[row, pos]),)}
+            for order_n, name in ((2, "bigram"), (3, "trigram")):
+                start = pos - order_n + 1
+                if start >= 0 and np.all(segments[row, start : pos + 1] == segments[row, pos]):
+                    keys[name] = tuple(int(x) for x in inputs[row, start : pos + 1])
+            for name, key in keys.items():
+                entry = stats[name][key]
+                entry[0] += g
+                entry[1] += 1
+
+    def ranked(name: str) -> list[dict[str, Any]]:
+        items = [(s / c, c, k) for k, (s, c) in stats[name].items() if c >= min_count]
+        items.sort(key=lambda x: -x[0])
+        return [
+            {"text": tokenizer.decode(list(k)), "ids": list(k), "mean_gate": g, "count": c}
+            for g, c, k in items[:top]
+        ]
+
+    return {
+        "engram_on_loss": float(nll_on[mask].mean()),
+        "engram_off_loss": float(nll_off[mask].mean()),
+        "analysed_tokens": int(mask.sum()),
+        "mean_gate": float(gate_NT[valid].mean()),
+        "mean_gate_per_layer": [float(g[valid].mean()) for g in gates_LNT],
+        "frequency_buckets": buckets,
+        "top_tokens": ranked("token"),
+        "top_bigrams": ranked("bigram"),
+        "top_trigrams": ranked("trigram"),
+        # For the heatmap (not written to results.json).
+        "_heatmap": {
+            "gates_LNT": gates_LNT,
+            "inputs": inputs,
+            "valid": valid,
+            "layer_ids": list(config.model.engram.layer_ids),
+            "tokenizer": tokenizer,
+        },
+    }
+
+
+def _token_label(tokenizer, token_id: int) -> str:
+    text = tokenizer.decode([int(token_id)]).replace(" ", "\u00b7")  # a visible space
+    return repr(text)[1:-1][:8]
+
+
+def plot_heatmap(workdir: str, heat: dict[str, Any], rows: int, length: int) -> str:
+    from engram_jax.experiments import plots
+
+    gates_LNT = heat["gates_LNT"]
+    num_layers = gates_LNT.shape[0]
+    rows = min(rows, gates_LNT.shape[1])
+    length = min(length, gates_LNT.shape[2])
+    fig, axes = plots.new_figure(0.28 * length + 2.0, 0.5 * num_layers + 1.0, nrows=rows)
+    image = None
+    for r in range(rows):
+        ax = axes[r, 0]
+        data = np.where(heat["valid"][r, :length][None, :], gates_LNT[:, r, :length], np.nan)
+        image = ax.imshow(data, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis")
+        ax.set_yticks(range(num_layers))
+        ax.set_yticklabels([f"layer {i}" for i in heat["layer_ids"]], fontsize=7)
+        ax.set_xticks(range(length))
+        ax.set_xticklabels(
+            [_token_label(heat["tokenizer"], x) for x in heat["inputs"][r, :length]],
+            rotation=90,
+            fontsize=7,
+        )
+        ax.set_title(f"held-out sequence {r}", fontsize=8)
+    fig.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.02, label="gate (mean over streams)")
+    return plots.save(fig, workdir, "gate_heatmap.png")
+
+
+def plot_ablation(workdir: str, analysis: dict[str, Any]) -> str:
+    from engram_jax.experiments import plots
+
+    buckets = analysis["frequency_buckets"]
+    fig, axes = plots.new_figure(ncols=2)
+    ax = axes[0, 0]
+    x = np.arange(len(buckets))
+    labels = [f"{b['train_count_min']:,}-\n{b['train_count_max']:,}" for b in buckets]
+    ax.bar(x - 0.2, [b["loss_engram_on"] for b in buckets], 0.4, label="Engram on")
+    ax.bar(x + 0.2, [b["loss_engram_off"] for b in buckets], 0.4, label="Engram off")
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_xlabel("target token's count in the training text (frequent -> rare)")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.legend()
+    ax.set_title("Loss with Engram switched off at inference")
+    ax = axes[0, 1]
+    top = analysis["top_tokens"][:10] + analysis["top_bigrams"][:10]
+    ax.barh(range(len(top)), [e["mean_gate"] for e in top], color="C2")
+    ax.set_yticks(range(len(top)))
+    ax.set_yticklabels([repr(e["text"])[:24] for e in top], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("mean gate")
+    ax.set_title("Highest mean gate: tokens, then bigrams")
+    return plots.save(fig, workdir, "engram_ablation_and_top_gates.png")
+
+
+def report(
+    options: common.Options,
+    corpus: common.Corpus,
+    train_documents: list[str],
+    held_out: list[str],
+    specs: list[common.RunSpec],
+    runs: list[dict[str, Any]],
+    min_count: int,
+    rho: float,
+) -> None:
+    workdir = options.workdir
+    eval_tokens = common.evaluated_tokens(specs[0].config)
+    compression = common.floors_for(held_out, corpus, eval_tokens)
+    analyses = []
+    for run in runs:
+        analysis = analyze(
+            os.path.join(workdir, run["run_dir"]), train_documents, held_out, min_count=min_count
+        )
+        heat = analysis.pop("_heatmap")
+        run["analysis"] = analysis
+        analyses.append((analysis, heat))
+    first, heat = analyses[0]
+    heatmap_png = plot_heatmap(workdir, heat, rows=4, length=40)
+    ablation_png = plot_ablation(workdir, first)
+
+    lines = common.summary_header(
+        "Engram gate analysis and inference-time ablation",
+        NAME,
+        options,
+        corpus,
+        eval_tokens,
+        compression,
+    )
+    lines += [
+        f"Model: the iso-parameter Engram + MoE model (rho = {rho}).",
+        "",
+        *common.accounting_table(runs, "variant"),
+        "",
+        "| seed | final eval loss | Engram on (analysed tokens) | Engram off | increase |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        a = run["analysis"]
+        lines.append(
+            f"| {run['seed']} | {run['final_eval_loss']:.4f} | {a['engram_on_loss']:.4f} | "
+            f"{a['engram_off_loss']:.4f} | {a['engram_off_loss'] - a['engram_on_loss']:+.4f} |"
+        )
+    lines += [
+        "",
+        f"By target-token frequency (seed {runs[0]['seed']}; four buckets of equal token count):",
+        "",
+        "| train count | tokens | loss on | loss off | increase |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for b in first["frequency_buckets"]:
+        lines.append(
+            f"| {b['train_count_min']:,}-{b['train_count_max']:,} | {b['tokens']:,} | "
+            f"{b['loss_engram_on']:.4f} | {b['loss_engram_off']:.4f} | {b['loss_increase']:+.4f} |"
+        )
+    for name in ("top_tokens", "top_bigrams", "top_trigrams"):
+        lines += ["", f"Highest mean gate, {name[4:]} (at least {min_count} occurrences):", ""]
+        lines += [
+            f"- `{e['text']!r}`: {e['mean_gate']:.3f} ({e['count']} times)" for e in first[name]
+        ]
+    lines += ["", f"![gate heatmap]({heatmap_png})", "", f"![ablation]({ablation_png})", ""]
+    with open(f"{workdir}/{common.SUMMARY_FILE}", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    common.write_results(
+        workdir, NAME, runs, rho=rho, eval_tokens=eval_tokens, compression_floors=compression
+    )
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    del argv
+    options = common.Options.from_flags()
+    rho = flags.FLAGS.rho
+    base = base_config()
+    common.apply_overrides(base, options.overrides)
+    corpus, held_out = common.setup(options, base)
+    specs = build_specs(options, corpus, base, rho)
+    common.print_configs(specs, lambda s: "engram")
+    runs = common.run_experiment(options.workdir, specs, options.jobs)
+    train_documents, _ = common.split_text(
+        data_lib.load_documents(options.data_path), options.holdout_fraction
+    )
+    report(options, corpus, train_documents, held_out, specs, runs, flags.FLAGS.min_count, rho)
+    print(f"wrote {options.workdir}/{common.RESULTS_FILE} and {common.SUMMARY_FILE}", flush=True)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    common.define_flags(default_steps=600, default_seeds=1)
+    flags.DEFINE_float("rho", 0.75, "Routed-expert share of the sparse budget.")
+    flags.DEFINE_integer("min_count", 5, "Occurrences a token or n-gram needs to be ranked.")
+    app.run(main)
