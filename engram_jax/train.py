@@ -263,6 +263,7 @@ def make_train_step(
             batch["positions"],
             batch["segment_ids"],
             batch.get("hash_ids"),
+            batch["loss_mask"],  # padding stays out of the MoE load, balance loss and bias
             mutable=[MOE_BIAS],
         )
         loss, _ = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
