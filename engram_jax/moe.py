@@ -269,8 +269,8 @@ def expert_ffn_dropless(
     zero rows to a multiple of the block (`dropless_block_size`); a scan applies each block's
     expert FFN to its `[block, D]` rows; the outputs return to slot order and are combined with the
     gates in float32, summed over k in a fixed order. At most `X*K + E*(block - 1)` rows are
-    computed (static), against `capacity_factor * X*K` for capacity dispatch, and no weight is
-    copied per block.
+    computed (static), against `capacity_factor * X*K` for capacity dispatch, and no per-block
+    copy of the weights is kept for the backward pass.
 
     Causality: a slot's row in the buffer depends on the other tokens, but its value does not.
     Every block runs the same `[block, D] x [D, F]` matmuls (static shapes), so a row's result
