@@ -29,9 +29,12 @@ _ATTENTION_KINDS = ("gqa", "mla")
 _DTYPES = ("float32", "bfloat16")
 _SCHEDULES = ("cosine", "wsd", "constant")
 _SINKHORN_ORDERS = ("row_last", "col_last")
-_MOE_DISPATCH = ("capacity", "ragged")
+_MOE_DISPATCH = ("dropless", "capacity", "ragged")
 _AXIS_TYPES = ("auto", "explicit")
 MHC_LITE_MAX_STREAMS = 6
+# Default std of the hyper-connection coefficient projections, shared by `model.hc.coeff_init_std`
+# and `mhc.HyperConnection.coeff_kernel_init` so that the module and the trainer agree.
+HC_COEFF_INIT_STD = 0.02
 
 
 class ConfigError(ValueError):
@@ -128,9 +131,15 @@ def base_config() -> ml_collections.ConfigDict:
     e.seq_balance_weight = 1e-4  # Sequence-wise balance loss weight (0 disables).
     # Aux-loss-free balancing: bias step per training step (DeepSeek-V3's gamma).
     e.bias_update_rate = 1e-3
-    # "capacity" (sorted slots into [E, C, D] buffers; drops overflow) or "ragged" (dropless).
-    e.dispatch = "capacity"
+    # Routed-expert dispatch (compute only; parameters are the same for all three):
+    #   "dropless": sort slots by expert into padded blocks, one SwiGLU per block. Causal: a token's
+    #       output never depends on other tokens, as DeepSeek-V3 (which drops nothing).
+    #   "capacity": [E, C, D] buffers; drops overflow slots. NOT causal: a later token (or another
+    #       row) decides which earlier slot overflows, unless capacity_factor >= E / top_k.
+    #   "ragged": dropless via lax.ragged_dot (grouped kernels on TPU/GPU; very slow on CPU).
+    e.dispatch = "dropless"
     e.capacity_factor = 1.25  # capacity dispatch only.
+    e.block_size = 128  # dropless dispatch only: rows per expert block (fewer for small calls).
 
     g = m.engram = ml_collections.ConfigDict()
     # Blocks that carry an Engram module (0-based, as the reference demo); () disables.
@@ -168,10 +177,12 @@ def base_config() -> ml_collections.ConfigDict:
     h.alpha_init = 0.01  # Initial alpha scales (docs/design.md 2.2, 9.1).
     h.res_offdiag_bias = -8.0  # b_res off-diagonal init: H_res starts near identity (2.5, 9.1).
     h.lite_offperm_bias = -8.0  # mHC-lite: logit bias of the non-identity permutations (4, 9.13).
-    # Std of the coefficient projections phi. docs/design.md 2.5 starts from phi = 0 (unverified,
-    # 9.1), but then streams copied from one embedding stay identical forever unless another part
-    # (Engram's per-stream keys) breaks the symmetry; a small random phi moves H at init by < 1e-2.
-    h.coeff_init_std = 0.02
+    # Std of the coefficient projections phi (and of HC's dynamic weights); 0 = zeros. The paper
+    # starts from phi = 0 (docs/design.md §2.5, unverified §9.1), but then streams copied from one
+    # embedding stay identical forever unless another part (Engram's per-stream keys) breaks the
+    # symmetry; a small random phi moves H at init by < 1e-2. HyperConnection's own default is
+    # the same value (HC_COEFF_INIT_STD).
+    h.coeff_init_std = HC_COEFF_INIT_STD
 
     # ---------------------------------------------------------------- devices
     d = c.mesh = ml_collections.ConfigDict()
@@ -215,6 +226,7 @@ class MoeConfig:
     bias_update_rate: float
     dispatch: str
     capacity_factor: float
+    block_size: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,6 +446,7 @@ def _validate_model(p: _Problems, m: ml_collections.ConfigDict) -> None:
         _check_positive(p, "model.moe.expert_hidden_size", e.expert_hidden_size)
         _check_choice(p, "model.moe.dispatch", e.dispatch, _MOE_DISPATCH)
         p.check(e.capacity_factor > 0, "model.moe.capacity_factor", e.capacity_factor, "> 0")
+        _check_positive(p, "model.moe.block_size", e.block_size)
         p.check(
             m.num_dense_layers < m.num_layers,
             "model.num_dense_layers",

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax import axes
+from engram_jax.config import HC_COEFF_INIT_STD
 from engram_jax.layers import RMSNorm, rms_norm
 
 Kind = Literal["residual", "hc", "mhc", "mhc_lite"]
@@ -29,6 +30,9 @@ KINDS = ("residual", "hc", "mhc", "mhc_lite")
 SINKHORN_ORDERS = ("row_last", "col_last")
 # mHC-lite needs n! logits per token (§4): 720 at n = 6 is already far past the practical n <= 4-5.
 MAX_LITE_STREAMS = 6
+# Stream mixing in true float32: TPU and GPU matmuls at default precision round f32 operands to
+# bf16 (or TF32), which would undo the float32 application of the coefficients.
+_MIX_PRECISION = jax.lax.Precision.HIGHEST
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,19 +242,28 @@ class HyperConnection(nn.Module):
         residual with gates.
       - "hc" (§3, dynamic HC): per-stream coefficients from the per-stream RMS-normalised state
         (gain folded into the dynamic weights), `tanh`, unconstrained; static init `A_m =
-        e_{layer_index mod n}`, `A_r = I`, `B = 1`, dynamic weights 0, scalar scales `s_alpha =
-        s_beta = 0.01`. Applied `h_res` is `A_r^T`. n = 1: scalar gates `A_m`, `A_r`, `B`; at init
-        exactly the residual.
+        e_{layer_index mod n}`, `A_r = I`, `B = 1`, dynamic weights `coeff_kernel_init` (the paper:
+        0), scalar scales `s_alpha = s_beta = 0.01`. Applied `h_res` is `A_r^T`. n = 1: scalar
+        gates `A_m`, `A_r`, `B`; with zero dynamic weights exactly the residual at init.
       - "mhc_lite" (§4): `h_res = sum_k softmax(logits)_k P_k` over all n! permutations, exactly
         doubly stochastic; `h_pre`, `h_post` as mhc. n = 1: one permutation, `h_res = 1`. n > 6 is
         rejected.
 
     Initialisation (§2.5, project choices; §9.1 and §9.13 list them unverified, hence fields): phi
-    = 0 (`coeff_kernel_init`), alpha = 0.01, `b_res` diagonal `res_diag_bias` and off-diagonal
-    `res_offdiag_bias`, `b_pre = -ln(n - 1)` (`pre_bias=None`; 0 for n = 1), `b_post = 0`. Note:
-    with phi = 0, equal pre/post biases and streams created by `expand_streams`, every stream stays
-    identical (nothing breaks the symmetry between streams) unless another part of the model does,
-    e.g. Engram's per-stream keys (§1.7); pass a random `coeff_kernel_init` to break it.
+    ~ N(0, 0.02^2) (`coeff_kernel_init`, the same default as the trainer's
+    `model.hc.coeff_init_std`), alpha = 0.01, `b_res` diagonal `res_diag_bias` and off-diagonal
+    `res_offdiag_bias`, `b_pre = -ln(n - 1)` (`pre_bias=None`; 0 for n = 1), `b_post = 0`. The
+    paper's phi = 0 (`coeff_kernel_init=nn.initializers.zeros_init()`) has a catch: with equal
+    pre/post biases and streams created by `expand_streams`, every stream then stays identical
+    forever (inputs, coefficients and gradients are all symmetric in the streams) unless another
+    part of the model breaks the symmetry, e.g. Engram's per-stream keys (§1.7). The small random
+    phi breaks it and moves the coefficients at init by < 1e-2 (alpha = 0.01 scales it).
+
+    Precision: coefficients are computed in float32, and so is their application: `read` mixes
+    the streams with `h_pre` and `write` applies `h_res` and `h_post` in float32 (HIGHEST matmul
+    precision), whatever `dtype`; only the results are cast. In bfloat16 the coefficients
+    themselves would round (the ~0.999 diagonal of `h_res` at init to 0.998 or 1.0), which biases
+    every row sum by ~1e-3 and compounds over depth (~6% over 60 sites).
 
     Use `__call__(x, sublayer)` or, inside `nn.scan` or custom wiring, `read(x)` then `write(x, y,
     mixing)`.
@@ -270,12 +283,14 @@ class HyperConnection(nn.Module):
       post_bias: initial `b_post` (mhc, mhc_lite); 0 gives h_post = 1.
       lite_identity_bias, lite_other_bias: initial permutation logits (mhc_lite, §9.13).
       hc_scale_init: initial s_alpha and s_beta (hc).
-      coeff_kernel_init: initialiser of phi (mhc, mhc_lite) and of the dynamic weights (hc).
+      coeff_kernel_init: initialiser of phi (mhc, mhc_lite) and of the dynamic weights (hc);
+        default `normal(HC_COEFF_INIT_STD)` = N(0, 0.02^2), as the trainer.
       transpose_res: apply the Sinkhorn / permutation matrix transposed (checkpoint compatibility
         with §8.2.2 / §8.3 ports); the returned `h_res` is the applied operator either way.
       norm_eps: eps of the pre-norm and of the coefficient RMS statistics.
       sow_mixing: sow `h_pre`, `h_post`, `h_res` (and `res_logits`) into "intermediates" in `read`.
-      dtype: compute dtype of the stream mixing, the pre-norm output and the returned state.
+      dtype: dtype of the pre-norm output and of the returned state (the mixing itself runs in
+        float32).
       param_dtype: storage dtype of the parameters (coefficients are computed in float32
         regardless).
     """
@@ -295,7 +310,7 @@ class HyperConnection(nn.Module):
     lite_identity_bias: float = 0.0
     lite_other_bias: float = -8.0
     hc_scale_init: float = 0.01
-    coeff_kernel_init: Callable = nn.initializers.zeros_init()
+    coeff_kernel_init: Callable = nn.initializers.normal(HC_COEFF_INIT_STD)
     transpose_res: bool = False
     norm_eps: float = 1e-6
     sow_mixing: bool = False
@@ -370,9 +385,13 @@ class HyperConnection(nn.Module):
                 value = getattr(mixing, field)
                 if value is not None:
                     self.sow("intermediates", field, value)
-        # The read itself may run in the compute dtype; the coefficients were computed in float32.
-        x_c_BTGD = x_BTGD.astype(self.dtype)
-        layer_in_BTD = jnp.einsum("btg,btgd->btd", mixing.h_pre.astype(self.dtype), x_c_BTGD)
+        # float32 read; the norm computes in float32 too and casts its output to dtype.
+        layer_in_BTD = jnp.einsum(
+            "btg,btgd->btd",
+            mixing.h_pre.astype(jnp.float32),
+            x_BTGD.astype(jnp.float32),
+            precision=_MIX_PRECISION,
+        )
         return norm(layer_in_BTD), mixing
 
     def _mhc_coefficients(self, x_BTGD: jax.Array) -> Mixing:
@@ -517,12 +536,17 @@ class HyperConnection(nn.Module):
             )
         if self.kind == "residual":
             return x_BTGD + y_BTD[:, :, None, :]  # [B, T, 1, D]
-        x_c_BTGD = x_BTGD.astype(self.dtype)
-        mixed_BTGD = jnp.einsum("btij,btjd->btid", mixing.h_res.astype(self.dtype), x_c_BTGD)
+        # float32 whatever dtype: bf16 coefficients would bias every row sum (class docstring).
+        mixed_BTGD = jnp.einsum(
+            "btij,btjd->btid",
+            mixing.h_res.astype(jnp.float32),
+            x_BTGD.astype(jnp.float32),
+            precision=_MIX_PRECISION,
+        )
         update_BTGD = (
-            mixing.h_post.astype(self.dtype)[..., None] * y_BTD.astype(self.dtype)[:, :, None, :]
+            mixing.h_post.astype(jnp.float32)[..., None] * y_BTD.astype(jnp.float32)[:, :, None, :]
         )  # [B, T, G, 1] * [B, T, 1, D]
-        return mixed_BTGD + update_BTGD
+        return (mixed_BTGD + update_BTGD).astype(self.dtype)
 
     def __call__(self, x_BTGD: jax.Array, sublayer: Callable[[jax.Array], jax.Array]) -> jax.Array:
         """`write(x, sublayer(layer_input), mixing)` after `read(x)`.

@@ -156,8 +156,8 @@ class Block(nn.Module):
         if not self.use_moe:
             return MLP(cfg.mlp_hidden_size, dtype=dtype, param_dtype=param_dtype, name="mlp")
         e = cfg.moe
-        # Decoding routes a handful of tokens per call: a capacity of E/K slots per token can never
-        # drop one, so cached decoding routes exactly like the full forward.
+        # Decoding routes a handful of tokens per call. The dropless dispatches need nothing; for
+        # "capacity", E/K slots per token never drop one (the full forward may still drop).
         capacity = max(e.capacity_factor, e.num_experts / e.top_k) if self.decode else None
         return MoE(
             num_experts=e.num_experts,
@@ -169,6 +169,7 @@ class Block(nn.Module):
             bias_update_rate=0.0 if self.decode else e.bias_update_rate,
             dispatch=e.dispatch,
             capacity_factor=capacity or e.capacity_factor,
+            block_size=e.block_size,
             dtype=dtype,
             param_dtype=param_dtype,
             name="moe",
@@ -182,6 +183,7 @@ class Block(nn.Module):
         segment_ids_BT: jax.Array | None,
         hash_ids_BTM: jax.Array | None,
         engram_rows_BTMW: jax.Array | None = None,
+        token_mask_BT: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.config
         stats: dict[str, jax.Array] = {}
@@ -226,7 +228,7 @@ class Block(nn.Module):
         ffn_hc = self._hyper(2 * self.layer + 1, "ffn_hc")
         h_BTD, mixing = ffn_hc.read(x_BTGD)
         if self.use_moe:
-            y_BTD, moe_stats = self._ffn()(h_BTD)
+            y_BTD, moe_stats = self._ffn()(h_BTD, token_mask_BT)
             stats["moe_load"] = moe_stats["load"]
             stats["moe_balance_loss"] = moe_stats["balance_loss"]
         else:
@@ -242,7 +244,9 @@ class Transformer(nn.Module):
     """Decoder-only LM built from a `ModelConfig`.
 
     `__call__(tokens [B, T], positions [B, T] | None, segment_ids [B, T] | None,
-    hash_ids [B, L_e, T, M] | None) -> (logits [B, T, V] float32, aux)`.
+    hash_ids [B, L_e, T, M] | None, token_mask [B, T] | None) -> (logits [B, T, V] float32, aux)`.
+    `token_mask` (the training batch's loss mask: 0 on padding) keeps padding out of the MoE
+    routing statistics: load, balance loss and bias update (see `MoE.__call__`).
     `hash_ids[:, i]` are the hash ids of the i-th Engram layer in `config.engram.layer_ids` order,
     computed on the host (`NgramHasher` on compressed tokens). `aux` holds
     `moe_balance_loss` (summed over MoE layers), `moe_load [L_moe, E]` and
@@ -310,9 +314,15 @@ class Transformer(nn.Module):
         segment_ids_BT: jax.Array | None = None,
         hash_ids: jax.Array | None = None,
         engram_rows: jax.Array | None = None,
+        token_mask_BT: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, Any]]:
         cfg = self.config
         self._check_inputs(tokens_BT, positions_BT, segment_ids_BT, hash_ids, engram_rows)
+        if token_mask_BT is not None and tuple(token_mask_BT.shape) != tokens_BT.shape:
+            raise ValueError(
+                f"Transformer: token_mask has shape {tuple(token_mask_BT.shape)}; expected "
+                f"{tokens_BT.shape} (the tokens' [B, T])"
+            )
         dtype = _DTYPES[cfg.dtype]
         param_dtype = _DTYPES[cfg.param_dtype]
         b, t = tokens_BT.shape
@@ -355,7 +365,7 @@ class Transformer(nn.Module):
                     else:
                         hash_ids_BTM = hash_ids[:, engram_index[run.start]]  # [B, T, M]
                 x_BTGD, stats = block_cls(**block_kwargs, name=run.name)(
-                    x_BTGD, positions_BT, segment_ids_BT, hash_ids_BTM, rows_BTMW
+                    x_BTGD, positions_BT, segment_ids_BT, hash_ids_BTM, rows_BTMW, token_mask_BT
                 )
                 stats = {k: v[None] for k, v in stats.items()}  # [1, ...] like a scan
             else:
@@ -363,12 +373,13 @@ class Transformer(nn.Module):
                     block_cls,
                     variable_axes={"params": 0, "cache": 0, MOE_BIAS: 0, "intermediates": 0},
                     split_rngs={"params": True},
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                    # positions, segment ids, hash ids (None), engram rows (None), token mask.
+                    in_axes=(nn.broadcast,) * 5,
                     length=run.stop - run.start,
                     metadata_params={nn.PARTITION_NAME: axes.LAYERS},
                 )
                 x_BTGD, stats = scanned(**block_kwargs, name=run.name)(
-                    x_BTGD, positions_BT, segment_ids_BT, None
+                    x_BTGD, positions_BT, segment_ids_BT, None, None, token_mask_BT
                 )
             stats_per_run.append((run, stats))
 

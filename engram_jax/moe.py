@@ -2,6 +2,19 @@
 auxiliary-loss-free bias balancing, shared + routed experts, sort-based dispatch without dense
 compute).
 
+Dispatches of the routed experts (`MoE.dispatch`):
+  - "dropless" (default): every (token, expert) pair is computed, as in DeepSeek-V3. The X*K slots
+    are sorted by expert, each expert's group is padded to a multiple of a block of rows, and a
+    scan runs one `[block, D] x [D, F]` SwiGLU per block with that block's expert weights
+    (`expert_ffn_dropless`). A token's output depends on that token alone: bit for bit, whatever
+    the other tokens of the call (see the function's docstring for why).
+  - "capacity": `[E, C, D]` buffers of C slots per expert; slots over capacity are dropped. Which
+    slot overflows depends on every token of the call, later ones included, so this dispatch is
+    NOT causal (a later token can change an earlier token's output) unless `capacity_factor >=
+    E / K`. Kept for comparison and for expert-parallel layouts.
+  - "ragged": dropless through `lax.ragged_dot`, which TPU and GPU lower to grouped kernels; XLA:CPU
+    lowers it to a masked dense matmul over all experts (many times slower there).
+
 Equation numbers refer to the DeepSeek-V3 technical report (arXiv:2412.19437, Sec. 2.1.2).
 """
 
@@ -18,8 +31,11 @@ import jax.numpy as jnp
 from engram_jax import axes
 
 Initializer = Callable[..., jax.Array]
-Dispatch = Literal["capacity", "ragged"]
-DISPATCHES: tuple[str, ...] = ("capacity", "ragged")
+Dispatch = Literal["dropless", "capacity", "ragged"]
+DISPATCHES: tuple[str, ...] = ("dropless", "capacity", "ragged")
+# Rows per block of the dropless dispatch (`dropless_block_size` lowers it for small calls). 128
+# and 256 tie on 2 CPU cores in `engram_jax.bench.moe`; smaller blocks run more, smaller matmuls.
+DEFAULT_BLOCK_SIZE = 128
 
 # The bias of auxiliary-loss-free balancing is not trained by gradients: it lives in its own
 # collection, which the training loop passes to `apply` and updates with `update_router_bias` after
@@ -82,28 +98,41 @@ def route(
     return scores_XE, gates_XK, experts_XK.astype(jnp.int32)
 
 
-def sequence_balance_loss(scores_BTE: jax.Array, experts_BTK: jax.Array) -> jax.Array:
+def sequence_balance_loss(
+    scores_BTE: jax.Array, experts_BTK: jax.Array, mask_BT: jax.Array | None = None
+) -> jax.Array:
     """Sequence-wise balance loss `sum_i f_i P_i` (DeepSeek-V3 Eqs. 17-20), without weight alpha.
 
     Per sequence: `f_i = E / (K T) * #{t : i in topk(t)}` (no gradient) and `P_i = mean_t s'_{i,t}`
     with `s'` the affinities normalised over all experts; the result is averaged over the batch. It
-    equals 1 when routing and affinities are uniform.
+    equals 1 when routing and affinities are uniform. With a mask, T counts a row's unmasked tokens
+    only, masked tokens enter neither f nor P, and rows without tokens are left out of the mean.
 
     Args:
       scores_BTE: sigmoid affinities, `[B, T, E]`.
       experts_BTK: selected expert ids, `[B, T, K]`.
+      mask_BT: optional `[B, T]`; positions with `mask <= 0` (padding) are ignored.
 
     Returns:
       float32 scalar.
     """
-    _, t, num_experts = scores_BTE.shape
+    b, t, num_experts = scores_BTE.shape
     top_k = experts_BTK.shape[-1]
     scores_BTE = scores_BTE.astype(jnp.float32)
+    if mask_BT is None:
+        valid_BT = jnp.ones((b, t), jnp.float32)
+    else:
+        valid_BT = (mask_BT > 0).astype(jnp.float32)
+    count_B = jnp.sum(valid_BT, axis=1)
+    per_token_B = 1.0 / jnp.maximum(count_B, 1.0)  # 1 / T of each row
     selected_BTE = jnp.sum(jax.nn.one_hot(experts_BTK, num_experts, dtype=jnp.float32), axis=2)
-    f_BE = jnp.sum(selected_BTE, axis=1) * (num_experts / (top_k * t))  # Eq. 18
+    selected_BTE = selected_BTE * valid_BT[:, :, None]  # [B, T, E] * [B, T, 1]
+    f_BE = jnp.sum(selected_BTE, axis=1) * (num_experts / top_k) * per_token_B[:, None]  # Eq. 18
     normalised_BTE = scores_BTE / jnp.sum(scores_BTE, axis=-1, keepdims=True)  # Eq. 19
-    p_BE = jnp.mean(normalised_BTE, axis=1)  # Eq. 20
-    return jnp.mean(jnp.sum(jax.lax.stop_gradient(f_BE) * p_BE, axis=-1))  # Eq. 17 / alpha
+    p_BE = jnp.sum(normalised_BTE * valid_BT[:, :, None], axis=1) * per_token_B[:, None]  # Eq. 20
+    loss_B = jnp.sum(jax.lax.stop_gradient(f_BE) * p_BE, axis=-1)  # Eq. 17 / alpha
+    has_tokens_B = (count_B > 0).astype(jnp.float32)
+    return jnp.sum(loss_B * has_tokens_B) / jnp.maximum(jnp.sum(has_tokens_B), 1.0)
 
 
 def update_router_bias(bias_E: jax.Array, load_E: jax.Array, rate: float = 0.001) -> jax.Array:
@@ -165,6 +194,119 @@ def _check_expert_args(x_XD, experts_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_
         )
 
 
+def dropless_block_size(
+    num_slots: int, num_experts: int, block_size: int = DEFAULT_BLOCK_SIZE
+) -> int:
+    """Rows per block of the dropless dispatch: `block_size`, or less for small calls.
+
+    The block is at most the largest power of two <= `num_slots / num_experts`, so the padding
+    (at most `E * (block - 1)` rows) stays below the slots themselves when a call routes few tokens
+    (decoding routes one per sequence).
+    """
+    per_expert = max(1, num_slots // num_experts)
+    return max(1, min(block_size, 1 << (per_expert.bit_length() - 1)))
+
+
+def _dropless_layout(
+    experts_S: jax.Array, num_experts: int, block: int
+) -> tuple[jax.Array, jax.Array, int]:
+    """Rows of the slots when sorted by expert, each expert's group padded to a block multiple.
+
+    Returns:
+      `(row_S, block_expert_Nb, num_blocks)`: the row of each slot in the padded buffer, the expert
+      of each block, and the static block count `floor((S + E (block - 1)) / block)`, an upper
+      bound on `sum_e ceil(n_e / block)` for any split of S slots into E groups. Blocks past the
+      last group hold only padding rows and take the last expert.
+    """
+    (s,) = experts_S.shape
+    num_blocks = (s + num_experts * (block - 1)) // block
+    _, group_sizes_E, rank_S = _sort_slots(experts_S, num_experts)
+    padded_E = (group_sizes_E + block - 1) // block * block
+    padded_end_E = jnp.cumsum(padded_E)
+    row_S = jnp.take(padded_end_E - padded_E, experts_S) + rank_S  # group start + rank in group
+    block_start_Nb = jnp.arange(num_blocks, dtype=jnp.int32) * block
+    # Block j belongs to the group whose padded range holds its first row.
+    block_expert_Nb = jnp.searchsorted(padded_end_E, block_start_Nb, side="right")
+    block_expert_Nb = jnp.minimum(block_expert_Nb, num_experts - 1).astype(jnp.int32)
+    return row_S, block_expert_Nb, num_blocks
+
+
+def _grouped_swiglu(
+    x_NbBD: jax.Array,
+    block_expert_Nb: jax.Array,
+    w_gate_EDF: jax.Array,
+    w_up_EDF: jax.Array,
+    w_down_EFD: jax.Array,
+) -> jax.Array:
+    """`y[j] = swiglu(x[j], W[e_j])` for each block j: `[Nb, block, D] -> [Nb, block, D]`."""
+
+    def one_block(x_BD, expert):
+        return swiglu(x_BD, w_gate_EDF[expert], w_up_EDF[expert], w_down_EFD[expert])
+
+    # Keep only the matmul outputs for the backward pass; plain autodiff would also keep every
+    # block's sliced [D, F] weights, Nb / E times the expert weights.
+    one_block = jax.checkpoint(
+        one_block, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    )
+    _, y_NbBD = jax.lax.scan(
+        lambda carry, inputs: (carry, one_block(*inputs)), None, (x_NbBD, block_expert_Nb)
+    )
+    return y_NbBD
+
+
+def expert_ffn_dropless(
+    x_XD: jax.Array,
+    experts_XK: jax.Array,
+    gates_XK: jax.Array,
+    w_gate_EDF: jax.Array,
+    w_up_EDF: jax.Array,
+    w_down_EFD: jax.Array,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> jax.Array:
+    """Dropless routed experts: sort slots by expert into block-padded rows, one SwiGLU per block.
+
+    The X*K (token, expert) slots are stably sorted by expert; each expert's group is padded with
+    zero rows to a multiple of the block (`dropless_block_size`); a scan applies each block's
+    expert FFN to its `[block, D]` rows; the outputs return to slot order and are combined with the
+    gates in float32, summed over k in a fixed order. At most `X*K + E*(block - 1)` rows are
+    computed (static), against `capacity_factor * X*K` for capacity dispatch, and no per-block
+    copy of the weights is kept for the backward pass.
+
+    Causality: a slot's row in the buffer depends on the other tokens, but its value does not.
+    Every block runs the same `[block, D] x [D, F]` matmuls (static shapes), so a row's result
+    depends only on that row and the expert's weights, provided the matmul computes each output
+    row the same way wherever the row sits; tests/test_moe.py checks this for XLA:CPU, where it
+    holds. Across calls of different sizes (another block size) results agree to rounding only.
+
+    Args:
+      x_XD, experts_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD: as in `expert_ffn_ragged`.
+      block_size: upper bound of the rows per block (see `dropless_block_size`).
+
+    Returns:
+      `sum_k gates[x, k] * FFN_{experts[x, k]}(x)`, `[X, D]` in the dtype of `x_XD`.
+    """
+    _check_expert_args(x_XD, experts_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD)
+    if block_size < 1:
+        raise ValueError(f"expert_ffn_dropless: block_size={block_size}; expected >= 1")
+    x, d = x_XD.shape
+    num_experts = w_gate_EDF.shape[0]
+    top_k = experts_XK.shape[1]
+    block = dropless_block_size(x * top_k, num_experts, block_size)
+    experts_S = experts_XK.reshape(-1)  # [X*K], slot s = token * K + k
+    row_S, block_expert_Nb, num_blocks = _dropless_layout(experts_S, num_experts, block)
+    n = num_blocks * block
+    tokens_S = jnp.arange(x * top_k, dtype=jnp.int32) // top_k
+    # Which token fills each row; padding rows read the appended zero row (index X).
+    row_tokens_N = jnp.full((n,), x, jnp.int32).at[row_S].set(tokens_S, unique_indices=True)
+    x_pad_XD = jnp.concatenate([x_XD, jnp.zeros((1, d), x_XD.dtype)], axis=0)  # [X+1, D]
+    x_NbBD = jnp.take(x_pad_XD, row_tokens_N, axis=0).reshape(num_blocks, block, d)
+    y_NbBD = _grouped_swiglu(x_NbBD, block_expert_Nb, w_gate_EDF, w_up_EDF, w_down_EFD)
+    y_XKD = jnp.take(y_NbBD.reshape(n, d), row_S, axis=0).reshape(x, top_k, d)  # slot order
+    # f32 combine: the K-term sum of gated outputs, in k order for every token.
+    y_XD = jnp.einsum("xk,xkd->xd", gates_XK.astype(jnp.float32), y_XKD.astype(jnp.float32))
+    return y_XD.astype(x_XD.dtype)
+
+
 def expert_ffn_ragged(
     x_XD: jax.Array,
     experts_XK: jax.Array,
@@ -217,6 +359,7 @@ def expert_ffn_capacity(
     w_up_EDF: jax.Array,
     w_down_EFD: jax.Array,
     capacity: int,
+    valid_X: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Routed experts with capacity C each: gather into `[E, C, D]`, batched FFN, gather back.
 
@@ -226,13 +369,17 @@ def expert_ffn_capacity(
     buffers are filled by index (gather), not by one-hot `[X, E, C]` dispatch tensors, whose size
     grows with X^2.
 
+    Not causal: whether a slot is dropped depends on every token of the call, later ones and
+    other rows included. Only `C >= X` (`capacity_factor >= E / K`) drops nothing.
+
     Args:
       x_XD, experts_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD: as in `expert_ffn_ragged`.
       capacity: slots per expert C (see `expert_capacity`).
+      valid_X: optional bool `[X]`; False (padding) tokens take no slot and get no routed output.
 
     Returns:
       `(y_XD, dropped_fraction)`: the combined output `[X, D]` in the dtype of `x_XD`, and the
-      float32 fraction of the X*K slots dropped.
+      float32 fraction of the (valid) tokens' slots dropped.
     """
     _check_expert_args(x_XD, experts_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD)
     x, d = x_XD.shape
@@ -240,8 +387,14 @@ def expert_ffn_capacity(
     top_k = experts_XK.shape[1]
     c = capacity
     experts_S = experts_XK.T.reshape(-1)  # [K*X], slot s = k * X + token
-    _, _, rank_S = _sort_slots(experts_S, num_experts)
-    kept_S = rank_S < c
+    if valid_X is None:
+        valid_S = jnp.ones((top_k * x,), bool)
+        _, _, rank_S = _sort_slots(experts_S, num_experts)
+    else:
+        valid_S = jnp.tile(valid_X.astype(bool), top_k)  # [K*X]
+        # Padding slots form an extra group E after all experts: they never take a slot.
+        _, _, rank_S = _sort_slots(jnp.where(valid_S, experts_S, num_experts), num_experts + 1)
+    kept_S = (rank_S < c) & valid_S
     # Flat buffer index e * C + rank; dropped slots point one past the end.
     buffer_S = jnp.where(kept_S, experts_S * c + rank_S, num_experts * c)
     tokens_S = jnp.arange(top_k * x, dtype=jnp.int32) % x
@@ -260,7 +413,8 @@ def expert_ffn_capacity(
     y_SD = jnp.take(y_ND, buffer_S, axis=0, mode="fill", fill_value=0)  # [K*X, D]; dropped -> 0
     y_KXD = y_SD.reshape(top_k, x, d)
     y_XD = jnp.einsum("kx,kxd->xd", gates_XK.T.astype(jnp.float32), y_KXD.astype(jnp.float32))
-    dropped_fraction = 1.0 - jnp.mean(kept_S.astype(jnp.float32))
+    num_valid = jnp.maximum(jnp.sum(valid_S.astype(jnp.float32)), 1.0)
+    dropped_fraction = 1.0 - jnp.sum(kept_S.astype(jnp.float32)) / num_valid
     return y_XD.astype(x_XD.dtype), dropped_fraction
 
 
@@ -346,11 +500,14 @@ class MoE(nn.Module):
       num_shared_experts: S >= 0.
       routed_scaling_factor: multiplies the normalised routed gates (DeepSeek-V3: 2.5; default 1).
       seq_balance_weight: alpha of the sequence-wise balance loss (Eq. 17); 0 disables it.
-      dispatch: "capacity" (default: sort positions, `[E, C, D]` buffers, drops slots over
-        capacity) or "ragged" (sort + `lax.ragged_dot`, dropless; a grouped kernel on TPU,
-        dense-cost on CPU).
+      dispatch: "dropless" (default: every slot computed, causal; `expert_ffn_dropless`),
+        "capacity" (`[E, C, D]` buffers, drops slots over capacity; NOT causal: a later token can
+        drop an earlier token's slot) or "ragged" (dropless through `lax.ragged_dot`; a grouped
+        kernel on TPU/GPU, dense cost on CPU). See the module docstring.
       capacity_factor: for "capacity": `C = ceil(capacity_factor * X * K / E)` slots per expert, X
-        the tokens in the call; `>= E / K` never drops (use that, or "ragged", when decoding).
+        the tokens in the call; `>= E / K` never drops.
+      block_size: for "dropless": rows per block (lowered for small calls, see
+        `dropless_block_size`).
       dtype: compute dtype of the experts; routing is float32 regardless.
       param_dtype: storage dtype of the parameters.
       kernel_init: 2-D initializer for the router, the shared experts and each routed expert.
@@ -365,14 +522,15 @@ class MoE(nn.Module):
     num_shared_experts: int = 1
     routed_scaling_factor: float = 1.0
     seq_balance_weight: float = 1e-4
-    dispatch: Dispatch = "capacity"
+    dispatch: Dispatch = "dropless"
     capacity_factor: float = 1.25
+    block_size: int = DEFAULT_BLOCK_SIZE
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Initializer = nn.initializers.lecun_normal()
     bias_update_rate: float = 0.0
 
-    def _validate(self, x_BTD: jax.Array) -> None:
+    def _validate(self, x_BTD: jax.Array, mask_BT: jax.Array | None) -> None:
         if self.num_experts < 1:
             raise ValueError(f"MoE.num_experts: got {self.num_experts}; expected >= 1")
         if not 1 <= self.top_k <= self.num_experts:
@@ -390,31 +548,45 @@ class MoE(nn.Module):
             )
         if self.dispatch not in DISPATCHES:
             raise ValueError(f"MoE.dispatch: got {self.dispatch!r}; expected one of {DISPATCHES}")
-        if self.dispatch == "capacity" and not self.capacity_factor > 0:
+        if not self.capacity_factor > 0:
             raise ValueError(f"MoE.capacity_factor: got {self.capacity_factor}; expected > 0")
+        if self.block_size < 1:
+            raise ValueError(f"MoE.block_size: got {self.block_size}; expected >= 1")
         if self.seq_balance_weight < 0:
             raise ValueError(
                 f"MoE.seq_balance_weight: got {self.seq_balance_weight}; expected >= 0"
             )
         if x_BTD.ndim != 3:
             raise ValueError(f"MoE: x has shape {x_BTD.shape}; expected [B, T, D]")
+        if mask_BT is not None and tuple(mask_BT.shape) != x_BTD.shape[:2]:
+            raise ValueError(
+                f"MoE: mask has shape {tuple(mask_BT.shape)}; expected [B, T] = "
+                f"{x_BTD.shape[:2]} (the input's)"
+            )
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(
+        self, x_BTD: jax.Array, mask_BT: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Applies shared and routed experts.
 
         Args:
           x_BTD: `[B, T, D]`.
+          mask_BT: optional `[B, T]` (e.g. the loss mask); positions with `mask <= 0` are padding
+            and are left out of the routing statistics: `load`, `tokens_per_expert`, the balance
+            loss and the bias update count real tokens only, and under "capacity" padding takes no
+            slot (its routed output is zero). The dropless dispatches still compute padding
+            tokens' outputs, which no other token sees.
 
         Returns:
           `(y_BTD, stats)`: `y_BTD` in `dtype`, without the residual; `stats` (float32) has
-          `load` `[E]` (fraction of the B*T*K routed slots per expert, sums to 1, counted before any
-          capacity drop), `tokens_per_expert` `[E]` (slot counts), `max_violation`
-          (`max(load) * E - 1`, 0 when balanced), `balance_loss` (`seq_balance_weight * Eq. 17`,
-          already weighted; 0 when disabled) and `dropped_fraction` (slots dropped by capacity;
-          0 for "ragged").
+          `load` `[E]` (fraction of the routed slots of unmasked tokens per expert, sums to 1,
+          counted before any capacity drop; 0 when every token is masked), `tokens_per_expert`
+          `[E]` (slot counts), `max_violation` (`max(load) * E - 1`, 0 when balanced),
+          `balance_loss` (`seq_balance_weight * Eq. 17`, already weighted; 0 when disabled) and
+          `dropped_fraction` (slots dropped by capacity; 0 for the dropless dispatches).
         """
-        self._validate(x_BTD)
+        self._validate(x_BTD, mask_BT)
         b, t, d = x_BTD.shape
         e, k, f = self.num_experts, self.top_k, self.expert_hidden_size
 
@@ -462,13 +634,18 @@ class MoE(nn.Module):
         x_XD, w_gate, w_up, w_down = nn.dtypes.promote_dtype(
             x_BTD.reshape(b * t, d), w_gate, w_up, w_down, dtype=self.dtype
         )
-        if self.dispatch == "ragged":
+        valid_X = None if mask_BT is None else mask_BT.reshape(b * t) > 0
+        dropped_fraction = jnp.zeros((), jnp.float32)
+        if self.dispatch == "dropless":
+            routed_XD = expert_ffn_dropless(
+                x_XD, experts_XK, gates_XK, w_gate, w_up, w_down, self.block_size
+            )
+        elif self.dispatch == "ragged":
             routed_XD = expert_ffn_ragged(x_XD, experts_XK, gates_XK, w_gate, w_up, w_down)
-            dropped_fraction = jnp.zeros((), jnp.float32)
         else:
             capacity = expert_capacity(b * t, k, e, self.capacity_factor)
             routed_XD, dropped_fraction = expert_ffn_capacity(
-                x_XD, experts_XK, gates_XK, w_gate, w_up, w_down, capacity
+                x_XD, experts_XK, gates_XK, w_gate, w_up, w_down, capacity, valid_X
             )
         y_BTD = routed_XD.reshape(b, t, d)  # [X, D] -> [B, T, D]
         if self.num_shared_experts > 0:
@@ -482,11 +659,20 @@ class MoE(nn.Module):
             y_BTD = y_BTD + shared(x_BTD)
         y_BTD = nn.with_logical_constraint(y_BTD, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
 
-        tokens_per_expert_E = jnp.bincount(experts_XK.reshape(-1), length=e).astype(jnp.float32)
-        load_E = tokens_per_expert_E / (b * t * k)
+        if valid_X is None:
+            tokens_per_expert_E = jnp.bincount(experts_XK.reshape(-1), length=e)
+            num_slots = jnp.asarray(b * t * k, jnp.float32)
+        else:
+            slot_weights_XK = jnp.broadcast_to(valid_X[:, None], (b * t, k)).astype(jnp.float32)
+            tokens_per_expert_E = jnp.bincount(
+                experts_XK.reshape(-1), weights=slot_weights_XK.reshape(-1), length=e
+            )
+            num_slots = jnp.sum(slot_weights_XK)
+        tokens_per_expert_E = tokens_per_expert_E.astype(jnp.float32)
+        load_E = tokens_per_expert_E / jnp.maximum(num_slots, 1.0)
         if self.seq_balance_weight > 0:
             balance_loss = self.seq_balance_weight * sequence_balance_loss(
-                scores_XE.reshape(b, t, e), experts_XK.reshape(b, t, k)
+                scores_XE.reshape(b, t, e), experts_XK.reshape(b, t, k), mask_BT
             )
         else:
             balance_loss = jnp.zeros((), jnp.float32)

@@ -314,6 +314,8 @@ def make_train_step(
             batch["positions"],
             batch["segment_ids"],
             batch.get("hash_ids"),
+            # Padding stays out of the MoE load, balance loss and bias update.
+            token_mask_BT=batch["loss_mask"],
             mutable=[MOE_BIAS],
         )
         loss, _ = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])

@@ -257,7 +257,8 @@ def test_single_stream_degenerates_to_gated_residual(kind, x_BTD):
     out = hc.apply(variables, x_BTGD, jnp.tanh)
     expected = h_res[..., None] * x + h_post[..., None] * np.tanh(expected_in)
     np.testing.assert_allclose(np.asarray(out[:, :, 0]), expected, rtol=1e-5, atol=1e-5)
-    if kind == "hc":  # at init HC with n = 1 is exactly the residual block
+    if kind == "hc":  # at the paper's init (zero dynamic weights) HC with n = 1 is the residual
+        hc = hc.clone(coeff_kernel_init=nn.initializers.zeros_init())
         init_vars = hc.init(jax.random.key(0), x_BTGD, jnp.tanh)
         out0 = hc.apply(init_vars, x_BTGD, jnp.tanh)
         ref0 = x_BTD + jnp.tanh(rms_norm(x_BTD, jnp.ones((D,)), 1e-6))
@@ -322,7 +323,8 @@ def test_mhc_lite_is_doubly_stochastic(x_BTD):
 def test_init_mixing_is_near_identity(x_BTD):
     n = 4
     x_BTGD = x_BTD[:, :, None, :] * jnp.arange(1.0, n + 1.0)[None, None, :, None]
-    hc = mhc.HyperConnection(kind="mhc", n_streams=n)
+    zeros = nn.initializers.zeros_init()  # the paper's phi = 0: exact values below
+    hc = mhc.HyperConnection(kind="mhc", n_streams=n, coeff_kernel_init=zeros)
     variables = hc.init(jax.random.key(0), x_BTGD, jnp.tanh)
     _, mix = hc.apply(variables, x_BTGD, method=hc.read)
     b_res = np.full((n, n), -8.0)
@@ -335,14 +337,23 @@ def test_init_mixing_is_near_identity(x_BTD):
     np.testing.assert_allclose(np.asarray(mix.h_pre), 1.0 / n, atol=1e-6)  # sigmoid(-ln(n-1))
     np.testing.assert_allclose(np.asarray(mix.h_post), 1.0, atol=1e-7)  # 2 sigmoid(0)
 
-    lite = mhc.HyperConnection(kind="mhc_lite", n_streams=n)
+    # The default phi ~ N(0, 0.02^2) moves every coefficient by < 1e-2 from those values.
+    default = mhc.HyperConnection(kind="mhc", n_streams=n)
+    _, mix_d = default.apply(
+        default.init(jax.random.key(0), x_BTGD, jnp.tanh), x_BTGD, method=default.read
+    )
+    for field in ("h_res", "h_pre", "h_post"):
+        moved = np.abs(np.asarray(getattr(mix_d, field)) - np.asarray(getattr(mix, field))).max()
+        assert 0 < moved < 1e-2, field
+
+    lite = mhc.HyperConnection(kind="mhc_lite", n_streams=n, coeff_kernel_init=zeros)
     _, mix_l = lite.apply(lite.init(jax.random.key(0), x_BTGD, jnp.tanh), x_BTGD, method=lite.read)
     w = np.exp(np.r_[0.0, np.full(23, -8.0)])
     w /= w.sum()
     expected_l = np.einsum("k,kij->ij", w, mhc.permutation_matrices(n))
     np.testing.assert_allclose(np.asarray(mix_l.h_res[0, 0]), expected_l, atol=1e-6)
 
-    hyper = mhc.HyperConnection(kind="hc", n_streams=n, layer_index=6)
+    hyper = mhc.HyperConnection(kind="hc", n_streams=n, layer_index=6, coeff_kernel_init=zeros)
     _, mix_h = hyper.apply(
         hyper.init(jax.random.key(0), x_BTGD, jnp.tanh), x_BTGD, method=hyper.read
     )
@@ -453,6 +464,55 @@ def test_sow_is_optional_and_nn_scan_works_with_read_write(x_BTD):
     assert out.shape == (B, T, n, D)
     assert variables["params"]["hc"]["b_res"].value.shape == (3, n, n)
     assert state["intermediates"]["hc"]["h_res"][0].shape == (3, B, T, n, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Float32 stream mixing whatever the compute dtype; one coefficient-init default
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mhc", "mhc_lite", "hc"])
+def test_bf16_mixing_is_float32_math(kind, x_BTD):
+    # A bf16 site must read and write exactly what the float32 site computes from the same bf16
+    # values, rounded once at the end: the coefficients are applied in float32. Eager (unjitted)
+    # calls, so both sides run the same float32 ops.
+    n = 4
+    x_BTGD = x_BTD[:, :, None, :] * jnp.arange(1.0, n + 1.0)[None, None, :, None]
+    x_BTGD = x_BTGD.astype(jnp.bfloat16)  # distinct streams, values exactly representable
+    x32_BTGD = x_BTGD.astype(jnp.float32)
+    y_BTD = jnp.tanh(x_BTD).astype(jnp.bfloat16)
+    site16 = mhc.HyperConnection(kind=kind, n_streams=n, dtype=jnp.bfloat16)
+    site32 = site16.clone(dtype=jnp.float32)
+    variables = site16.init(jax.random.key(0), x_BTGD, jnp.tanh)
+    layer_in16, mix16 = site16.apply(variables, x_BTGD, method=site16.read)
+    layer_in32, mix32 = site32.apply(variables, x32_BTGD, method=site32.read)
+    assert layer_in16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(mix16.h_res), np.asarray(mix32.h_res))
+    if kind != "hc":
+        # The applied rows sum to 1 (float32); rounded to bf16 they would not: at init the
+        # ~0.999 diagonal rounds to 0.998 or 1.0, and every row sum moves by ~1e-3.
+        rows = np.asarray(mix16.h_res, np.float64).sum(-1)
+        np.testing.assert_allclose(rows, 1.0, atol=1e-6)
+        rounded = np.asarray(mix16.h_res.astype(jnp.bfloat16), np.float64).sum(-1)
+        assert np.abs(rounded - 1.0).min() > 5e-4
+    np.testing.assert_array_equal(layer_in16, layer_in32.astype(jnp.bfloat16))
+    out16 = site16.apply(variables, x_BTGD, y_BTD, mix16, method=site16.write)
+    out32 = site32.apply(variables, x32_BTGD, y_BTD.astype(jnp.float32), mix32, method=site32.write)
+    assert out16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(out16, out32.astype(jnp.bfloat16))
+
+
+def test_coeff_init_default_is_the_trainers(x_BTD):
+    from engram_jax.config import HC_COEFF_INIT_STD, base_config
+
+    assert base_config().model.hc.coeff_init_std == HC_COEFF_INIT_STD == 0.02
+    n = 4
+    site = mhc.HyperConnection(kind="mhc", n_streams=n)
+    params = meta.unbox(site.init(jax.random.key(0), mhc.expand_streams(x_BTD, n), jnp.tanh))
+    phi = np.concatenate(
+        [np.ravel(params["params"][name]) for name in ("phi_pre", "phi_post", "phi_res")]
+    )  # 4 * 32 * 24 = 3072 draws: the sample std is within 3% of 0.02
+    assert abs(phi.mean()) < 2e-3 and 0.0194 < phi.std() < 0.0206
 
 
 @pytest.mark.parametrize(

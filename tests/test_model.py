@@ -4,9 +4,8 @@ Every test uses one small config (4 layers, D=32, 4 heads / 2 KV heads of width 
 with 4 experts top-2 after one dense layer, Engram at layer 1, mHC with 4 streams), B=2, T=16.
 Compiled functions live in module-level fixtures so that each is traced once.
 
-MoE "capacity" dispatch drops slots that overflow an expert, and which slot overflows depends on
-the other tokens of the call. Every exactness test therefore sets `capacity_factor = E / K = 2`,
-where capacity equals the token count and nothing can be dropped (`moe.expert_capacity`).
+The MoE runs its default "dropless" dispatch, where no token is dropped and a token's output
+depends on that token alone, so causality, packing and cached decoding hold exactly as configured.
 """
 
 from __future__ import annotations
@@ -53,8 +52,6 @@ def _config(**overrides) -> ModelConfig:
     m.moe.num_experts = 4
     m.moe.top_k = 2
     m.moe.expert_hidden_size = 16
-    # E / K = 2: no slot is ever dropped, so every token's output depends on that token only.
-    m.moe.capacity_factor = 2.0
     m.engram.layer_ids = (1,)
     m.engram.max_ngram = 3
     m.engram.heads_per_ngram = 2

@@ -1,23 +1,28 @@
-"""MoE dispatch benchmark: forward+backward tokens/s of the "capacity" and "ragged" dispatches.
+"""MoE dispatch benchmark: forward+backward tokens/s of the dispatches, side by side.
 
 python -m engram_jax.bench.moe                     # D=256, E=16, K=4, F=512, 4 x 1024 tokens
 python -m engram_jax.bench.moe --dtype=bfloat16 --experts=64 --top_k=6
 
-Each variant times `jit(value_and_grad(sum(MoE(x)**2)))` over params and input (median of repeats
-after warm-up). A dense all-experts computation is the correctness reference: every dropless
-variant must match it; it is timed too, only to show what "no dense compute" saves.
+Each variant times `jit(value_and_grad(sum(MoE(x)**2)))` over params and input. After one warm-up
+call each, the variants are timed in turn, round after round, and the median per variant is
+reported (so a change of machine load during the run hits every variant alike), with its ratio
+to "capacity" at the given capacity factor (the default before "dropless"). A dense all-experts
+computation is the correctness reference: every dropless variant must match it; it is timed too,
+only to show what "no dense compute" saves.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from engram_jax import moe
-from engram_jax.bench._timing import machine_description, print_table, time_call
+from engram_jax.bench._timing import machine_description, print_table
 
 
 def _dense_routed(x_XD, experts_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD):
@@ -41,8 +46,12 @@ def main() -> None:
     parser.add_argument("--ffn", type=int, default=512, help="expert width F")
     parser.add_argument("--shared", type=int, default=1, help="shared experts")
     parser.add_argument("--capacity_factor", type=float, default=1.25)
+    parser.add_argument("--block_size", type=int, default=moe.DEFAULT_BLOCK_SIZE)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds")
+    parser.add_argument(
+        "--skip_ragged", action="store_true", help="leave out ragged (slow on CPU: ~30x)"
+    )
     args = parser.parse_args()
 
     b, t, d, e, k, f = args.batch, args.seq, args.d, args.experts, args.top_k, args.ffn
@@ -57,15 +66,17 @@ def main() -> None:
     variables = nn.meta.unbox(base.init(jax.random.PRNGKey(0), x_BTD))
     params, bias_vars = variables["params"], variables["moe_bias"]
 
+    capacity_name = f"capacity cf={args.capacity_factor:g} (old default)"
+    dropless_name = f"dropless, block {args.block_size} (default)"
     variants = {
-        f"capacity cf={args.capacity_factor:g}": base.clone(
-            dispatch="capacity", capacity_factor=args.capacity_factor
-        ),
-        f"capacity cf=E/K={e / k:g} (dropless)": base.clone(
+        dropless_name: base.clone(dispatch="dropless", block_size=args.block_size),
+        capacity_name: base.clone(dispatch="capacity", capacity_factor=args.capacity_factor),
+        f"capacity cf=E/K={e / k:g} (never drops)": base.clone(
             dispatch="capacity", capacity_factor=e / k
         ),
-        "ragged (dropless)": base.clone(dispatch="ragged"),
     }
+    if not args.skip_ragged:
+        variants["ragged (lax.ragged_dot)"] = base.clone(dispatch="ragged")
 
     # Correctness: routed outputs of each dispatch against the dense all-experts reference.
     x_XD = x_BTD.reshape(b * t, d).astype(args.dtype)
@@ -74,11 +85,22 @@ def main() -> None:
     w = [params[n].astype(args.dtype) for n in ("w_gate", "w_up", "w_down")]
     reference_XD = jax.jit(_dense_routed)(x_XD, experts_XK, gates_XK, *w)
     capacity = moe.expert_capacity(b * t, k, e, args.capacity_factor)
+    no_drops = jnp.zeros(())
     routed = {
-        "capacity": moe.expert_ffn_capacity(x_XD, experts_XK, gates_XK, *w, capacity),
-        "dropless capacity": moe.expert_ffn_capacity(x_XD, experts_XK, gates_XK, *w, b * t),
-        "ragged": (moe.expert_ffn_ragged(x_XD, experts_XK, gates_XK, *w), jnp.zeros(())),
+        dropless_name: (
+            moe.expert_ffn_dropless(x_XD, experts_XK, gates_XK, *w, args.block_size),
+            no_drops,
+        ),
+        capacity_name: moe.expert_ffn_capacity(x_XD, experts_XK, gates_XK, *w, capacity),
+        f"capacity cf=E/K={e / k:g} (never drops)": moe.expert_ffn_capacity(
+            x_XD, experts_XK, gates_XK, *w, b * t
+        ),
     }
+    if not args.skip_ragged:
+        routed["ragged (lax.ragged_dot)"] = (
+            moe.expert_ffn_ragged(x_XD, experts_XK, gates_XK, *w),
+            no_drops,
+        )
     scale = float(jnp.abs(reference_XD.astype(jnp.float32)).max())
 
     def loss(p, x, module):
@@ -95,36 +117,39 @@ def main() -> None:
             jnp.square(_dense_routed(x_XD, experts_XK, gates_XK, *ws).astype(jnp.float32))
         )
 
-    rows = []
-    timed = [
-        (name, jax.jit(jax.value_and_grad(lambda p, x, m=m: loss(p, x, m), argnums=(0, 1))))
+    timed = {
+        name: jax.jit(jax.value_and_grad(lambda p, x, m=m: loss(p, x, m), argnums=(0, 1)))
         for name, m in variants.items()
-    ]
-    timed.append(
-        ("dense all-experts (reference)", jax.jit(jax.value_and_grad(dense_loss, argnums=(0, 1))))
-    )
-    errors = {
-        f"capacity cf={args.capacity_factor:g}": routed["capacity"],
-        f"capacity cf=E/K={e / k:g} (dropless)": routed["dropless capacity"],
-        "ragged (dropless)": routed["ragged"],
     }
-    for name, fn in timed:
-        seconds = time_call(lambda fn=fn: fn(params, x_BTD), warmup=2, repeats=args.repeats)
+    timed["dense all-experts (reference)"] = jax.jit(jax.value_and_grad(dense_loss, argnums=(0, 1)))
+    samples: dict[str, list[float]] = {name: [] for name in timed}
+    for fn in timed.values():
+        jax.block_until_ready(fn(params, x_BTD))  # compile and warm up
+    for _ in range(args.repeats):
+        for name, fn in timed.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(params, x_BTD))
+            samples[name].append(time.perf_counter() - start)
+
+    rows = []
+    for name, times in samples.items():
+        seconds = statistics.median(times)
         row = {"variant": name, "ms": seconds * 1e3, "tokens/s": b * t / seconds}
-        if name in errors:
-            y_XD, dropped = errors[name]
+        if name in routed:
+            y_XD, dropped = routed[name]
             diff = float(jnp.abs(y_XD.astype(jnp.float32) - reference_XD.astype(jnp.float32)).max())
             row["rel. err vs dense"] = diff / scale
             row["dropped slots"] = float(dropped)
         rows.append(row)
-    first = rows[0]["tokens/s"]
+    capacity_tokens = next(r["tokens/s"] for r in rows if r["variant"] == capacity_name)
     for row in rows:
-        row["vs capacity"] = row["tokens/s"] / first
+        row["vs capacity"] = row["tokens/s"] / capacity_tokens
 
     print(machine_description())
     print(
         f"MoE fwd+bwd: B={b} T={t} D={d} E={e} K={k} F={f} shared={args.shared} "
-        f"dtype={args.dtype}; capacity C={capacity}"
+        f"dtype={args.dtype}; capacity C={capacity}; dropless block "
+        f"{moe.dropless_block_size(b * t * k, e, args.block_size)}; {args.repeats} rounds"
     )
     print_table(
         rows,
