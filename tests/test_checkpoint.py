@@ -179,6 +179,26 @@ def test_metadata_and_check_compatible(tmp_path):
             {"config": {"model": {**same["config"]["model"], "new_key": 1}}, "fp": "other"},
             keys_must_match=("config.model",),
         )
+    # Keys that may differ are returned, not refused.
+    remat = {"config": {"model": {**same["config"]["model"], "remat": True}}, "fp": "abc"}
+    allowed = ckpt.check_compatible(
+        saved, remat, keys_must_match=("config", "fp"), may_differ=("config.model.remat",)
+    )
+    assert allowed == ["config.model.remat: checkpoint <missing>, config True"]
+
+
+def test_max_to_keep_is_enforced_for_leftovers_and_unreadable_steps_are_set_aside(tmp_path):
+    state, memory = _make_trees()
+    with CheckpointStore(tmp_path / "c", max_to_keep=None) as store:
+        for step in (1, 2, 3):
+            store.save(step, state=state, memory=memory, metadata=META)
+    with CheckpointStore(tmp_path / "c", max_to_keep=2) as store:
+        assert store.enforce_max_to_keep() == [1]
+        assert store.all_steps() == [2, 3]
+        where = store.set_aside(3)
+        assert store.all_steps() == [2]
+    assert where == tmp_path / "c.unreadable" / "3"
+    assert (where / "meta").is_dir()
 
 
 def test_missing_directory_and_step(tmp_path):

@@ -528,12 +528,14 @@ def test_gs_workdir_end_to_end(uninterrupted, corpus):
         chex.assert_trees_all_equal(_final_params(workdir), _final_params(reference_dir))
 
 
-def test_two_process_job_shares_one_tokenizer_and_resumes_on_one_process(corpus, tmp_path):
+def test_two_process_job_shares_one_tokenizer_and_resumes_on_one_process(
+    corpus, tmp_path, caplog
+):
     """2 processes x 2 devices (jax.distributed over loopback): process 0 alone trains the BPE and
     the other loads it, a process whose fingerprints differ is named, and the job's step-3
-    checkpoint resumes on 1 process x 1 device and on 1 process x 4 devices, continuing the same
-    data stream with the losses the 2-process job reached (relative tolerance 1e-4: the
-    reductions run in another order)."""
+    checkpoint resumes on 1 process x 1 device (with remat switched on, a compute-only change)
+    and on 1 process x 4 devices, continuing the same data stream with the losses the 2-process
+    job reached (relative tolerance 1e-4: the reductions run in another order)."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
@@ -603,7 +605,11 @@ def test_two_process_job_shares_one_tokenizer_and_resumes_on_one_process(corpus,
     one = resumable_copy("one_device")
     config = _small_config(corpus)
     config.eval_every = 0
-    train_lib.train_and_evaluate(config, one)
+    config.model.remat = True
+    with caplog.at_level("INFO", logger="engram_jax.train"):
+        train_lib.train_and_evaluate(config, one)
+    assert "model.remat: checkpoint False, config True" in caplog.text
+    assert "resuming a data stream of 2 shards on 1 processes" in caplog.text
     assert_continues(one)
 
     four = resumable_copy("four_devices")
