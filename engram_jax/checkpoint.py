@@ -291,21 +291,21 @@ class CheckpointStore:
     def set_aside(self, step: int) -> epath.Path:
         """Moves an unreadable step out of the store, never deleting it, and returns where.
 
-        It goes to `<directory>.unreadable/<step>` (`-1`, `-2`, ... appended when that exists), so
-        the store no longer lists it and a new checkpoint of the same step can be written. Process
-        0 moves it; every process must call this (they wait for the move and re-list the steps).
+        It goes to `<directory>.unreadable-<step>` beside the store (`-1`, `-2`, ... appended when
+        that exists; a sibling, because object stores have no empty folders to move into), so the
+        store no longer lists it and a new checkpoint of the same step can be written. Process 0
+        moves it; every process must call this (they wait for the move and re-list the steps).
         """
         step = _check_step(step, "set_aside")
         self.wait_until_finished()
         source = self._step_path(step)
-        aside_root = self._directory.parent / f"{self._directory.name}.unreadable"
-        target = aside_root / str(step)
+        name = f"{self._directory.name}.unreadable-{step}"
+        target = self._directory.parent / name
         suffix = 0
         while target.exists():
             suffix += 1
-            target = aside_root / f"{step}-{suffix}"
+            target = self._directory.parent / f"{name}-{suffix}"
         if jax.process_index() == 0:
-            aside_root.mkdir(parents=True, exist_ok=True)
             source.rename(target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils

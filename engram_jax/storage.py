@@ -75,8 +75,15 @@ def glob(pattern: str) -> list[str]:
 
 
 def walk_files(p: str | os.PathLike) -> list[str]:
-    """Every file below a directory, recursively, sorted."""
-    return sorted(os.fspath(child) for child in path(p).rglob("*") if child.is_file())
+    """Every file below a directory, recursively, sorted (epath refuses `**` globs on GCS)."""
+    files, pending = [], [path(p)]
+    while pending:
+        for child in pending.pop().iterdir():
+            if child.is_dir():
+                pending.append(child)
+            else:
+                files.append(os.fspath(child))
+    return sorted(files)
 
 
 def open_file(p: str | os.PathLike, mode: str = "r", **kwargs: Any) -> IO:

@@ -314,7 +314,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_is_kept(uninterrupted, corpus,
         train_lib.train_and_evaluate(_small_config(corpus), workdir)
     assert f"checkpoint step {NUM_STEPS} cannot be restored" in caplog.text
     # The unreadable step is moved aside byte for byte, and training redoes it from step 3.
-    aside = os.path.join(workdir, "checkpoints.unreadable", str(NUM_STEPS))
+    aside = os.path.join(workdir, f"checkpoints.unreadable-{NUM_STEPS}")
     assert _snapshot(aside) == corrupt
     assert _losses(workdir) == _losses(reference_dir)
     chex.assert_trees_all_equal(_final_params(workdir), _final_params(reference_dir))
@@ -528,9 +528,7 @@ def test_gs_workdir_end_to_end(uninterrupted, corpus):
         chex.assert_trees_all_equal(_final_params(workdir), _final_params(reference_dir))
 
 
-def test_two_process_job_shares_one_tokenizer_and_resumes_on_one_process(
-    corpus, tmp_path, caplog
-):
+def test_two_process_job_shares_one_tokenizer_and_resumes_on_one_process(corpus, tmp_path, caplog):
     """2 processes x 2 devices (jax.distributed over loopback): process 0 alone trains the BPE and
     the other loads it, a process whose fingerprints differ is named, and the job's step-3
     checkpoint resumes on 1 process x 1 device (with remat switched on, a compute-only change)
