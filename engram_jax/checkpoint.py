@@ -12,6 +12,10 @@ every item has committed, so a step directory is either complete or absent):
   `grain.checkpoint.CheckpointHandler` but taking a JSON dict instead of a live iterator.
 - `meta/metadata`: JSON, the caller's metadata plus a reserved `"_checkpoint"` entry
   (`process_count`, `items`, `step`, `format_version`), written by process 0.
+
+The directory may be a local path or a URL (`gs://...`: orbax writes through tensorstore and
+epath). Steps that do not restore are moved aside (`set_aside`), never deleted; `max_to_keep` is
+applied to steps left by a killed run with `enforce_max_to_keep`.
 """
 
 from __future__ import annotations

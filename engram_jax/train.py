@@ -283,7 +283,7 @@ def make_batches(
 class ShardedBatches:
     """The batches of several logical data shards, rows concatenated in shard order.
 
-    `get_state()` is `{"data_shards": n, "shards": {"<shard>": state}}`; `set_state` takes the
+    `get_state()` is `{"shards": {"<shard>": grain iterator state}}`; `set_state` takes the
     states of (at least) this process's shards, whichever processes saved them.
     """
 
