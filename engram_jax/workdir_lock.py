@@ -3,8 +3,9 @@
 `<workdir>/run.lock` holds JSON `{"host", "pid", "run_id", "started", "heartbeat"}` (times in
 seconds since the epoch). A run that finds a lock decides whether its holder is gone:
 
-- same host: the holder is gone when its pid is no longer alive (a SIGKILLed run, a crashed host
-  that came back);
+- same host: the holder is gone when its pid is no longer alive (a SIGKILLed run), when that pid
+  now belongs to a process started later (pid reuse), or when the host has rebooted since (its
+  boot id changed: a preempted TPU VM that came back under the same name);
 - another host, or a host that cannot see the holder's processes: the holder is gone when its
   heartbeat is older than `stale_after_s` (the holder rewrites the heartbeat every
   `stale_after_s / 4` seconds from a background thread). Clocks of the hosts sharing a workdir
@@ -51,6 +52,25 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _boot_id() -> str | None:
+    """This boot of the host (Linux); a host restarted after a preemption has another one."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> str | None:
+    """When `pid` started, in clock ticks since boot (Linux): tells a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            # Field 22; the command name (field 2) may hold spaces, so split after its ")".
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 class WorkdirLock:
     """The lock of one workdir; `acquire()` / `release()`, or use it as a context manager.
 
@@ -67,6 +87,8 @@ class WorkdirLock:
         self._record = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "boot_id": _boot_id(),
+            "pid_start": _start_time(os.getpid()),
             "run_id": uuid.uuid4().hex,
             "started": time.time(),
         }
@@ -91,8 +113,13 @@ class WorkdirLock:
         if not holder or "pid" not in holder:
             return "the lock file is unreadable"
         if holder.get("host") == self._record["host"]:
-            if not _pid_alive(int(holder["pid"])):
-                return f"pid {holder['pid']} is not running on this host"
+            pid = int(holder["pid"])
+            if holder.get("boot_id") and holder["boot_id"] != self._record["boot_id"]:
+                return "this host has restarted since the lock was taken"
+            if not _pid_alive(pid):
+                return f"pid {pid} is not running on this host"
+            if holder.get("pid_start") and holder["pid_start"] != _start_time(pid):
+                return f"pid {pid} is now another process (the holder's has ended)"
             return None
         age = time.time() - float(holder.get("heartbeat", 0.0))
         if age > self.stale_after_s:

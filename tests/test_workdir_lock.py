@@ -36,6 +36,16 @@ def test_stale_locks_are_taken_over(tmp_path, caplog):
         assert json.loads((tmp_path / LOCK_FILENAME).read_text())["pid"] == os.getpid()
     assert f"pid {dead.pid} is not running on this host" in caplog.text
 
+    # The same pid after a reboot, or reused by a later process, is not the holder.
+    _write_lock(tmp_path, host=socket.gethostname(), pid=os.getpid(), boot_id="before-reboot")
+    with WorkdirLock(str(tmp_path)):
+        pass
+    assert "this host has restarted" in caplog.text
+    _write_lock(tmp_path, host=socket.gethostname(), pid=os.getpid(), pid_start="0")
+    with WorkdirLock(str(tmp_path)):
+        pass
+    assert f"pid {os.getpid()} is now another process" in caplog.text
+
     # Another host's pid cannot be checked: its heartbeat decides.
     _write_lock(tmp_path, host="elsewhere", pid=1, heartbeat=time.time())
     with pytest.raises(WorkdirLockedError, match="host 'elsewhere' pid 1"):
