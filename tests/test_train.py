@@ -566,6 +566,9 @@ def test_two_process_job_shares_one_tokenizer_and_resumes_on_one_process(corpus,
         JAX_PLATFORMS="cpu",
         JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        # With several devices per process, one process loading from the persistent compilation
+        # cache while the other compiles made gloo time out setting up the step's collectives.
+        JAX_ENABLE_COMPILATION_CACHE="false",
     )
     children = [
         subprocess.Popen(
