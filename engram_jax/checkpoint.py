@@ -13,6 +13,10 @@ every item has committed, so a step directory is either complete or absent):
   `grain.checkpoint.CheckpointHandler` but taking a JSON dict instead of a live iterator.
 - `meta/metadata`: JSON, the caller's metadata plus a reserved `"_checkpoint"` entry
   (`process_count`, `items`, `step`, `format_version`), written by process 0.
+
+The directory may be a local path or a URL (`gs://...`: orbax writes through tensorstore and
+epath). Steps that do not restore are moved aside (`set_aside`), never deleted; `max_to_keep` is
+applied to steps left by a killed run with `enforce_max_to_keep`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -62,7 +67,13 @@ class _ProcessJsonHandler(ocp.CheckpointHandler):
         (directory / f"process_{index}-of-{count}.json").write_text(json.dumps(args.item, indent=1))
 
     def restore(self, directory: epath.Path, args: _DataRestore | None = None) -> dict[str, Any]:
-        del args
+        if args is not None and args.all_processes:
+            states = {}
+            for path in directory.iterdir():
+                match = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", path.name)
+                if match:
+                    states[int(match.group(1))] = json.loads(path.read_text())
+            return states
         index, count = jax.process_index(), jax.process_count()
         path = directory / f"process_{index}-of-{count}.json"
         if not path.exists():
@@ -84,7 +95,10 @@ class _DataSave(ocp.args.CheckpointArgs):
 @ocp.args.register_with_handler(_ProcessJsonHandler, for_restore=True)
 @dataclasses.dataclass
 class _DataRestore(ocp.args.CheckpointArgs):
-    """Restore args of the per-process JSON item (nothing to pass)."""
+    """Restore args of the per-process JSON item: this process's state, or with `all_processes`
+    every saved process's, as {process index: state}."""
+
+    all_processes: bool = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,6 +171,7 @@ class CheckpointStore:
             },
         )
         self._pending_step: int | None = None
+        self._max_to_keep = max_to_keep
 
     @property
     def directory(self) -> epath.Path:
@@ -265,6 +280,49 @@ class CheckpointStore:
             ) from e
         if pending is not None:
             logger.info("checkpoint step %d committed", pending)
+
+    def enforce_max_to_keep(self) -> list[int]:
+        """Deletes the oldest committed steps beyond `max_to_keep` and returns them.
+
+        Orbax applies `max_to_keep` only when it saves, so steps left by a killed run (which saved
+        its newest step and died before deleting the oldest) would otherwise stay for good. Call it
+        on every process (orbax's delete is collective) after a successful restore, never before:
+        the newest steps may be unreadable and the older ones the only good copies.
+        """
+        steps = self.all_steps()
+        if self._max_to_keep is None or len(steps) <= self._max_to_keep:
+            return []
+        extra = steps[: len(steps) - self._max_to_keep]
+        for step in extra:
+            self._manager.delete(step)
+        logger.info("deleted checkpoint steps %s beyond max_to_keep=%d", extra, self._max_to_keep)
+        return extra
+
+    def set_aside(self, step: int) -> epath.Path:
+        """Moves an unreadable step out of the store, never deleting it, and returns where.
+
+        It goes to `<directory>.unreadable-<step>` beside the store (`-1`, `-2`, ... appended when
+        that exists; a sibling, because object stores have no empty folders to move into), so the
+        store no longer lists it and a new checkpoint of the same step can be written. Process 0
+        moves it; every process must call this (they wait for the move and re-list the steps).
+        """
+        step = _check_step(step, "set_aside")
+        self.wait_until_finished()
+        source = self._step_path(step)
+        name = f"{self._directory.name}.unreadable-{step}"
+        target = self._directory.parent / name
+        suffix = 0
+        while target.exists():
+            suffix += 1
+            target = self._directory.parent / f"{name}-{suffix}"
+        if jax.process_index() == 0:
+            source.rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
+        self._manager.reload()
+        return target
 
     def close(self) -> None:
         """Waits for the in-flight save, then releases orbax's threads. Raises like `wait`."""
@@ -389,6 +447,17 @@ class CheckpointStore:
         logger.info("restored checkpoint step %d items %s", step, tuple(items))
         return result
 
+    def restore_all_data(self, step: int | None = None) -> dict[int, dict[str, Any]]:
+        """The iterator states saved by every process of `step` (default latest), as {process
+        index: state}, whatever this run's process count (for remapping data shards).
+
+        Raises:
+          FileNotFoundError: no such step.
+          CheckpointReadError: the item is missing or unreadable.
+        """
+        step = self._resolve_step(step, "restore_all_data")
+        return self._restore_item(step, "data", _DataRestore(all_processes=True))
+
     def _restore_item(self, step: int, item: str, args: ocp.args.CheckpointArgs) -> Any:
         """Restores one item, wrapping orbax's exceptions with the path, step and item."""
         try:
@@ -430,7 +499,8 @@ def check_compatible(
     current_meta: Mapping[str, Any],
     *,
     keys_must_match: Sequence[str],
-) -> None:
+    may_differ: Sequence[str] = (),
+) -> list[str]:
     """Refuses a checkpoint whose metadata differs from the current run's on the given keys.
 
     Nested dicts are compared by dotted key: `"model"` selects every key under `model`,
@@ -441,6 +511,11 @@ def check_compatible(
       saved_meta: metadata read from the checkpoint (`CheckpointStore.read_metadata`).
       current_meta: the same fields for the current run.
       keys_must_match: dotted keys or prefixes that must be equal.
+      may_differ: dotted keys or prefixes inside those that may change (settings that change how
+        the step is computed, not what the parameters mean, e.g. `model.remat`).
+
+    Returns:
+      The allowed differences, one line each (`model.remat: checkpoint False, config True`).
 
     Raises:
       CheckpointMismatchError: listing each differing key as
@@ -448,28 +523,28 @@ def check_compatible(
     """
     saved_flat = _flatten_dotted(_normalise(dict(saved_meta)))
     current_flat = _flatten_dotted(_normalise(dict(current_meta)))
-    problems = []
+
+    def selected(name: str, keys: Sequence[str]) -> bool:
+        return any(name == key or name.startswith(f"{key}.") for key in keys)
+
+    problems, allowed = [], []
     for key in keys_must_match:
-        names = sorted(
-            {
-                name
-                for name in (*saved_flat, *current_flat)
-                if name == key or name.startswith(f"{key}.")
-            }
-        )
+        names = sorted({name for name in (*saved_flat, *current_flat) if selected(name, [key])})
         if not names:
             problems.append(f"{key}: missing in both checkpoint and config")
         for name in names:
             old = saved_flat.get(name, _MISSING)
             new = current_flat.get(name, _MISSING)
             if not _values_equal(old, new):
-                problems.append(f"{name}: checkpoint {_show(old)}, config {_show(new)}")
+                line = f"{name}: checkpoint {_show(old)}, config {_show(new)}"
+                (allowed if selected(name, may_differ) else problems).append(line)
     if problems:
         raise CheckpointMismatchError(
             "checkpoint is incompatible with the current config ("
             f"{len(problems)} difference{'s' if len(problems) > 1 else ''}):\n  "
             + "\n  ".join(problems)
         )
+    return allowed
 
 
 def _values_equal(a: Any, b: Any) -> bool:

@@ -21,6 +21,7 @@ from grain import experimental as grain_experimental
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from engram_jax import corpus as corpus_lib
+from engram_jax import storage
 from engram_jax.hashing import CompressedTokenizer, NgramHasher, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -181,11 +182,11 @@ def tokenizer_cache_key(documents: Sequence[str], vocab_size: int) -> str:
 
 
 def load_tokenizer(tokenizer_path: str) -> tokenizers.Tokenizer:
-    """Reads a Hugging Face `tokenizer.json`; errors name the path."""
-    if not os.path.isfile(tokenizer_path):
+    """Reads a Hugging Face `tokenizer.json` (a local path or a URL); errors name the path."""
+    if not storage.isfile(tokenizer_path):
         raise FileNotFoundError(f"tokenizer_path={tokenizer_path!r}: no such file")
     try:
-        return tokenizers.Tokenizer.from_file(tokenizer_path)
+        return tokenizers.Tokenizer.from_str(storage.read_text(tokenizer_path))
     except Exception as e:  # the Rust loader raises plain Exception subclasses
         raise ValueError(
             f"tokenizer_path={tokenizer_path!r}: not a readable Hugging Face tokenizer.json ({e})"

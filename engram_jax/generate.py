@@ -26,7 +26,7 @@ import numpy as np
 from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import config as config_lib
 from engram_jax import data as data_lib
-from engram_jax import optim, table_checkpoint, table_store
+from engram_jax import optim, storage, table_checkpoint, table_store
 from engram_jax import train as train_lib
 from engram_jax.engram import head_offsets
 from engram_jax.hashing import tokenizer_fingerprint
@@ -140,13 +140,13 @@ class Generator:
         self.table_placement = table_placement
         self.rows: table_store.RowGatherer | None = None
         store = checkpoint_lib.CheckpointStore(
-            os.path.join(workdir, "checkpoints"), create=False, cleanup_partial=False
+            storage.join(workdir, "checkpoints"), create=False, cleanup_partial=False
         )
         metadata = store.read_metadata(step)
         self.config = ml_collections.ConfigDict(metadata["config"])
         cfg = config_lib.validate(self.config)
         self.model_config = cfg.model
-        path = os.path.join(workdir, train_lib.TOKENIZER_FILE)
+        path = storage.join(workdir, train_lib.TOKENIZER_FILE)
         self.tokenizer = data_lib.load_tokenizer(path)
         self._encode = data_lib.make_encoder(self.tokenizer)
         digest = tokenizer_fingerprint(self.tokenizer)

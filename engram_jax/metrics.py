@@ -11,8 +11,10 @@ import logging
 import math
 import os
 import queue
+import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -20,6 +22,8 @@ from typing import IO, Any
 
 import jax
 import numpy as np
+
+from engram_jax import storage
 
 logger = logging.getLogger(__name__)
 
@@ -57,22 +61,35 @@ class MetricsWriter:
     """Writes scalar metrics from a background thread, so the training loop never waits on I/O.
 
     Each `write(step, metrics)` becomes one JSON line in `<workdir>/metrics.jsonl`:
-    `{"step": 100, "loss": 3.2, "moe/load_max": 1.1}` (nested dicts flattened with "/"), appended to
-    an existing file when a run resumes, and one TensorBoard scalar per key in
-    `<workdir>/tensorboard` (tensorboardX). Values may be Python/numpy scalars or size-1
-    `jax.Array`s; device values are fetched in the writer thread. Non-finite values (NaN, +-inf) are
-    written as JSON `null` (strict JSON, readable by any parser; `read_metrics` turns them back into
-    NaN) and as their float value in TensorBoard.
+    `{"step": 100, "loss": 3.2, "moe/load_max": 1.1}` (nested dicts flattened with "/"), and one
+    TensorBoard scalar per key under `<workdir>/tensorboard` (tensorboardX). Values may be
+    Python/numpy scalars or size-1 `jax.Array`s; device values are fetched in the writer thread.
+    Non-finite values (NaN, +-inf) are written as JSON `null` (strict JSON, readable by any parser;
+    `read_metrics` turns them back into NaN) and as their float value in TensorBoard.
+
+    Resuming: with `resume_step`, rows of a step past it (written by a run killed after its last
+    checkpoint, which the resumed run computes again) are dropped from `metrics.jsonl` when the
+    writer opens, and TensorBoard is told to discard its events from `resume_step + 1` on (the
+    event file's purge marker). Without it, rows are appended to what is there.
+
+    Workdir URLs (`gs://...`): object stores cannot append, so the writer keeps the file's rows in
+    memory and uploads the whole `metrics.jsonl` again at most every `sync_every_s` seconds, on
+    `flush` and on `close`; TensorBoard events are written to a local temporary directory and
+    copied to `<workdir>/tensorboard/` at the same times. A reader always sees a complete file: the
+    rows up to some recent step.
 
     An exception in the writer thread is stored, the thread keeps draining the queue, and the
     exception is re-raised by the next `write`, `flush` or `close`.
 
     Args:
-      workdir: run directory (created if missing).
+      workdir: run directory or URL (created if missing).
       enabled: write anything at all; None means "only on process 0" (`jax.process_index() == 0`).
         A disabled writer is a no-op.
       use_tensorboard: also write TensorBoard event files.
       max_queue: writes buffered before `write` blocks (backpressure instead of unbounded memory).
+      resume_step: the step the run restarts from (0 for a fresh start); rows past it are dropped.
+        None keeps every existing row.
+      sync_every_s: for URL workdirs, the most often the objects are uploaded between flushes.
     """
 
     def __init__(
@@ -82,23 +99,42 @@ class MetricsWriter:
         enabled: bool | None = None,
         use_tensorboard: bool = True,
         max_queue: int = 10_000,
+        resume_step: int | None = None,
+        sync_every_s: float = 30.0,
     ):
         self._enabled = (jax.process_index() == 0) if enabled is None else bool(enabled)
         self._workdir = os.fspath(workdir)
+        self._remote = storage.is_url(self._workdir)
+        self._sync_every_s = sync_every_s
+        self._last_sync = time.monotonic()
         self._error: BaseException | None = None
         self._closed = False
         self._warned_non_finite = False
         self._thread: threading.Thread | None = None
         if not self._enabled:
             return
-        os.makedirs(self._workdir, exist_ok=True)
-        self._file = open(os.path.join(self._workdir, METRICS_FILENAME), "a", encoding="utf-8")  # noqa: SIM115
+        storage.makedirs(self._workdir)
+        self._lines, dropped = _kept_lines(self.path, resume_step)
+        self._file = None
+        if self._remote:
+            self._upload_lines()
+        else:
+            if dropped:
+                storage.write_text(self.path, "".join(self._lines))
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+            self._lines = None
         self._tb = None
+        self._tb_local_dir = None
         if use_tensorboard:
             import tensorboardX  # only the process that writes pays the import
 
+            logdir = storage.join(self._workdir, TENSORBOARD_DIRNAME)
+            if self._remote:
+                self._tb_local_dir = tempfile.mkdtemp(prefix="engram_jax_tensorboard_")
+                logdir = self._tb_local_dir
             self._tb = tensorboardX.SummaryWriter(
-                logdir=os.path.join(self._workdir, TENSORBOARD_DIRNAME)
+                logdir=logdir,
+                purge_step=None if resume_step is None else resume_step + 1,
             )
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="metrics_writer", daemon=True)
@@ -111,8 +147,8 @@ class MetricsWriter:
 
     @property
     def path(self) -> str:
-        """Path of the JSON-lines file."""
-        return os.path.join(self._workdir, METRICS_FILENAME)
+        """Path (or URL) of the JSON-lines file."""
+        return storage.join(self._workdir, METRICS_FILENAME)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Queues one row of scalars for `step`.
@@ -137,7 +173,7 @@ class MetricsWriter:
         self._queue.put(("write", int(step), flat))
 
     def flush(self) -> None:
-        """Blocks until everything queued so far is on disk; re-raises a writer failure."""
+        """Blocks until everything queued so far is stored; re-raises a writer failure."""
         if not self._enabled or self._closed:
             self._raise_if_failed()
             return
@@ -179,12 +215,12 @@ class MetricsWriter:
                     self._safely(self._close_files)
                     return
                 if kind == "flush":
-                    self._safely(self._flush_files)
+                    self._safely(self._flush_files, True)
                     a.set()
                     continue
                 self._safely(self._write_row, a, b)
                 if self._queue.empty():
-                    self._safely(self._flush_files)
+                    self._safely(self._flush_files, False)
         finally:
             # Never leave a flusher waiting if the loop dies.
             while not self._queue.empty():
@@ -212,42 +248,93 @@ class MetricsWriter:
                 logger.warning("metric %r is %s at step %d (written as null)", key, value, step)
                 self._warned_non_finite = True
             row[key] = value if finite else None
-        self._file.write(json.dumps(row, allow_nan=False) + "\n")
+        line = json.dumps(row, allow_nan=False) + "\n"
+        if self._file is not None:
+            self._file.write(line)
+        else:
+            self._lines.append(line)
         if self._tb is not None:
             for key, value in values.items():
                 self._tb.add_scalar(key, value, global_step=step)
 
-    def _flush_files(self) -> None:
-        """Flushes the JSON lines and TensorBoard buffers."""
-        self._file.flush()
+    def _upload_lines(self) -> None:
+        storage.write_text(self.path, "".join(self._lines or []))
+
+    def _flush_files(self, force: bool) -> None:
+        """Flushes the JSON lines and TensorBoard buffers (uploads them for URL workdirs, when
+        forced or `sync_every_s` has passed)."""
+        if self._file is not None:
+            self._file.flush()
         if self._tb is not None:
             self._tb.flush()
+        if self._remote and (force or time.monotonic() - self._last_sync >= self._sync_every_s):
+            self._sync_remote()
+
+    def _sync_remote(self) -> None:
+        """Uploads the whole metrics file and every local TensorBoard event file."""
+        self._upload_lines()
+        if self._tb_local_dir is not None:
+            remote_dir = storage.join(self._workdir, TENSORBOARD_DIRNAME)
+            for name in sorted(os.listdir(self._tb_local_dir)):
+                storage.copy_file(
+                    os.path.join(self._tb_local_dir, name), storage.join(remote_dir, name)
+                )
+        self._last_sync = time.monotonic()
 
     def _close_files(self) -> None:
-        """Closes both outputs."""
-        self._file.close()
+        """Closes both outputs (after a last upload for URL workdirs)."""
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._remote:
+            self._sync_remote()
+            if self._tb_local_dir is not None:
+                shutil.rmtree(self._tb_local_dir, ignore_errors=True)
+
+
+def _kept_lines(path: str, resume_step: int | None) -> tuple[list[str], int]:
+    """Lines of an existing metrics file whose step is at most `resume_step` (all of them for
+    None), and how many were dropped. Lines that do not parse are kept unchanged."""
+    if not storage.exists(path):
+        return [], 0
+    lines = storage.read_text(path).splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"  # a run killed mid-line: the next row goes on its own line
+    if resume_step is None:
+        return lines, 0
+    kept = []
+    for line in lines:
+        try:
+            step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            step = None
+        if not (isinstance(step, int) and step > resume_step):
+            kept.append(line)
+    dropped = len(lines) - len(kept)
+    if dropped:
+        logger.info("%s: dropped %d rows past the restored step %d", path, dropped, resume_step)
+    return kept, dropped
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a `metrics.jsonl` file (or of `<workdir>/metrics.jsonl` given a directory).
+    """Rows of a `metrics.jsonl` file (or of `<workdir>/metrics.jsonl` given a directory); local
+    paths and URLs (`gs://...`) alike. This is the one reader of the file: use it everywhere.
 
     `null` values (non-finite metrics) come back as NaN.
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, METRICS_FILENAME)
+    if storage.isdir(path):
+        path = storage.join(path, METRICS_FILENAME)
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: not a JSON object: {e}") from e
-            rows.append({k: (math.nan if v is None else v) for k, v in row.items()})
+    for line_number, line in enumerate(storage.read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{line_number}: not a JSON object: {e}") from e
+        rows.append({k: (math.nan if v is None else v) for k, v in row.items()})
     return rows
 
 

@@ -25,26 +25,47 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from etils import epath
+from jax.experimental import multihost_utils
 
 from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import config as config_lib
 from engram_jax import corpus as corpus_lib
 from engram_jax import data as data_lib
 from engram_jax import metrics as metrics_lib
-from engram_jax import optim, preemption, profiling, sharding, table_init
+from engram_jax import optim, preemption, profiling, sharding, storage, table_init
 from engram_jax import plot as plot_lib
 from engram_jax.accounting import account, format_accounting
 from engram_jax.hashing import tokenizer_fingerprint
 from engram_jax.mhc import amax_gain, mixing_stats
 from engram_jax.model import MOE_BIAS, Transformer, cross_entropy_loss, mixing_matrices
+from engram_jax.workdir_lock import WorkdirLock
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
 # Checkpoint metadata entries that must match for a restore to mean the same thing.
 _MUST_MATCH = ("model", "tokenizer_fingerprint", "compressed_tokenizer_fingerprint", "hasher")
+# Model keys that change how a step is computed but not what the parameters are: a resume may
+# change them (the restore names each change). `scan_layers` is not one of them: it stacks the
+# blocks' parameters into [L, ...] leaves, another tree. The mesh is not in the model config.
+COMPUTE_ONLY_KEYS = (
+    "model.dtype",
+    "model.remat",
+    "model.attention.implementation",
+    # How tokens reach the experts, not what the experts are: the parameters are the same.
+    "model.moe.dispatch",
+    "model.moe.block_size",
+    "model.moe.capacity_factor",
+)
+# What the tokenizer alone decides; checked before the workdir is written to.
+_TOKENIZER_MUST_MATCH = ("model", "tokenizer_fingerprint")
+
+
+class ProcessMismatchError(RuntimeError):
+    """Processes of one job disagree on what the tokens or table rows mean."""
 
 
 @flax.struct.dataclass
@@ -127,62 +148,222 @@ def token_specs(
     return spec, engram
 
 
-def build_data(cfg: config_lib.Config, workdir: str) -> DataSetup:
-    """Lists the corpus (documents are read later, each process its own shard), the tokenizer
-    (trained on a bounded sample and cached in the workdir when none is given) and the Engram
-    hashing of the configured layers."""
+def build_data(
+    cfg: config_lib.Config,
+    workdir: str,
+    *,
+    check_tokenizer: Callable[[Any], None] | None = None,
+) -> DataSetup:
+    """Lists the corpus (documents are read later, each process its own shard), the job's one
+    tokenizer and the Engram hashing of the configured layers.
+
+    Process 0 loads `tokenizer_path`, or reuses the BPE cached in the workdir for this corpus, or
+    trains one; calls `check_tokenizer(tokenizer)` (the trainer's checkpoint-compatibility check,
+    run before anything is written); then writes `<workdir>/tokenizer.json` (and the BPE cache).
+    The other processes wait for it and load that file. Every process then checks that its
+    tokenizer and hashing fingerprints equal process 0's (`ProcessMismatchError` names the one
+    that differs).
+    """
+    corpus = corpus_lib.Corpus(cfg.train.data_path, cfg.train.eval_fraction)
+    workdir_tokenizer = storage.join(workdir, TOKENIZER_FILE)
+
+    def process_zero() -> Any:
+        tokenizer, cache_path = _load_or_train_tokenizer(cfg, workdir, corpus)
+        if check_tokenizer is not None:
+            check_tokenizer(tokenizer)
+        text = tokenizer.to_str()
+        if cache_path is not None:
+            storage.write_text(cache_path, text)
+            logger.info("saved the trained tokenizer to %s", cache_path)
+        # What `engram_jax.generate` loads; the checkpoint's fingerprint guards it. Unchanged
+        # bytes are not rewritten.
+        if not storage.exists(workdir_tokenizer) or storage.read_text(workdir_tokenizer) != text:
+            storage.write_text(workdir_tokenizer, text)
+        return tokenizer
+
+    tokenizer = run_on_process_zero(process_zero, "preparing the tokenizer")
+    if jax.process_index() != 0:
+        tokenizer = data_lib.load_tokenizer(workdir_tokenizer)
+    # The compressed-token table is cached next to a local workdir; with a URL it is rebuilt.
+    cache_dir = None if storage.is_url(workdir) else os.path.join(workdir, "tokenizer")
+    spec, engram = token_specs(cfg, tokenizer, cache_dir=cache_dir)
+    setup = DataSetup(tokenizer, spec, engram, corpus)
+    check_processes_agree(setup.metadata())
+    return setup
+
+
+def _load_or_train_tokenizer(
+    cfg: config_lib.Config, workdir: str, corpus: corpus_lib.Corpus
+) -> tuple[Any, str | None]:
+    """The configured tokenizer, the BPE cached in the workdir for this corpus, or a new BPE
+    trained on a bounded sample of it (`tokenizer_train_bytes`); with the cache path to write it
+    to when it was trained now (nothing is written here)."""
     t = cfg.train
-    corpus = corpus_lib.Corpus(t.data_path, t.eval_fraction)
-    cache_dir = os.path.join(workdir, "tokenizer")
+    if t.tokenizer_path:
+        return data_lib.load_tokenizer(t.tokenizer_path), None
     # Named by the corpus fingerprint and the sample size, not by hashing every document.
-    cache_key = hashlib.sha256(
+    key = hashlib.sha256(
         f"{corpus.fingerprint}\n{t.eval_fraction}\n{t.tokenizer_train_bytes}\n"
         f"{cfg.model.vocab_size}".encode()
     ).hexdigest()[:20]
-    tokenizer = data_lib.load_or_train_tokenizer(
-        t.tokenizer_path,
-        corpus.sample(t.tokenizer_train_bytes),
+    cache_path = storage.join(workdir, "tokenizer", f"bpe-{key}", TOKENIZER_FILE)
+    if storage.exists(cache_path):
+        logger.info("reusing the tokenizer trained on this corpus: %s", cache_path)
+        return data_lib.load_tokenizer(cache_path), None
+    logger.info(
+        "training a byte-level BPE (vocab_size=%d) on a sample of up to %d bytes",
         cfg.model.vocab_size,
-        cache_dir=cache_dir,
-        cache_key=cache_key,
+        t.tokenizer_train_bytes,
     )
-    spec, engram = token_specs(cfg, tokenizer, cache_dir=cache_dir)
-    return DataSetup(tokenizer, spec, engram, corpus)
+    sample = corpus.sample(t.tokenizer_train_bytes)
+    return data_lib.train_bpe_tokenizer(sample, cfg.model.vocab_size), cache_path
+
+
+_MESSAGE_BYTES = 4096
+
+
+def run_on_process_zero(fn: Callable[[], Any], what: str) -> Any:
+    """Runs `fn` on process 0 only and returns its result there (None elsewhere).
+
+    Every process returns only once process 0 has finished (a barrier); when `fn` raised, process
+    0 re-raises it and the others raise a RuntimeError quoting it, so no process is left waiting
+    at a later collective.
+    """
+    result, error = None, None
+    if jax.process_index() == 0:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    if jax.process_count() > 1:
+        message = b"" if error is None else f"{type(error).__name__}: {error}".encode()
+        message = message[:_MESSAGE_BYTES]
+        encoded = np.zeros(_MESSAGE_BYTES + 1, np.uint8)
+        encoded[0] = error is not None
+        encoded[1 : 1 + len(message)] = np.frombuffer(message, np.uint8)
+        received = np.asarray(multihost_utils.broadcast_one_to_all(encoded))
+        if jax.process_index() != 0 and received[0]:
+            text = bytes(received[1:]).rstrip(b"\0").decode("utf-8", "replace")
+            raise RuntimeError(f"process 0 failed while {what}: {text}")
+    if error is not None:
+        raise error
+    return result
+
+
+def check_processes_agree(fingerprints: dict[str, str]) -> None:
+    """Raises `ProcessMismatchError` on every process when any process's fingerprints differ from
+    process 0's, naming each such process and fingerprint. A no-op with one process."""
+    if jax.process_count() == 1:
+        return
+    names = sorted(fingerprints)
+    local = np.stack(  # [F, 32] sha256 of each fingerprint string
+        [np.frombuffer(hashlib.sha256(fingerprints[n].encode()).digest(), np.uint8) for n in names]
+    )
+    gathered = np.asarray(multihost_utils.process_allgather(local))  # [P, F, 32]
+    differences = [
+        f"process {p}: {names[f]}"
+        for p in range(1, gathered.shape[0])
+        for f in range(len(names))
+        if not np.array_equal(gathered[p, f], gathered[0, f])
+    ]
+    if differences:
+        raise ProcessMismatchError(
+            "processes disagree with process 0 on what tokens and table rows mean ("
+            + "; ".join(differences)
+            + "): every process must load the same tokenizer and hashing configuration"
+        )
 
 
 def make_batches(
-    setup: DataSetup, cfg: config_lib.Config, *, train: bool
-) -> data_lib.grain.DatasetIterator:
-    """This process's share of the training stream (endless, shuffled) or the eval stream."""
+    setup: DataSetup, cfg: config_lib.Config, *, train: bool, data_shards: int | None = None
+) -> ShardedBatches:
+    """This process's share of the training stream (endless, shuffled) or the eval stream.
+
+    The training stream is cut into `data_shards` logical shards (default: the process count),
+    each a pipeline of `batch_size / data_shards` rows; a process reads its contiguous range of
+    shards and concatenates their rows. A run keeps the shard count of its first start, so a
+    resume on another process count (every count dividing it) continues the very same batches.
+    """
+    count, index = jax.process_count(), jax.process_index()
+    shards = count if data_shards is None or not train else data_shards
+    if shards % count or cfg.train.batch_size % shards:
+        raise ValueError(
+            f"data_shards: got {shards}; expected a multiple of the {count} processes that "
+            f"divides batch_size={cfg.train.batch_size}"
+        )
+    mine = range(index * shards // count, (index + 1) * shards // count)
     t = cfg.train
-    per_process = t.batch_size // jax.process_count()
-    return data_lib.make_pipeline(
-        document_stream(setup, cfg, train=train),
-        setup.tokenizer,
-        setup.spec,
-        seq_len=t.seq_len,
-        batch_size=per_process,
-        seed=t.seed,
-        add_eos=setup.spec.eos_id is not None,
-        engram=setup.engram,
-        worker_count=t.data_workers if train else 0,
-        prefetch=t.data_prefetch,
-        shuffle_window=t.shuffle_window,
+    return ShardedBatches(
+        {
+            shard: data_lib.make_pipeline(
+                document_stream(setup, cfg, train=train, shard_index=shard, shard_count=shards),
+                setup.tokenizer,
+                setup.spec,
+                seq_len=t.seq_len,
+                batch_size=t.batch_size // shards,
+                seed=t.seed,
+                add_eos=setup.spec.eos_id is not None,
+                engram=setup.engram,
+                worker_count=t.data_workers if train else 0,
+                prefetch=t.data_prefetch,
+                shuffle_window=t.shuffle_window,
+            )
+            for shard in mine
+        }
     )
 
 
 def document_stream(
-    setup: DataSetup, cfg: config_lib.Config, *, train: bool, num_epochs: int | None = None
+    setup: DataSetup,
+    cfg: config_lib.Config,
+    *,
+    train: bool,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
 ) -> corpus_lib.DocumentStream:
-    """This process's documents (its shard of the files) of the train or eval split."""
+    """The documents of one data shard (default: this process's) of the train or eval split."""
     return setup.corpus.stream(
         "train" if train else "eval",
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
+        shard_index=jax.process_index() if shard_index is None else shard_index,
+        shard_count=jax.process_count() if shard_count is None else shard_count,
         seed=cfg.train.seed,
         shuffle=train,
         num_epochs=num_epochs,
     )
+
+
+class ShardedBatches:
+    """The batches of several logical data shards, rows concatenated in shard order.
+
+    `get_state()` is `{"shards": {"<shard>": grain iterator state}}`; `set_state` takes the
+    states of (at least) this process's shards, whichever processes saved them.
+    """
+
+    def __init__(self, iterators: dict[int, Any]):
+        self._iterators = iterators
+
+    def __iter__(self) -> ShardedBatches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(iterator) for iterator in self._iterators.values()]
+        if len(parts) == 1:
+            return parts[0]
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"shards": {str(k): it.get_state() for k, it in self._iterators.items()}}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        saved = state["shards"]
+        missing = [k for k in self._iterators if str(k) not in saved]
+        if missing:
+            raise ValueError(
+                f"data state: no saved state for shards {missing} (saved {sorted(saved)})"
+            )
+        for shard, iterator in self._iterators.items():
+            iterator.set_state(saved[str(shard)])
 
 
 def make_optimizers(cfg: config_lib.Config) -> tuple[optax.GradientTransformation, ...]:
@@ -447,7 +628,9 @@ def evaluate(
 # ------------------------------------------------------------------------------------------------
 
 
-def _checkpoint_metadata(config: ml_collections.ConfigDict, setup: DataSetup) -> dict[str, Any]:
+def _checkpoint_metadata(
+    config: ml_collections.ConfigDict, setup: DataSetup, data_shards: int | None = None
+) -> dict[str, Any]:
     full = config_lib.to_dict(config)
     # What decides the order and content of the batches: a saved iterator position means the same
     # thing only under the same values.
@@ -455,7 +638,7 @@ def _checkpoint_metadata(config: ml_collections.ConfigDict, setup: DataSetup) ->
         "seed": full["seed"],
         "batch_size": full["batch_size"],
         "seq_len": full["seq_len"],
-        "process_count": jax.process_count(),
+        "data_shards": data_shards or jax.process_count(),
         "corpus_fingerprint": setup.corpus.fingerprint,
         "eval_fraction": full["eval_fraction"],
         "data_workers": full["data_workers"],
@@ -476,20 +659,86 @@ def checkpoint_items(state: TrainState) -> tuple[dict[str, Any], dict[str, Any]]
     return dense, {"tables": state.memory, "opt_state": state.memory_opt_state}
 
 
+def _newest_readable_metadata(store: checkpoint_lib.CheckpointStore) -> dict | None:
+    """The metadata of the newest step whose `meta` item reads (None without checkpoints)."""
+    for step in reversed(store.all_steps()):
+        try:
+            return store.read_metadata(step)
+        except checkpoint_lib.CheckpointReadError as e:
+            logger.warning("checkpoint step %d: metadata unreadable (%s)", step, e)
+    return None
+
+
 def _restore_or_init(
     store: checkpoint_lib.CheckpointStore,
     config: ml_collections.ConfigDict,
     setup: DataSetup,
     state: TrainState,
     shardings: Any,
+    data_shards: int | None = None,
 ) -> tuple[TrainState, dict | None]:
-    step = store.latest_step()
-    if step is None:
-        return state, None
+    """Restores the newest step that restores (an unreadable newer one is set aside with a
+    warning, never deleted), or returns `state` untouched when there is no checkpoint."""
+    steps = store.all_steps()
+    current = _checkpoint_metadata(config, setup, data_shards)
+    failures: list[str] = []
+    for step in reversed(steps):
+        try:
+            result = _restore_step(store, step, current, state, shardings)
+        except checkpoint_lib.CheckpointReadError as e:
+            logger.warning(
+                "checkpoint step %d cannot be restored, skipping it (it is kept, moved out of "
+                "the checkpoint directory) and trying the next older step: %s",
+                step,
+                e,
+            )
+            failures.append(f"step {step}: {e}")
+            continue
+        _agree_on_restored_step(step)
+        for skipped in steps[len(steps) - len(failures) :]:
+            where = store.set_aside(skipped)
+            logger.warning("unreadable checkpoint step %d moved to %s", skipped, where)
+        store.enforce_max_to_keep()
+        return result
+    if failures:
+        raise checkpoint_lib.CheckpointReadError(
+            f"no checkpoint in {store.directory} restores:\n  " + "\n  ".join(failures)
+        )
+    _agree_on_restored_step(0)
+    return state, None
+
+
+def _agree_on_restored_step(step: int) -> None:
+    """Every process must resume from the same step (they read the same files, so a
+    disagreement means a storage fault); raises naming the steps otherwise."""
+    if jax.process_count() == 1:
+        return
+    steps = np.asarray(multihost_utils.process_allgather(np.int64(step))).reshape(-1)
+    if len(set(steps.tolist())) > 1:
+        raise checkpoint_lib.CheckpointReadError(
+            f"processes restored different checkpoint steps {steps.tolist()} (process i at index "
+            "i): some checkpoint files read differently on different hosts"
+        )
+
+
+def _restore_step(
+    store: checkpoint_lib.CheckpointStore,
+    step: int,
+    current: dict[str, Any],
+    state: TrainState,
+    shardings: Any,
+) -> tuple[TrainState, dict | None]:
     saved = store.read_metadata(step)
-    checkpoint_lib.check_compatible(
-        saved, _checkpoint_metadata(config, setup), keys_must_match=_MUST_MATCH
+    changed = checkpoint_lib.check_compatible(
+        saved, current, keys_must_match=_MUST_MATCH, may_differ=COMPUTE_ONLY_KEYS
     )
+    if changed:
+        logger.warning(
+            "checkpoint step %d: resuming with changed compute settings (parameters "
+            "unaffected):\n  %s",
+            step,
+            "\n  ".join(changed),
+        )
 
     def abstract(tree, tree_shardings):
         return jax.tree.map(
@@ -498,25 +747,27 @@ def _restore_or_init(
 
     dense, memory = checkpoint_items(state)
     dense_shardings, memory_shardings = checkpoint_items(shardings)
-    items = ("state", "memory", "data")
-    current_data = _checkpoint_metadata(config, setup)["data"]
-    if saved.get("data") != current_data:
-        # New data, batch shape, seed or process count: the saved iterator position would mean
+    current_data = current["data"]
+    saved_data = _saved_data_settings(saved)
+    same_data = saved_data == current_data
+    if not same_data:
+        # New data, batch shape, seed or shard count: the saved iterator position would mean
         # other batches, so the model resumes and the data stream starts afresh.
         logger.warning(
             "checkpoint step %d: data settings differ (saved %s, now %s); restoring the model "
             "and starting the data stream from the beginning",
             step,
-            saved.get("data"),
+            saved_data,
             current_data,
         )
-        items = ("state", "memory")
     restored = store.restore(
         step,
         abstract_state=abstract(dense, dense_shardings),
         abstract_memory=abstract(memory, memory_shardings),
-        items=items,
+        items=("state", "memory"),
     )
+    if same_data:
+        restored["data"] = _merge_shard_states(store.restore_all_data(step))
     d, m = restored["state"], restored.get("memory") or {"tables": {}, "opt_state": ()}
     logger.info("restored checkpoint step %d from %s", step, store.directory)
     new_state = TrainState(
@@ -528,6 +779,50 @@ def _restore_or_init(
         moe_bias=d["moe_bias"],
     )
     return new_state, restored.get("data")
+
+
+def _saved_data_settings(saved: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint's data settings; those written before logical data shards existed name
+    the process count, which was then the shard count."""
+    data = saved.get("data")
+    if isinstance(data, dict) and "process_count" in data and "data_shards" not in data:
+        data = {**data, "data_shards": data["process_count"]}
+        del data["process_count"]
+    return data
+
+
+def _merge_shard_states(per_process: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One `ShardedBatches` state from every saving process's; a plain iterator state (written
+    before logical shards) is the shard of its process's index."""
+    shards = {}
+    for process, state in per_process.items():
+        shards.update(state["shards"] if "shards" in state else {str(process): state})
+    return {"shards": shards}
+
+
+def data_shards_to_resume(saved: dict[str, Any] | None, cfg: config_lib.Config) -> int:
+    """The run's logical data-shard count: the checkpoint's when this process count can split it
+    (and the batch size still divides it), else this run's process count."""
+    count = jax.process_count()
+    shards = (_saved_data_settings(saved) or {}).get("data_shards") if saved else None
+    if not isinstance(shards, int) or shards == count:
+        return count
+    if shards % count == 0 and cfg.train.batch_size % shards == 0:
+        logger.info(
+            "resuming a data stream of %d shards on %d processes (%d shards each)",
+            shards,
+            count,
+            shards // count,
+        )
+        return shards
+    logger.warning(
+        "the checkpoint's data stream has %d shards, which %d processes cannot split evenly (or "
+        "batch_size %d does not divide); the data stream starts afresh",
+        shards,
+        count,
+        cfg.train.batch_size,
+    )
+    return count
 
 
 def _save(store, state: TrainState, data_iter, metadata: dict[str, Any]) -> None:
@@ -611,12 +906,6 @@ def train_and_evaluate(
             f"config.mesh.axis_types: got {cfg.mesh.axis_types!r}; the training program runs on "
             "'auto' meshes"
         )
-    if "://" in workdir:
-        raise ValueError(
-            f"workdir: got {workdir!r}; expected a filesystem path (metrics, TensorBoard events "
-            "and the tokenizer are written with POSIX file I/O): mount the bucket on every host, "
-            "e.g. with gcsfuse, and pass the mount path"
-        )
     _prepare_workdir(workdir)
     mesh = sharding.mesh_from_config(cfg.mesh)
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -631,29 +920,70 @@ def train_and_evaluate(
             f"config.model.engram.table_row_multiple: got {cfg.model.engram.table_row_multiple}; "
             f"expected a multiple of the {row_shards} table-row shards (mesh fsdp x tensor)"
         )
-    setup = build_data(cfg, workdir)
-    if cfg.train.eval_batches:
-        # Fails now, not at the first evaluation, when this process's shard holds no
-        # held-out document (the stream names the data and the process).
-        next(iter(document_stream(setup, cfg, train=False)))
-    if jax.process_index() == 0:
-        # What `engram_jax.generate` loads; the checkpoint's fingerprint guards it.
-        setup.tokenizer.save(os.path.join(workdir, TOKENIZER_FILE))
-    model = Transformer(cfg.model, lookup_fn=sharding.table_lookup_fn(mesh))
-    accounting = account(cfg.model, t.seq_len)
-    logger.info("model:\n%s", format_accounting(accounting))
+    # One run per workdir: process 0 holds the lock for the whole job.
+    lock = run_on_process_zero(lambda: _acquire_lock(workdir), "locking the workdir")
+    try:
+        return _train_locked(config, cfg, workdir, mesh, step_hook)
+    finally:
+        if lock is not None:
+            lock.release()
 
-    dense_tx, memory_tx, schedule = make_optimizers(cfg)
-    state, shardings = create_train_state(model, cfg, (dense_tx, memory_tx), mesh)
+
+def _acquire_lock(workdir: str) -> WorkdirLock:
+    lock = WorkdirLock(workdir)
+    lock.acquire()
+    return lock
+
+
+def _train_locked(
+    config: ml_collections.ConfigDict,
+    cfg: config_lib.Config,
+    workdir: str,
+    mesh: jax.sharding.Mesh,
+    step_hook: Callable[[int, TrainState], None] | None,
+) -> dict[str, float]:
+    t = cfg.train
     store = checkpoint_lib.CheckpointStore(
-        os.path.join(workdir, "checkpoints"), max_to_keep=t.max_to_keep
+        storage.join(workdir, "checkpoints"), max_to_keep=t.max_to_keep
     )
-    metadata = _checkpoint_metadata(config, setup)
-    state, data_state = _restore_or_init(store, config, setup, state, shardings)
+    try:
+        saved = _newest_readable_metadata(store)
 
-    train_iter = make_batches(setup, cfg, train=True)
-    if data_state is not None:
-        train_iter.set_state(data_state)
+        def check_tokenizer(tokenizer: Any) -> None:
+            # A refused resume must leave the workdir as it was: this runs before the tokenizer
+            # (or anything else) is written.
+            if saved is not None:
+                current = {
+                    "model": config_lib.to_dict(config)["model"],
+                    "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                }
+                checkpoint_lib.check_compatible(
+                    saved,
+                    current,
+                    keys_must_match=_TOKENIZER_MUST_MATCH,
+                    may_differ=COMPUTE_ONLY_KEYS,
+                )
+
+        setup = build_data(cfg, workdir, check_tokenizer=check_tokenizer)
+        if cfg.train.eval_batches:
+            # Fails now, not at the first evaluation, when this process's shard holds no
+            # held-out document (the stream names the data and the process).
+            next(iter(document_stream(setup, cfg, train=False)))
+        model = Transformer(cfg.model, lookup_fn=sharding.table_lookup_fn(mesh))
+        accounting = account(cfg.model, t.seq_len)
+        logger.info("model:\n%s", format_accounting(accounting))
+
+        dense_tx, memory_tx, schedule = make_optimizers(cfg)
+        state, shardings = create_train_state(model, cfg, (dense_tx, memory_tx), mesh)
+        data_shards = data_shards_to_resume(saved, cfg)
+        metadata = _checkpoint_metadata(config, setup, data_shards)
+        state, data_state = _restore_or_init(store, config, setup, state, shardings, data_shards)
+        train_iter = make_batches(setup, cfg, train=True, data_shards=data_shards)
+        if data_state is not None:
+            train_iter.set_state(data_state)
+    except BaseException:
+        store.close()
+        raise
 
     batch_sharding = sharding.batch_sharding(mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
@@ -707,7 +1037,8 @@ def _loop(program: _Program, state: TrainState, train_iter) -> dict[str, float]:
     step = int(jax.device_get(state.step))
     tokens_per_step = t.batch_size * t.seq_len
     peak_flops = metrics_lib.peak_flops_per_second() * jax.device_count()
-    writer = metrics_lib.MetricsWriter(program.workdir)
+    # Rows past the restored step were written by a killed run; this run writes them again.
+    writer = metrics_lib.MetricsWriter(program.workdir, resume_step=step)
     progress = metrics_lib.Progress(
         t.num_train_steps, initial_step=step, log_every=t.log_every, tokens_per_step=tokens_per_step
     )

@@ -179,6 +179,26 @@ def test_metadata_and_check_compatible(tmp_path):
             {"config": {"model": {**same["config"]["model"], "new_key": 1}}, "fp": "other"},
             keys_must_match=("config.model",),
         )
+    # Keys that may differ are returned, not refused.
+    remat = {"config": {"model": {**same["config"]["model"], "remat": True}}, "fp": "abc"}
+    allowed = ckpt.check_compatible(
+        saved, remat, keys_must_match=("config", "fp"), may_differ=("config.model.remat",)
+    )
+    assert allowed == ["config.model.remat: checkpoint <missing>, config True"]
+
+
+def test_max_to_keep_is_enforced_for_leftovers_and_unreadable_steps_are_set_aside(tmp_path):
+    state, memory = _make_trees()
+    with CheckpointStore(tmp_path / "c", max_to_keep=None) as store:
+        for step in (1, 2, 3):
+            store.save(step, state=state, memory=memory, metadata=META)
+    with CheckpointStore(tmp_path / "c", max_to_keep=2) as store:
+        assert store.enforce_max_to_keep() == [1]
+        assert store.all_steps() == [2, 3]
+        where = store.set_aside(3)
+        assert store.all_steps() == [2]
+    assert where == tmp_path / "c.unreadable-3"
+    assert (where / "meta").is_dir()
 
 
 def test_missing_directory_and_step(tmp_path):
@@ -416,3 +436,23 @@ def test_two_processes_save_one_restores(tmp_path):
     with pytest.raises(CheckpointMismatchError, match="saved by 2 processes, this run has 1"):
         store.restore(items=("data",))
     store.close()
+
+
+def test_gs_store_moves_an_unreadable_step_aside_byte_for_byte(tmp_path):
+    """The same on a bucket of a local GCS emulator (object stores move by copy and delete)."""
+    from engram_jax import storage
+    from tests.gcs_emulator import gcs_emulator
+
+    state, memory = _make_trees()
+    with gcs_emulator() as bucket, CheckpointStore(f"{bucket}/c", max_to_keep=1) as store:
+        for step in (1, 2):
+            store.save(step, state=state, memory=memory, metadata=META)
+        store.wait_until_finished()
+
+        def files(root):
+            return {p[len(str(root)) :]: storage.read_bytes(p) for p in storage.walk_files(root)}
+
+        before = files(f"{bucket}/c/2")
+        where = store.set_aside(2)
+        assert str(where) == f"{bucket}/c.unreadable-2"
+        assert files(where) == before and store.all_steps() == []

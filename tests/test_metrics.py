@@ -87,6 +87,20 @@ def test_jsonl_and_tensorboard(tmp_path):
         writer.write(3, {"loss": 1.0})
     assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
 
+    # A run resumed from step 1 drops the rows past it (a killed run wrote them, this one
+    # writes them again) and tells TensorBoard to discard those steps' events.
+    with MetricsWriter(tmp_path, enabled=True, resume_step=1) as writer:
+        assert [row["step"] for row in read_metrics(tmp_path)] == [1]
+        writer.write(2, {"loss": 0.5})
+    assert [(row["step"], row["loss"]) for row in read_metrics(tmp_path)] == [(1, 2.5), (2, 0.5)]
+    purges = []
+    for name in os.listdir(tmp_path / "tensorboard"):
+        for record in _read_tfrecords(str(tmp_path / "tensorboard" / name)):
+            event = event_pb2.Event.FromString(record)
+            if event.HasField("session_log") and event.session_log.status == 1:  # START
+                purges.append(event.step)
+    assert purges == [2]
+
 
 def test_disabled_writer_writes_nothing(tmp_path):
     writer = MetricsWriter(tmp_path / "run", enabled=False)

@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,7 +24,10 @@ from engram_jax import config as config_lib
 from engram_jax import data as data_lib
 from engram_jax import generate as generate_lib
 from engram_jax import metrics as metrics_lib
+from engram_jax import storage
 from engram_jax import train as train_lib
+from engram_jax.workdir_lock import WorkdirLock, WorkdirLockedError
+from tests.gcs_emulator import gcs_emulator
 from tests.multidevice import run_with_devices
 
 NUM_STEPS = 6
@@ -99,14 +103,14 @@ def uninterrupted(corpus, tmp_path_factory):
 def _losses(workdir: str) -> dict[int, float]:
     """Train loss per step; a resumed run's rows replace the killed run's for the same step."""
     losses = {}
-    for row in metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl")):
+    for row in metrics_lib.read_metrics(workdir):
         if "train_loss" in row:
             losses[row["step"]] = row["train_loss"]
     return losses
 
 
 def _final_params(workdir: str):
-    store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"), create=False)
+    store = checkpoint_lib.CheckpointStore(storage.join(workdir, "checkpoints"), create=False)
     restored = store.restore(items=("state", "memory"))
     store.close()
     return restored["state"]["params"], restored["memory"]["tables"]
@@ -264,33 +268,56 @@ def test_greedy_generation_equals_full_forward_argmax(uninterrupted):
     assert tokens == expected
 
 
-def test_refuses_incompatible_checkpoint_and_keeps_it(uninterrupted, corpus, tmp_path):
+def _snapshot(directory: str) -> dict[str, bytes]:
+    """Every file below `directory` with its bytes."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, directory)] = f.read()
+    return files
+
+
+def test_refused_resume_changes_no_workdir_file(uninterrupted, corpus, tmp_path):
     workdir = str(tmp_path / "copy")
     subprocess.run(["cp", "-r", uninterrupted[0], workdir], check=True)
+    before = _snapshot(workdir)
     config = _small_config(corpus)
     config.num_train_steps = NUM_STEPS + 3
     # Same shapes, other meaning: every table row would mean another n-gram.
     config.model.engram.hash_seed = 7
     with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="model.engram.hash_seed"):
         train_lib.train_and_evaluate(config, workdir)
-    store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"), create=False)
-    assert store.latest_step() == NUM_STEPS
-    store.close()
+    # Another tokenizer (its own vocabulary) is refused before it is written over the good one.
+    config = _small_config(corpus)
+    config.num_train_steps = NUM_STEPS + 3
+    config.model.vocab_size = 300
+    with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="tokenizer_fingerprint"):
+        train_lib.train_and_evaluate(config, workdir)
+    assert _snapshot(workdir) == before
+    generate_lib.Generator(workdir)  # the checkpoint and its tokenizer still load together
 
 
-def test_corrupt_checkpoint_is_named(uninterrupted, corpus, tmp_path):
+def test_corrupt_newest_checkpoint_falls_back_and_is_kept(uninterrupted, corpus, tmp_path, caplog):
+    reference_dir, _ = uninterrupted
     workdir = str(tmp_path / "corrupt")
-    subprocess.run(["cp", "-r", uninterrupted[0], workdir], check=True)
+    subprocess.run(["cp", "-r", reference_dir, workdir], check=True)
     state_dir = os.path.join(workdir, "checkpoints", str(NUM_STEPS), "state")
     for root, _, files in os.walk(state_dir):
         for name in files:
             if not name.startswith("_"):
                 with open(os.path.join(root, name), "wb") as f:
                     f.write(b"garbage")
-    config = _small_config(corpus)
-    config.num_train_steps = NUM_STEPS + 3
-    with pytest.raises(checkpoint_lib.CheckpointReadError, match=f"step {NUM_STEPS}"):
-        train_lib.train_and_evaluate(config, workdir)
+    corrupt = _snapshot(os.path.join(workdir, "checkpoints", str(NUM_STEPS)))
+    with caplog.at_level("WARNING", logger="engram_jax.train"):
+        train_lib.train_and_evaluate(_small_config(corpus), workdir)
+    assert f"checkpoint step {NUM_STEPS} cannot be restored" in caplog.text
+    # The unreadable step is moved aside byte for byte, and training redoes it from step 3.
+    aside = os.path.join(workdir, f"checkpoints.unreadable-{NUM_STEPS}")
+    assert _snapshot(aside) == corrupt
+    assert _losses(workdir) == _losses(reference_dir)
+    chex.assert_trees_all_equal(_final_params(workdir), _final_params(reference_dir))
     # The failed read leaves orbax's sibling reads as unretrieved futures; collect them here so
     # asyncio reports them inside this test rather than after the session summary.
     gc.collect()
@@ -312,9 +339,6 @@ def test_bad_inputs_have_clear_errors(corpus, tmp_path):
     config.tokenizer_path = str(bad_tokenizer)
     with pytest.raises(ValueError, match="tokenizer.json"):
         train_lib.train_and_evaluate(config, str(tmp_path / "w3"))
-
-    with pytest.raises(ValueError, match="workdir: got 'gs://bucket/run'"):
-        train_lib.train_and_evaluate(_small_config(corpus), "gs://bucket/run")
 
     config = _small_config(corpus)
     config.mesh.axis_types = "explicit"
@@ -608,3 +632,188 @@ def test_generation_with_a_short_deepseek_tokenizer(corpus, tmp_path, caplog):
         generator.generate_ids(prompt, generate_lib.SamplingConfig(top_k=num_tokens + 1))
     with pytest.raises(ValueError, match="max_tokens: got -1; expected an integer >= 0"):
         generate_lib.SamplingConfig(max_tokens=-1)
+
+
+def test_resume_drops_metric_rows_past_the_checkpoint_and_prunes_leftovers(
+    uninterrupted, corpus, tmp_path, caplog
+):
+    """A run killed after step 6's metrics but before its checkpoint: the resumed run writes
+    steps 4-6 once (not twice), with the uninterrupted run's losses. Then a run with a smaller
+    max_to_keep deletes the checkpoints beyond it, taking over a lock left by a dead process."""
+    reference_dir, _ = uninterrupted
+    workdir = str(tmp_path / "leftover")
+    subprocess.run(["cp", "-r", reference_dir, workdir], check=True)
+    subprocess.run(["rm", "-r", os.path.join(workdir, "checkpoints", str(NUM_STEPS))], check=True)
+
+    train_lib.train_and_evaluate(_small_config(corpus), workdir)
+    rows = metrics_lib.read_metrics(workdir)
+    train_steps = [row["step"] for row in rows if "train_loss" in row]
+    eval_steps = [row["step"] for row in rows if "eval_loss" in row]
+    assert train_steps == list(range(1, NUM_STEPS + 1))
+    assert eval_steps == [3, NUM_STEPS]
+    assert _losses(workdir) == _losses(reference_dir)
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = {"host": socket.gethostname(), "pid": dead.pid, "run_id": "x", "heartbeat": 0.0}
+    with open(os.path.join(workdir, "run.lock"), "w") as f:
+        json.dump(lock, f)
+    config = _small_config(corpus)
+    config.max_to_keep = 1
+    with caplog.at_level("WARNING", logger="engram_jax.workdir_lock"):
+        train_lib.train_and_evaluate(config, workdir)  # nothing left to train
+    assert f"pid {dead.pid} is not running" in caplog.text
+    assert not os.path.exists(os.path.join(workdir, "run.lock"))
+    store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"), create=False)
+    assert store.all_steps() == [NUM_STEPS]
+    store.close()
+
+
+def test_second_run_on_a_locked_workdir_names_the_holder(uninterrupted, corpus, tmp_path):
+    workdir = str(tmp_path / "locked")
+    subprocess.run(["cp", "-r", uninterrupted[0], workdir], check=True)
+    before = _snapshot(workdir)
+    with WorkdirLock(workdir):
+        holder = f"host {socket.gethostname()!r} pid {os.getpid()}"
+        with pytest.raises(WorkdirLockedError, match=re.escape(holder)):
+            train_lib.train_and_evaluate(_small_config(corpus), workdir)
+    assert _snapshot(workdir) == before
+
+
+def test_gs_workdir_end_to_end(uninterrupted, corpus):
+    """Checkpoints (with the memory item), metrics, TensorBoard events and the tokenizer in a
+    bucket of a local GCS emulator: a crash after step 4, a resume that continues exactly, metrics
+    read back once per step, and generation from the bucket."""
+    reference_dir, _ = uninterrupted
+    with gcs_emulator() as bucket:
+        workdir = f"{bucket}/run"
+
+        def crash(step, state):
+            if step == 4:
+                raise KeyboardInterrupt("simulated crash")
+
+        with pytest.raises(KeyboardInterrupt):
+            train_lib.train_and_evaluate(_small_config(corpus), workdir, step_hook=crash)
+        assert storage.listdir(f"{workdir}/checkpoints") == ["3"]
+        # The resumed run reads its tokenizer from the bucket too.
+        storage.copy_file(os.path.join(reference_dir, "tokenizer.json"), f"{bucket}/tok.json")
+        config = _small_config(corpus)
+        config.tokenizer_path = f"{bucket}/tok.json"
+        train_lib.train_and_evaluate(config, workdir)
+
+        assert {"state", "memory", "data", "meta"} <= set(
+            storage.listdir(f"{workdir}/checkpoints/{NUM_STEPS}")
+        )
+        assert _losses(workdir) == _losses(reference_dir)
+        rows = metrics_lib.read_metrics(workdir)
+        assert [row["step"] for row in rows if "train_loss" in row] == list(range(1, NUM_STEPS + 1))
+        assert any(n.startswith("events.out") for n in storage.listdir(f"{workdir}/tensorboard"))
+        assert not storage.exists(f"{workdir}/run.lock")
+        sampling = generate_lib.SamplingConfig(max_tokens=6, temperature=0.0)
+        prompt = "the memory table"
+        assert generate_lib.Generator(workdir).generate(prompt, sampling) == (
+            generate_lib.Generator(reference_dir).generate(prompt, sampling)
+        )
+        chex.assert_trees_all_equal(_final_params(workdir), _final_params(reference_dir))
+
+
+def test_two_process_job_shares_one_tokenizer_and_resumes_on_one_process(corpus, tmp_path, caplog):
+    """2 processes x 2 devices (jax.distributed over loopback): process 0 alone trains the BPE and
+    the other loads it, a process whose fingerprints differ is named, and the job's step-3
+    checkpoint resumes on 1 process x 1 device (with remat switched on, a compute-only change)
+    and on 1 process x 4 devices, continuing the same data stream with the losses the 2-process
+    job reached (relative tolerance 1e-4: the reductions run in another order)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    job = str(tmp_path / "job")
+    child = textwrap.dedent(
+        f"""
+        import logging, os, sys
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        import jax
+        process_id = int(sys.argv[1])
+        jax.distributed.initialize(
+            coordinator_address="localhost:{port}", num_processes=2, process_id=process_id,
+            initialization_timeout=120,
+        )
+        logging.basicConfig(level=logging.INFO)
+        from test_train import _small_config
+        from engram_jax import train
+
+        try:
+            train.check_processes_agree({{"hasher": "h", "tokenizer": "ab"[process_id]}})
+        except train.ProcessMismatchError as e:
+            print("MISMATCH", e, flush=True)
+        config = _small_config({corpus!r})
+        config.eval_every = 0
+        train.train_and_evaluate(config, {job!r})
+        """
+    )
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        # With several devices per process, one process loading from the persistent compilation
+        # cache while the other compiles made gloo time out setting up the step's collectives.
+        JAX_ENABLE_COMPILATION_CACHE="false",
+    )
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", child, str(process_id)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for process_id in (0, 1)
+    ]
+    outputs = [process.communicate(timeout=600) for process in children]
+    for process, (_, stderr) in zip(children, outputs, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+    for stdout, _ in outputs:
+        assert "MISMATCH" in stdout and "process 1: tokenizer" in stdout
+        assert "process 1: hasher" not in stdout
+    assert "training a byte-level BPE" in outputs[0][1]
+    assert "training a byte-level BPE" not in outputs[1][1]
+    reference = _losses(job)
+    assert sorted(reference) == list(range(1, NUM_STEPS + 1))
+
+    def resumable_copy(name: str) -> str:
+        workdir = str(tmp_path / name)
+        subprocess.run(["cp", "-r", job, workdir], check=True)
+        subprocess.run(["rm", "-r", os.path.join(workdir, "checkpoints", str(NUM_STEPS))])
+        return workdir
+
+    def assert_continues(workdir: str) -> None:
+        losses = _losses(workdir)
+        assert sorted(losses) == list(range(1, NUM_STEPS + 1))
+        for step in range(NUM_STEPS // 2 + 1, NUM_STEPS + 1):
+            assert abs(losses[step] - reference[step]) <= 1e-4 * abs(reference[step]), step
+
+    one = resumable_copy("one_device")
+    config = _small_config(corpus)
+    config.eval_every = 0
+    config.model.remat = True
+    with caplog.at_level("INFO", logger="engram_jax.train"):
+        train_lib.train_and_evaluate(config, one)
+    assert "model.remat: checkpoint False, config True" in caplog.text
+    assert "resuming a data stream of 2 shards on 1 processes" in caplog.text
+    assert_continues(one)
+
+    four = resumable_copy("four_devices")
+    run_with_devices(
+        4,
+        f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        from test_train import _small_config
+        from engram_jax import train
+        config = _small_config({corpus!r})
+        config.eval_every = 0
+        train.train_and_evaluate(config, {four!r})
+        print("{{}}")
+        """,
+    )
+    assert_continues(four)
