@@ -206,8 +206,10 @@ class Block(nn.Module):
                 decode=self.decode,
                 name="engram",
             )
+            # The slot holds hash ids [B, T, M], or pre-gathered rows [B, T, M, W] (sparse tables).
+            ids_or_rows = {"rows" if hash_ids_BTM.ndim == 4 else "hash_ids": hash_ids_BTM}
             memory_BTGD, gates_BTG = engram(
-                x_BTGD, hash_ids_BTM, segment_ids=segments, return_gates=True
+                x_BTGD, **ids_or_rows, segment_ids=segments, return_gates=True
             )
             # §1.7: Engram reads every stream directly and its output joins each stream.
             x_BTGD = x_BTGD + memory_BTGD.astype(x_BTGD.dtype)
@@ -239,7 +241,9 @@ class Transformer(nn.Module):
     `__call__(tokens [B, T], positions [B, T] | None, segment_ids [B, T] | None,
     hash_ids [B, L_e, T, M] | None) -> (logits [B, T, V] float32, aux)`.
     `hash_ids[:, i]` are the hash ids of the i-th Engram layer in `config.engram.layer_ids` order,
-    computed on the host (`NgramHasher` on compressed tokens). `aux` holds
+    computed on the host (`NgramHasher` on compressed tokens). Sparse table training passes
+    `engram_rows [B, L_e, T, M, W]` (rows already gathered from the tables) instead of `hash_ids`;
+    the Engram layers then own no `table` parameter. `aux` holds
     `moe_balance_loss` (summed over MoE layers), `moe_load [L_moe, E]` and
     `engram_gates [L_e, B, T, G]` when those parts exist.
 
@@ -256,7 +260,7 @@ class Transformer(nn.Module):
     lookup_fn: Callable | None = None
     sow_mixing: bool = False
 
-    def _check_inputs(self, tokens_BT, positions_BT, segment_ids_BT, hash_ids) -> None:
+    def _check_inputs(self, tokens_BT, positions_BT, segment_ids_BT, hash_ids, rows) -> None:
         cfg = self.config
         if tokens_BT.ndim != 2:
             raise ValueError(f"Transformer: tokens has shape {tokens_BT.shape}; expected [B, T]")
@@ -274,7 +278,16 @@ class Transformer(nn.Module):
                 "row; the decode cache cannot separate packed documents)"
             )
         e = cfg.engram
-        if e.enabled:
+        if rows is not None:
+            b, t = tokens_BT.shape
+            expected = (b, len(e.layer_ids), t, e.num_heads, e.row_width)
+            if not e.enabled or hash_ids is not None or tuple(rows.shape) != expected:
+                raise ValueError(
+                    f"Transformer: engram_rows has shape {tuple(rows.shape)} (hash_ids "
+                    f"{'given' if hash_ids is not None else 'None'}); expected [B, L_e, T, M, W] = "
+                    f"{expected} with Engram enabled and hash_ids None"
+                )
+        elif e.enabled:
             b, t = tokens_BT.shape
             expected = (b, len(e.layer_ids), t, e.num_heads)
             if hash_ids is None or tuple(hash_ids.shape) != expected:
@@ -293,9 +306,10 @@ class Transformer(nn.Module):
         positions_BT: jax.Array | None = None,
         segment_ids_BT: jax.Array | None = None,
         hash_ids: jax.Array | None = None,
+        engram_rows: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, Any]]:
         cfg = self.config
-        self._check_inputs(tokens_BT, positions_BT, segment_ids_BT, hash_ids)
+        self._check_inputs(tokens_BT, positions_BT, segment_ids_BT, hash_ids, engram_rows)
         dtype = _DTYPES[cfg.dtype]
         param_dtype = _DTYPES[cfg.param_dtype]
         b, t = tokens_BT.shape
@@ -333,7 +347,11 @@ class Transformer(nn.Module):
                 hash_ids_BTM = None
                 if run.has_engram:
                     block_kwargs["engram_sizes"] = sizes[run.start]
-                    hash_ids_BTM = hash_ids[:, engram_index[run.start]]  # [B, T, M]
+                    if engram_rows is not None:
+                        # Pre-gathered rows (sparse tables): the layer creates no table parameter.
+                        hash_ids_BTM = engram_rows[:, engram_index[run.start]]  # [B, T, M, W]
+                    else:
+                        hash_ids_BTM = hash_ids[:, engram_index[run.start]]  # [B, T, M]
                 x_BTGD, stats = block_cls(**block_kwargs, name=run.name)(
                     x_BTGD, positions_BT, segment_ids_BT, hash_ids_BTM
                 )

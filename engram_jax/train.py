@@ -29,7 +29,7 @@ from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import config as config_lib
 from engram_jax import data as data_lib
 from engram_jax import metrics as metrics_lib
-from engram_jax import optim, sharding
+from engram_jax import optim, sharding, sparse_optim, sparse_tables
 from engram_jax.accounting import account, format_accounting
 from engram_jax.hashing import tokenizer_fingerprint
 from engram_jax.mhc import amax_gain, mixing_stats
@@ -67,6 +67,8 @@ class DataSetup:
     engram: data_lib.EngramHashSpec | None
     train_documents: list[str]
     eval_documents: list[str]
+    # Batch groups per process whose table rows are deduplicated apart (the data-parallel shards).
+    memory_shards: int = 1
 
     def metadata(self) -> dict[str, Any]:
         """Fingerprints of everything that decides what a token id and a table row mean."""
@@ -140,11 +142,13 @@ def make_batches(
         shuffle=train,
         add_eos=setup.spec.eos_id is not None,
         engram=setup.engram,
+        memory_shards=setup.memory_shards,
     )
 
 
 def make_optimizers(cfg: config_lib.Config) -> tuple[optax.GradientTransformation, ...]:
-    """Dense AdamW and the Engram tables' transform (ALGORITHMS.md 1.11)."""
+    """Dense AdamW and the Engram tables' optimizer (ALGORITHMS.md 1.11): a row-wise
+    `sparse_optim.RowOptimizer` with `table_update="sparse"`, else whole-table optax Adam."""
     t = cfg.train
     schedule = optim.learning_rate_schedule(
         t.learning_rate,
@@ -162,6 +166,8 @@ def make_optimizers(cfg: config_lib.Config) -> tuple[optax.GradientTransformatio
         eps=t.adam_eps,
         clip_norm=t.clip_norm or None,
     )
+    if t.table_update == "sparse":
+        return dense, sparse_optim.from_config(cfg, schedule), schedule
     memory = optim.memory_optimizer(
         schedule,
         lr_multiplier=cfg.model.engram.table_lr_multiplier,
@@ -254,6 +260,8 @@ def make_train_step(
     """The pure step: loss, gradients of dense and memory parameters, both optimizer updates and
     the MoE bias update (inside `apply`, outside the gradient). Jit it once at the call site."""
     dense_tx, memory_tx = txs
+    if isinstance(memory_tx, sparse_optim.RowOptimizer):
+        return sparse_tables.make_sparse_train_step(model, dense_tx, memory_tx, schedule)
 
     def loss_fn(params, memory, moe_bias, batch):
         variables = {"params": optim.merge_params(params, memory), MOE_BIAS: moe_bias}
@@ -549,6 +557,7 @@ def train_and_evaluate(
             f"expected a multiple of the {row_shards} table-row shards (mesh fsdp x tensor)"
         )
     setup = build_data(cfg, workdir)
+    setup.memory_shards = batch_shards // jax.process_count()
     if cfg.train.eval_batches and len(setup.eval_documents) < jax.process_count():
         raise config_lib.ConfigError(
             f"config.eval_fraction: got {cfg.train.eval_fraction}, which holds out "
