@@ -28,8 +28,8 @@ import optax
 from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import config as config_lib
 from engram_jax import data as data_lib
+from engram_jax import host_tables, optim, sharding, sparse_optim, sparse_tables
 from engram_jax import metrics as metrics_lib
-from engram_jax import optim, sharding, sparse_optim, sparse_tables
 from engram_jax.accounting import account, format_accounting
 from engram_jax.hashing import tokenizer_fingerprint
 from engram_jax.mhc import amax_gain, mixing_stats
@@ -431,6 +431,7 @@ def _restore_or_init(
     setup: DataSetup,
     state: TrainState,
     shardings: Any,
+    host: host_tables.HostPlacement | None = None,
 ) -> tuple[TrainState, dict | None]:
     step = store.latest_step()
     if step is None:
@@ -463,10 +464,16 @@ def _restore_or_init(
     restored = store.restore(
         step,
         abstract_state=abstract(dense, dense_shardings),
-        abstract_memory=abstract(memory, memory_shardings),
+        abstract_memory=(
+            host.abstract_memory_item() if host else abstract(memory, memory_shardings)
+        ),
         items=items,
     )
     d, m = restored["state"], restored.get("memory") or {"tables": {}, "opt_state": ()}
+    if host is not None:
+        # Host tables: the memory item fills host RAM; the device state keeps no tables.
+        host.tables.load_memory_item(m)
+        m = {"tables": state.memory, "opt_state": state.memory_opt_state}
     logger.info("restored checkpoint step %d from %s", step, store.directory)
     new_state = TrainState(
         step=d["step"],
@@ -479,9 +486,11 @@ def _restore_or_init(
     return new_state, restored.get("data")
 
 
-def _save(store, state: TrainState, data_iter, metadata: dict[str, Any]) -> None:
+def _save(store, state: TrainState, data_iter, metadata: dict[str, Any], host=None) -> None:
     step = int(jax.device_get(state.step))
     dense, memory = checkpoint_items(state)
+    if host is not None:
+        memory = host.memory_item()
     store.save(
         step,
         state=dense,
@@ -573,13 +582,26 @@ def train_and_evaluate(
 
     dense_tx, memory_tx, schedule = make_optimizers(cfg)
     state, shardings = create_train_state(model, cfg, (dense_tx, memory_tx), mesh)
+    host = None
+    if t.table_placement == "host" and cfg.model.engram.enabled:
+        if jax.process_count() > 1:
+            raise config_lib.ConfigError(
+                f"config.table_placement: got 'host' with {jax.process_count()} processes; host "
+                "tables are single-process (use table_placement='device' on multi-host runs)"
+            )
+        host = host_tables.HostPlacement(
+            model, cfg, state, shardings, dense_tx, memory_tx, schedule, mesh
+        )
+        state, shardings = host.state, host.shardings
     store = checkpoint_lib.CheckpointStore(
         os.path.join(workdir, "checkpoints"), max_to_keep=t.max_to_keep
     )
     metadata = _checkpoint_metadata(config, setup)
-    state, data_state = _restore_or_init(store, config, setup, state, shardings)
+    state, data_state = _restore_or_init(store, config, setup, state, shardings, host)
 
     train_iter = make_batches(setup, cfg, train=True)
+    if host is not None:
+        train_iter = host.wrap_iterator(train_iter)
     if data_state is not None:
         train_iter.set_state(data_state)
 
@@ -595,6 +617,10 @@ def train_and_evaluate(
         diagnostics = make_mixing_diagnostics(cfg, model.lookup_fn)
         if diagnostics is not None:
             diagnostics = jax.jit(diagnostics, in_shardings=(shardings, batch_sharding))
+        if host is not None:
+            # Host tables: steps and evals read rows from host RAM (host_tables.HostPlacement);
+            # the mHC diagnostics need tables on the device and are skipped.
+            train_step, eval_step, diagnostics = host.train_step, host.eval_step, None
         program = _Program(
             cfg=cfg,
             mesh=mesh,
@@ -607,6 +633,7 @@ def train_and_evaluate(
             flops_per_token=accounting.flops_per_token,
             workdir=workdir,
             step_hook=step_hook,
+            host=host,
         )
         return _loop(program, state, train_iter)
 
@@ -626,6 +653,7 @@ class _Program:
     flops_per_token: float
     workdir: str
     step_hook: Callable[[int, TrainState], None] | None
+    host: host_tables.HostPlacement | None = None
 
 
 def _loop(program: _Program, state: TrainState, train_iter) -> dict[str, float]:
@@ -676,6 +704,8 @@ def _loop(program: _Program, state: TrainState, train_iter) -> dict[str, float]:
         # Every closer runs even if an earlier one raises (waiting for the last checkpoint
         # first); the first error is re-raised after all have run.
         with contextlib.ExitStack() as closers:
+            if program.host is not None:
+                closers.callback(program.host.trainer.close)
             closers.callback(progress.close)
             closers.callback(writer.close)
             closers.callback(store.close)
@@ -701,7 +731,7 @@ def _loop(program: _Program, state: TrainState, train_iter) -> dict[str, float]:
             if eval_now and t.eval_batches:
                 run_eval()
             if save_now:
-                _save(store, state, train_iter, program.metadata)
+                _save(store, state, train_iter, program.metadata, program.host)
             if save_now or eval_now:
                 # Evaluation and checkpoint time are not training throughput.
                 window_start, window_steps = time.perf_counter(), 0
