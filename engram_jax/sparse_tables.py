@@ -47,11 +47,12 @@ def get_path(tree: Any, path: Sequence[str]) -> Any:
 
 
 def set_path(tree: dict, path: Sequence[str], value: Any) -> dict:
-    """A copy of nested dict `tree` with `value` at `path` (the other branches shared)."""
+    """A copy of nested dict `tree` with `value` at `path` (the other branches shared; missing
+    branches are created)."""
     if not path:
         return value
     out = dict(tree)
-    out[path[0]] = set_path(tree[path[0]], path[1:], value)
+    out[path[0]] = set_path(tree.get(path[0], {}), path[1:], value)
     return out
 
 

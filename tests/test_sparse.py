@@ -228,3 +228,17 @@ def test_host_placement_matches_device_placement_over_ten_steps():
             np.asarray, {"tables": device_state.memory, "opt_state": device_state.memory_opt_state}
         ),
     )
+
+
+def test_table_config_errors_name_the_field():
+    c = _tiny_model_config()
+    c.table_placement = "host"
+    c.table_update = "dense"
+    with pytest.raises(config_lib.ConfigError, match="config.table_update: got 'dense'"):
+        config_lib.validate(c)
+    c = _tiny_model_config()
+    c.table_optimizer = "lamb"
+    with pytest.raises(config_lib.ConfigError, match="config.table_optimizer: got 'lamb'"):
+        config_lib.validate(c)
+    with pytest.raises(ValueError, match="kind='lamb'"):
+        RowOptimizer(kind="lamb")
