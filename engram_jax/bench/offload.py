@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -135,27 +136,32 @@ def _host_table(shape: tuple[int, int], block_rows: int = 1 << 20) -> np.ndarray
 
 
 def _time_device_steps(step: Callable, state: Any, batches: list, warmup: int) -> tuple[float, Any]:
-    """Seconds per step over the timed batches (the device runs ahead; blocked once at the end),
-    and the last state (the step donates its input)."""
+    """Median seconds per step over the timed batches (each step waited for: the median resists
+    load spikes of a shared machine), and the last state (the step donates its input)."""
     for batch in batches[:warmup]:
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
-    start = time.perf_counter()
+    samples = []
     for batch in batches[warmup:]:
+        start = time.perf_counter()
         state, metrics = step(state, batch)
-    jax.block_until_ready((state, metrics))
-    return (time.perf_counter() - start) / (len(batches) - warmup), state
+        jax.block_until_ready((state, metrics))
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples), state
 
 
 def table_scaling(rows_base: int, steps: int, warmup: int) -> list[dict[str, Any]]:
-    """Part 1: sparse lazy Adam vs dense optax Adam at 1x and 10x the rows."""
-    results = []
+    """Part 1: sparse lazy Adam vs dense optax Adam at 1x and 10x the rows.
+
+    The four variants are built first and then stepped round-robin, one timed step each per
+    round, so a load change on a shared machine hits all of them alike; medians per variant.
+    """
+    variants = []
     for factor in (1, 10):
         cfg = _config(rows_base * factor, 8, 128)
         shape = _table_shape(cfg)
         model = Transformer(cfg.model)
         path = sparse_tables.table_paths(cfg.model)[0]
-        batches = _batches(cfg, warmup + steps)
         dense_tx = optax.adamw(1e-3)
         schedule = optax.constant_schedule(1e-3)
         for kind in ("sparse", "dense"):
@@ -169,12 +175,27 @@ def table_scaling(rows_base: int, steps: int, warmup: int) -> list[dict[str, Any
                 fn = train_lib.make_train_step(model, (dense_tx, table_opt), schedule)
             state = state.replace(memory=memory, memory_opt_state=table_opt.init(memory))
             step = jax.jit(fn, donate_argnums=0)
-            seconds, state = _time_device_steps(step, state, batches, warmup)
-            results.append(
-                {"update": kind, "rows": shape[0], "params": shape[0] * shape[1], "step_s": seconds}
-            )
-            del state, memory, step
-            gc.collect()
+            batches = _batches(cfg, warmup + steps)
+            for batch in batches[:warmup]:
+                state, metrics = step(state, batch)
+            jax.block_until_ready(metrics)
+            variants.append(
+                {"update": kind, "rows": shape[0], "params": shape[0] * shape[1],
+                 "step": step, "state": state, "batches": batches[warmup:], "samples": []}
+            )  # fmt: skip
+    for i in range(steps):
+        for v in variants:
+            start = time.perf_counter()
+            v["state"], metrics = v["step"](v["state"], v["batches"][i])
+            jax.block_until_ready((v["state"], metrics))
+            v["samples"].append(time.perf_counter() - start)
+    results = [
+        {"update": v["update"], "rows": v["rows"], "params": v["params"]}
+        | {"step_s": statistics.median(v["samples"])}
+        for v in variants
+    ]
+    variants.clear()
+    gc.collect()
     return results
 
 
@@ -208,10 +229,11 @@ def decode_tokens_per_second(
     ids = [rng.integers(0, sizes).astype(np.int32) for _ in range(tokens + 2)]  # [M] per token
 
     if placement == "device":
+        # An argument, never a closure: a captured table would be a constant of the program.
         variables = {"params": optim.merge_params(params, sparse_tables.set_path({}, path, table))}
 
         @jax.jit
-        def step(cache, token, position, hash_ids):
+        def device_step(variables, cache, token, position, hash_ids):
             (logits, _), updated = model.apply(
                 {**variables, "cache": cache},
                 token,
@@ -222,12 +244,15 @@ def decode_tokens_per_second(
             )
             return jnp.argmax(logits[:, -1], axis=-1), updated["cache"]
 
+        def step(cache, token, position, hash_ids):
+            return device_step(variables, cache, token, position, hash_ids)
+
         def feed(i):
             return jnp.asarray(ids[i][None, None, None, :])  # [B=1, L=1, T=1, M]
     else:
 
         @jax.jit
-        def step(cache, token, position, rows):
+        def host_step(params, cache, token, position, rows):
             (logits, _), updated = model.apply(
                 {"params": params, "cache": cache},
                 token,
@@ -237,6 +262,9 @@ def decode_tokens_per_second(
                 mutable=["cache"],
             )
             return jnp.argmax(logits[:, -1], axis=-1), updated["cache"]
+
+        def step(cache, token, position, rows):
+            return host_step(params, cache, token, position, rows)
 
         def feed(i):
             rows = table[ids[i] + offsets]  # host gather of this token's M rows
@@ -291,18 +319,20 @@ def offload(
         host_state, metrics = trainer(host_state, batch, batches[i + 1]["memory_ids"])
     jax.block_until_ready(metrics)
     trainer.wait_seconds = 0.0
-    start = time.perf_counter()
+    samples = []
     for i in range(warmup, len(batches)):
         following = batches[i + 1]["memory_ids"] if i + 1 < len(batches) else None
+        start = time.perf_counter()
         host_state, metrics = trainer(host_state, batches[i], following)
-    jax.block_until_ready(metrics)
-    elapsed = time.perf_counter() - start
+        jax.block_until_ready(metrics)
+        samples.append(time.perf_counter() - start)
+    elapsed = sum(samples)
     trainer.close()
     decode = decode_tokens_per_second(cfg, params, tables.tables[path], "host", decode_tokens)
     results.append(
         {
             "placement": "host",
-            "step_s": elapsed / steps,
+            "step_s": statistics.median(samples),
             "wait": trainer.wait_seconds / elapsed,
             "decode_tok_s": decode,
         }
