@@ -89,6 +89,16 @@ def base_config() -> ml_collections.ConfigDict:
     # <workdir>/tensorboard/plugins/profile/ (TensorBoard's profile tab); () disables.
     c.profile_steps = ()
     c.generate_max_tokens = 64  # Tokens sampled by `engram_jax.generate` unless overridden.
+    # Engram tables: "sparse" updates only the step's unique rows (row-wise optimizers); "dense"
+    # keeps the whole-table optax Adam (its gradient and moments are table-sized; for comparison).
+    c.table_update = "sparse"
+    # Sparse table optimizer: "adam" (lazy Adam, the paper's choice at table_lr_multiplier x the
+    # LR, no weight decay), "adagrad" (row-wise: one accumulator per row) or "sgd".
+    c.table_optimizer = "adam"
+    # Where the tables and their optimizer state live while training: "device" (accelerator
+    # memory, row-sharded on a mesh) or "host" (numpy in host RAM, rows prefetched per step;
+    # single process, sparse updates).
+    c.table_placement = "device"
 
     # ---------------------------------------------------------------- model
     m = c.model = ml_collections.ConfigDict()
@@ -345,6 +355,9 @@ class TrainConfig:
     tokenizer_train_bytes: int
     profile_steps: tuple[int, ...]
     generate_max_tokens: int
+    table_update: str
+    table_optimizer: str
+    table_placement: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -552,6 +565,23 @@ def _validate_train(p: _Problems, c: ml_collections.ConfigDict) -> None:
         f"<= num_train_steps={c.num_train_steps}",
     )
     _check_choice(p, "schedule", c.schedule, _SCHEDULES)
+    _check_choice(p, "table_update", c.table_update, ("sparse", "dense"))
+    _check_choice(p, "table_optimizer", c.table_optimizer, ("adam", "adagrad", "sgd"))
+    _check_choice(p, "table_placement", c.table_placement, ("device", "host"))
+    if c.table_placement == "host":
+        p.check(
+            c.table_update == "sparse",
+            "table_update",
+            c.table_update,
+            "'sparse' when table_placement='host' (the host applies row updates)",
+        )
+    if c.table_update == "sparse" and c.table_optimizer == "adagrad":
+        p.check(
+            c.model.engram.table_weight_decay == 0,
+            "model.engram.table_weight_decay",
+            c.model.engram.table_weight_decay,
+            "0 with table_optimizer='adagrad' (row-wise Adagrad has no weight decay)",
+        )
     p.check(0 <= c.final_lr_fraction <= 1, "final_lr_fraction", c.final_lr_fraction, "in [0, 1]")
     p.check(0 < c.decay_fraction <= 1, "decay_fraction", c.decay_fraction, "in (0, 1]")
     p.check(c.weight_decay >= 0, "weight_decay", c.weight_decay, ">= 0")

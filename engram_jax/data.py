@@ -598,17 +598,61 @@ def compute_hash_ids(
     return np.stack(per_layer, axis=1).astype(np.int32)  # [B, L_e, T, M]
 
 
-class _AddHashIds(grain.transforms.Map):
-    """Adds `hash_ids` [B, L_e, T, M] to a batch."""
+def unique_table_rows(
+    hash_ids_BLTM: np.ndarray, head_vocab_sizes: Sequence[Sequence[int]], shards: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct table rows a batch reads, per batch shard and Engram layer, for sparse updates.
 
-    def __init__(self, engram: EngramHashSpec):
+    The batch's rows split into `shards` equal consecutive groups (the data-parallel shards of the
+    step); each group's flat row ids (hash + the head's row offset in the layer's table) are
+    deduplicated per layer. The padded size `U = (B / shards) * T * M`, the number of ids in a
+    group, is the only bound that can never overflow, and it depends on the batch shape alone, so
+    the step compiles once; gathering `U` rows costs what the plain per-token lookup costs, never
+    the table's size.
+
+    Args:
+      hash_ids_BLTM: int [B, L_e, T, M] per-head hash ids (`compute_hash_ids`).
+      head_vocab_sizes: per Engram layer (axis 1 order), its heads' table sizes (the primes).
+      shards: groups the batch splits into; must divide B.
+
+    Returns:
+      `(memory_ids [shards, L_e, U] int32, memory_inverse [B, L_e, T, M] int32)`: each group's
+      sorted unique flat row ids, padded with -1, and for every id the index of its row in its own
+      group's list, so `memory_ids[g, l][memory_inverse[b, l, t, m]]` is the flat row of that id.
+    """
+    b, num_layers, t, m = hash_ids_BLTM.shape
+    if shards < 1 or b % shards:
+        raise ValueError(
+            f"memory_shards: got {shards}; expected a positive divisor of the batch size {b}"
+        )
+    rows_per_group = b // shards
+    u = rows_per_group * t * m
+    ids_SLU = np.full((shards, num_layers, u), -1, np.int32)
+    inverse_BLTM = np.empty((b, num_layers, t, m), np.int32)
+    for li, sizes in enumerate(head_vocab_sizes):
+        sizes_M = np.asarray(sizes, np.int64)
+        offsets_M = np.concatenate([[0], np.cumsum(sizes_M)[:-1]])
+        flat_BTM = hash_ids_BLTM[:, li].astype(np.int64) + offsets_M  # [B, T, M]
+        for g in range(shards):
+            group = slice(g * rows_per_group, (g + 1) * rows_per_group)
+            unique, inverse = np.unique(flat_BTM[group].reshape(-1), return_inverse=True)
+            ids_SLU[g, li, : unique.size] = unique
+            inverse_BLTM[group, li] = inverse.reshape(rows_per_group, t, m)
+    return ids_SLU, inverse_BLTM
+
+
+class _AddHashIds(grain.transforms.Map):
+    """Adds `hash_ids` [B, L_e, T, M] and the deduplicated rows (`unique_table_rows`)."""
+
+    def __init__(self, engram: EngramHashSpec, memory_shards: int = 1):
         self._engram = engram
+        self._shards = memory_shards
 
     def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {
-            **batch,
-            "hash_ids": compute_hash_ids(batch["inputs"], batch["segment_ids"], self._engram),
-        }
+        hash_ids = compute_hash_ids(batch["inputs"], batch["segment_ids"], self._engram)
+        sizes = [self._engram.hasher.head_vocab_sizes(layer) for layer in self._engram.layer_ids]
+        ids, inverse = unique_table_rows(hash_ids, sizes, self._shards)
+        return {**batch, "hash_ids": hash_ids, "memory_ids": ids, "memory_inverse": inverse}
 
 
 def make_dataset(
@@ -629,6 +673,7 @@ def make_dataset(
     worker_count: int = 0,
     prefetch: int = 0,
     shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
+    memory_shards: int = 1,
 ) -> grain.IterDataset:
     """The grain dataset behind `make_pipeline` (same arguments); iterate it for batches."""
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
@@ -690,7 +735,11 @@ def make_dataset(
     )
     batches = packed.map(_FinishRow(spec)).batch(batch_size, drop_remainder=drop_remainder)
     if engram is not None:
-        batches = batches.map(_AddHashIds(engram))
+        if batch_size % memory_shards:
+            raise ValueError(
+                f"memory_shards: got {memory_shards}; expected a divisor of batch_size={batch_size}"
+            )
+        batches = batches.map(_AddHashIds(engram, memory_shards))
     if worker_count > 0:
         if not flags.FLAGS.is_parsed():
             raise ValueError(
@@ -729,6 +778,7 @@ def make_pipeline(
     worker_count: int = 0,
     prefetch: int = 0,
     shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
+    memory_shards: int = 1,
 ) -> grain.DatasetIterator:
     """A checkpointable iterator of packed, per-process batches.
 
@@ -749,6 +799,9 @@ def make_pipeline(
         such as eos, and on padding), for bits per byte.
       * hash_ids int32 [B, L_e, T, M] (only with `engram`): `engram.hasher` applied to the
         compressed `inputs` with `segment_ids`, one slab per Engram layer in `layer_ids` order.
+      * memory_ids int32 [S, L_e, U] and memory_inverse int32 [B, L_e, T, M] (only with `engram`):
+        the distinct table rows of each of the S = `memory_shards` batch groups
+        (`unique_table_rows`), for sparse table updates.
 
     Padding only appears in the last rows of a finite (num_epochs) stream.
 
@@ -776,6 +829,8 @@ def make_pipeline(
       prefetch: batches prepared ahead: by a background thread (worker_count=0), or per worker
         process. 0 prepares each batch when it is asked for.
       shuffle_window: documents of a DocumentStream shuffled together (1: file order).
+      memory_shards: groups the batch's rows are split into before deduplicating table rows (the
+        step's data-parallel shards on this process); must divide batch_size.
 
     Returns:
       A grain DatasetIterator; `get_state()` is a JSON-serialisable dict and `set_state(state)`
@@ -803,5 +858,6 @@ def make_pipeline(
             worker_count=worker_count,
             prefetch=prefetch,
             shuffle_window=shuffle_window,
+            memory_shards=memory_shards,
         )
     )

@@ -252,7 +252,7 @@ class Transformer(nn.Module):
     `moe_balance_loss` (summed over MoE layers), `moe_load [L_moe, E]` and
     `engram_gates [L_e, B, T, G]` when those parts exist. With `engram_rows [B, L_e, T, M, W]`
     instead of `hash_ids`, the Engram layers read those already-gathered table rows and own no
-    `table` parameter (tables kept on the host or on disk, `table_store.py`).
+    `table` parameter (sparse table training, and tables kept on the host or on disk).
 
     Decoding (`decode=True`): initialise with a full-length input to create the `cache`
     collection (attention KV / MLA latent caches and Engram convolution states), then call with
@@ -288,11 +288,11 @@ class Transformer(nn.Module):
         if rows is not None:
             b, t = tokens_BT.shape
             expected = (b, len(e.layer_ids), t, e.num_heads, e.row_width)
-            if hash_ids is not None or tuple(rows.shape) != expected:
+            if not e.enabled or hash_ids is not None or tuple(rows.shape) != expected:
                 raise ValueError(
-                    f"Transformer: engram_rows has shape {tuple(rows.shape)} with hash_ids "
-                    f"{'given' if hash_ids is not None else 'None'}; expected [B, L_e, T, M, W] = "
-                    f"{expected} and hash_ids=None (pre-gathered rows replace the ids)"
+                    f"Transformer: engram_rows has shape {tuple(rows.shape)} (hash_ids "
+                    f"{'given' if hash_ids is not None else 'None'}); expected [B, L_e, T, M, W] = "
+                    f"{expected} with Engram enabled and hash_ids None"
                 )
         elif e.enabled:
             b, t = tokens_BT.shape

@@ -34,8 +34,18 @@ from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import config as config_lib
 from engram_jax import corpus as corpus_lib
 from engram_jax import data as data_lib
+from engram_jax import (
+    host_tables,
+    optim,
+    preemption,
+    profiling,
+    sharding,
+    sparse_optim,
+    sparse_tables,
+    storage,
+    table_init,
+)
 from engram_jax import metrics as metrics_lib
-from engram_jax import optim, preemption, profiling, sharding, storage, table_init
 from engram_jax import plot as plot_lib
 from engram_jax.accounting import account, format_accounting
 from engram_jax.hashing import tokenizer_fingerprint
@@ -92,6 +102,8 @@ class DataSetup:
     spec: data_lib.DataSpec
     engram: data_lib.EngramHashSpec | None
     corpus: corpus_lib.Corpus  # files and split; each process streams its own shard
+    # Batch groups per process whose table rows are deduplicated apart (the data-parallel shards).
+    memory_shards: int = 1
 
     @property
     def train_documents(self) -> list[str]:
@@ -293,6 +305,8 @@ def make_batches(
         )
     mine = range(index * shards // count, (index + 1) * shards // count)
     t = cfg.train
+    # The process's row groups of sparse table updates, split among its logical shards.
+    memory_shards = max(1, setup.memory_shards // len(mine))
     return ShardedBatches(
         {
             shard: data_lib.make_pipeline(
@@ -307,6 +321,7 @@ def make_batches(
                 worker_count=t.data_workers if train else 0,
                 prefetch=t.data_prefetch,
                 shuffle_window=t.shuffle_window,
+                memory_shards=memory_shards,
             )
             for shard in mine
         }
@@ -367,7 +382,8 @@ class ShardedBatches:
 
 
 def make_optimizers(cfg: config_lib.Config) -> tuple[optax.GradientTransformation, ...]:
-    """Dense AdamW and the Engram tables' transform (docs/design.md 1.11)."""
+    """Dense AdamW and the Engram tables' optimizer (docs/design.md §1.11): a row-wise
+    `sparse_optim.RowOptimizer` with `table_update="sparse"`, else whole-table optax Adam."""
     t = cfg.train
     schedule = optim.learning_rate_schedule(
         t.learning_rate,
@@ -385,6 +401,8 @@ def make_optimizers(cfg: config_lib.Config) -> tuple[optax.GradientTransformatio
         eps=t.adam_eps,
         clip_norm=t.clip_norm or None,
     )
+    if t.table_update == "sparse":
+        return dense, sparse_optim.from_config(cfg, schedule), schedule
     memory = optim.memory_optimizer(
         schedule,
         lr_multiplier=cfg.model.engram.table_lr_multiplier,
@@ -486,6 +504,8 @@ def make_train_step(
     """The pure step: loss, gradients of dense and memory parameters, both optimizer updates and
     the MoE bias update (inside `apply`, outside the gradient). Jit it once at the call site."""
     dense_tx, memory_tx = txs
+    if isinstance(memory_tx, sparse_optim.RowOptimizer):
+        return sparse_tables.make_sparse_train_step(model, dense_tx, memory_tx, schedule)
 
     def loss_fn(params, memory, moe_bias, batch):
         variables = {"params": optim.merge_params(params, memory), MOE_BIAS: moe_bias}
@@ -676,6 +696,7 @@ def _restore_or_init(
     state: TrainState,
     shardings: Any,
     data_shards: int | None = None,
+    host: host_tables.HostPlacement | None = None,
 ) -> tuple[TrainState, dict | None]:
     """Restores the newest step that restores (an unreadable newer one is set aside with a
     warning, never deleted), or returns `state` untouched when there is no checkpoint."""
@@ -684,7 +705,7 @@ def _restore_or_init(
     failures: list[str] = []
     for step in reversed(steps):
         try:
-            result = _restore_step(store, step, current, state, shardings)
+            result = _restore_step(store, step, current, state, shardings, host)
         except checkpoint_lib.CheckpointReadError as e:
             logger.warning(
                 "checkpoint step %d cannot be restored, skipping it (it is kept, moved out of "
@@ -727,6 +748,7 @@ def _restore_step(
     current: dict[str, Any],
     state: TrainState,
     shardings: Any,
+    host: host_tables.HostPlacement | None = None,
 ) -> tuple[TrainState, dict | None]:
     saved = store.read_metadata(step)
     changed = checkpoint_lib.check_compatible(
@@ -763,12 +785,18 @@ def _restore_step(
     restored = store.restore(
         step,
         abstract_state=abstract(dense, dense_shardings),
-        abstract_memory=abstract(memory, memory_shardings),
+        abstract_memory=(
+            host.abstract_memory_item() if host else abstract(memory, memory_shardings)
+        ),
         items=("state", "memory"),
     )
     if same_data:
         restored["data"] = _merge_shard_states(store.restore_all_data(step))
     d, m = restored["state"], restored.get("memory") or {"tables": {}, "opt_state": ()}
+    if host is not None:
+        # Host tables: the memory item fills host RAM; the device state keeps no tables.
+        host.tables.load_memory_item(m)
+        m = {"tables": state.memory, "opt_state": state.memory_opt_state}
     logger.info("restored checkpoint step %d from %s", step, store.directory)
     new_state = TrainState(
         step=d["step"],
@@ -825,9 +853,11 @@ def data_shards_to_resume(saved: dict[str, Any] | None, cfg: config_lib.Config) 
     return count
 
 
-def _save(store, state: TrainState, data_iter, metadata: dict[str, Any]) -> None:
+def _save(store, state: TrainState, data_iter, metadata: dict[str, Any], host=None) -> None:
     step = int(jax.device_get(state.step))
     dense, memory = checkpoint_items(state)
+    if host is not None:
+        memory = host.memory_item()
     store.save(
         step,
         state=dense,
@@ -965,6 +995,8 @@ def _train_locked(
                 )
 
         setup = build_data(cfg, workdir, check_tokenizer=check_tokenizer)
+        batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        setup.memory_shards = max(1, batch_shards // jax.process_count())
         if cfg.train.eval_batches:
             # Fails now, not at the first evaluation, when this process's shard holds no
             # held-out document (the stream names the data and the process).
@@ -975,10 +1007,26 @@ def _train_locked(
 
         dense_tx, memory_tx, schedule = make_optimizers(cfg)
         state, shardings = create_train_state(model, cfg, (dense_tx, memory_tx), mesh)
+        host = None
+        if t.table_placement == "host" and cfg.model.engram.enabled:
+            if jax.process_count() > 1:
+                raise config_lib.ConfigError(
+                    f"config.table_placement: got 'host' with {jax.process_count()} processes; "
+                    "host tables are single-process (use table_placement='device' on multi-host "
+                    "runs)"
+                )
+            host = host_tables.HostPlacement(
+                model, cfg, state, shardings, dense_tx, memory_tx, schedule, mesh
+            )
+            state, shardings = host.state, host.shardings
         data_shards = data_shards_to_resume(saved, cfg)
         metadata = _checkpoint_metadata(config, setup, data_shards)
-        state, data_state = _restore_or_init(store, config, setup, state, shardings, data_shards)
+        state, data_state = _restore_or_init(
+            store, config, setup, state, shardings, data_shards, host
+        )
         train_iter = make_batches(setup, cfg, train=True, data_shards=data_shards)
+        if host is not None:
+            train_iter = host.wrap_iterator(train_iter)
         if data_state is not None:
             train_iter.set_state(data_state)
     except BaseException:
@@ -997,6 +1045,10 @@ def _train_locked(
         diagnostics = make_mixing_diagnostics(cfg, model.lookup_fn)
         if diagnostics is not None:
             diagnostics = jax.jit(diagnostics, in_shardings=(shardings, batch_sharding))
+        if host is not None:
+            # Host tables: steps and evals read rows from host RAM (host_tables.HostPlacement);
+            # the mHC diagnostics need tables on the device and are skipped.
+            train_step, eval_step, diagnostics = host.train_step, host.eval_step, None
         program = _Program(
             cfg=cfg,
             mesh=mesh,
@@ -1009,6 +1061,7 @@ def _train_locked(
             flops_per_token=accounting.flops_per_token,
             workdir=workdir,
             step_hook=step_hook,
+            host=host,
         )
         return _loop(program, state, train_iter)
 
@@ -1028,6 +1081,7 @@ class _Program:
     flops_per_token: float
     workdir: str
     step_hook: Callable[[int, TrainState], None] | None
+    host: host_tables.HostPlacement | None = None
 
 
 def _loop(program: _Program, state: TrainState, train_iter) -> dict[str, float]:
@@ -1083,6 +1137,8 @@ def _loop(program: _Program, state: TrainState, train_iter) -> dict[str, float]:
         # Every closer runs even if an earlier one raises (waiting for the last checkpoint
         # first); the first error is re-raised after all have run.
         with contextlib.ExitStack() as closers:
+            if program.host is not None:
+                closers.callback(program.host.trainer.close)
             closers.callback(progress.close)
             closers.callback(plots.close)  # runs after writer.close (LIFO): every row is on disk
             closers.callback(writer.close)
@@ -1115,7 +1171,7 @@ def _loop(program: _Program, state: TrainState, train_iter) -> dict[str, float]:
             if eval_now and t.eval_batches:
                 run_eval()
             if save_now:
-                _save(store, state, train_iter, program.metadata)
+                _save(store, state, train_iter, program.metadata, program.host)
             if save_now or eval_now:
                 # Evaluation and checkpoint time are not training throughput.
                 window_start, window_steps = time.perf_counter(), 0
@@ -1124,7 +1180,7 @@ def _loop(program: _Program, state: TrainState, train_iter) -> dict[str, float]:
             if stop.should_stop(step):
                 if not save_now:
                     flush_pending()
-                    _save(store, state, train_iter, program.metadata)
+                    _save(store, state, train_iter, program.metadata, program.host)
                 break
         flush_pending()
     except BaseException:

@@ -180,6 +180,51 @@ def test_resume_after_sigkill_is_exact(uninterrupted, corpus, tmp_path):
     chex.assert_trees_all_equal(resumed, reference)
 
 
+def test_host_tables_resume_after_sigkill_is_exact(uninterrupted, corpus, tmp_path):
+    """table_placement="host": losses equal the device placement's to float tolerance, a run
+    killed after its step-3 checkpoint resumes exactly, and its checkpoint then continues with
+    device tables (the memory item is the same for both placements)."""
+    reference_dir, _ = uninterrupted
+    host_dir, workdir = str(tmp_path / "host"), str(tmp_path / "host_killed")
+    config = _small_config(corpus)
+    config.table_placement = "host"
+    train_lib.train_and_evaluate(config, host_dir)
+    host_losses = _losses(host_dir)
+    for step, loss in _losses(reference_dir).items():
+        assert abs(host_losses[step] - loss) <= 1e-5 * abs(loss), step
+
+    half = NUM_STEPS // 2
+    child = textwrap.dedent(
+        f"""
+        import os, signal, sys, time
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        from test_train import _small_config
+        from engram_jax import train
+        committed = os.path.join({workdir!r}, "checkpoints", "{half}")
+
+        def kill_after_checkpoint(step, state):
+            if step == {half}:
+                while not os.path.isdir(committed):
+                    time.sleep(0.01)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        config = _small_config({corpus!r})
+        config.table_placement = "host"
+        train.train_and_evaluate(config, {workdir!r}, step_hook=kill_after_checkpoint)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    train_lib.train_and_evaluate(config, workdir)
+    assert _losses(workdir) == host_losses
+    chex.assert_trees_all_equal(_final_params(workdir), _final_params(host_dir))
+
+    config = _small_config(corpus)
+    config.num_train_steps = NUM_STEPS + 2
+    train_lib.train_and_evaluate(config, workdir)  # device placement from a host checkpoint
+    assert sorted(_losses(workdir)) == list(range(1, NUM_STEPS + 3))
+
+
 def test_eight_devices_match_one_device(uninterrupted, corpus, tmp_path):
     """data=2 x fsdp=2 x tensor=2 on simulated CPU devices: the tables are row-sharded over
     fsdp x tensor (vocab-parallel lookup), and the losses equal the one-device run's."""

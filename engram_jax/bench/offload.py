@@ -1,0 +1,384 @@
+"""Engram tables at scale: sparse vs dense table updates, device vs host-RAM tables.
+
+python -m engram_jax.bench.offload                     # ~1.07B-parameter table on the host
+python -m engram_jax.bench.offload --offload_rows_base=1000000   # quick look (~128M params)
+
+One small Transformer (one Engram layer, W = 32, M = 4 heads, batch 8 x 128 tokens), three parts,
+side by side in one process:
+
+1. Table scaling. Step time with the table at `--scale_rows_base` and 10x that many rows, same model
+   otherwise, with sparse lazy Adam (`table_update="sparse"`) and with whole-table optax Adam
+   (`"dense"`). The ratio large/small is what the sparse path removes: the dense step reads and
+   writes every row, its moments and a table-sized gradient.
+2. Training offload. Steps/s with the ~1B-parameter table on the device vs in host RAM
+   (`host_tables.HostTableTrainer`: rows of step t+1 gathered while step t runs, overlapped host
+   updates), both with `--offload_optimizer` (SGD: no table-sized optimizer state, so the run fits a
+   24 GiB machine). "wait" is the share of the host run spent waiting for rows before a step could
+   be dispatched (the blocking share the offload demos report).
+3. Decode offload. Greedy-style decoding of `--decode_tokens` tokens (batch 1), the table on the
+   device vs rows gathered on the host for every token (`decode_tokens_per_second`). This times the
+   bare per-token row fetch; `engram_jax.generate`'s own host/disk table placements can replace it
+   through the `decode_fn` argument of `decode_tokens_per_second`.
+
+The device and host tables of part 2 never coexist (one is freed before the other is built), so
+peak RSS is about one table plus the dense model. Batches are random token and hash ids (the row
+access pattern of hashed n-grams is close to uniform). The last two lines are the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from engram_jax import config as config_lib
+from engram_jax import data as data_lib
+from engram_jax import host_tables, optim, sparse_tables
+from engram_jax import train as train_lib
+from engram_jax.bench._timing import machine_description, print_table
+from engram_jax.model import Transformer, engram_table_sizes
+from engram_jax.sparse_optim import RowOptimizer
+
+
+def _config(rows_base: int, batch: int, seq: int) -> config_lib.Config:
+    c = config_lib.base_config()
+    c.batch_size, c.seq_len = batch, seq
+    m = c.model
+    m.vocab_size = 1024
+    m.num_layers = 2
+    m.hidden_size = 64
+    m.mlp_hidden_size = 128
+    m.num_dense_layers = 2
+    m.attention.num_heads = 2
+    m.attention.num_kv_heads = 1
+    m.attention.head_dim = 32
+    m.engram.layer_ids = (1,)
+    m.engram.max_ngram = 3
+    m.engram.heads_per_ngram = 2
+    m.engram.embed_per_ngram = 64  # W = 32
+    m.engram.table_rows_per_head = (rows_base, rows_base)
+    m.hc.kind = "residual"
+    m.hc.n_streams = 1
+    return config_lib.validate(c)
+
+
+def _batches(cfg: config_lib.Config, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    b, t = cfg.train.batch_size, cfg.train.seq_len
+    sizes = engram_table_sizes(cfg.model)
+    per_layer = [sizes[layer] for layer in cfg.model.engram.layer_ids]
+    out = []
+    for _ in range(count):
+        hash_ids = np.stack(
+            [rng.integers(0, np.asarray(p), size=(b, t, len(p))) for p in per_layer], axis=1
+        ).astype(np.int32)  # [B, L, T, M]
+        ids, inverse = data_lib.unique_table_rows(hash_ids, per_layer, 1)
+        tokens = rng.integers(0, cfg.model.vocab_size, size=(b, t)).astype(np.int32)
+        out.append(
+            {
+                "inputs": tokens,
+                "targets": np.roll(tokens, -1, axis=1),
+                "loss_mask": np.ones((b, t), np.float32),
+                "segment_ids": np.ones((b, t), np.int32),
+                "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+                "hash_ids": hash_ids,
+                "memory_ids": ids,
+                "memory_inverse": inverse,
+            }
+        )
+    return out
+
+
+def _dense_state(cfg: config_lib.Config, dense_tx: optax.GradientTransformation) -> Any:
+    """TrainState without tables: the model initialised on pre-gathered rows creates none."""
+    e = cfg.model.engram
+    model = Transformer(cfg.model)
+    rows = jnp.zeros((1, len(e.layer_ids), 1, e.num_heads, e.row_width))
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32), engram_rows=rows)
+    params = variables["params"]
+    return train_lib.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        memory={},
+        opt_state=dense_tx.init(params),
+        memory_opt_state={},
+        moe_bias={},
+    )
+
+
+def _table_shape(cfg: config_lib.Config) -> tuple[int, int]:
+    sizes = engram_table_sizes(cfg.model)[cfg.model.engram.layer_ids[0]]
+    return int(sum(sizes)), cfg.model.engram.row_width
+
+
+def _device_table(shape: tuple[int, int]) -> jax.Array:
+    return jax.jit(lambda k: jax.random.normal(k, shape, jnp.float32), static_argnums=())(
+        jax.random.PRNGKey(1)
+    )
+
+
+def _host_table(shape: tuple[int, int], block_rows: int = 1 << 20) -> np.ndarray:
+    """N(0, 1) rows filled block by block (no table-sized temporaries)."""
+    table = np.empty(shape, np.float32)
+    rng = np.random.default_rng(1)
+    for start in range(0, shape[0], block_rows):
+        rng.standard_normal(out=table[start : start + block_rows], dtype=np.float32)
+    return table
+
+
+def _time_device_steps(step: Callable, state: Any, batches: list, warmup: int) -> tuple[float, Any]:
+    """Median seconds per step over the timed batches (each step waited for: the median resists
+    load spikes of a shared machine), and the last state (the step donates its input)."""
+    for batch in batches[:warmup]:
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    samples = []
+    for batch in batches[warmup:]:
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples), state
+
+
+def table_scaling(rows_base: int, steps: int, warmup: int) -> list[dict[str, Any]]:
+    """Part 1: sparse lazy Adam vs dense optax Adam at 1x and 10x the rows.
+
+    The four variants are built first and then stepped round-robin, one timed step each per
+    round, so a load change on a shared machine hits all of them alike; medians per variant.
+    """
+    variants = []
+    for factor in (1, 10):
+        cfg = _config(rows_base * factor, 8, 128)
+        shape = _table_shape(cfg)
+        model = Transformer(cfg.model)
+        path = sparse_tables.table_paths(cfg.model)[0]
+        dense_tx = optax.adamw(1e-3)
+        schedule = optax.constant_schedule(1e-3)
+        for kind in ("sparse", "dense"):
+            state = _dense_state(cfg, dense_tx)
+            memory = sparse_tables.set_path({}, path, _device_table(shape))
+            if kind == "sparse":
+                table_opt = RowOptimizer(kind="adam", learning_rate=5e-3)
+                fn = sparse_tables.make_sparse_train_step(model, dense_tx, table_opt, schedule)
+            else:
+                table_opt = optim.memory_optimizer(1e-3)
+                fn = train_lib.make_train_step(model, (dense_tx, table_opt), schedule)
+            state = state.replace(memory=memory, memory_opt_state=table_opt.init(memory))
+            step = jax.jit(fn, donate_argnums=0)
+            batches = _batches(cfg, warmup + steps)
+            for batch in batches[:warmup]:
+                state, metrics = step(state, batch)
+            jax.block_until_ready(metrics)
+            variants.append(
+                {"update": kind, "rows": shape[0], "params": shape[0] * shape[1],
+                 "step": step, "state": state, "batches": batches[warmup:], "samples": []}
+            )  # fmt: skip
+    for i in range(steps):
+        for v in variants:
+            start = time.perf_counter()
+            v["state"], metrics = v["step"](v["state"], v["batches"][i])
+            jax.block_until_ready((v["state"], metrics))
+            v["samples"].append(time.perf_counter() - start)
+    results = [
+        {"update": v["update"], "rows": v["rows"], "params": v["params"]}
+        | {"step_s": statistics.median(v["samples"])}
+        for v in variants
+    ]
+    variants.clear()
+    gc.collect()
+    return results
+
+
+def decode_tokens_per_second(
+    cfg: config_lib.Config,
+    params: Any,
+    table: jax.Array | np.ndarray,
+    placement: str,
+    tokens: int,
+    decode_fn: Callable[..., float] | None = None,
+) -> float:
+    """Part 3: tokens/s of batch-1 decoding with the table on the device or in host RAM.
+
+    `decode_fn(cfg, params, table, placement, tokens) -> tokens/s`, when given, replaces the
+    built-in loop (e.g. one that drives `engram_jax.generate` with its table placements).
+    """
+    if decode_fn is not None:
+        return decode_fn(cfg, params, table, placement, tokens)
+    e = cfg.model.engram
+    layer = e.layer_ids[0]
+    sizes = np.asarray(engram_table_sizes(cfg.model)[layer], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    model = Transformer(cfg.model, decode=True)
+    prompt = tokens + 1
+    rows0 = jnp.zeros((1, 1, prompt, e.num_heads, e.row_width))
+    cache = model.init(jax.random.PRNGKey(0), jnp.zeros((1, prompt), jnp.int32), engram_rows=rows0)[
+        "cache"
+    ]
+    path = sparse_tables.table_paths(cfg.model)[0]
+    rng = np.random.default_rng(2)
+    ids = [rng.integers(0, sizes).astype(np.int32) for _ in range(tokens + 2)]  # [M] per token
+
+    if placement == "device":
+        # An argument, never a closure: a captured table would be a constant of the program.
+        variables = {"params": optim.merge_params(params, sparse_tables.set_path({}, path, table))}
+
+        @jax.jit
+        def device_step(variables, cache, token, position, hash_ids):
+            (logits, _), updated = model.apply(
+                {**variables, "cache": cache},
+                token,
+                position,
+                None,
+                hash_ids,
+                mutable=["cache"],
+            )
+            return jnp.argmax(logits[:, -1], axis=-1), updated["cache"]
+
+        def step(cache, token, position, hash_ids):
+            return device_step(variables, cache, token, position, hash_ids)
+
+        def feed(i):
+            return jnp.asarray(ids[i][None, None, None, :])  # [B=1, L=1, T=1, M]
+    else:
+
+        @jax.jit
+        def host_step(params, cache, token, position, rows):
+            (logits, _), updated = model.apply(
+                {"params": params, "cache": cache},
+                token,
+                position,
+                None,
+                engram_rows=rows,
+                mutable=["cache"],
+            )
+            return jnp.argmax(logits[:, -1], axis=-1), updated["cache"]
+
+        def step(cache, token, position, rows):
+            return host_step(params, cache, token, position, rows)
+
+        def feed(i):
+            rows = table[ids[i] + offsets]  # host gather of this token's M rows
+            return jax.device_put(rows[None, None, None])  # [B=1, L=1, T=1, M, W]
+
+    token = jnp.zeros((1, 1), jnp.int32)
+    next_token, cache = step(cache, token, jnp.zeros((1, 1), jnp.int32), feed(0))  # compile
+    next_token.block_until_ready()
+    start = time.perf_counter()
+    for i in range(1, tokens + 1):
+        position = jnp.full((1, 1), i, jnp.int32)
+        next_token, cache = step(cache, next_token.reshape(1, 1), position, feed(i))
+        int(next_token[0])  # greedy decoding needs the token on the host before the next step
+    return tokens / (time.perf_counter() - start)
+
+
+def offload(
+    rows_base: int, steps: int, warmup: int, optimizer: str, decode_tokens: int
+) -> list[dict[str, Any]]:
+    """Parts 2 and 3: the same table on the device, then in host RAM."""
+    cfg = _config(rows_base, 8, 128)
+    shape = _table_shape(cfg)
+    model = Transformer(cfg.model)
+    path = sparse_tables.table_paths(cfg.model)[0]
+    batches = _batches(cfg, warmup + steps)
+    dense_tx = optax.adamw(1e-3)
+    schedule = optax.constant_schedule(1e-3)
+    table_opt = RowOptimizer(kind=optimizer, learning_rate=1e-2)
+    results = []
+
+    state = _dense_state(cfg, dense_tx)
+    memory = sparse_tables.set_path({}, path, _device_table(shape))
+    state = state.replace(memory=memory, memory_opt_state=table_opt.init(memory))
+    del memory
+    step = jax.jit(
+        sparse_tables.make_sparse_train_step(model, dense_tx, table_opt, schedule),
+        donate_argnums=0,
+    )
+    seconds, state = _time_device_steps(step, state, batches, warmup)
+    del step
+    params, table = state.params, sparse_tables.get_path(state.memory, path)
+    decode = decode_tokens_per_second(cfg, params, table, "device", decode_tokens)
+    results.append({"placement": "device", "step_s": seconds, "wait": 0.0, "decode_tok_s": decode})
+    del state, table
+    gc.collect()
+
+    tables = host_tables.HostTables({path: _host_table(shape)}, table_opt)
+    row_step = jax.jit(sparse_tables.make_row_grad_step(model, dense_tx, schedule))
+    trainer = host_tables.HostTableTrainer(tables, row_step)
+    host_state = _dense_state(cfg, dense_tx)
+    for i, batch in enumerate(batches[:warmup]):
+        host_state, metrics = trainer(host_state, batch, batches[i + 1]["memory_ids"])
+    jax.block_until_ready(metrics)
+    trainer.wait_seconds = 0.0
+    samples = []
+    for i in range(warmup, len(batches)):
+        following = batches[i + 1]["memory_ids"] if i + 1 < len(batches) else None
+        start = time.perf_counter()
+        host_state, metrics = trainer(host_state, batches[i], following)
+        jax.block_until_ready(metrics)
+        samples.append(time.perf_counter() - start)
+    elapsed = sum(samples)
+    trainer.close()
+    decode = decode_tokens_per_second(cfg, params, tables.tables[path], "host", decode_tokens)
+    results.append(
+        {
+            "placement": "host",
+            "step_s": statistics.median(samples),
+            "wait": trainer.wait_seconds / elapsed,
+            "decode_tok_s": decode,
+        }
+    )
+    for row in results:
+        row["params"] = shape[0] * shape[1]
+        row["steps_per_s"] = 1.0 / row["step_s"]
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale_rows_base", type=int, default=100_000)
+    parser.add_argument("--offload_rows_base", type=int, default=(1 << 30) // 32 // 4)
+    parser.add_argument("--offload_optimizer", default="sgd", choices=("sgd", "adagrad"))
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--decode_tokens", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    print(f"machine: {machine_description()}; load {os.getloadavg()[0]:.1f}")
+    scaling = table_scaling(args.scale_rows_base, args.steps, args.warmup)
+    print_table(scaling, ["update", "rows", "params", "step_s"])
+    offloaded = offload(
+        args.offload_rows_base, args.steps, args.warmup, args.offload_optimizer, args.decode_tokens
+    )
+    print_table(offloaded, ["placement", "params", "step_s", "steps_per_s", "wait", "decode_tok_s"])
+
+    def ratio(kind):
+        small, large = (r for r in scaling if r["update"] == kind)
+        return large["step_s"] / small["step_s"], large["rows"] / small["rows"]
+
+    sparse_ratio, rows_ratio = ratio("sparse")
+    dense_ratio, _ = ratio("dense")
+    device, host = offloaded
+    train_penalty = 100.0 * (host["step_s"] / device["step_s"] - 1.0)
+    decode_penalty = 100.0 * (device["decode_tok_s"] / host["decode_tok_s"] - 1.0)
+    print(
+        f"table scaling: train step x{sparse_ratio:.2f} at {rows_ratio:.0f}x the rows (sparse), "
+        f"x{dense_ratio:.1f} (dense)"
+    )
+    print(
+        f"offload penalty: train {train_penalty:.1f}%, decode {decode_penalty:.1f}%, "
+        f"table {device['params']} params"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""Host-resident Engram tables for training: numpy tables and row-optimizer state in host RAM,
+the next step's rows prefetched while the current step runs, sparse updates applied on the host.
+
+Timeline of step t (one background worker thread, FIFO, so its jobs never reorder):
+1. `rows_t` were gathered by the worker during step t-1 and patched after step t-1's update
+   (below); they are on the device when step t is dispatched.
+2. Step t runs on the device (`sparse_tables.make_row_grad_step`) and returns the row gradients.
+   Meanwhile the worker gathers `rows_{t+1}` for the next batch's unique ids from the host table.
+   Those reads may predate step t's update.
+3. When the gradients arrive, the host updates first the rows that step t+1 also reads
+   (`ids_t ∩ ids_{t+1}`) and re-reads exactly those into `rows_{t+1}`: nothing step t+1 sees is
+   stale. `rows_{t+1}` is then transferred, and the remaining rows of step t (`ids_t \\ ids_{t+1}`)
+   are updated by the worker while step t+1 computes. Since the worker is FIFO, the gather for
+   step t+2 runs after that update; rows that both updates could touch are disjoint
+   (`ids_t \\ ids_{t+1}` vs. a subset of `ids_{t+1}`), so the main thread and the worker never
+   write the same row.
+
+`HostTables` is also usable on its own (e.g. for inference): `gather(ids)` reads rows,
+`memory_item()`/`load_memory_item()` convert to and from the checkpoint's `memory` item, which has
+the same layout as device tables, so a checkpoint moves between placements.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from engram_jax.sparse_optim import RowOptimizer
+from engram_jax.sparse_tables import get_path, set_path
+
+Path = tuple[str, ...]
+
+
+def _nested(items: dict[Path, Any]) -> dict:
+    tree: dict = {}
+    for path, value in items.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+class HostTables:
+    """Engram tables `[R, W]` (float32 numpy) and their `RowOptimizer` state, per layer.
+
+    Args:
+      tables: the tables in Engram-layer order, each keyed by its memory-tree path.
+      opt: the row optimizer (its state layout is `opt.state_shapes`).
+      state: optimizer state per path (numpy); None starts fresh.
+    """
+
+    def __init__(
+        self,
+        tables: dict[Path, np.ndarray],
+        opt: RowOptimizer,
+        state: dict[Path, dict[str, np.ndarray]] | None = None,
+    ):
+        self.paths: list[Path] = list(tables)
+        # Writeable, contiguous float32 (arrays fetched from jax are read-only views).
+        self.tables = {p: np.require(t, np.float32, ["C", "W"]) for p, t in tables.items()}
+        self.opt = opt
+        self.state = (
+            {p: {k: np.array(v) for k, v in state[p].items()} for p in self.paths}
+            if state is not None
+            else {p: opt.init_numpy(*t.shape) for p, t in self.tables.items()}
+        )
+        widths = {t.shape[1] for t in self.tables.values()}
+        if len(widths) != 1:
+            raise ValueError(f"HostTables: tables have row widths {sorted(widths)}; expected one")
+        self.width = widths.pop()
+
+    @classmethod
+    def from_memory(
+        cls, memory: Any, memory_opt_state: Any, paths: Sequence[Path], opt: RowOptimizer
+    ) -> HostTables:
+        """From a (device or numpy) memory tree and its row-optimizer state tree."""
+        tables = {p: np.asarray(jax.device_get(get_path(memory, p))) for p in paths}
+        state = {
+            p: {k: np.asarray(jax.device_get(v)) for k, v in get_path(memory_opt_state, p).items()}
+            for p in paths
+        }
+        return cls(tables, opt, state)
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.size for t in self.tables.values())
+
+    # -- rows -------------------------------------------------------------------------------------
+
+    def gather(self, ids_SLU: np.ndarray) -> np.ndarray:
+        """`[S, L, U, W]` float32 rows at flat ids `[S, L, U]` (-1 padding reads zeros)."""
+        s, num_layers, u = ids_SLU.shape
+        out = np.zeros((s, num_layers, u, self.width), np.float32)
+        for li, p in enumerate(self.paths):
+            ids = ids_SLU[:, li]
+            valid = ids >= 0
+            out[:, li][valid] = self.tables[p][ids[valid]]
+        return out
+
+    def patch(self, rows_SLUW: np.ndarray, ids_SLU: np.ndarray, stale: list[np.ndarray]) -> None:
+        """Re-reads, in place, the rows of `rows_SLUW` whose ids are in `stale[layer]`."""
+        for li, p in enumerate(self.paths):
+            ids = ids_SLU[:, li]
+            redo = (ids >= 0) & np.isin(ids, stale[li])
+            if redo.any():
+                rows_SLUW[:, li][redo] = self.tables[p][ids[redo]]
+
+    @staticmethod
+    def summed_grads(ids_SU: np.ndarray, grads_SUW: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct valid ids `[N]` and their gradients summed over the groups `[N, W]`."""
+        ids_N = ids_SU.reshape(-1)
+        grads_NW = grads_SUW.reshape(ids_N.size, -1)
+        valid = ids_N >= 0
+        if ids_SU.shape[0] == 1:
+            return ids_N[valid], grads_NW[valid]  # the host already deduplicated one group
+        unique, inverse = np.unique(ids_N[valid], return_inverse=True)
+        summed = np.zeros((unique.size, grads_NW.shape[1]), np.float32)
+        np.add.at(summed, inverse, grads_NW[valid])
+        return unique, summed
+
+    def apply_rows(self, path: Path, ids_N: np.ndarray, grads_NW: np.ndarray, lr: float) -> None:
+        """Sparse update of distinct rows `ids_N` of one table with their summed gradients."""
+        if ids_N.size == 0:
+            return
+        table, state = self.tables[path], self.state[path]
+        new_rows, new_state = self.opt.update_rows(
+            table[ids_N], grads_NW, {k: v[ids_N] for k, v in state.items()}, lr, xp=np
+        )
+        table[ids_N] = new_rows
+        for k, v in new_state.items():
+            state[k][ids_N] = v
+
+    # -- checkpoint item --------------------------------------------------------------------------
+
+    def memory_item(self, copy: bool = True) -> dict[str, Any]:
+        """`{"tables": tree, "opt_state": tree}` exactly like the device placement's memory item.
+
+        `copy=True` snapshots the arrays, so an asynchronous checkpoint write never sees later
+        updates (costs one table-sized copy per save).
+        """
+        take = np.copy if copy else (lambda x: x)
+        return {
+            "tables": _nested({p: take(t) for p, t in self.tables.items()}),
+            "opt_state": _nested(
+                {p: {k: take(v) for k, v in self.state[p].items()} for p in self.paths}
+            ),
+        }
+
+    def load_memory_item(self, item: dict[str, Any]) -> None:
+        """Replaces tables and state with a restored memory item (shapes must match)."""
+        for p in self.paths:
+            table = np.asarray(get_path(item["tables"], p), np.float32)
+            if table.shape != self.tables[p].shape:
+                raise ValueError(
+                    f"HostTables: restored table {'/'.join(p)} has shape {table.shape}; expected "
+                    f"{self.tables[p].shape}"
+                )
+            self.tables[p] = np.require(table, np.float32, ["C", "W"])
+            saved = get_path(item["opt_state"], p)
+            self.state[p] = {k: np.array(saved[k]) for k in self.state[p]}
+
+
+class HostTableTrainer:
+    """Drives training steps against `HostTables` with prefetch and overlapped updates.
+
+    Args:
+      tables: the host tables.
+      row_grad_step: jitted `step(state, batch, rows [S, L, U, W]) -> (state, metrics, grads)`
+        (`sparse_tables.make_row_grad_step`).
+      put_rows: moves a numpy `[S, L, U, W]` array to the device(s) (with the batch sharding).
+    """
+
+    def __init__(
+        self,
+        tables: HostTables,
+        row_grad_step: Callable,
+        put_rows: Callable[[np.ndarray], jax.Array] = jax.device_put,
+    ):
+        self.tables = tables
+        self._step = row_grad_step
+        self._put = put_rows
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="host_tables")
+        self._next: tuple[np.ndarray, jax.Array] | None = None  # (ids, device rows) of next step
+        self._last_apply: concurrent.futures.Future | None = None
+        self.wait_seconds = 0.0  # time the loop spent waiting for rows before dispatching steps
+        self.steps = 0
+
+    def rows_for(self, ids_SLU: np.ndarray) -> jax.Array:
+        """Device rows for ids, after every queued update (eval batches, the first step)."""
+        self.flush()
+        return self._put(self.tables.gather(ids_SLU))
+
+    def flush(self) -> None:
+        """Waits until every queued host update has been applied (before saving or reading)."""
+        if self._last_apply is not None:
+            self._last_apply.result()
+            self._last_apply = None
+
+    def __call__(
+        self, state: Any, batch: dict[str, Any], next_ids_SLU: np.ndarray | None
+    ) -> tuple[Any, dict[str, Any]]:
+        """One training step on `batch`; prefetches the rows of `next_ids_SLU` (None: no next).
+
+        `batch["memory_ids"]` must be readable on this host (single process).
+        """
+        ids_SLU = np.asarray(jax.device_get(batch["memory_ids"]))
+        start = time.perf_counter()
+        if self._next is not None and np.array_equal(self._next[0], ids_SLU):
+            rows = self._next[1]
+        else:
+            rows = self.rows_for(ids_SLU)
+        self._next = None
+        self.wait_seconds += time.perf_counter() - start
+        step_index = int(jax.device_get(state.step))
+        lr = float(self.tables.opt.lr(step_index))
+        state, metrics, grads = self._step(state, batch, rows)
+        prefetch = None
+        if next_ids_SLU is not None:
+            prefetch = self._worker.submit(self.tables.gather, next_ids_SLU)
+        grads_SLUW = np.asarray(jax.device_get(grads))  # waits for the device step
+        sq = 0.0
+        later: list[tuple[Path, np.ndarray, np.ndarray]] = []
+        stale: list[np.ndarray] = []
+        for li, p in enumerate(self.tables.paths):
+            ids_N, g_NW = HostTables.summed_grads(ids_SLU[:, li], grads_SLUW[:, li])
+            sq += float(np.sum(g_NW.astype(np.float64) ** 2))
+            if next_ids_SLU is None:
+                now = np.ones(ids_N.shape, bool)
+            else:
+                now = np.isin(ids_N, next_ids_SLU[:, li])
+            self.tables.apply_rows(p, ids_N[now], g_NW[now], lr)
+            stale.append(ids_N[now])
+            later.append((p, ids_N[~now], g_NW[~now]))
+        if prefetch is not None:
+            rows_next = prefetch.result()
+            self.tables.patch(rows_next, next_ids_SLU, stale)
+            self._next = (next_ids_SLU, self._put(rows_next))
+
+        def apply_later():
+            for p, ids_N, g_NW in later:
+                self.tables.apply_rows(p, ids_N, g_NW, lr)
+
+        self._last_apply = self._worker.submit(apply_later)
+        self.steps += 1
+        metrics = dict(metrics)
+        metrics["memory_grad_norm"] = np.float32(np.sqrt(sq))
+        return state, metrics
+
+    def close(self) -> None:
+        self.flush()
+        self._worker.shutdown(wait=True)
+
+
+def state_without_tables(state: Any) -> Any:
+    """A TrainState whose tables live elsewhere: empty memory and memory optimizer state."""
+    return state.replace(memory={}, memory_opt_state={})
+
+
+__all__ = ["HostTableTrainer", "HostTables", "set_path", "state_without_tables"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer's hooks (engram_jax.train with table_placement="host").
+# ------------------------------------------------------------------------------------------------
+
+
+class Lookahead:
+    """Wraps a grain iterator so the next batch can be read early without moving the saved
+    position: `get_state()` is the state before a peeked, not yet consumed batch."""
+
+    def __init__(self, iterator: Any):
+        self._it = iterator
+        self._peeked: Any = None
+        self._state_before_peek: Any = None
+
+    def __iter__(self) -> Lookahead:
+        return self
+
+    def __next__(self) -> Any:
+        if self._peeked is not None:
+            batch, self._peeked = self._peeked, None
+            return batch
+        return next(self._it)
+
+    def peek(self) -> Any:
+        if self._peeked is None:
+            self._state_before_peek = self._it.get_state()
+            self._peeked = next(self._it)
+        return self._peeked
+
+    def get_state(self) -> Any:
+        return self._state_before_peek if self._peeked is not None else self._it.get_state()
+
+    def set_state(self, state: Any) -> None:
+        self._peeked = None
+        self._it.set_state(state)
+
+
+def make_rows_eval_step(model: Any) -> Callable:
+    """`eval_step(state, batch, rows [S, L, U, W])`: the trainer's eval sums on gathered rows."""
+    from engram_jax.model import MOE_BIAS, cross_entropy_loss
+    from engram_jax.sparse_tables import expand_rows
+
+    def eval_step(state, batch, rows_SLUW):
+        variables = {"params": state.params}
+        if state.moe_bias:
+            variables[MOE_BIAS] = state.moe_bias
+        logits, _ = model.apply(
+            variables,
+            batch["inputs"],
+            batch["positions"],
+            batch["segment_ids"],
+            None,
+            engram_rows=expand_rows(rows_SLUW, batch["memory_inverse"]),
+        )
+        loss, count = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
+        target_bytes = jax.numpy.sum(batch["target_bytes"] * batch["loss_mask"])
+        return {"nll_sum": loss * count, "tokens": count, "bytes": target_bytes}
+
+    return eval_step
+
+
+class HostPlacement:
+    """Everything `engram_jax.train` needs for host tables: the trainer, the step and eval
+    callables with the trainer's signatures, and the checkpoint's memory item."""
+
+    def __init__(self, model, cfg, state, shardings, dense_tx, table_opt, schedule, mesh):
+        from engram_jax import sharding as sharding_lib
+        from engram_jax.sparse_tables import make_row_grad_step, table_paths
+
+        if jax.process_count() > 1:
+            raise ValueError(
+                f"table_placement: got 'host' with {jax.process_count()} processes; host tables "
+                "are single-process (use table_placement='device' on multi-host runs)"
+            )
+        paths = table_paths(cfg.model)
+        # The tables were initialised on the device like device placement's (same values); they
+        # move to host RAM and the device copies are dropped with the old state.
+        self.tables = HostTables.from_memory(state.memory, state.memory_opt_state, paths, table_opt)
+        self.state = state_without_tables(state)
+        self.shardings = state_without_tables(shardings)
+        batch_sharding = sharding_lib.batch_sharding(mesh)
+
+        def put(rows):
+            return jax.make_array_from_process_local_data(batch_sharding, rows)
+
+        row_grad_step = jax.jit(
+            make_row_grad_step(model, dense_tx, schedule),
+            in_shardings=(self.shardings, batch_sharding, batch_sharding),
+            out_shardings=(self.shardings, None, batch_sharding),
+            donate_argnums=0,
+        )
+        self.trainer = HostTableTrainer(self.tables, row_grad_step, put)
+        self._eval = jax.jit(
+            make_rows_eval_step(model),
+            in_shardings=(self.shardings, batch_sharding, batch_sharding),
+        )
+        self.lookahead: Lookahead | None = None
+
+    def wrap_iterator(self, iterator: Any) -> Lookahead:
+        self.lookahead = Lookahead(iterator)
+        return self.lookahead
+
+    def train_step(self, state: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        next_ids = self.lookahead.peek()["memory_ids"] if self.lookahead is not None else None
+        return self.trainer(state, batch, next_ids)
+
+    def eval_step(self, state: Any, batch: dict[str, Any]) -> dict[str, Any]:
+        ids = np.asarray(jax.device_get(batch["memory_ids"]))
+        return self._eval(state, batch, self.trainer.rows_for(ids))
+
+    def memory_item(self) -> dict[str, Any]:
+        self.trainer.flush()
+        return self.tables.memory_item(copy=True)
+
+    def abstract_memory_item(self) -> dict[str, Any]:
+        """Restore target: numpy-shaped, so orbax restores into host memory."""
+        return self.tables.memory_item(copy=False)

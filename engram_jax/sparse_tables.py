@@ -1,0 +1,252 @@
+"""Sparse Engram-table training steps: gather the step's unique rows, differentiate with respect to
+them, update only those rows (docs/design.md §1.11 gives the tables their own optimizer).
+
+The data pipeline deduplicates each batch's table rows on the host (`data.unique_table_rows`):
+`memory_ids [S, L_e, U]` (flat row ids per batch group and layer, -1 = padding) and
+`memory_inverse [B, L_e, T, M]`. A step then
+1. gathers `rows [S, L_e, U, W]` from the tables (row-sharded lookups on a mesh: each shard reads
+   only its rows, partial rows summed with `psum`, as `sharding.vocab_parallel_lookup`);
+2. expands them to `[B, L_e, T, M, W]` through the inverse index and runs the model on them, so
+   the gradient with respect to the gathered rows is `[S, L_e, U, W]`, duplicates already summed
+   by the gather's transpose;
+3. applies `sparse_optim.RowOptimizer` to those rows only. With S > 1 groups, a row read by two
+   groups is summed once more on device (a sort of the step's ids, never of the table). On a mesh
+   every row shard updates only the rows it owns, inside `shard_map`; the table and its state are
+   never gathered, and no table-sized gradient exists anywhere.
+
+`make_row_grad_step` stops after step 2 and returns the row gradients: host-resident tables
+(`host_tables.py`) apply the update on the host.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec
+
+from engram_jax.model import MOE_BIAS, Transformer, cross_entropy_loss, layer_runs
+from engram_jax.sharding import TABLE_ROW_AXES
+from engram_jax.sparse_optim import RowOptimizer
+
+
+def table_paths(config: Any) -> list[tuple[str, ...]]:
+    """Path of every Engram table in the memory tree, in `config.engram.layer_ids` order."""
+    names = {run.start: run.name for run in layer_runs(config)}
+    return [(names[layer], "engram", "table") for layer in config.engram.layer_ids]
+
+
+def get_path(tree: Any, path: Sequence[str]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def set_path(tree: dict, path: Sequence[str], value: Any) -> dict:
+    """A copy of nested dict `tree` with `value` at `path` (the other branches shared; missing
+    branches are created)."""
+    if not path:
+        return value
+    out = dict(tree)
+    out[path[0]] = set_path(tree.get(path[0], {}), path[1:], value)
+    return out
+
+
+def gather_rows(table_RW: jax.Array, ids_SU: jax.Array, lookup_fn: Callable | None) -> jax.Array:
+    """`[S, U, W]` rows at flat ids `[S, U]`; padding ids (-1) read zero rows."""
+    num_rows = table_RW.shape[0]
+    ids_SU = jnp.where(ids_SU < 0, num_rows, ids_SU).astype(jnp.int32)  # R reads zeros
+    if lookup_fn is None:
+        # [R, W] take [S, U] -> [S, U, W]
+        return jnp.take(table_RW, ids_SU, axis=0, mode="fill", fill_value=0)
+    return lookup_fn(table_RW, ids_SU)
+
+
+def expand_rows(rows_SLUW: jax.Array, inverse_BLTM: jax.Array) -> jax.Array:
+    """Each token's rows from its batch group's unique rows: `[S, L, U, W]` -> `[B, L, T, M, W]`."""
+    s, num_layers, _, w = rows_SLUW.shape
+    b, _, t, m = inverse_BLTM.shape
+    inverse_SbLTM = inverse_BLTM.reshape(s, b // s, num_layers, t, m)  # [B, ...] -> [S, B/S, ...]
+
+    def one_group(rows_LUW, inverse_bLTM):
+        def one_layer(rows_UW, inverse_bTM):
+            return jnp.take(rows_UW, inverse_bTM, axis=0)  # [U, W] take [b, T, M] -> [b, T, M, W]
+
+        return jax.vmap(one_layer, in_axes=(0, 1), out_axes=1)(rows_LUW, inverse_bLTM)
+
+    rows_SbLTMW = jax.vmap(one_group)(rows_SLUW, inverse_SbLTM)  # [S, B/S, L, T, M, W]
+    return rows_SbLTMW.reshape(b, num_layers, t, m, w)  # [S, B/S, ...] -> [B, ...]
+
+
+def _update_local(
+    opt: RowOptimizer,
+    table_RW: jax.Array,
+    state: dict[str, jax.Array],
+    ids_N: jax.Array,
+    grads_NW: jax.Array,
+    lr: jax.Array,
+    start: jax.Array | int,
+    dedup: bool,
+) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+    """Updates the rows of one table block `[start, start + R_local)` that `ids_N` name.
+
+    Returns the new block, its new state and the squared norm of the summed gradients of the
+    block's rows (for the gradient-norm metric).
+    """
+    local_rows = table_RW.shape[0]
+    local_N = ids_N - start
+    mine_N = (ids_N >= 0) & (local_N >= 0) & (local_N < local_rows)
+    local_N = jnp.where(mine_N, local_N, local_rows)  # other blocks' rows and padding: past the end
+    if dedup:
+        # A row read by several batch groups: sum its gradients into one slot (sorts ids only).
+        n = local_N.shape[0]
+        local_N, slot_N = jnp.unique(local_N, size=n, fill_value=local_rows, return_inverse=True)
+        grads_NW = jax.ops.segment_sum(grads_NW, slot_N.reshape(-1), num_segments=n)
+    valid_N = local_N < local_rows
+    grads_NW = jnp.where(valid_N[:, None], grads_NW, 0.0).astype(jnp.float32)
+    rows_NW = jnp.take(table_RW, local_N, axis=0, mode="fill", fill_value=0)
+    state_N = {k: jnp.take(v, local_N, axis=0, mode="fill", fill_value=0) for k, v in state.items()}
+    new_rows_NW, new_state_N = opt.update_rows(rows_NW, grads_NW, state_N, lr, xp=jnp)
+    # Index local_rows is out of bounds: padding and foreign rows are dropped, never written.
+    table_RW = table_RW.at[local_N].set(new_rows_NW.astype(table_RW.dtype), mode="drop")
+    state = {
+        k: v.at[local_N].set(new_state_N[k].astype(v.dtype), mode="drop") for k, v in state.items()
+    }
+    return table_RW, state, jnp.sum(grads_NW * grads_NW)
+
+
+def update_table(
+    opt: RowOptimizer,
+    table_RW: jax.Array,
+    state: dict[str, jax.Array],
+    ids_SU: jax.Array,
+    grads_SUW: jax.Array,
+    lr: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+    """Sparse update of one table from its groups' unique ids and row gradients.
+
+    On a mesh whose table-row axes have more than one device (the context mesh of `jax.set_mesh`),
+    every row shard updates its own block inside `shard_map`; the ids and gradients (batch-sized)
+    are replicated to it, the table and state stay sharded.
+
+    Returns:
+      `(table, state, squared norm of the summed row gradients)`.
+    """
+    s, u, w = grads_SUW.shape
+    ids_N = ids_SU.reshape(s * u)  # [S, U] -> [S*U]
+    grads_NW = grads_SUW.reshape(s * u, w)  # [S, U, W] -> [S*U, W]
+    dedup = s > 1
+    mesh = jax.sharding.get_abstract_mesh()
+    row_axes = tuple(a for a in TABLE_ROW_AXES if not mesh.empty and a in mesh.axis_names)
+    shards = math.prod(mesh.shape[a] for a in row_axes) if row_axes else 1
+    if shards == 1:
+        return _update_local(opt, table_RW, state, ids_N, grads_NW, lr, 0, dedup)
+
+    def local(table_RW, state, ids_N, grads_NW, lr):
+        start = jax.lax.axis_index(row_axes) * table_RW.shape[0]
+        table_RW, state, sq = _update_local(opt, table_RW, state, ids_N, grads_NW, lr, start, dedup)
+        return table_RW, state, jax.lax.psum(sq, row_axes)
+
+    def spec(x):
+        return PartitionSpec(row_axes, *([None] * (x.ndim - 1)))
+
+    state_specs = {k: spec(v) for k, v in state.items()}
+    fn = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(spec(table_RW), state_specs, PartitionSpec(), PartitionSpec(), PartitionSpec()),
+        out_specs=(spec(table_RW), state_specs, PartitionSpec()),
+    )
+    return fn(table_RW, state, ids_N, grads_NW, jnp.asarray(lr, jnp.float32))
+
+
+def make_row_grad_step(
+    model: Transformer, dense_tx: optax.GradientTransformation, schedule: optax.Schedule
+) -> Callable:
+    """`step(state, batch, rows [S, L_e, U, W]) -> (state, metrics, row_grads [S, L_e, U, W])`.
+
+    Updates the dense parameters (and the step counter and MoE biases) like the dense step and
+    returns the gradients of the gathered rows; `state.memory` is left as it is.
+    """
+    from engram_jax.train import _gate_and_load_metrics  # the trainer's metric names
+
+    def loss_fn(params, rows_SLUW, moe_bias, batch):
+        rows_BLTMW = expand_rows(rows_SLUW, batch["memory_inverse"])
+        (logits, aux), updated = model.apply(
+            {"params": params, MOE_BIAS: moe_bias},
+            batch["inputs"],
+            batch["positions"],
+            batch["segment_ids"],
+            None,
+            engram_rows=rows_BLTMW,
+            mutable=[MOE_BIAS],
+        )
+        loss, _ = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
+        total = loss + aux.get("moe_balance_loss", 0.0)
+        return total, (loss, aux, updated.get(MOE_BIAS, {}))
+
+    def step(state, batch, rows_SLUW):
+        grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+        (_, (loss, aux, moe_bias)), (dense_grads, row_grads) = grad_fn(
+            state.params, rows_SLUW, state.moe_bias, batch
+        )
+        updates, opt_state = dense_tx.update(dense_grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "train_loss": loss,
+            "grad_norm": optax.tree.norm(dense_grads),
+            "learning_rate": schedule(state.step),
+            **_gate_and_load_metrics(aux),
+        }
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, moe_bias=moe_bias
+        )
+        return new_state, metrics, row_grads
+
+    return step
+
+
+def make_sparse_train_step(
+    model: Transformer,
+    dense_tx: optax.GradientTransformation,
+    table_opt: RowOptimizer,
+    schedule: optax.Schedule,
+) -> Callable:
+    """The sparse device step `step(state, batch) -> (state, metrics)` (module docstring).
+
+    `metrics["memory_grad_norm"]` is the norm of the summed gradients of the touched rows, which
+    equals the dense table gradient's norm.
+    """
+    paths = table_paths(model.config)
+    row_grad_step = make_row_grad_step(model, dense_tx, schedule)
+
+    def step(state, batch):
+        ids_SLU = batch["memory_ids"]
+        rows = [
+            gather_rows(get_path(state.memory, p), ids_SLU[:, i], model.lookup_fn)
+            for i, p in enumerate(paths)
+        ]
+        rows_SLUW = jnp.stack(rows, axis=1)  # L x [S, U, W] -> [S, L, U, W]
+        lr = table_opt.lr(state.step)
+        new_state, metrics, grads_SLUW = row_grad_step(state, batch, rows_SLUW)
+        memory, memory_opt_state, sq = state.memory, state.memory_opt_state, 0.0
+        for i, p in enumerate(paths):
+            table, table_state, sq_i = update_table(
+                table_opt,
+                get_path(memory, p),
+                get_path(memory_opt_state, p),
+                ids_SLU[:, i],
+                grads_SLUW[:, i],
+                lr,
+            )
+            memory = set_path(memory, p, table)
+            memory_opt_state = set_path(memory_opt_state, p, table_state)
+            sq = sq + sq_i
+        metrics["memory_grad_norm"] = jnp.sqrt(sq)
+        return new_state.replace(memory=memory, memory_opt_state=memory_opt_state), metrics
+
+    return step
