@@ -78,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Fraction of documents held out for validation (chosen per document by a hash of its file
     # name and position, so no process needs the corpus size).
     c.eval_fraction = 0.05
+    # A separate validation corpus (file, glob or directory, like data_path): all of data_path then
+    # trains and this evaluates; "" holds out eval_fraction of data_path.
+    c.eval_data_path = ""
     # Host input pipeline. Each process streams its own shard of the corpus files.
     c.data_workers = 0  # grain worker processes per host (0: in the trainer process).
     c.data_prefetch = 2  # Batches prepared ahead (by a thread, or per worker process).
@@ -349,6 +352,7 @@ class TrainConfig:
     tokenizer_path: str
     eos_token: str
     eval_fraction: float
+    eval_data_path: str
     data_workers: int
     data_prefetch: int
     shuffle_window: int
@@ -592,6 +596,7 @@ def _validate_train(p: _Problems, c: ml_collections.ConfigDict) -> None:
     p.check(c.adam_eps > 0, "adam_eps", c.adam_eps, "> 0")
     p.check(isinstance(c.eos_token, str), "eos_token", c.eos_token, 'a token\'s text or ""')
     p.check(0 < c.eval_fraction < 1, "eval_fraction", c.eval_fraction, "in (0, 1)")
+    p.check(isinstance(c.eval_data_path, str), "eval_data_path", c.eval_data_path, 'a path or ""')
     for key in ("data_workers", "data_prefetch", "tokenizer_train_bytes"):
         _check_positive(p, key, c[key], allow_zero=True)
     _check_positive(p, "shuffle_window", c.shuffle_window)

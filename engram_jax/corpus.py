@@ -614,7 +614,7 @@ class Corpus:
     the streams and samples taken from it.
     """
 
-    def __init__(self, data_path: str, eval_fraction: float):
+    def __init__(self, data_path: str, eval_fraction: float, eval_path: str = ""):
         if not 0 < eval_fraction < 1:
             raise ValueError(f"eval_fraction: got {eval_fraction}; expected a value in (0, 1)")
         self.data_path = data_path
@@ -622,6 +622,17 @@ class Corpus:
         self.files = list_files(data_path)
         self.names = dict(zip(self.files, _relative_names(self.files), strict=True))
         self.fingerprint = corpus_fingerprint(self.files)
+        # A separate held-out corpus: every document of data_path trains, every one of
+        # eval_path evaluates, and eval_fraction is unused.
+        self.eval_path = eval_path
+        self.eval_files: list[str] = []
+        if eval_path:
+            self.eval_files = list_files(eval_path)
+            self.names.update(zip(self.eval_files, _relative_names(self.eval_files), strict=True))
+            eval_fingerprint = corpus_fingerprint(self.eval_files)
+            self.fingerprint = hashlib.sha256(
+                f"{self.fingerprint}\n{eval_fingerprint}".encode()
+            ).hexdigest()
 
     def stream(
         self,
@@ -634,17 +645,22 @@ class Corpus:
         num_epochs: int | None = None,
     ) -> DocumentStream:
         """Process `shard_index`'s documents of `split` ("train", "eval" or "all")."""
+        files, kept, source = self.files, split, self.data_path
+        if self.eval_path and split != "all":
+            # Separate files: each split is all of its own files.
+            kept = "all"
+            if split == "eval":
+                files, source = self.eval_files, self.eval_path
         return DocumentStream(
-            shard_pieces(self.files, shard_index, shard_count),
+            shard_pieces(files, shard_index, shard_count),
             names=self.names,
-            split=split,
+            split=kept,
             eval_fraction=self.eval_fraction,
             seed=seed,
             shuffle=shuffle,
             num_epochs=num_epochs,
             description=(
-                f"data_path={self.data_path!r} ({split} split, process {shard_index} of "
-                f"{shard_count})"
+                f"data_path={source!r} ({split} split, process {shard_index} of {shard_count})"
             ),
         )
 
@@ -655,7 +671,7 @@ class Corpus:
     def sample(self, max_bytes: int, split: str = "train") -> Iterator[str]:
         """A bounded sample of `split` for tokenizer training: documents from the start of up to
         64 evenly spaced files, an equal byte budget per file, `max_bytes` in all (0: all)."""
-        if max_bytes <= 0:
+        if max_bytes <= 0 or (self.eval_path and split == "eval"):
             yield from self.documents(split)
             return
         budget = max_bytes // len(_evenly_spaced(len(self.files), 64))
@@ -667,9 +683,12 @@ class Corpus:
                     break
                 if text is None or not text.strip():
                     continue
-                if split != "all" and is_eval_document(
-                    self.names[path], key, self.eval_fraction
-                ) != (split == "eval"):
+                if (
+                    split != "all"
+                    and not self.eval_path
+                    and is_eval_document(self.names[path], key, self.eval_fraction)
+                    != (split == "eval")
+                ):
                     continue
                 taken += len(text.encode("utf-8"))
                 yield text

@@ -183,6 +183,8 @@ def make_row_grad_step(
             batch["segment_ids"],
             None,
             engram_rows=rows_BLTMW,
+            # Padding stays out of the MoE load, balance loss and bias update.
+            token_mask_BT=batch["loss_mask"],
             mutable=[MOE_BIAS],
         )
         loss, _ = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])

@@ -176,7 +176,9 @@ def build_data(
     tokenizer and hashing fingerprints equal process 0's (`ProcessMismatchError` names the one
     that differs).
     """
-    corpus = corpus_lib.Corpus(cfg.train.data_path, cfg.train.eval_fraction)
+    corpus = corpus_lib.Corpus(
+        cfg.train.data_path, cfg.train.eval_fraction, cfg.train.eval_data_path
+    )
     workdir_tokenizer = storage.join(workdir, TOKENIZER_FILE)
 
     def process_zero() -> Any:
@@ -401,7 +403,7 @@ def make_optimizers(cfg: config_lib.Config) -> tuple[optax.GradientTransformatio
         eps=t.adam_eps,
         clip_norm=t.clip_norm or None,
     )
-    if t.table_update == "sparse":
+    if t.table_update == "sparse" and cfg.model.engram.enabled:
         return dense, sparse_optim.from_config(cfg, schedule), schedule
     memory = optim.memory_optimizer(
         schedule,
@@ -661,6 +663,7 @@ def _checkpoint_metadata(
         "data_shards": data_shards or jax.process_count(),
         "corpus_fingerprint": setup.corpus.fingerprint,
         "eval_fraction": full["eval_fraction"],
+        "eval_data_path": full["eval_data_path"],
         "data_workers": full["data_workers"],
         "shuffle_window": full["shuffle_window"],
     }

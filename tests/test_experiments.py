@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from engram_jax import config as config_lib
+from engram_jax import corpus as corpus_lib
 from engram_jax import data as data_lib
 from engram_jax.experiments import common, gate_analysis, iso_param, sizing
 from engram_jax.experiments.floors import bits_per_byte
@@ -312,8 +313,9 @@ def test_split_text_holds_out_the_last_fraction_of_the_characters():
 
 def test_prepared_corpus_reproduces_the_split(corpus, tmp_path):
     prepared, train, held_out = common.prepare_corpus(corpus, 0.05, str(tmp_path), 320)
-    documents = data_lib.load_documents(prepared.path)
-    assert data_lib.split_documents(documents, prepared.eval_fraction) == (train, held_out)
+    # The trainer streams exactly these splits (data_path and eval_data_path).
+    split = corpus_lib.Corpus(prepared.path, 0.05, prepared.eval_path)
+    assert (list(split.documents("train")), list(split.documents("eval"))) == (train, held_out)
     assert prepared.eval_chars == round(0.05 * (prepared.train_chars + prepared.eval_chars)) or (
         abs(prepared.eval_chars - 0.05 * (prepared.train_chars + prepared.eval_chars)) < 80
     )

@@ -86,7 +86,7 @@ def _hasher(cfg: ModelConfig) -> NgramHasher:
         e.heads_per_ngram,
         e.layer_ids,
         token_vocab_size=cfg.vocab_size,
-        pad_id=cfg.pad_id,
+        pad_id=0,  # the config's -1 means "the tokenizer's pad"; there is no tokenizer here
         seed=e.hash_seed,
     )
 

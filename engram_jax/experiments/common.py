@@ -147,25 +147,21 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """The experiment's copy of a corpus: train documents, then the held-out tail.
+    """The experiment's copy of a corpus: the train documents and the held-out tail.
 
-    `path` is a JSONL file whose last `num_eval` documents are the held-out text, so the trainer's
-    document split with `eval_fraction` reproduces it exactly; `tokenizer_path` is one BPE trained
-    on the train documents and shared by every run (losses of all runs are in the same tokens).
+    `path` is a JSONL file of the train documents and `eval_path` one of the held-out text (the
+    trainer's `data_path` and `eval_data_path`); `tokenizer_path` is one BPE trained on the train
+    documents and shared by every run (losses of all runs are in the same tokens).
     """
 
     path: str
+    eval_path: str
     tokenizer_path: str
     num_train: int
     num_eval: int
     train_chars: int
     eval_chars: int
     eval_tokens_available: int  # Held-out tokens (eos included), the most an evaluation can read.
-
-    @property
-    def eval_fraction(self) -> float:
-        # split_documents holds out ceil(f * n) documents; (k - 1/2) / n gives exactly k.
-        return (self.num_eval - 0.5) / (self.num_train + self.num_eval)
 
 
 def split_text(documents: Sequence[str], holdout_fraction: float) -> tuple[list[str], list[str]]:
@@ -226,6 +222,7 @@ def prepare_corpus(
     os.makedirs(directory, exist_ok=True)
     source_path = os.path.join(directory, "source.json")
     corpus_path = os.path.join(directory, "corpus.jsonl")
+    eval_path = os.path.join(directory, "eval.jsonl")
     tokenizer_path = os.path.join(directory, "tokenizer.json")
     if os.path.exists(source_path):
         with open(source_path, encoding="utf-8") as f:
@@ -239,12 +236,13 @@ def prepare_corpus(
                 "new --workdir"
             )
     train, held_out = split_text(documents, holdout_fraction)
-    if not os.path.exists(corpus_path) or not os.path.exists(tokenizer_path):
-        tmp = corpus_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for document in train + held_out:
-                f.write(json.dumps({"text": document}) + "\n")
-        os.replace(tmp, corpus_path)
+    paths = (corpus_path, eval_path, tokenizer_path)
+    if not all(os.path.exists(path) for path in paths):
+        for path, documents_of_split in ((corpus_path, train), (eval_path, held_out)):
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                for document in documents_of_split:
+                    f.write(json.dumps({"text": document}) + "\n")
+            os.replace(path + ".tmp", path)
         tokenizer = data_lib.load_or_train_tokenizer(
             "", train, vocab_size, cache_dir=os.path.join(directory, "tokenizer_cache")
         )
@@ -257,6 +255,7 @@ def prepare_corpus(
     eval_tokens = sum(len(encode(d)) + 1 for d in held_out)
     corpus = Corpus(
         path=corpus_path,
+        eval_path=eval_path,
         tokenizer_path=tokenizer_path,
         num_train=len(train),
         num_eval=len(held_out),
@@ -303,7 +302,7 @@ def training_config(
     c.seed = seed
     c.data_path = corpus.path
     c.tokenizer_path = corpus.tokenizer_path
-    c.eval_fraction = corpus.eval_fraction
+    c.eval_data_path = corpus.eval_path
     tokens_per_batch = c.batch_size * c.seq_len
     c.eval_batches = max(
         1,
