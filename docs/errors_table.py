@@ -220,9 +220,6 @@ def main() -> None:
         "Every bad input the test suite tries, with the message it gets, produced by running the",
         "tests (`python docs/errors_table.py > docs/errors.md`; messages longer than "
         f"{MAX_MESSAGE} characters are cut).",
-        "Not in this table yet (added when they merge): the workdir lock held by another run, "
-        "the fallback from a corrupt newest checkpoint, and `gs://` workdirs (the `gs://` "
-        "refusal below goes away with them).",
         "",
         "| Test | Bad input | Error | Message |",
         "|---|---|---|---|",

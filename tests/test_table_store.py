@@ -74,6 +74,7 @@ def test_greedy_output_identical_on_device_host_and_disk(workdir):
 
 def test_row_file_equals_the_checkpoint_table(workdir):
     generator = generate_lib.Generator(workdir)
+    generate_lib.Generator(workdir, table_placement="disk")  # writes the row files (once)
     restored = np.asarray(generator.variables["params"]["layer_1"]["engram"]["table"])
     row_file = table_store.RowFile(os.path.join(workdir, generate_lib.ROW_DIR, "5", "layer_1.rows"))
     np.testing.assert_array_equal(row_file.read(np.arange(restored.shape[0])), restored)
