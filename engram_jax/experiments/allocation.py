@@ -163,7 +163,7 @@ def main(argv: list[str]) -> None:
     budgets = parse_floats(flags.FLAGS.budgets, "budgets")
     base = base_config()
     common.apply_overrides(base, options.overrides)
-    corpus, held_out = common.setup(options, base)
+    corpus, _, held_out = common.setup(options, base)
     specs = build_specs(options, corpus, base, rhos, budgets)
     common.print_configs(
         [s for s in specs if s.labels["budget"] == budgets[0]],

@@ -691,10 +691,11 @@ def print_configs(specs: Sequence[RunSpec], describe: Callable[[RunSpec], str]) 
         )
 
 
-def setup(options: Options, base: ml_collections.ConfigDict) -> tuple[Corpus, list[str]]:
-    """Prepares the workdir's corpus and tokenizer; returns the corpus and held-out documents."""
+def setup(options: Options, base: ml_collections.ConfigDict) -> tuple[Corpus, list[str], list[str]]:
+    """Prepares the workdir's corpus and tokenizer; returns the corpus and its train and
+    held-out documents."""
     os.makedirs(options.workdir, exist_ok=True)
-    corpus, _, held_out = prepare_corpus(
+    corpus, train, held_out = prepare_corpus(
         options.data_path, options.holdout_fraction, options.workdir, base.model.vocab_size
     )
     print(
@@ -702,7 +703,7 @@ def setup(options: Options, base: ml_collections.ConfigDict) -> tuple[Corpus, li
         f"documents, {corpus.eval_tokens_available:,} held-out tokens",
         flush=True,
     )
-    return corpus, held_out
+    return corpus, train, held_out
 
 
 def evaluated_tokens(config: ml_collections.ConfigDict) -> int:

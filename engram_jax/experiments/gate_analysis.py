@@ -352,13 +352,10 @@ def main(argv: list[str]) -> None:
     rho = flags.FLAGS.rho
     base = base_config()
     common.apply_overrides(base, options.overrides)
-    corpus, held_out = common.setup(options, base)
+    corpus, train_documents, held_out = common.setup(options, base)
     specs = build_specs(options, corpus, base, rho)
     common.print_configs(specs, lambda s: "engram")
     runs = common.run_experiment(options.workdir, specs, options.jobs)
-    train_documents, _ = common.split_text(
-        data_lib.load_documents(options.data_path), options.holdout_fraction
-    )
     report(options, corpus, train_documents, held_out, specs, runs, flags.FLAGS.min_count, rho)
     print(f"wrote {options.workdir}/{common.RESULTS_FILE} and {common.SUMMARY_FILE}", flush=True)
 

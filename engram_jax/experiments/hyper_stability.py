@@ -192,7 +192,7 @@ def main(argv: list[str]) -> None:
     base = base_config()
     base.learning_rate = flags.FLAGS.learning_rate
     common.apply_overrides(base, options.overrides)
-    corpus, held_out = common.setup(options, base)
+    corpus, _, held_out = common.setup(options, base)
     specs = build_specs(options, corpus, base, kinds)
     common.print_configs(specs, lambda s: s.labels["kind"])
     runs = common.run_experiment(options.workdir, specs, options.jobs, allow_divergence=True)

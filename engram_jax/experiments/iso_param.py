@@ -168,7 +168,7 @@ def main(argv: list[str]) -> None:
     rho = flags.FLAGS.rho
     base = base_config()
     common.apply_overrides(base, options.overrides)
-    corpus, held_out = common.setup(options, base)
+    corpus, _, held_out = common.setup(options, base)
     specs = build_specs(options, corpus, base, rho)
     common.print_configs(specs, lambda s: s.labels["variant"])
     runs = common.run_experiment(options.workdir, specs, options.jobs)
