@@ -6,6 +6,7 @@ callables (`Engram(lookup_fn=vocab_parallel_lookup(mesh, "model"))`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -273,6 +274,11 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batches are split along their leading axis over the data-parallel axes."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many blocks a batch's rows are split into on this mesh (the data-parallel axes)."""
+    return math.prod(mesh.shape[name] for name in BATCH_AXES)
 
 
 def table_row_shards(mesh: Mesh) -> int:

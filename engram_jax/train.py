@@ -462,7 +462,7 @@ def create_train_state(
     """Initialises the state directly into its shardings (abstract shapes first, nothing
     full-size on one device) and returns it with the state's sharding tree."""
 
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_shards = sharding.batch_shards(mesh)
 
     def init(rng: jax.Array) -> TrainState:
         return init_train_state(model, cfg, txs, rng, batch_size=batch_shards)
@@ -941,7 +941,7 @@ def train_and_evaluate(
         )
     _prepare_workdir(workdir)
     mesh = sharding.mesh_from_config(cfg.mesh)
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_shards = sharding.batch_shards(mesh)
     if t.batch_size % batch_shards:
         raise config_lib.ConfigError(
             f"config.batch_size: got {t.batch_size}; expected a multiple of data x fsdp = "
@@ -998,7 +998,7 @@ def _train_locked(
                 )
 
         setup = build_data(cfg, workdir, check_tokenizer=check_tokenizer)
-        batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        batch_shards = sharding.batch_shards(mesh)
         setup.memory_shards = max(1, batch_shards // jax.process_count())
         if cfg.train.eval_batches:
             # Fails now, not at the first evaluation, when this process's shard holds no
