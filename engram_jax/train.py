@@ -694,17 +694,15 @@ def _newest_readable_metadata(store: checkpoint_lib.CheckpointStore) -> dict | N
 
 def _restore_or_init(
     store: checkpoint_lib.CheckpointStore,
-    config: ml_collections.ConfigDict,
-    setup: DataSetup,
+    current: dict[str, Any],
     state: TrainState,
     shardings: Any,
-    data_shards: int | None = None,
     host: host_tables.HostPlacement | None = None,
 ) -> tuple[TrainState, dict | None]:
     """Restores the newest step that restores (an unreadable newer one is set aside with a
-    warning, never deleted), or returns `state` untouched when there is no checkpoint."""
+    warning, never deleted), or returns `state` untouched when there is no checkpoint.
+    `current` is this run's checkpoint metadata (`_checkpoint_metadata`)."""
     steps = store.all_steps()
-    current = _checkpoint_metadata(config, setup, data_shards)
     failures: list[str] = []
     for step in reversed(steps):
         try:
@@ -1024,9 +1022,7 @@ def _train_locked(
             state, shardings = host.state, host.shardings
         data_shards = data_shards_to_resume(saved, cfg)
         metadata = _checkpoint_metadata(config, setup, data_shards)
-        state, data_state = _restore_or_init(
-            store, config, setup, state, shardings, data_shards, host
-        )
+        state, data_state = _restore_or_init(store, metadata, state, shardings, host)
         train_iter = make_batches(setup, cfg, train=True, data_shards=data_shards)
         if host is not None:
             train_iter = host.wrap_iterator(train_iter)
