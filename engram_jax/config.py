@@ -13,7 +13,7 @@ import importlib.util
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -707,6 +707,51 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
             f"config file {str(path)!r}: sets key {unknown.group(1)!r}, which base_config() does "
             "not declare" + (f"; did you mean {hint.group(1)!r}?" if hint else "")
         ) from e
+
+
+def apply_values(
+    config: ml_collections.ConfigDict, values: Mapping[str, Any], where: str = "config"
+) -> None:
+    """Sets nested `values` (JSON-like: lists for tuples, "inf" for infinite floats) onto `config`
+    in place; a key `config` does not declare raises ConfigError naming it."""
+    for key, value in values.items():
+        if key not in config:
+            raise ConfigError(
+                f"{where}.{key}: not a config key (declared: {', '.join(sorted(config.keys()))})"
+            )
+        if isinstance(config[key], ml_collections.ConfigDict):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}.{key}: got {value!r}; expected a mapping")
+            apply_values(config[key], value, f"{where}.{key}")
+        elif isinstance(value, list):
+            config[key] = tuple(value)
+        elif isinstance(config[key], float) and isinstance(value, str):
+            config[key] = float(value)  # to_dict writes infinities as "inf"
+        else:
+            config[key] = value
+
+
+# Keys added after checkpoints were first written, with the value that reproduces how such a
+# checkpoint was trained when it differs from today's default. Before `table_update` existed the
+# tables were trained by whole-table optax Adam, whose optimizer state the checkpoint holds.
+LEGACY_VALUES = {"table_update": "dense"}
+
+
+def from_saved(values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """The config a checkpoint was written with, from its saved `to_dict` form: `base_config()`
+    with the saved values; keys the checkpoint predates take `LEGACY_VALUES` or their default.
+
+    Raises:
+      ConfigError: the checkpoint has a key this version does not declare (a newer version
+        wrote it).
+    """
+    config = base_config()
+    missing = {k: v for k, v in LEGACY_VALUES.items() if k not in values}
+    try:
+        apply_values(config, {**values, **missing}, "checkpoint config")
+    except ConfigError as e:
+        raise ConfigError(f"{e}; was the checkpoint written by a newer engram_jax?") from e
+    return config
 
 
 # ml_collections' message for a key added to a locked ConfigDict (it also lists every field).

@@ -331,6 +331,48 @@ def _special_names(tokenizer: tokenizers.Tokenizer) -> list[str]:
     return names[:12] + (["..."] if len(names) > 12 else [])
 
 
+def _eos_id(tokenizer: tokenizers.Tokenizer, eos_token: str) -> int | None:
+    """The eos id: `eos_token`'s when given (it must exist), else the first recognised name."""
+    if not eos_token:
+        return _find_token(tokenizer, _EOS_NAMES)
+    eos_id = tokenizer.token_to_id(eos_token)
+    if eos_id is None:
+        raise ValueError(
+            f"eos_token: got {eos_token!r}, which the tokenizer does not have; expected one "
+            f'of its tokens (special tokens: {_special_names(tokenizer)}) or "" to recognise '
+            "it by name"
+        )
+    return eos_id
+
+
+def _resolve_pad_id(
+    tokenizer: tokenizers.Tokenizer, pad_id: int | None, eos_id: int | None
+) -> tuple[int, bool]:
+    """(pad id, whether the tokenizer or the config chose it) for config `pad_id` (None or -1:
+    the tokenizer's pad token, else its eos, else 0)."""
+    own_pad = _find_token(tokenizer, _PAD_NAMES)
+    if own_pad is None and tokenizer.padding is not None:
+        own_pad = tokenizer.padding["pad_id"]
+    if pad_id == -1:
+        pad_id = None
+    if own_pad is not None and pad_id is not None and own_pad != pad_id:
+        raise ValueError(
+            f"pad_id: got {pad_id}; the tokenizer's pad token has id {own_pad} "
+            f"(set model.pad_id={own_pad} or -1)"
+        )
+    if own_pad is not None:
+        return own_pad, True
+    if pad_id is not None:
+        return pad_id, True
+    return (eos_id if eos_id is not None else 0), False
+
+
+def resolve_pad_id(tokenizer: tokenizers.Tokenizer, pad_id: int, eos_token: str = "") -> int:
+    """The raw pad id that config `model.pad_id` (-1: the tokenizer's) means with this tokenizer,
+    as `make_data_spec` resolves it, without its log lines."""
+    return _resolve_pad_id(tokenizer, pad_id, _eos_id(tokenizer, eos_token))[0]
+
+
 def make_data_spec(
     tokenizer: tokenizers.Tokenizer,
     *,
@@ -365,36 +407,16 @@ def make_data_spec(
     size = num_tokens if vocab_size is None else vocab_size
     if size < num_tokens:
         raise ValueError(f"vocab_size: got {size}; expected >= the tokenizer's {num_tokens} tokens")
-    if eos_token:
-        eos_id = tokenizer.token_to_id(eos_token)
-        if eos_id is None:
-            raise ValueError(
-                f"eos_token: got {eos_token!r}, which the tokenizer does not have; expected one "
-                f'of its tokens (special tokens: {_special_names(tokenizer)}) or "" to recognise '
-                "it by name"
-            )
-    else:
-        eos_id = _find_token(tokenizer, _EOS_NAMES)
-        if eos_id is None:
-            logger.warning(
-                "the tokenizer has no recognisable eos token (none of %s): documents are packed "
-                "without a separator and generation stops only at max_tokens; set config "
-                "eos_token (--config.eos_token=TEXT) to its text",
-                ", ".join(_EOS_NAMES),
-            )
-    own_pad = _find_token(tokenizer, _PAD_NAMES)
-    if own_pad is None and tokenizer.padding is not None:
-        own_pad = tokenizer.padding["pad_id"]
-    if pad_id == -1:
-        pad_id = None
-    if own_pad is not None and pad_id is not None and own_pad != pad_id:
-        raise ValueError(
-            f"pad_id: got {pad_id}; the tokenizer's pad token has id {own_pad} "
-            f"(set model.pad_id={own_pad} or -1)"
+    eos_id = _eos_id(tokenizer, eos_token)
+    if eos_id is None:
+        logger.warning(
+            "the tokenizer has no recognisable eos token (none of %s): documents are packed "
+            "without a separator and generation stops only at max_tokens; set config "
+            "eos_token (--config.eos_token=TEXT) to its text",
+            ", ".join(_EOS_NAMES),
         )
-    resolved_pad = own_pad if own_pad is not None else pad_id
-    if resolved_pad is None:
-        resolved_pad = eos_id if eos_id is not None else 0
+    resolved_pad, chosen = _resolve_pad_id(tokenizer, pad_id, eos_id)
+    if not chosen:
         logger.warning(
             "the tokenizer has no recognisable pad token (none of %s): padding uses id %s (%s); "
             "set config model.pad_id (--config.model.pad_id=ID) to choose another",

@@ -20,7 +20,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from engram_jax import checkpoint as checkpoint_lib
@@ -143,7 +142,7 @@ class Generator:
             storage.join(workdir, "checkpoints"), create=False, cleanup_partial=False
         )
         metadata = store.read_metadata(step)
-        self.config = ml_collections.ConfigDict(metadata["config"])
+        self.config = config_lib.from_saved(metadata["config"])
         cfg = config_lib.validate(self.config)
         self.model_config = cfg.model
         path = storage.join(workdir, train_lib.TOKENIZER_FILE)

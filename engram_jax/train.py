@@ -17,7 +17,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax
@@ -165,6 +165,7 @@ def build_data(
     workdir: str,
     *,
     check_tokenizer: Callable[[Any], None] | None = None,
+    checkpoint_tokenizer: str | None = None,
 ) -> DataSetup:
     """Lists the corpus (documents are read later, each process its own shard), the job's one
     tokenizer and the Engram hashing of the configured layers.
@@ -175,6 +176,11 @@ def build_data(
     The other processes wait for it and load that file. Every process then checks that its
     tokenizer and hashing fingerprints equal process 0's (`ProcessMismatchError` names the one
     that differs).
+
+    `checkpoint_tokenizer`, the tokenizer fingerprint of the checkpoint a run resumes, makes
+    process 0 take `<workdir>/tokenizer.json` when it is that tokenizer (and no `tokenizer_path`
+    is set): a resume never depends on training the same BPE again (another `tokenizers` version,
+    sample or corpus listing could train another one).
     """
     corpus = corpus_lib.Corpus(
         cfg.train.data_path, cfg.train.eval_fraction, cfg.train.eval_data_path
@@ -182,7 +188,18 @@ def build_data(
     workdir_tokenizer = storage.join(workdir, TOKENIZER_FILE)
 
     def process_zero() -> Any:
-        tokenizer, cache_path = _load_or_train_tokenizer(cfg, workdir, corpus)
+        tokenizer = cache_path = None
+        if (
+            checkpoint_tokenizer
+            and not cfg.train.tokenizer_path
+            and storage.exists(workdir_tokenizer)
+        ):
+            saved = data_lib.load_tokenizer(workdir_tokenizer)
+            if tokenizer_fingerprint(saved) == checkpoint_tokenizer:
+                logger.info("resuming with the checkpoint's tokenizer %s", workdir_tokenizer)
+                tokenizer = saved
+        if tokenizer is None:
+            tokenizer, cache_path = _load_or_train_tokenizer(cfg, workdir, corpus)
         if check_tokenizer is not None:
             check_tokenizer(tokenizer)
         text = tokenizer.to_str()
@@ -654,6 +671,8 @@ def _checkpoint_metadata(
     config: ml_collections.ConfigDict, setup: DataSetup, data_shards: int | None = None
 ) -> dict[str, Any]:
     full = config_lib.to_dict(config)
+    # The pad id as resolved (-1 names the tokenizer's), so a resume compares ids, not spellings.
+    full["model"]["pad_id"] = setup.spec.pad_id
     # What decides the order and content of the batches: a saved iterator position means the same
     # thing only under the same values.
     data = {
@@ -751,10 +770,11 @@ def _restore_step(
     shardings: Any,
     host: host_tables.HostPlacement | None = None,
 ) -> tuple[TrainState, dict | None]:
-    saved = store.read_metadata(step)
+    saved = _with_resolved_pad(store.read_metadata(step), current["model"]["pad_id"])
     changed = checkpoint_lib.check_compatible(
         saved, current, keys_must_match=_MUST_MATCH, may_differ=COMPUTE_ONLY_KEYS
     )
+    _check_table_training(saved, current["config"])
     if changed:
         logger.warning(
             "checkpoint step %d: resuming with changed compute settings (parameters "
@@ -808,6 +828,45 @@ def _restore_step(
         moe_bias=d["moe_bias"],
     )
     return new_state, restored.get("data")
+
+
+def _with_resolved_pad(saved: dict[str, Any], pad_id: int) -> dict[str, Any]:
+    """Checkpoint metadata with a `model.pad_id` of -1 ("the tokenizer's", as checkpoints of one
+    earlier version wrote it) replaced by `pad_id`, the id it resolves to with this run's
+    tokenizer (whose fingerprint must equal the checkpoint's)."""
+    model = saved.get("model")
+    if not isinstance(model, dict) or model.get("pad_id") != -1:
+        return saved
+    return {**saved, "model": {**model, "pad_id": pad_id}}
+
+
+def _table_training(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that decide the structure of the tables' optimizer state in a checkpoint
+    (none without Engram); a checkpoint written before `table_update` existed was trained with
+    whole-table optax Adam (`config_lib.LEGACY_VALUES`)."""
+    if not config.get("model", {}).get("engram", {}).get("layer_ids"):
+        return {}  # no Engram layer, no tables
+    update = config.get("table_update", config_lib.LEGACY_VALUES["table_update"])
+    settings = {"table_update": update}
+    if update == "sparse":
+        settings["table_optimizer"] = config.get("table_optimizer")
+    return settings
+
+
+def _check_table_training(saved: dict[str, Any], config: Mapping[str, Any]) -> None:
+    """Refuses a resume that changes how the tables are optimized: the checkpoint's optimizer
+    state for them would not fit (raises naming each key and the override that resumes)."""
+    before = _table_training(saved.get("config", {}))
+    now = _table_training(config)
+    changed = [key for key in before if before.get(key) != now.get(key)]
+    if changed:
+        raise checkpoint_lib.CheckpointMismatchError(
+            "checkpoint is incompatible with the current config: the Engram tables' optimizer "
+            "state was written for "
+            + ", ".join(f"{key}={before[key]!r} (config {now.get(key)!r})" for key in changed)
+            + "; resume with "
+            + " ".join(f"--config.{key}={before[key]}" for key in changed)
+        )
 
 
 def _saved_data_settings(saved: dict[str, Any]) -> dict[str, Any] | None:
@@ -984,18 +1043,28 @@ def _train_locked(
             # A refused resume must leave the workdir as it was: this runs before the tokenizer
             # (or anything else) is written.
             if saved is not None:
+                model = config_lib.to_dict(config)["model"]
+                model["pad_id"] = data_lib.resolve_pad_id(
+                    tokenizer, cfg.model.pad_id, cfg.train.eos_token
+                )
                 current = {
-                    "model": config_lib.to_dict(config)["model"],
+                    "model": model,
                     "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                 }
                 checkpoint_lib.check_compatible(
-                    saved,
+                    _with_resolved_pad(saved, model["pad_id"]),
                     current,
                     keys_must_match=_TOKENIZER_MUST_MATCH,
                     may_differ=COMPUTE_ONLY_KEYS,
                 )
+                _check_table_training(saved, config_lib.to_dict(config))
 
-        setup = build_data(cfg, workdir, check_tokenizer=check_tokenizer)
+        setup = build_data(
+            cfg,
+            workdir,
+            check_tokenizer=check_tokenizer,
+            checkpoint_tokenizer=saved.get("tokenizer_fingerprint") if saved else None,
+        )
         batch_shards = sharding.batch_shards(mesh)
         setup.memory_shards = max(1, batch_shards // jax.process_count())
         if cfg.train.eval_batches:

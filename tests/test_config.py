@@ -127,3 +127,29 @@ def test_data_and_profile_keys_are_validated(key, value, message):
         config_lib.validate(config)
     config[key] = config_lib.base_config()[key]
     assert config_lib.validate(config).train.profile_steps == ()
+
+
+def test_saved_config_round_trips_and_fills_keys_it_predates():
+    """`from_saved(to_dict(c))` is `c` (tuples and infinite floats included); a saved config
+    without later keys gets their defaults, or the value that reproduces how it was trained."""
+    config = config_lib.base_config()
+    config.model.engram.layer_ids = (1, 3)
+    config.clip_norm = float("inf")
+    saved = config_lib.to_dict(config)
+    assert saved["clip_norm"] == "inf"
+    restored = config_lib.from_saved(saved)
+    assert restored == config
+    config_lib.validate(restored)
+
+    del saved["table_update"], saved["shuffle_window"], saved["model"]["moe"]["block_size"]
+    restored = config_lib.from_saved(saved)
+    assert restored.table_update == "dense"  # tables trained by whole-table Adam back then
+    assert restored.table_update != config_lib.base_config().table_update
+    assert restored.shuffle_window == config_lib.base_config().shuffle_window
+    assert restored.model.moe.block_size == config_lib.base_config().model.moe.block_size
+
+    saved["model"]["engram"]["table_sise"] = 3
+    with pytest.raises(
+        config_lib.ConfigError, match=r"checkpoint config\.model\.engram\.table_sise"
+    ):
+        config_lib.from_saved(saved)

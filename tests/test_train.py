@@ -340,11 +340,88 @@ def test_refused_resume_changes_no_workdir_file(uninterrupted, corpus, tmp_path)
     # Another tokenizer (its own vocabulary) is refused before it is written over the good one.
     config = _small_config(corpus)
     config.num_train_steps = NUM_STEPS + 3
-    config.model.vocab_size = 300
+    config.tokenizer_path = str(tmp_path / "other_tokenizer.json")
+    _deepseek_style_tokenizer(corpus, config.tokenizer_path)
     with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="tokenizer_fingerprint"):
+        train_lib.train_and_evaluate(config, workdir)
+    # The tables' optimizer state has another structure under another row optimizer.
+    config = _small_config(corpus)
+    config.num_train_steps = NUM_STEPS + 3
+    config.table_optimizer = "sgd"
+    with pytest.raises(
+        checkpoint_lib.CheckpointMismatchError, match="--config.table_optimizer=adam"
+    ):
         train_lib.train_and_evaluate(config, workdir)
     assert _snapshot(workdir) == before
     generate_lib.Generator(workdir)  # the checkpoint and its tokenizer still load together
+
+
+def _rewrite_checkpoint_metadata(workdir: str, edit) -> None:
+    """Applies `edit(metadata)` to the metadata of every checkpoint step in `workdir`."""
+    directory = os.path.join(workdir, "checkpoints")
+    for step in os.listdir(directory):
+        path = os.path.join(directory, step, "meta", "metadata")
+        with open(path) as f:
+            metadata = json.load(f)
+        edit(metadata)
+        with open(path, "w") as f:
+            json.dump(metadata, f)
+
+
+# Keys base_config() gained after checkpoints were first written (table_update and
+# table_optimizer came together and are dropped together below).
+_LATER_KEYS = (
+    "data_prefetch",
+    "data_workers",
+    "eos_token",
+    "eval_data_path",
+    "profile_steps",
+    "shuffle_window",
+    "tokenizer_train_bytes",
+)
+
+
+def test_checkpoint_of_an_earlier_version_resumes_and_generates(
+    uninterrupted, corpus, tmp_path, caplog
+):
+    """A checkpoint whose metadata predates keys (and spells the tokenizer's pad id -1) resumes
+    with the tokenizer it was trained with, even where this run would train another one, and
+    `generate` loads it; one that predates `table_update` (whole-table Adam) is refused by name
+    instead of failing inside the restore."""
+
+    def predate(metadata):
+        for key in _LATER_KEYS:
+            metadata["config"].pop(key)
+        for model in (metadata["config"]["model"], metadata["model"]):
+            model["pad_id"] = -1
+            del model["moe"]["block_size"]
+
+    workdir = str(tmp_path / "earlier")
+    subprocess.run(["cp", "-r", uninterrupted[0], workdir], check=True)
+    _rewrite_checkpoint_metadata(workdir, predate)
+    sampling = generate_lib.SamplingConfig(max_tokens=4, temperature=0.0)
+    assert generate_lib.Generator(workdir).generate("the memory", sampling) == (
+        generate_lib.Generator(uninterrupted[0]).generate("the memory", sampling)
+    )
+    config = _small_config(corpus)
+    config.num_train_steps = NUM_STEPS + 1
+    # A BPE trained on this smaller sample would be another tokenizer.
+    config.tokenizer_train_bytes = 2000
+    with caplog.at_level("INFO", logger="engram_jax.train"):
+        train_lib.train_and_evaluate(config, workdir)
+    assert "resuming with the checkpoint's tokenizer" in caplog.text
+    assert sorted(_losses(workdir)) == list(range(1, NUM_STEPS + 2))
+
+    oldest = str(tmp_path / "oldest")
+    subprocess.run(["cp", "-r", uninterrupted[0], oldest], check=True)
+    _rewrite_checkpoint_metadata(
+        oldest,
+        lambda m: (predate(m), m["config"].pop("table_update"), m["config"].pop("table_optimizer")),
+    )
+    before = _snapshot(oldest)
+    with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="--config.table_update=dense"):
+        train_lib.train_and_evaluate(_small_config(corpus), oldest)
+    assert _snapshot(oldest) == before
 
 
 def test_corrupt_newest_checkpoint_falls_back_and_is_kept(uninterrupted, corpus, tmp_path, caplog):

@@ -30,7 +30,6 @@ from engram_jax import config as config_lib
 from engram_jax import data as data_lib
 from engram_jax.accounting import account
 from engram_jax.experiments import floors
-from engram_jax.experiments.json_config import apply_values
 from engram_jax.metrics import read_metrics
 
 logger = logging.getLogger(__name__)
@@ -139,7 +138,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         nested: Any = value
         for part in reversed(path):
             nested = {part: nested}
-        apply_values(config, nested, "--set")
+        config_lib.apply_values(config, nested, "--set")
 
 
 # ----------------------------------------------------------------------------------------- corpus

@@ -10,28 +10,10 @@ reproduced (or resumed) by that one command. Keys the schema does not declare ar
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import ml_collections
 
-from engram_jax.config import ConfigError, base_config
-
-
-def apply_values(
-    config: ml_collections.ConfigDict, values: dict[str, Any], where: str = "config"
-) -> None:
-    """Sets nested `values` onto `config` in place; an undeclared key raises ConfigError."""
-    for key, value in values.items():
-        if key not in config:
-            raise ConfigError(
-                f"{where}.{key}: not a config key (declared: {', '.join(sorted(config.keys()))})"
-            )
-        if isinstance(config[key], ml_collections.ConfigDict):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}.{key}: got {value!r}; expected a mapping")
-            apply_values(config[key], value, f"{where}.{key}")
-        else:
-            config[key] = tuple(value) if isinstance(value, list) else value
+from engram_jax.config import ConfigError, apply_values, base_config
 
 
 def get_config(path: str) -> ml_collections.ConfigDict:
