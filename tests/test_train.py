@@ -765,6 +765,34 @@ def test_gs_workdir_end_to_end(uninterrupted, corpus):
         chex.assert_trees_all_equal(_final_params(workdir), _final_params(reference_dir))
 
 
+def test_gs_data_path_trains(corpus, tmp_path):
+    """`data_path` a directory in a bucket of the local GCS emulator: the tokenizer is trained on
+    a sample read from the bucket, training and evaluation stream their documents from it, and
+    the run equals one on a local copy of the same files."""
+    config = _small_config(corpus)
+    config.num_train_steps = 2
+    config.eval_every = 0
+    config.checkpoint_every = 0
+    with open(corpus, encoding="utf-8") as f:
+        text = f.read()
+    local = tmp_path / "local"
+    local.mkdir()
+    # Two files (by-file shards); the second in a sub-folder: the listing recurses.
+    cut = text.index("\n\n\n", len(text) // 2) + 3
+    (local / "sub").mkdir()
+    (local / "a.txt").write_text(text[:cut], encoding="utf-8")
+    (local / "sub" / "b.txt").write_text(text[cut:], encoding="utf-8")
+    config.data_path = str(local)
+    reference = train_lib.train_and_evaluate(config, str(tmp_path / "local_run"))
+    with gcs_emulator() as bucket:
+        for name in ("a.txt", "sub/b.txt"):
+            storage.copy_file(str(local / name), f"{bucket}/data/{name}")
+        config.data_path = f"{bucket}/data"
+        final = train_lib.train_and_evaluate(config, str(tmp_path / "gs_run"))
+    assert _losses(str(tmp_path / "gs_run")) == _losses(str(tmp_path / "local_run"))
+    assert final["eval_loss"] == reference["eval_loss"]
+
+
 def test_two_process_job_shares_one_tokenizer_and_resumes_on_one_process(corpus, tmp_path, caplog):
     """2 processes x 2 devices (jax.distributed over loopback): process 0 alone trains the BPE and
     the other loads it, a process whose fingerprints differ is named, and the job's step-3
