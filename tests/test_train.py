@@ -427,79 +427,6 @@ def test_unknown_config_key_fails_at_parse_time(tmp_path):
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
 
 
-def test_two_processes_train_together(corpus, tmp_path):
-    """A real two-process run (jax.distributed over loopback, CPU collectives through gloo): each
-    process reads its own document shard, gradients are reduced across processes, only process 0
-    writes metrics, and the checkpoint holds both processes' iterator states."""
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    workdir = str(tmp_path / "two")
-    child = textwrap.dedent(
-        f"""
-        import json, os, sys
-        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-        import jax
-        process_id = int(sys.argv[1])
-        jax.distributed.initialize(
-            coordinator_address="localhost:{port}", num_processes=2, process_id=process_id,
-            initialization_timeout=120,
-        )
-        from test_train import _small_config
-        from engram_jax import train
-
-        config = _small_config({corpus!r})
-        config.eval_every = 0
-        config.profile_steps = (2, 4)
-        train.train_and_evaluate(config, {workdir!r})
-        # The documents of one epoch of this process's training stream, as the trainer reads it.
-        cfg = train.config_lib.validate(config)
-        setup = train.build_data(cfg, {workdir!r})
-        seen = list(train.document_stream(setup, cfg, train=True, num_epochs=1))
-        with open(os.path.join({workdir!r}, f"seen_{{process_id}}.json"), "w") as f:
-            json.dump(seen, f)
-        """
-    )
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-c", child, str(process_id)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for process_id in (0, 1)
-    ]
-    for process in children:
-        _, stderr = process.communicate(timeout=600)
-        assert process.returncode == 0, stderr[-3000:]
-    rows = metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
-    steps = [row["step"] for row in rows if "train_loss" in row]
-    assert steps == list(range(1, NUM_STEPS + 1))  # one row per step: process 0 writes alone
-    events = [f for f in os.listdir(os.path.join(workdir, "tensorboard")) if "tfevents" in f]
-    assert len(events) == 1
-    losses = _losses(workdir)
-    assert all(np.isfinite(v) for v in losses.values())
-    data_items = os.listdir(os.path.join(workdir, "checkpoints", str(NUM_STEPS), "data"))
-    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_items)
-    # Each process read its own documents: disjoint shards that together are the training split.
-    seen = []
-    for process_id in (0, 1):
-        with open(os.path.join(workdir, f"seen_{process_id}.json")) as f:
-            seen.append(json.load(f))
-    assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
-    corpus_docs = data_lib.load_documents(corpus)
-    train_docs = data_lib.corpus_lib.Corpus(corpus, 0.1).documents("train")
-    assert sorted(seen[0] + seen[1]) == sorted(train_docs)
-    assert len(seen[0]) + len(seen[1]) < len(corpus_docs)  # the held-out documents are not seen
-    # profile_steps: each process wrote a jax.profiler trace where TensorBoard looks for it.
-    for log_dir in ("tensorboard", os.path.join("tensorboard", "process_1")):
-        profile_dir = os.path.join(workdir, log_dir, "plugins", "profile")
-        traces = [f for _, _, files in os.walk(profile_dir) for f in files]
-        assert any(f.endswith(".xplane.pb") for f in traces), (log_dir, traces)
-
-
 def test_resume_with_new_data_settings_restarts_the_stream(uninterrupted, corpus, tmp_path, caplog):
     """Changing the batch size (or seed, data, process count) keeps the trained model but not the
     saved iterator position, which would mean other batches now."""
@@ -793,19 +720,19 @@ def test_gs_data_path_trains(corpus, tmp_path):
     assert final["eval_loss"] == reference["eval_loss"]
 
 
-def test_two_process_job_shares_one_tokenizer_and_resumes_on_one_process(corpus, tmp_path, caplog):
-    """2 processes x 2 devices (jax.distributed over loopback): process 0 alone trains the BPE and
-    the other loads it, a process whose fingerprints differ is named, and the job's step-3
-    checkpoint resumes on 1 process x 1 device (with remat switched on, a compute-only change)
-    and on 1 process x 4 devices, continuing the same data stream with the losses the 2-process
-    job reached (relative tolerance 1e-4: the reductions run in another order)."""
+@pytest.fixture(scope="module")
+def two_process_job(corpus, tmp_path_factory):
+    """One real job of 2 processes x 2 devices (jax.distributed over loopback, CPU collectives
+    through gloo), shared by the tests below: each child checks that a process whose fingerprints
+    differ is named, trains (tracing steps 2-4), then dumps the documents of one epoch of its
+    training stream. Returns (workdir, [(stdout, stderr) per process])."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    job = str(tmp_path / "job")
+    job = str(tmp_path_factory.mktemp("two_process") / "job")
     child = textwrap.dedent(
         f"""
-        import logging, os, sys
+        import json, logging, os, sys
         sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
         import jax
         process_id = int(sys.argv[1])
@@ -823,7 +750,14 @@ def test_two_process_job_shares_one_tokenizer_and_resumes_on_one_process(corpus,
             print("MISMATCH", e, flush=True)
         config = _small_config({corpus!r})
         config.eval_every = 0
+        config.profile_steps = (2, 4)
         train.train_and_evaluate(config, {job!r})
+        # The documents of one epoch of this process's training stream, as the trainer reads it.
+        cfg = train.config_lib.validate(config)
+        setup = train.build_data(cfg, {job!r})
+        seen = list(train.document_stream(setup, cfg, train=True, num_epochs=1))
+        with open(os.path.join({job!r}, f"seen_{{process_id}}.json"), "w") as f:
+            json.dump(seen, f)
         """
     )
     env = dict(
@@ -848,6 +782,49 @@ def test_two_process_job_shares_one_tokenizer_and_resumes_on_one_process(corpus,
     outputs = [process.communicate(timeout=600) for process in children]
     for process, (_, stderr) in zip(children, outputs, strict=True):
         assert process.returncode == 0, stderr[-3000:]
+    return job, outputs
+
+
+def test_two_processes_train_together(two_process_job, corpus):
+    """Each process reads its own document shard, gradients are reduced across processes, only
+    process 0 writes metrics, the checkpoint holds both processes' iterator states, and each
+    process writes its profiler trace."""
+    workdir, _ = two_process_job
+    rows = metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    steps = [row["step"] for row in rows if "train_loss" in row]
+    assert steps == list(range(1, NUM_STEPS + 1))  # one row per step: process 0 writes alone
+    events = [f for f in os.listdir(os.path.join(workdir, "tensorboard")) if "tfevents" in f]
+    assert len(events) == 1
+    losses = _losses(workdir)
+    assert all(np.isfinite(v) for v in losses.values())
+    data_items = os.listdir(os.path.join(workdir, "checkpoints", str(NUM_STEPS), "data"))
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_items)
+    # Each process read its own documents: disjoint shards that together are the training split.
+    seen = []
+    for process_id in (0, 1):
+        with open(os.path.join(workdir, f"seen_{process_id}.json")) as f:
+            seen.append(json.load(f))
+    assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
+    corpus_docs = data_lib.load_documents(corpus)
+    train_docs = data_lib.corpus_lib.Corpus(corpus, 0.1).documents("train")
+    assert sorted(seen[0] + seen[1]) == sorted(train_docs)
+    assert len(seen[0]) + len(seen[1]) < len(corpus_docs)  # the held-out documents are not seen
+    # profile_steps: each process wrote a jax.profiler trace where TensorBoard looks for it.
+    for log_dir in ("tensorboard", os.path.join("tensorboard", "process_1")):
+        profile_dir = os.path.join(workdir, log_dir, "plugins", "profile")
+        traces = [f for _, _, files in os.walk(profile_dir) for f in files]
+        assert any(f.endswith(".xplane.pb") for f in traces), (log_dir, traces)
+
+
+def test_two_process_job_shares_one_tokenizer_and_resumes_on_one_process(
+    two_process_job, corpus, tmp_path, caplog
+):
+    """Process 0 alone trains the BPE and the other loads it, a process whose fingerprints differ
+    is named, and the job's step-3 checkpoint resumes on 1 process x 1 device (with remat
+    switched on, a compute-only change) and on 1 process x 4 devices, continuing the same data
+    stream with the losses the 2-process job reached (relative tolerance 1e-4: the reductions
+    run in another order)."""
+    job, outputs = two_process_job
     for stdout, _ in outputs:
         assert "MISMATCH" in stdout and "process 1: tokenizer" in stdout
         assert "process 1: hasher" not in stdout
@@ -866,7 +843,11 @@ def test_two_process_job_shares_one_tokenizer_and_resumes_on_one_process(corpus,
         losses = _losses(workdir)
         assert sorted(losses) == list(range(1, NUM_STEPS + 1))
         for step in range(NUM_STEPS // 2 + 1, NUM_STEPS + 1):
-            assert abs(losses[step] - reference[step]) <= 1e-4 * abs(reference[step]), step
+            assert abs(losses[step] - reference[step]) <= 1e-4 * abs(reference[step]), (
+                step,
+                losses,
+                reference,
+            )
 
     one = resumable_copy("one_device")
     config = _small_config(corpus)
@@ -876,6 +857,9 @@ def test_two_process_job_shares_one_tokenizer_and_resumes_on_one_process(corpus,
         train_lib.train_and_evaluate(config, one)
     assert "model.remat: checkpoint False, config True" in caplog.text
     assert "resuming a data stream of 2 shards on 1 processes" in caplog.text
+    # The stream continues from the saved position (a restart would repeat the first batches).
+    assert "data settings differ" not in caplog.text
+    assert "checkpoint step 3: data stream position restored (shards 0, 1)" in caplog.text
     assert_continues(one)
 
     four = resumable_copy("four_devices")
