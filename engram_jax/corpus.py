@@ -21,6 +21,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import dataclasses
+import fnmatch
 import glob
 import gzip
 import hashlib
@@ -36,6 +37,8 @@ from typing import Any, TextIO
 
 import grain
 import numpy as np
+
+from engram_jax import storage
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +164,19 @@ def _file_size(path: str) -> int:
 # ---------------------------------------------------------------------------------------- listing
 
 
+def _glob_match(parts: Sequence[str], pattern: Sequence[str]) -> bool:
+    """Whether path segments match glob segments; `**` matches zero or more segments."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_glob_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return (
+        bool(parts)
+        and fnmatch.fnmatchcase(parts[0], pattern[0])
+        and _glob_match(parts[1:], pattern[1:])
+    )
+
+
 def _list_url(data_path: str) -> list[str]:
     from etils import epath
 
@@ -168,18 +184,30 @@ def _list_url(data_path: str) -> list[str]:
         scheme, rest = data_path.split("://", 1)
         parts = rest.split("/")
         first = next(i for i, p in enumerate(parts) if _GLOB_CHARS.search(p))
-        base = epath.Path(f"{scheme}://" + "/".join(parts[:first]))
-        files = sorted(str(p) for p in base.glob("/".join(parts[first:])) if p.is_file())
+        base = f"{scheme}://" + "/".join(parts[:first])
+        pattern = parts[first:]
+        if "**" in pattern:
+            # epath refuses `**` on GCS (it would list every directory below the root): walk
+            # the tree below the glob's fixed prefix once and match the rest here.
+            files = [
+                f
+                for f in (storage.walk_files(base) if storage.isdir(base) else [])
+                if _glob_match(f[len(base) :].lstrip("/").split("/"), pattern)
+            ]
+        else:
+            files = sorted(str(p) for p in epath.Path(base).glob("/".join(pattern)) if p.is_file())
         if not files:
             raise FileNotFoundError(f"data_path={data_path!r}: the glob matches no files")
         return files
     path = epath.Path(data_path)
     if path.is_dir():
-        files = sorted(
-            str(p)
-            for p in path.rglob("*")
-            if any(p.name.lower().endswith(ext) for ext in SUPPORTED_EXTENSIONS) and p.is_file()
-        )
+        # storage.walk_files, not rglob: epath refuses recursive globs on GCS.
+        files = []
+        for f in storage.walk_files(data_path):
+            if any(f.lower().endswith(ext) for ext in SUPPORTED_EXTENSIONS):
+                files.append(f)
+            else:
+                logger.info("data_path: skipping %s (unsupported extension)", f)
         if not files:
             raise ValueError(
                 f"data_path={data_path!r}: the directory holds no file ending in "

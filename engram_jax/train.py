@@ -813,6 +813,11 @@ def _restore_step(
     )
     if same_data:
         restored["data"] = _merge_shard_states(store.restore_all_data(step))
+        logger.info(
+            "checkpoint step %d: data stream position restored (shards %s)",
+            step,
+            ", ".join(sorted(restored["data"]["shards"], key=int)),
+        )
     d, m = restored["state"], restored.get("memory") or {"tables": {}, "opt_state": ()}
     if host is not None:
         # Host tables: the memory item fills host RAM; the device state keeps no tables.

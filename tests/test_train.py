@@ -504,79 +504,6 @@ def test_unknown_config_key_fails_at_parse_time(tmp_path):
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
 
 
-def test_two_processes_train_together(corpus, tmp_path):
-    """A real two-process run (jax.distributed over loopback, CPU collectives through gloo): each
-    process reads its own document shard, gradients are reduced across processes, only process 0
-    writes metrics, and the checkpoint holds both processes' iterator states."""
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    workdir = str(tmp_path / "two")
-    child = textwrap.dedent(
-        f"""
-        import json, os, sys
-        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-        import jax
-        process_id = int(sys.argv[1])
-        jax.distributed.initialize(
-            coordinator_address="localhost:{port}", num_processes=2, process_id=process_id,
-            initialization_timeout=120,
-        )
-        from test_train import _small_config
-        from engram_jax import train
-
-        config = _small_config({corpus!r})
-        config.eval_every = 0
-        config.profile_steps = (2, 4)
-        train.train_and_evaluate(config, {workdir!r})
-        # The documents of one epoch of this process's training stream, as the trainer reads it.
-        cfg = train.config_lib.validate(config)
-        setup = train.build_data(cfg, {workdir!r})
-        seen = list(train.document_stream(setup, cfg, train=True, num_epochs=1))
-        with open(os.path.join({workdir!r}, f"seen_{{process_id}}.json"), "w") as f:
-            json.dump(seen, f)
-        """
-    )
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-c", child, str(process_id)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for process_id in (0, 1)
-    ]
-    for process in children:
-        _, stderr = process.communicate(timeout=600)
-        assert process.returncode == 0, stderr[-3000:]
-    rows = metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
-    steps = [row["step"] for row in rows if "train_loss" in row]
-    assert steps == list(range(1, NUM_STEPS + 1))  # one row per step: process 0 writes alone
-    events = [f for f in os.listdir(os.path.join(workdir, "tensorboard")) if "tfevents" in f]
-    assert len(events) == 1
-    losses = _losses(workdir)
-    assert all(np.isfinite(v) for v in losses.values())
-    data_items = os.listdir(os.path.join(workdir, "checkpoints", str(NUM_STEPS), "data"))
-    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_items)
-    # Each process read its own documents: disjoint shards that together are the training split.
-    seen = []
-    for process_id in (0, 1):
-        with open(os.path.join(workdir, f"seen_{process_id}.json")) as f:
-            seen.append(json.load(f))
-    assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
-    corpus_docs = data_lib.load_documents(corpus)
-    train_docs = data_lib.corpus_lib.Corpus(corpus, 0.1).documents("train")
-    assert sorted(seen[0] + seen[1]) == sorted(train_docs)
-    assert len(seen[0]) + len(seen[1]) < len(corpus_docs)  # the held-out documents are not seen
-    # profile_steps: each process wrote a jax.profiler trace where TensorBoard looks for it.
-    for log_dir in ("tensorboard", os.path.join("tensorboard", "process_1")):
-        profile_dir = os.path.join(workdir, log_dir, "plugins", "profile")
-        traces = [f for _, _, files in os.walk(profile_dir) for f in files]
-        assert any(f.endswith(".xplane.pb") for f in traces), (log_dir, traces)
-
-
 def test_resume_with_new_data_settings_restarts_the_stream(uninterrupted, corpus, tmp_path, caplog):
     """Changing the batch size (or seed, data, process count) keeps the trained model but not the
     saved iterator position, which would mean other batches now."""
@@ -842,19 +769,47 @@ def test_gs_workdir_end_to_end(uninterrupted, corpus):
         chex.assert_trees_all_equal(_final_params(workdir), _final_params(reference_dir))
 
 
-def test_two_process_job_shares_one_tokenizer_and_resumes_on_one_process(corpus, tmp_path, caplog):
-    """2 processes x 2 devices (jax.distributed over loopback): process 0 alone trains the BPE and
-    the other loads it, a process whose fingerprints differ is named, and the job's step-3
-    checkpoint resumes on 1 process x 1 device (with remat switched on, a compute-only change)
-    and on 1 process x 4 devices, continuing the same data stream with the losses the 2-process
-    job reached (relative tolerance 1e-4: the reductions run in another order)."""
+def test_gs_data_path_trains(corpus, tmp_path):
+    """`data_path` a directory in a bucket of the local GCS emulator: the tokenizer is trained on
+    a sample read from the bucket, training and evaluation stream their documents from it, and
+    the run equals one on a local copy of the same files."""
+    config = _small_config(corpus)
+    config.num_train_steps = 2
+    config.eval_every = 0
+    config.checkpoint_every = 0
+    with open(corpus, encoding="utf-8") as f:
+        text = f.read()
+    local = tmp_path / "local"
+    local.mkdir()
+    # Two files (by-file shards); the second in a sub-folder: the listing recurses.
+    cut = text.index("\n\n\n", len(text) // 2) + 3
+    (local / "sub").mkdir()
+    (local / "a.txt").write_text(text[:cut], encoding="utf-8")
+    (local / "sub" / "b.txt").write_text(text[cut:], encoding="utf-8")
+    config.data_path = str(local)
+    reference = train_lib.train_and_evaluate(config, str(tmp_path / "local_run"))
+    with gcs_emulator() as bucket:
+        for name in ("a.txt", "sub/b.txt"):
+            storage.copy_file(str(local / name), f"{bucket}/data/{name}")
+        config.data_path = f"{bucket}/data"
+        final = train_lib.train_and_evaluate(config, str(tmp_path / "gs_run"))
+    assert _losses(str(tmp_path / "gs_run")) == _losses(str(tmp_path / "local_run"))
+    assert final["eval_loss"] == reference["eval_loss"]
+
+
+@pytest.fixture(scope="module")
+def two_process_job(corpus, tmp_path_factory):
+    """One real job of 2 processes x 2 devices (jax.distributed over loopback, CPU collectives
+    through gloo), shared by the tests below: each child checks that a process whose fingerprints
+    differ is named, trains (tracing steps 2-4), then dumps the documents of one epoch of its
+    training stream. Returns (workdir, [(stdout, stderr) per process])."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    job = str(tmp_path / "job")
+    job = str(tmp_path_factory.mktemp("two_process") / "job")
     child = textwrap.dedent(
         f"""
-        import logging, os, sys
+        import json, logging, os, sys
         sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
         import jax
         process_id = int(sys.argv[1])
@@ -872,7 +827,14 @@ def test_two_process_job_shares_one_tokenizer_and_resumes_on_one_process(corpus,
             print("MISMATCH", e, flush=True)
         config = _small_config({corpus!r})
         config.eval_every = 0
+        config.profile_steps = (2, 4)
         train.train_and_evaluate(config, {job!r})
+        # The documents of one epoch of this process's training stream, as the trainer reads it.
+        cfg = train.config_lib.validate(config)
+        setup = train.build_data(cfg, {job!r})
+        seen = list(train.document_stream(setup, cfg, train=True, num_epochs=1))
+        with open(os.path.join({job!r}, f"seen_{{process_id}}.json"), "w") as f:
+            json.dump(seen, f)
         """
     )
     env = dict(
@@ -897,6 +859,49 @@ def test_two_process_job_shares_one_tokenizer_and_resumes_on_one_process(corpus,
     outputs = [process.communicate(timeout=600) for process in children]
     for process, (_, stderr) in zip(children, outputs, strict=True):
         assert process.returncode == 0, stderr[-3000:]
+    return job, outputs
+
+
+def test_two_processes_train_together(two_process_job, corpus):
+    """Each process reads its own document shard, gradients are reduced across processes, only
+    process 0 writes metrics, the checkpoint holds both processes' iterator states, and each
+    process writes its profiler trace."""
+    workdir, _ = two_process_job
+    rows = metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    steps = [row["step"] for row in rows if "train_loss" in row]
+    assert steps == list(range(1, NUM_STEPS + 1))  # one row per step: process 0 writes alone
+    events = [f for f in os.listdir(os.path.join(workdir, "tensorboard")) if "tfevents" in f]
+    assert len(events) == 1
+    losses = _losses(workdir)
+    assert all(np.isfinite(v) for v in losses.values())
+    data_items = os.listdir(os.path.join(workdir, "checkpoints", str(NUM_STEPS), "data"))
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_items)
+    # Each process read its own documents: disjoint shards that together are the training split.
+    seen = []
+    for process_id in (0, 1):
+        with open(os.path.join(workdir, f"seen_{process_id}.json")) as f:
+            seen.append(json.load(f))
+    assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
+    corpus_docs = data_lib.load_documents(corpus)
+    train_docs = data_lib.corpus_lib.Corpus(corpus, 0.1).documents("train")
+    assert sorted(seen[0] + seen[1]) == sorted(train_docs)
+    assert len(seen[0]) + len(seen[1]) < len(corpus_docs)  # the held-out documents are not seen
+    # profile_steps: each process wrote a jax.profiler trace where TensorBoard looks for it.
+    for log_dir in ("tensorboard", os.path.join("tensorboard", "process_1")):
+        profile_dir = os.path.join(workdir, log_dir, "plugins", "profile")
+        traces = [f for _, _, files in os.walk(profile_dir) for f in files]
+        assert any(f.endswith(".xplane.pb") for f in traces), (log_dir, traces)
+
+
+def test_two_process_job_shares_one_tokenizer_and_resumes_on_one_process(
+    two_process_job, corpus, tmp_path, caplog
+):
+    """Process 0 alone trains the BPE and the other loads it, a process whose fingerprints differ
+    is named, and the job's step-3 checkpoint resumes on 1 process x 1 device (with remat
+    switched on, a compute-only change) and on 1 process x 4 devices, continuing the same data
+    stream with the losses the 2-process job reached (relative tolerance 1e-4: the reductions
+    run in another order)."""
+    job, outputs = two_process_job
     for stdout, _ in outputs:
         assert "MISMATCH" in stdout and "process 1: tokenizer" in stdout
         assert "process 1: hasher" not in stdout
@@ -915,7 +920,11 @@ def test_two_process_job_shares_one_tokenizer_and_resumes_on_one_process(corpus,
         losses = _losses(workdir)
         assert sorted(losses) == list(range(1, NUM_STEPS + 1))
         for step in range(NUM_STEPS // 2 + 1, NUM_STEPS + 1):
-            assert abs(losses[step] - reference[step]) <= 1e-4 * abs(reference[step]), step
+            assert abs(losses[step] - reference[step]) <= 1e-4 * abs(reference[step]), (
+                step,
+                losses,
+                reference,
+            )
 
     one = resumable_copy("one_device")
     config = _small_config(corpus)
@@ -925,6 +934,9 @@ def test_two_process_job_shares_one_tokenizer_and_resumes_on_one_process(corpus,
         train_lib.train_and_evaluate(config, one)
     assert "model.remat: checkpoint False, config True" in caplog.text
     assert "resuming a data stream of 2 shards on 1 processes" in caplog.text
+    # The stream continues from the saved position (a restart would repeat the first batches).
+    assert "data settings differ" not in caplog.text
+    assert "checkpoint step 3: data stream position restored (shards 0, 1)" in caplog.text
     assert_continues(one)
 
     four = resumable_copy("four_devices")
