@@ -8,14 +8,35 @@ as the training pipeline hashes whole sequences.
 memory, looked up inside the step), `host` (numpy in host RAM) or `disk` (a flat row file beside
 the checkpoints, `table_store.py`, read through an LRU row cache of `--row_cache_mib`). With
 `host` and `disk` the host gathers each step's rows and the model runs on the pre-gathered rows.
+
+Prefetch (`DecodeStep`, host and disk placements). Row addresses depend only on the tokens, so the
+rows of token t can be read as soon as t is sampled, before the model has seen it. Each step is
+split at the first Engram layer `s` into two jitted programs:
+
+    host:    hash t -> submit rows (all Engram layers) ------ reading rows ------> wait -> dispatch
+    device:  prefix (embed + layers [0, s)) dispatched --- running ---          suffix ([s, L))
+
+1. the host hashes token t and submits the reads of every Engram layer's rows at once
+   (`RowGatherer.submit`: worker threads, file reads release the GIL);
+2. it dispatches the prefix without waiting for it (JAX dispatch is asynchronous);
+3. it waits for the rows (the only wait: `DecodeStep.wait_seconds`), transfers them with the
+   suffix's arguments and dispatches the suffix, which starts at the first Engram layer and holds
+   the later Engram layers too.
+
+So the row reads (and the hashing before them) overlap the prefix's layers; with the first Engram
+layer at 0 only the embedding overlaps. Sampling token t+1 needs the suffix's logits, so nothing
+of step t+1 can start before step t ends: the overlap is within a step, never across steps. The
+split is exact: prefix then suffix gives the unsplit step's logits and cache bit for bit, and the
+`device` placement keeps the single unsplit step (its lookup is inside the program).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
-from typing import Any
+import time
 
 import flax.linen as nn
 import jax
@@ -30,7 +51,7 @@ from engram_jax import optim, storage, table_checkpoint, table_store
 from engram_jax import train as train_lib
 from engram_jax.engram import head_offsets
 from engram_jax.hashing import tokenizer_fingerprint
-from engram_jax.model import MOE_BIAS, Transformer, engram_table_sizes
+from engram_jax.model import MOE_BIAS, Transformer, engram_table_sizes, first_engram_layer
 
 PLACEMENTS = ("device", "host", "disk")
 ROW_DIR = "table_rows"  # <workdir>/table_rows/<step>/: flat row files of the disk placement
@@ -114,6 +135,83 @@ def sample_logits(
     return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
+class DecodeStep:
+    """One decode step of `Transformer(decode=True)` wherever the tables live:
+    `step(variables, cache, tokens [B, T], positions [B, T], hash_ids [B, L_e, T, M] | None)
+    -> (logits [B, V] of the last position, masked beyond the tokenizer, cache)`.
+
+    Without `rows` (device tables, or no Engram) it is one jitted step that looks rows up itself.
+    With a `rows` gatherer (host or disk tables) it is the prefetching split step of the module
+    docstring: submit the rows, dispatch the prefix, wait for the rows, dispatch the suffix.
+    `offsets [L_e, M]` turn per-head hash ids into the flat row ids of each layer's table.
+    `wait_seconds` adds up the time spent waiting for rows (the step's blocking share).
+    The cache argument is donated.
+    """
+
+    def __init__(
+        self,
+        model_config: config_lib.ModelConfig,
+        num_tokens: int,
+        rows: table_store.RowGatherer | None = None,
+        offsets: np.ndarray | None = None,
+    ):
+        self.decoder = Transformer(model_config, decode=True)
+        self.num_tokens = num_tokens
+        self.rows = rows
+        self.offsets = offsets
+        self.wait_seconds = 0.0
+        self.split_layer = first_engram_layer(model_config)
+        if rows is not None and (self.split_layer is None or offsets is None):
+            raise ValueError(
+                "DecodeStep: rows given for a model without Engram layers or without offsets "
+                "[L_e, M]; expected both (or rows=None for device tables)"
+            )
+        self.full = jax.jit(self._apply, donate_argnums=1)
+        if rows is not None:
+            num_layers = model_config.num_layers
+            self.prefix = jax.jit(
+                functools.partial(self._apply, layer_range=(0, self.split_layer)),
+                donate_argnums=1,
+            )
+            self.suffix = jax.jit(
+                functools.partial(self._apply, layer_range=(self.split_layer, num_layers)),
+                donate_argnums=1,
+            )
+
+    def _apply(
+        self, variables, cache, tokens_BT, positions_BT, hash_ids, rows, hidden_BTGD=None, *,
+        layer_range=None,
+    ):  # fmt: skip
+        (out, _), updated = self.decoder.apply(
+            {**variables, "cache": cache},
+            tokens_BT,
+            positions_BT,
+            None,
+            hash_ids,
+            rows,
+            mutable=["cache"],
+            hidden_BTGD=hidden_BTGD,
+            layer_range=layer_range,
+        )
+        if layer_range is not None and layer_range[1] < self.decoder.config.num_layers:
+            return out, updated["cache"]  # out: hidden streams [B, T, G, D]
+        return mask_beyond_vocab(out[:, -1], self.num_tokens), updated["cache"]
+
+    def flat_ids(self, hash_ids: np.ndarray) -> np.ndarray:
+        """`[B, L_e, T, M]` flat row ids of each layer's table (per-head ids + head offsets)."""
+        return hash_ids.astype(np.int64) + self.offsets[None, :, None, :]  # [B, L_e, T, M]
+
+    def __call__(self, variables, cache, tokens_BT, positions_BT, hash_ids):
+        if self.rows is None:
+            return self.full(variables, cache, tokens_BT, positions_BT, hash_ids, None)
+        rows_future = self.rows.submit(self.flat_ids(hash_ids))  # 1. reads start now
+        hidden_BTGD, cache = self.prefix(variables, cache, tokens_BT, positions_BT, None, None)
+        start = time.perf_counter()  # 2. the prefix is dispatched, not awaited
+        rows = rows_future.result()  # 3. [B, L_e, T, M, W], needed from the first Engram layer
+        self.wait_seconds += time.perf_counter() - start
+        return self.suffix(variables, cache, tokens_BT, positions_BT, None, rows, hidden_BTGD)
+
+
 class Generator:
     """A trained model loaded from a workdir, ready to continue prompts.
 
@@ -139,6 +237,7 @@ class Generator:
             raise ValueError(f"row_cache_mib: got {row_cache_mib}; expected >= 0")
         self.table_placement = table_placement
         self.rows: table_store.RowGatherer | None = None
+        self._offsets: np.ndarray | None = None  # [L_e, M] head offsets, host and disk only
         store = checkpoint_lib.CheckpointStore(
             storage.join(workdir, "checkpoints"), create=False, cleanup_partial=False
         )
@@ -196,7 +295,7 @@ class Generator:
         self.decoder = Transformer(cfg.model, decode=True)
         self.num_tokens = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.context_length = cfg.train.seq_len
-        self._step = jax.jit(self._decode_step, donate_argnums=1)
+        self.step = DecodeStep(cfg.model, self.num_tokens, self.rows, self._offsets)
 
     def _open_tables(
         self, workdir: str, memory_dir, step: int, row_cache_mib: float
@@ -224,25 +323,6 @@ class Generator:
         # Host tables are already in RAM: a cache would only copy rows.
         capacity = int(row_cache_mib * 2**20) if self.table_placement == "disk" else 0
         return table_store.RowGatherer(table_store.RowCache(sources, capacity))
-
-    def _decode_step(self, variables, cache, tokens_BT, positions_BT, hash_ids, rows=None):
-        (logits_BTV, _), updated = self.decoder.apply(
-            {**variables, "cache": cache},
-            tokens_BT,
-            positions_BT,
-            None,
-            hash_ids,
-            rows,
-            mutable=["cache"],
-        )
-        return mask_beyond_vocab(logits_BTV[:, -1], self.num_tokens), updated["cache"]
-
-    def _engram_inputs(self, hash_ids: np.ndarray | None) -> tuple[Any, Any]:
-        """`(hash_ids, None)` for device tables, `(None, rows [B, L_e, T, M, W])` otherwise."""
-        if hash_ids is None or self.rows is None:
-            return hash_ids, None
-        flat_ids = hash_ids.astype(np.int64) + self._offsets[None, :, None, :]  # [B, L_e, T, M]
-        return None, self.rows.gather(flat_ids)
 
     def _hash_ids(self, history: np.ndarray, count: int) -> np.ndarray | None:
         """Hash ids `[1, L_e, count, M]` of the last `count` tokens of `history` ([1, n])."""
@@ -304,12 +384,8 @@ class Generator:
 
         history = prompt_ids
         positions = np.arange(prompt_ids.shape[1], dtype=np.int32)[None, :]
-        logits, cache = self._step(
-            self.variables,
-            cache,
-            prompt_ids,
-            positions,
-            *self._engram_inputs(self._hash_ids(history, prompt_ids.shape[1])),
+        logits, cache = self.step(
+            self.variables, cache, prompt_ids, positions, self._hash_ids(history, history.shape[1])
         )
         new_tokens = []
         for index in range(sampling.max_tokens):
@@ -324,12 +400,8 @@ class Generator:
             if index + 1 == sampling.max_tokens:
                 break
             position = np.asarray([[history.shape[1] - 1]], np.int32)
-            logits, cache = self._step(
-                self.variables,
-                cache,
-                history[:, -1:],
-                position,
-                *self._engram_inputs(self._hash_ids(history, 1)),
+            logits, cache = self.step(
+                self.variables, cache, history[:, -1:], position, self._hash_ids(history, 1)
             )
         return new_tokens
 
