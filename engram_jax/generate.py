@@ -17,9 +17,10 @@ split at the first Engram layer `s` into two jitted programs:
     device:  prefix (embed + layers [0, s)) dispatched --- running ---          suffix ([s, L))
 
 1. the host hashes token t and submits the reads of every Engram layer's rows at once
-   (`RowGatherer.submit`: worker threads, file reads release the GIL);
+   (`RowGatherer.submit`; `disk`: worker threads start reading, file reads release the GIL);
 2. it dispatches the prefix without waiting for it (JAX dispatch is asynchronous);
-3. it waits for the rows (the only wait: `DecodeStep.wait_seconds`), transfers them with the
+3. it waits for the rows (the only wait: `DecodeStep.wait_seconds`; `host`: the numpy gather
+   runs here, on this thread, while the device runs the prefix), transfers them with the
    suffix's arguments and dispatches the suffix, which starts at the first Engram layer and holds
    the later Engram layers too.
 
@@ -322,7 +323,11 @@ class Generator:
                 sources.append(table_store.RowFile(rows_path))
         # Host tables are already in RAM: a cache would only copy rows.
         capacity = int(row_cache_mib * 2**20) if self.table_placement == "disk" else 0
-        return table_store.RowGatherer(table_store.RowCache(sources, capacity))
+        # Host rows are read on the decoding thread after the prefix is dispatched (a thread hop
+        # costs more than the read); row files are read by worker threads from submit on.
+        return table_store.RowGatherer(
+            table_store.RowCache(sources, capacity), threads=self.table_placement == "disk"
+        )
 
     def _hash_ids(self, history: np.ndarray, count: int) -> np.ndarray | None:
         """Hash ids `[1, L_e, count, M]` of the last `count` tokens of `history` ([1, n])."""

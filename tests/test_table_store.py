@@ -227,8 +227,8 @@ def test_memory_item_round_trip_across_meshes_and_numpy_targets(tmp_path):
 class _RecordingGatherer(table_store.RowGatherer):
     """A real RowGatherer that also logs when rows are submitted and when they are awaited."""
 
-    def __init__(self, cache, events):
-        super().__init__(cache)
+    def __init__(self, cache, events, threads):
+        super().__init__(cache, threads=threads)
         self.events = events
 
     def submit(self, flat_ids):
@@ -244,7 +244,8 @@ class _RecordingGatherer(table_store.RowGatherer):
         return _Logged()
 
 
-def test_split_decode_step_equals_the_unsplit_step_and_submits_rows_first():
+@pytest.mark.parametrize("threads", [True, False], ids=["disk-threads", "host-inline"])
+def test_split_decode_step_equals_the_unsplit_step_and_submits_rows_first(threads):
     """configs/tiny.py (Engram layers 1 and 3, mHC): prefix [0, 1) then suffix [1, 4) on rows
     gathered on the host gives the single step's logits and cache bit for bit, for the prompt and
     for the next token; the rows of every Engram layer are submitted before the prefix is
@@ -262,7 +263,7 @@ def test_split_decode_step_equals_the_unsplit_step_and_submits_rows_first():
     ]  # one [R, W] table per Engram layer
     events = []
     gatherer = _RecordingGatherer(
-        table_store.RowCache([table_store.HostRows(t) for t in tables], 0), events
+        table_store.RowCache([table_store.HostRows(t) for t in tables], 0), events, threads
     )
     step = generate_lib.DecodeStep(model_config, model_config.vocab_size, gatherer, offsets)
     assert step.split_layer == 1
