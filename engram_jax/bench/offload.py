@@ -37,6 +37,7 @@ access pattern of hashed n-grams is close to uniform). The last two lines are th
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import statistics
@@ -131,10 +132,24 @@ def _table_shape(cfg: config_lib.Config) -> tuple[int, int]:
     return int(sum(sizes)), cfg.model.engram.row_width
 
 
-def _device_table(shape: tuple[int, int]) -> jax.Array:
-    return jax.jit(lambda k: jax.random.normal(k, shape, jnp.float32), static_argnums=())(
-        jax.random.PRNGKey(1)
-    )
+def _device_table(shape: tuple[int, int], block_rows: int = 1 << 20) -> jax.Array:
+    """N(0, 1) rows drawn block by block into one donated buffer: peak is the table plus a block
+    (one `jax.random.normal` of the whole table held its random bits and temporaries too, ~4x the
+    table at 1B parameters, which a shared 24 GiB machine cannot spare)."""
+    rows, width = shape
+    block_rows = min(block_rows, rows)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def fill(table_RW, key, start):
+        block_BW = jax.random.normal(key, (block_rows, width), jnp.float32)
+        # The last block is clamped to end at the table's end (it overlaps the one before).
+        return jax.lax.dynamic_update_slice(table_RW, block_BW, (start, 0))
+
+    table_RW = jnp.zeros(shape, jnp.float32)
+    key = jax.random.PRNGKey(1)
+    for start in range(0, rows, block_rows):
+        table_RW = fill(table_RW, jax.random.fold_in(key, start), jnp.int32(start))
+    return table_RW
 
 
 def _host_table(shape: tuple[int, int], block_rows: int = 1 << 20) -> np.ndarray:
