@@ -38,6 +38,7 @@ import functools
 import logging
 import os
 import time
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -297,6 +298,7 @@ class Generator:
         self.num_tokens = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.context_length = cfg.train.seq_len
         self.step = DecodeStep(cfg.model, self.num_tokens, self.rows, self._offsets)
+        self._cache_shapes_by_length: dict[int, Any] = {}
 
     def _open_tables(
         self, workdir: str, memory_dir, step: int, row_cache_mib: float
@@ -339,6 +341,29 @@ class Generator:
         ids = data_lib.compute_hash_ids(recent, segments, self.engram)  # [1, L_e, w, M]
         return ids[:, :, -count:]
 
+    def _cache_shapes(self, total: int) -> Any:
+        """Shapes of the decode cache for `total` positions, traced once per length (tracing the
+        model's init costs about as much as decoding dozens of tokens)."""
+        if total not in self._cache_shapes_by_length:
+            zero_ids, zero_rows = _zero_hash_ids(self.model_config, total), None
+            if self.rows is not None:
+                e = self.model_config.engram
+                zero_ids = None
+                zero_rows = jax.ShapeDtypeStruct(
+                    (1, len(e.layer_ids), total, e.num_heads, e.row_width),
+                    self.rows.cache.sources[0].dtype,
+                )
+            self._cache_shapes_by_length[total] = jax.eval_shape(
+                self.decoder.init,
+                jax.random.PRNGKey(0),
+                jax.ShapeDtypeStruct((1, total), jnp.int32),
+                None,
+                None,
+                zero_ids,
+                zero_rows,
+            )["cache"]
+        return self._cache_shapes_by_length[total]
+
     def generate(self, prompt: str, sampling: SamplingConfig) -> str:
         """Continues `prompt` by up to `sampling.max_tokens` tokens (stopping at eos)."""
         prompt_ids = self._encode(prompt).astype(np.int32)  # [P]
@@ -367,23 +392,7 @@ class Generator:
             )
             prompt_ids = prompt_ids[:, -self.context_length :]
         total = prompt_ids.shape[1] + sampling.max_tokens
-        zero_ids, zero_rows = _zero_hash_ids(self.model_config, total), None
-        if self.rows is not None:
-            e = self.model_config.engram
-            zero_ids = None
-            zero_rows = jnp.zeros(
-                (1, len(e.layer_ids), total, e.num_heads, e.row_width),
-                self.rows.cache.sources[0].dtype,
-            )
-        cache_shapes = jax.eval_shape(
-            self.decoder.init,
-            jax.random.PRNGKey(0),
-            jnp.zeros((1, total), jnp.int32),
-            None,
-            None,
-            zero_ids,
-            zero_rows,
-        )["cache"]
+        cache_shapes = self._cache_shapes(total)
         cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
         rng = jax.random.PRNGKey(sampling.seed)
 
