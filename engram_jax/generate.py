@@ -24,11 +24,16 @@ split at the first Engram layer `s` into two jitted programs:
    suffix's arguments and dispatches the suffix, which starts at the first Engram layer and holds
    the later Engram layers too.
 
-So the row reads (and the hashing before them) overlap the prefix's layers; with the first Engram
-layer at 0 only the embedding overlaps. Sampling token t+1 needs the suffix's logits, so nothing
-of step t+1 can start before step t ends: the overlap is within a step, never across steps. The
-split is exact: prefix then suffix gives the unsplit step's logits and cache bit for bit, and the
-`device` placement keeps the single unsplit step (its lookup is inside the program).
+So the row reads overlap the prefix's layers; with the first Engram layer at 0 only the embedding
+overlaps. For host rows that needs asynchronous dispatch: XLA:CPU runs programs as small as a
+batch-1 decode step on the dispatching thread, so on CPU the prefix has finished before that thread
+gathers host rows (disk reads, on worker threads, still overlap it), and the split costs one more
+program launch per token (BENCHMARKS.md, offload section).
+
+Sampling token t+1 needs the suffix's logits, so nothing of step t+1 can start before step t ends:
+the overlap is within a step, never across steps. The split is exact: prefix then suffix gives the
+unsplit step's logits and cache bit for bit, and the `device` placement keeps the single unsplit
+step (its lookup is inside the program).
 """
 
 from __future__ import annotations
@@ -146,7 +151,8 @@ class DecodeStep:
     With a `rows` gatherer (host or disk tables) it is the prefetching split step of the module
     docstring: submit the rows, dispatch the prefix, wait for the rows, dispatch the suffix.
     `offsets [L_e, M]` turn per-head hash ids into the flat row ids of each layer's table.
-    `wait_seconds` adds up the time spent waiting for rows (the step's blocking share).
+    `wait_seconds` adds up the time spent collecting rows after the prefix was dispatched (the
+    step's blocking share; for host tables, read on this thread, the gather itself).
     The cache argument is donated.
     """
 
