@@ -24,11 +24,12 @@ split at the first Engram layer `s` into two jitted programs:
    suffix's arguments and dispatches the suffix, which starts at the first Engram layer and holds
    the later Engram layers too.
 
-So the row reads overlap the prefix's layers; with the first Engram layer at 0 only the embedding
-overlaps. For host rows that needs asynchronous dispatch: XLA:CPU runs programs as small as a
-batch-1 decode step on the dispatching thread, so on CPU the prefix has finished before that thread
-gathers host rows (disk reads, on worker threads, still overlap it), and the split costs one more
-program launch per token (BENCHMARKS.md, offload section).
+So the row reads overlap the prefix's layers. With the first Engram layer at 0 only the embedding
+would, so such a model runs one program on the collected rows instead. For host rows the overlap
+needs asynchronous dispatch: XLA:CPU runs programs as small as a batch-1 decode step on the
+dispatching thread, so on CPU the prefix has finished before that thread gathers host rows (disk
+reads, on worker threads, still overlap it), and the split costs one more program launch per token
+(BENCHMARKS.md, offload section).
 
 Sampling token t+1 needs the suffix's logits, so nothing of step t+1 can start before step t ends:
 the overlap is within a step, never across steps. The split is exact: prefix then suffix gives the
@@ -149,7 +150,8 @@ class DecodeStep:
 
     Without `rows` (device tables, or no Engram) it is one jitted step that looks rows up itself.
     With a `rows` gatherer (host or disk tables) it is the prefetching split step of the module
-    docstring: submit the rows, dispatch the prefix, wait for the rows, dispatch the suffix.
+    docstring: submit the rows, dispatch the prefix, wait for the rows, dispatch the suffix (with
+    the first Engram layer at 0: submit, wait, one program on the rows).
     `offsets [L_e, M]` turn per-head hash ids into the flat row ids of each layer's table.
     `wait_seconds` adds up the time spent collecting rows after the prefix was dispatched (the
     step's blocking share; for host tables, read on this thread, the gather itself).
@@ -213,6 +215,12 @@ class DecodeStep:
         if self.rows is None:
             return self.full(variables, cache, tokens_BT, positions_BT, hash_ids, None)
         rows_future = self.rows.submit(self.flat_ids(hash_ids))  # 1. reads start now
+        if self.split_layer == 0:
+            # Nothing but the embedding precedes the first Engram layer: one program, not two.
+            start = time.perf_counter()
+            rows = rows_future.result()  # [B, L_e, T, M, W]
+            self.wait_seconds += time.perf_counter() - start
+            return self.full(variables, cache, tokens_BT, positions_BT, None, rows)
         hidden_BTGD, cache = self.prefix(variables, cache, tokens_BT, positions_BT, None, None)
         start = time.perf_counter()  # 2. the prefix is dispatched, not awaited
         rows = rows_future.result()  # 3. [B, L_e, T, M, W], needed from the first Engram layer
