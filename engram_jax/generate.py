@@ -8,13 +8,42 @@ as the training pipeline hashes whole sequences.
 memory, looked up inside the step), `host` (numpy in host RAM) or `disk` (a flat row file beside
 the checkpoints, `table_store.py`, read through an LRU row cache of `--row_cache_mib`). With
 `host` and `disk` the host gathers each step's rows and the model runs on the pre-gathered rows.
+
+Prefetch (`DecodeStep`, host and disk placements). Row addresses depend only on the tokens, so the
+rows of token t can be read as soon as t is sampled, before the model has seen it. Each step is
+split at the first Engram layer `s` into two jitted programs:
+
+    host:    hash t -> submit rows (all Engram layers) ------ reading rows ------> wait -> dispatch
+    device:  prefix (embed + layers [0, s)) dispatched --- running ---          suffix ([s, L))
+
+1. the host hashes token t and submits the reads of every Engram layer's rows at once
+   (`RowGatherer.submit`; `disk`: worker threads start reading, file reads release the GIL);
+2. it dispatches the prefix without waiting for it (JAX dispatch is asynchronous);
+3. it waits for the rows (the only wait: `DecodeStep.wait_seconds`; `host`: the numpy gather
+   runs here, on this thread, while the device runs the prefix), transfers them with the
+   suffix's arguments and dispatches the suffix, which starts at the first Engram layer and holds
+   the later Engram layers too.
+
+So the row reads overlap the prefix's layers. With the first Engram layer at 0 only the embedding
+would, so such a model runs one program on the collected rows instead. For host rows the overlap
+needs asynchronous dispatch: XLA:CPU runs programs as small as a batch-1 decode step on the
+dispatching thread, so on CPU the prefix has finished before that thread gathers host rows (disk
+reads, on worker threads, still overlap it), and the split costs one more program launch per token
+(BENCHMARKS.md, offload section).
+
+Sampling token t+1 needs the suffix's logits, so nothing of step t+1 can start before step t ends:
+the overlap is within a step, never across steps. The split is exact: prefix then suffix gives the
+unsplit step's logits and cache bit for bit, and the `device` placement keeps the single unsplit
+step (its lookup is inside the program).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -29,7 +58,7 @@ from engram_jax import optim, storage, table_checkpoint, table_store
 from engram_jax import train as train_lib
 from engram_jax.engram import head_offsets
 from engram_jax.hashing import tokenizer_fingerprint
-from engram_jax.model import MOE_BIAS, Transformer, engram_table_sizes
+from engram_jax.model import MOE_BIAS, Transformer, engram_table_sizes, first_engram_layer
 
 PLACEMENTS = ("device", "host", "disk")
 ROW_DIR = "table_rows"  # <workdir>/table_rows/<step>/: flat row files of the disk placement
@@ -113,6 +142,91 @@ def sample_logits(
     return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
+class DecodeStep:
+    """One decode step of `Transformer(decode=True)` wherever the tables live:
+    `step(variables, cache, tokens [B, T], positions [B, T], hash_ids [B, L_e, T, M] | None)
+    -> (logits [B, V] of the last position, masked beyond the tokenizer, cache)`.
+
+    Without `rows` (device tables, or no Engram) it is one jitted step that looks rows up itself.
+    With a `rows` gatherer (host or disk tables) it is the prefetching split step of the module
+    docstring: submit the rows, dispatch the prefix, wait for the rows, dispatch the suffix (with
+    the first Engram layer at 0: submit, wait, one program on the rows).
+    `offsets [L_e, M]` turn per-head hash ids into the flat row ids of each layer's table.
+    `wait_seconds` adds up the time spent collecting rows after the prefix was dispatched (the
+    step's blocking share; for host tables, read on this thread, the gather itself).
+    The cache argument is donated.
+    """
+
+    def __init__(
+        self,
+        model_config: config_lib.ModelConfig,
+        num_tokens: int,
+        rows: table_store.RowGatherer | None = None,
+        offsets: np.ndarray | None = None,
+    ):
+        self.decoder = Transformer(model_config, decode=True)
+        self.num_tokens = num_tokens
+        self.rows = rows
+        self.offsets = offsets
+        self.wait_seconds = 0.0
+        self.split_layer = first_engram_layer(model_config)
+        if rows is not None and (self.split_layer is None or offsets is None):
+            raise ValueError(
+                "DecodeStep: rows given for a model without Engram layers or without offsets "
+                "[L_e, M]; expected both (or rows=None for device tables)"
+            )
+        self.full = jax.jit(self._apply, donate_argnums=1)
+        if rows is not None:
+            num_layers = model_config.num_layers
+            self.prefix = jax.jit(
+                functools.partial(self._apply, layer_range=(0, self.split_layer)),
+                donate_argnums=1,
+            )
+            self.suffix = jax.jit(
+                functools.partial(self._apply, layer_range=(self.split_layer, num_layers)),
+                donate_argnums=1,
+            )
+
+    def _apply(
+        self, variables, cache, tokens_BT, positions_BT, hash_ids, rows, hidden_BTGD=None, *,
+        layer_range=None,
+    ):  # fmt: skip
+        (out, _), updated = self.decoder.apply(
+            {**variables, "cache": cache},
+            tokens_BT,
+            positions_BT,
+            None,
+            hash_ids,
+            rows,
+            mutable=["cache"],
+            hidden_BTGD=hidden_BTGD,
+            layer_range=layer_range,
+        )
+        if layer_range is not None and layer_range[1] < self.decoder.config.num_layers:
+            return out, updated["cache"]  # out: hidden streams [B, T, G, D]
+        return mask_beyond_vocab(out[:, -1], self.num_tokens), updated["cache"]
+
+    def flat_ids(self, hash_ids: np.ndarray) -> np.ndarray:
+        """`[B, L_e, T, M]` flat row ids of each layer's table (per-head ids + head offsets)."""
+        return hash_ids.astype(np.int64) + self.offsets[None, :, None, :]  # [B, L_e, T, M]
+
+    def __call__(self, variables, cache, tokens_BT, positions_BT, hash_ids):
+        if self.rows is None:
+            return self.full(variables, cache, tokens_BT, positions_BT, hash_ids, None)
+        rows_future = self.rows.submit(self.flat_ids(hash_ids))  # 1. reads start now
+        if self.split_layer == 0:
+            # Nothing but the embedding precedes the first Engram layer: one program, not two.
+            start = time.perf_counter()
+            rows = rows_future.result()  # [B, L_e, T, M, W]
+            self.wait_seconds += time.perf_counter() - start
+            return self.full(variables, cache, tokens_BT, positions_BT, None, rows)
+        hidden_BTGD, cache = self.prefix(variables, cache, tokens_BT, positions_BT, None, None)
+        start = time.perf_counter()  # 2. the prefix is dispatched, not awaited
+        rows = rows_future.result()  # 3. [B, L_e, T, M, W], needed from the first Engram layer
+        self.wait_seconds += time.perf_counter() - start
+        return self.suffix(variables, cache, tokens_BT, positions_BT, None, rows, hidden_BTGD)
+
+
 class Generator:
     """A trained model loaded from a workdir, ready to continue prompts.
 
@@ -138,6 +252,7 @@ class Generator:
             raise ValueError(f"row_cache_mib: got {row_cache_mib}; expected >= 0")
         self.table_placement = table_placement
         self.rows: table_store.RowGatherer | None = None
+        self._offsets: np.ndarray | None = None  # [L_e, M] head offsets, host and disk only
         store = checkpoint_lib.CheckpointStore(
             storage.join(workdir, "checkpoints"), create=False, cleanup_partial=False
         )
@@ -195,7 +310,8 @@ class Generator:
         self.decoder = Transformer(cfg.model, decode=True)
         self.num_tokens = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.context_length = cfg.train.seq_len
-        self._step = jax.jit(self._decode_step, donate_argnums=1)
+        self.step = DecodeStep(cfg.model, self.num_tokens, self.rows, self._offsets)
+        self._cache_shapes_by_length: dict[int, Any] = {}
 
     def _open_tables(
         self, workdir: str, memory_dir, step: int, row_cache_mib: float
@@ -222,26 +338,11 @@ class Generator:
                 sources.append(table_store.RowFile(rows_path))
         # Host tables are already in RAM: a cache would only copy rows.
         capacity = int(row_cache_mib * 2**20) if self.table_placement == "disk" else 0
-        return table_store.RowGatherer(table_store.RowCache(sources, capacity))
-
-    def _decode_step(self, variables, cache, tokens_BT, positions_BT, hash_ids, rows=None):
-        (logits_BTV, _), updated = self.decoder.apply(
-            {**variables, "cache": cache},
-            tokens_BT,
-            positions_BT,
-            None,
-            hash_ids,
-            rows,
-            mutable=["cache"],
+        # Host rows are read on the decoding thread after the prefix is dispatched (a thread hop
+        # costs more than the read); row files are read by worker threads from submit on.
+        return table_store.RowGatherer(
+            table_store.RowCache(sources, capacity), threads=self.table_placement == "disk"
         )
-        return mask_beyond_vocab(logits_BTV[:, -1], self.num_tokens), updated["cache"]
-
-    def _engram_inputs(self, hash_ids: np.ndarray | None) -> tuple[Any, Any]:
-        """`(hash_ids, None)` for device tables, `(None, rows [B, L_e, T, M, W])` otherwise."""
-        if hash_ids is None or self.rows is None:
-            return hash_ids, None
-        flat_ids = hash_ids.astype(np.int64) + self._offsets[None, :, None, :]  # [B, L_e, T, M]
-        return None, self.rows.gather(flat_ids)
 
     def _hash_ids(self, history: np.ndarray, count: int) -> np.ndarray | None:
         """Hash ids `[1, L_e, count, M]` of the last `count` tokens of `history` ([1, n])."""
@@ -252,6 +353,29 @@ class Generator:
         segments = np.ones_like(recent)
         ids = data_lib.compute_hash_ids(recent, segments, self.engram)  # [1, L_e, w, M]
         return ids[:, :, -count:]
+
+    def _cache_shapes(self, total: int) -> Any:
+        """Shapes of the decode cache for `total` positions, traced once per length (tracing the
+        model's init costs about as much as decoding dozens of tokens)."""
+        if total not in self._cache_shapes_by_length:
+            zero_ids, zero_rows = _zero_hash_ids(self.model_config, total), None
+            if self.rows is not None:
+                e = self.model_config.engram
+                zero_ids = None
+                zero_rows = jax.ShapeDtypeStruct(
+                    (1, len(e.layer_ids), total, e.num_heads, e.row_width),
+                    self.rows.cache.sources[0].dtype,
+                )
+            self._cache_shapes_by_length[total] = jax.eval_shape(
+                self.decoder.init,
+                jax.random.PRNGKey(0),
+                jax.ShapeDtypeStruct((1, total), jnp.int32),
+                None,
+                None,
+                zero_ids,
+                zero_rows,
+            )["cache"]
+        return self._cache_shapes_by_length[total]
 
     def generate(self, prompt: str, sampling: SamplingConfig) -> str:
         """Continues `prompt` by up to `sampling.max_tokens` tokens (stopping at eos)."""
@@ -281,34 +405,14 @@ class Generator:
             )
             prompt_ids = prompt_ids[:, -self.context_length :]
         total = prompt_ids.shape[1] + sampling.max_tokens
-        zero_ids, zero_rows = _zero_hash_ids(self.model_config, total), None
-        if self.rows is not None:
-            e = self.model_config.engram
-            zero_ids = None
-            zero_rows = jnp.zeros(
-                (1, len(e.layer_ids), total, e.num_heads, e.row_width),
-                self.rows.cache.sources[0].dtype,
-            )
-        cache_shapes = jax.eval_shape(
-            self.decoder.init,
-            jax.random.PRNGKey(0),
-            jnp.zeros((1, total), jnp.int32),
-            None,
-            None,
-            zero_ids,
-            zero_rows,
-        )["cache"]
+        cache_shapes = self._cache_shapes(total)
         cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
         rng = jax.random.PRNGKey(sampling.seed)
 
         history = prompt_ids
         positions = np.arange(prompt_ids.shape[1], dtype=np.int32)[None, :]
-        logits, cache = self._step(
-            self.variables,
-            cache,
-            prompt_ids,
-            positions,
-            *self._engram_inputs(self._hash_ids(history, prompt_ids.shape[1])),
+        logits, cache = self.step(
+            self.variables, cache, prompt_ids, positions, self._hash_ids(history, history.shape[1])
         )
         new_tokens = []
         for index in range(sampling.max_tokens):
@@ -323,12 +427,8 @@ class Generator:
             if index + 1 == sampling.max_tokens:
                 break
             position = np.asarray([[history.shape[1] - 1]], np.int32)
-            logits, cache = self._step(
-                self.variables,
-                cache,
-                history[:, -1:],
-                position,
-                *self._engram_inputs(self._hash_ids(history, 1)),
+            logits, cache = self.step(
+                self.variables, cache, history[:, -1:], position, self._hash_ids(history, 1)
             )
         return new_tokens
 

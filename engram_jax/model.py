@@ -40,6 +40,13 @@ def engram_table_sizes(config: ModelConfig) -> dict[int, tuple[int, ...]]:
     return {layer: tuple(p) for layer, p in primes.items()}
 
 
+def first_engram_layer(config: ModelConfig) -> int | None:
+    """The lowest Engram layer id (where a decode step first needs table rows); None without
+    Engram."""
+    layer_ids = config.engram.layer_ids if config.engram.enabled else ()
+    return min(layer_ids) if layer_ids else None
+
+
 @dataclasses.dataclass(frozen=True)
 class _Run:
     """Consecutive layers with the same structure; scanned together when `scan_layers`."""
@@ -258,6 +265,14 @@ class Transformer(nn.Module):
     collection (attention KV / MLA latent caches and Engram convolution states), then call with
     `mutable=["cache"]` on chunks with explicit positions (see `attention.py`'s protocol).
 
+    `layer_range=(start, stop)` runs only layers `[start, stop)` (both on `layer_runs`
+    boundaries; an Engram layer always is one) from `hidden [B, T, G, D]`, the streams an earlier
+    range returned (`(0, 0)` returns the embedded tokens), or from the token embedding when
+    `hidden` is None, which needs `start == 0`; when `stop < num_layers`
+    the result is `(hidden [B, T, G, D], aux)` instead of logits. Ranges that contain no Engram
+    layer need neither `hash_ids` nor `engram_rows`. `generate` splits a decode step at the first
+    Engram layer this way, so the layers before it run while the host reads the table rows.
+
     With `sow_mixing=True` every hyper-connection sows its mixing matrices into "intermediates";
     `mixing_matrices` orders them by depth for the mHC diagnostics.
     """
@@ -267,7 +282,36 @@ class Transformer(nn.Module):
     lookup_fn: Callable | None = None
     sow_mixing: bool = False
 
-    def _check_inputs(self, tokens_BT, positions_BT, segment_ids_BT, hash_ids, rows) -> None:
+    def _check_range(self, layer_range, hidden_BTGD, tokens_BT) -> tuple[int, int]:
+        """`layer_range` as `(start, stop)` (None: all layers), checked against the runs."""
+        cfg = self.config
+        if layer_range is None:
+            layer_range = (0, cfg.num_layers)
+        start, stop = (int(i) for i in layer_range)
+        starts = {run.start for run in layer_runs(cfg)} | {cfg.num_layers}
+        if not 0 <= start <= stop <= cfg.num_layers or start not in starts or stop not in starts:
+            raise ValueError(
+                f"Transformer: layer_range={tuple(layer_range)}; expected (start, stop) with "
+                f"0 <= start <= stop <= {cfg.num_layers}, both run boundaries {sorted(starts)}"
+            )
+        if hidden_BTGD is None and start > 0:
+            raise ValueError(
+                f"Transformer: hidden is None with layer_range start {start}; expected the "
+                "hidden streams [B, T, G, D] of layers [0, start) (only start 0 embeds tokens)"
+            )
+        if hidden_BTGD is not None:
+            b, t = tokens_BT.shape
+            expected = (b, t, cfg.hc.n_streams, cfg.hidden_size)
+            if tuple(hidden_BTGD.shape) != expected:
+                raise ValueError(
+                    f"Transformer: hidden has shape {tuple(hidden_BTGD.shape)}; expected "
+                    f"[B, T, G, D] = {expected}"
+                )
+        return start, stop
+
+    def _check_inputs(
+        self, tokens_BT, positions_BT, segment_ids_BT, hash_ids, rows, needs_engram=True
+    ) -> None:
         cfg = self.config
         if tokens_BT.ndim != 2:
             raise ValueError(f"Transformer: tokens has shape {tokens_BT.shape}; expected [B, T]")
@@ -294,7 +338,7 @@ class Transformer(nn.Module):
                     f"{'given' if hash_ids is not None else 'None'}); expected [B, L_e, T, M, W] = "
                     f"{expected} with Engram enabled and hash_ids None"
                 )
-        elif e.enabled:
+        elif e.enabled and (needs_engram or hash_ids is not None):
             b, t = tokens_BT.shape
             expected = (b, len(e.layer_ids), t, e.num_heads)
             if hash_ids is None or tuple(hash_ids.shape) != expected:
@@ -315,9 +359,17 @@ class Transformer(nn.Module):
         hash_ids: jax.Array | None = None,
         engram_rows: jax.Array | None = None,
         token_mask_BT: jax.Array | None = None,
+        *,
+        hidden_BTGD: jax.Array | None = None,
+        layer_range: tuple[int, int] | None = None,
     ) -> tuple[jax.Array, dict[str, Any]]:
         cfg = self.config
-        self._check_inputs(tokens_BT, positions_BT, segment_ids_BT, hash_ids, engram_rows)
+        start, stop = self._check_range(layer_range, hidden_BTGD, tokens_BT)
+        runs = [run for run in layer_runs(cfg) if start <= run.start < stop]
+        needs_engram = any(run.has_engram for run in runs)
+        self._check_inputs(
+            tokens_BT, positions_BT, segment_ids_BT, hash_ids, engram_rows, needs_engram
+        )
         if token_mask_BT is not None and tuple(token_mask_BT.shape) != tokens_BT.shape:
             raise ValueError(
                 f"Transformer: token_mask has shape {tuple(token_mask_BT.shape)}; expected "
@@ -340,13 +392,15 @@ class Transformer(nn.Module):
             param_dtype=param_dtype,
             name="embed",
         )
-        x_BTD = embed(tokens_BT)
-        x_BTGD = expand_streams(x_BTD, cfg.hc.n_streams)  # [B, T, G, D]
+        # [B, T, G, D]: the streams an earlier layer range returned, or the embedded tokens.
+        if hidden_BTGD is None:
+            hidden_BTGD = expand_streams(embed(tokens_BT), cfg.hc.n_streams)
+        x_BTGD = hidden_BTGD
 
         sizes = engram_table_sizes(cfg)
         engram_index = {layer: i for i, layer in enumerate(cfg.engram.layer_ids)}
         stats_per_run: list[tuple[_Run, dict[str, jax.Array]]] = []
-        for run in layer_runs(cfg):
+        for run in runs:
             block_kwargs = dict(
                 config=cfg,
                 layer=run.start,
@@ -382,6 +436,8 @@ class Transformer(nn.Module):
                     x_BTGD, positions_BT, segment_ids_BT, None, None, token_mask_BT
                 )
             stats_per_run.append((run, stats))
+        if stop < cfg.num_layers:
+            return x_BTGD, _collect_stats(stats_per_run)
 
         x_BTD = merge_streams(x_BTGD)  # [B, T, D]
         x_BTD = RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import json
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -204,6 +205,12 @@ class RowCache:
         unique_U, inverse_X = np.unique(rows_X.reshape(-1), return_inverse=True)
         source = self.sources[layer]
         width = source.shape[1]
+        if self.capacity_bytes == 0:
+            # No cache (host tables): every unique row is read, without per-row bookkeeping.
+            with self._lock:
+                self.requested += len(unique_U)
+                self.misses += len(unique_U)
+            return source.read(unique_U)[inverse_X].reshape(*rows_X.shape, width)
         out_UW = np.empty((len(unique_U), width), source.dtype)
         missing = []
         with self._lock:
@@ -236,33 +243,52 @@ class RowCache:
 
 
 class RowGatherer:
-    """Gathers the rows of every Engram layer for a step, the layers' reads running concurrently
-    in a small thread pool (file reads release the GIL), through one `RowCache`.
+    """Gathers the rows of every Engram layer for a step through one `RowCache`.
 
-    `submit(flat_ids)` starts the reads for `[B, L_e, T, M]` flat row ids and returns a future of
-    `[B, L_e, T, M, W]` rows, so a caller can hash, read and dispatch while other work runs.
+    `submit(flat_ids)` takes `[B, L_e, T, M]` flat row ids and returns a `PendingRows` whose
+    `result()` is the `[B, L_e, T, M, W]` rows, so a caller can dispatch device work between the
+    two. With `threads=True` (row files) the layers' reads start at `submit`, concurrently in a
+    small thread pool (file reads release the GIL). With `threads=False` (tables in host RAM) the
+    reads run on the caller's thread inside `result()`: a numpy gather of a token's rows takes
+    microseconds, less than handing it to a thread and back, and it still overlaps whatever the
+    caller dispatched to the device before calling `result()` (JAX dispatch is asynchronous).
     """
 
-    def __init__(self, cache: RowCache):
+    def __init__(self, cache: RowCache, threads: bool = True):
         self.cache = cache
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(1, len(cache.sources)), thread_name_prefix="engram-rows"
-        )
-        self._join = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engram-join")
+        self._pool = None
+        if threads:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(1, len(cache.sources)), thread_name_prefix="engram-rows"
+            )
 
-    def submit(self, flat_ids: np.ndarray) -> concurrent.futures.Future:
+    def submit(self, flat_ids: np.ndarray) -> PendingRows:
         flat_ids = np.asarray(flat_ids)
-        layers = [
-            self._pool.submit(self.cache.gather, i, flat_ids[:, i])
+        reads = [
+            functools.partial(self.cache.gather, i, flat_ids[:, i])
             for i in range(flat_ids.shape[1])
         ]
-        # A separate one-thread pool joins the layers: waiting inside the layer pool could starve it
-        return self._join.submit(lambda: np.stack([f.result() for f in layers], axis=1))
+        if self._pool is None:
+            return PendingRows(reads)
+        return PendingRows([self._pool.submit(read).result for read in reads])
 
     def gather(self, flat_ids: np.ndarray) -> np.ndarray:
         """Blocking `submit(...).result()`."""
         return self.submit(flat_ids).result()
 
     def close(self) -> None:
-        self._join.shutdown(wait=True)
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+class PendingRows:
+    """The rows of a `RowGatherer.submit`: per layer, a call that returns its `[B, T, M, W]` rows
+    (a thread's future's `result`, or the read itself), joined on the caller's thread (no join
+    thread: a thread hop costs more than reading a token's few rows)."""
+
+    def __init__(self, layers: list[Callable[[], np.ndarray]]):
+        self._layers = layers
+
+    def result(self) -> np.ndarray:
+        """`[B, L_e, T, M, W]` rows (re-raises a failed read)."""
+        return np.stack([layer() for layer in self._layers], axis=1)

@@ -222,3 +222,104 @@ def test_memory_item_round_trip_across_meshes_and_numpy_targets(tmp_path):
     handler = table_checkpoint.MemoryHandler()
     out = handler.restore(legacy, table_checkpoint.MemoryRestore({"t": np.zeros((40, 3))}))
     np.testing.assert_array_equal(np.asarray(out["t"]), expected)
+
+
+class _RecordingGatherer(table_store.RowGatherer):
+    """A real RowGatherer that also logs when rows are submitted and when they are awaited."""
+
+    def __init__(self, cache, events, threads):
+        super().__init__(cache, threads=threads)
+        self.events = events
+
+    def submit(self, flat_ids):
+        self.events.append("submit rows")
+        future = super().submit(flat_ids)
+        events = self.events
+
+        class _Logged:
+            def result(self):
+                events.append("await rows")
+                return future.result()
+
+        return _Logged()
+
+
+@pytest.mark.parametrize("threads", [True, False], ids=["disk-threads", "host-inline"])
+def test_split_decode_step_equals_the_unsplit_step_and_submits_rows_first(threads):
+    """configs/tiny.py (Engram layers 1 and 3, mHC): prefix [0, 1) then suffix [1, 4) on rows
+    gathered on the host gives the single step's logits and cache bit for bit, for the prompt and
+    for the next token; the rows of every Engram layer are submitted before the prefix is
+    dispatched and awaited only after it."""
+    config = config_lib.load_config_file(
+        os.path.join(os.path.dirname(generate_lib.__file__), "configs", "tiny.py")
+    )
+    model_config = config_lib.validate(config).model
+    e = model_config.engram
+    sizes = [generate_lib.engram_table_sizes(model_config)[layer] for layer in e.layer_ids]
+    offsets = np.stack([generate_lib.head_offsets(s) for s in sizes])  # [L_e, M]
+    rng = np.random.default_rng(0)
+    tables = [
+        rng.standard_normal((sum(s), e.row_width)).astype(np.float32) for s in sizes
+    ]  # one [R, W] table per Engram layer
+    events = []
+    gatherer = _RecordingGatherer(
+        table_store.RowCache([table_store.HostRows(t) for t in tables], 0), events, threads
+    )
+    step = generate_lib.DecodeStep(model_config, model_config.vocab_size, gatherer, offsets)
+    assert step.split_layer == 1
+    prefix, suffix = step.prefix, step.suffix
+
+    def logged(name, fn):
+        def call(*args):
+            events.append(name)
+            return fn(*args)
+
+        return call
+
+    step.prefix, step.suffix = logged("dispatch prefix", prefix), logged("dispatch suffix", suffix)
+
+    prompt, total = 5, 6
+    tokens = rng.integers(0, model_config.vocab_size, (1, total)).astype(np.int32)
+    hash_ids = np.stack(
+        [rng.integers(0, np.asarray(s), (1, total, len(s))) for s in sizes], axis=1
+    ).astype(np.int32)  # [1, L_e, T, M]
+    rows = np.stack(
+        [tables[i][step.flat_ids(hash_ids)[:, i]] for i in range(len(sizes))], axis=1
+    )  # [1, L_e, T, M, W]
+    variables = _rows_only_variables(model_config, rows[:, :, :1])
+    zero_rows = jnp.zeros((1, len(e.layer_ids), total, e.num_heads, e.row_width))
+    cache_shapes = jax.eval_shape(
+        step.decoder.init,
+        jax.random.PRNGKey(0),
+        jnp.zeros((1, total), jnp.int32),
+        None,
+        None,
+        None,
+        zero_rows,
+    )["cache"]
+
+    def fresh_cache():
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
+
+    full_cache, split_cache = fresh_cache(), fresh_cache()
+    for chunk in (slice(0, prompt), slice(prompt, total)):
+        positions = np.arange(total, dtype=np.int32)[None, chunk]
+        full_logits, full_cache = step.full(
+            variables, full_cache, tokens[:, chunk], positions, None, rows[:, :, chunk]
+        )
+        events.clear()
+        split_logits, split_cache = step(
+            variables, split_cache, tokens[:, chunk], positions, hash_ids[:, :, chunk]
+        )
+        assert events == ["submit rows", "dispatch prefix", "await rows", "dispatch suffix"]
+        np.testing.assert_array_equal(np.asarray(split_logits), np.asarray(full_logits))
+        for a, b in zip(jax.tree.leaves(split_cache), jax.tree.leaves(full_cache), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    gatherer.close()
+
+
+def _rows_only_variables(model_config, rows):
+    """Variables (params, MoE biases) of a model that reads pre-gathered rows (no tables)."""
+    model = train_lib.Transformer(model_config)
+    tokens = jnp.zeros(rows.shape[:1] + rows.shape[2:3], jnp.int32)  # [B, T]
+    return dict(model.init(jax.random.PRNGKey(3), tokens, engram_rows=jnp.asarray(rows)))

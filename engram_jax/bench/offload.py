@@ -15,19 +15,33 @@ side by side in one process:
    updates), both with `--offload_optimizer` (SGD: no table-sized optimizer state, so the run fits a
    24 GiB machine). "wait" is the share of the host run spent waiting for rows before a step could
    be dispatched (the blocking share the offload demos report).
-3. Decode offload. Greedy-style decoding of `--decode_tokens` tokens (batch 1), the table on the
-   device vs rows gathered on the host for every token (`decode_tokens_per_second`). This times the
-   bare per-token row fetch; `engram_jax.generate`'s own host/disk table placements can replace it
-   through the `decode_fn` argument of `decode_tokens_per_second`.
+3. Decode offload. Greedy batch-1 decoding of `--decode_tokens` tokens with the trained table on
+   the device vs in host RAM, through `engram_jax.generate.DecodeStep`, the step `generate` runs:
+   one jitted step with the lookup inside for device tables; for host tables the token's rows are
+   submitted to a `RowGatherer` first, the layers below the Engram layer (layer 0 here) are
+   dispatched, the rows are gathered (numpy, on the decoding thread) while they run, and the
+   layers from the Engram layer on are dispatched with them. "decode wait" is the share of
+   decoding spent in that gather. The host table is a view of the device-trained table's buffer
+   (CPU backend; a device-to-host copy on an accelerator), so the two placements' generations
+   alternate after one warm-up generation each, and the medians compare like with like.
 
-The device and host tables of part 2 never coexist (one is freed before the other is built), so
-peak RSS is about one table plus the dense model. Batches are random token and hash ids (the row
+   Why not the whole `generate.Generator`: it loads a checkpoint, so the ~1B-parameter table would
+   first be written as one (with its optimizer state at initialisation: several times the 4.3 GB
+   table in RAM and on disk) and read back per placement, which a shared 24 GiB machine does not
+   afford within a bench run. What `Generator` adds around `DecodeStep` (tokenizer, n-gram hashing
+   of the history, sampling) is the same for every placement; `engram_jax.bench.offload_decode`
+   times the whole `Generator` per placement on smaller tables (`measure_decode`).
+
+The device and host tables of part 2 never coexist (one is freed before the other is built), and
+the device table is drawn block by block, so peak RSS is about one table plus the dense model
+(5.7 GB measured at 1.07B parameters). Batches are random token and hash ids (the row
 access pattern of hashed n-grams is close to uniform). The last two lines are the summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import statistics
@@ -42,9 +56,11 @@ import optax
 
 from engram_jax import config as config_lib
 from engram_jax import data as data_lib
-from engram_jax import host_tables, optim, sparse_tables
+from engram_jax import host_tables, optim, sparse_tables, table_store
 from engram_jax import train as train_lib
 from engram_jax.bench._timing import machine_description, print_table
+from engram_jax.engram import head_offsets
+from engram_jax.generate import DecodeStep
 from engram_jax.model import Transformer, engram_table_sizes
 from engram_jax.sparse_optim import RowOptimizer
 
@@ -120,10 +136,24 @@ def _table_shape(cfg: config_lib.Config) -> tuple[int, int]:
     return int(sum(sizes)), cfg.model.engram.row_width
 
 
-def _device_table(shape: tuple[int, int]) -> jax.Array:
-    return jax.jit(lambda k: jax.random.normal(k, shape, jnp.float32), static_argnums=())(
-        jax.random.PRNGKey(1)
-    )
+def _device_table(shape: tuple[int, int], block_rows: int = 1 << 20) -> jax.Array:
+    """N(0, 1) rows drawn block by block into one donated buffer: peak is the table plus a block
+    (one `jax.random.normal` of the whole table held its random bits and temporaries too, ~4x the
+    table at 1B parameters, which a shared 24 GiB machine cannot spare)."""
+    rows, width = shape
+    block_rows = min(block_rows, rows)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def fill(table_RW, key, start):
+        block_BW = jax.random.normal(key, (block_rows, width), jnp.float32)
+        # The last block is clamped to end at the table's end (it overlaps the one before).
+        return jax.lax.dynamic_update_slice(table_RW, block_BW, (start, 0))
+
+    table_RW = jnp.zeros(shape, jnp.float32)
+    key = jax.random.PRNGKey(1)
+    for start in range(0, rows, block_rows):
+        table_RW = fill(table_RW, jax.random.fold_in(key, start), jnp.int32(start))
+    return table_RW
 
 
 def _host_table(shape: tuple[int, int], block_rows: int = 1 << 20) -> np.ndarray:
@@ -153,8 +183,14 @@ def _time_device_steps(step: Callable, state: Any, batches: list, warmup: int) -
 def table_scaling(rows_base: int, steps: int, warmup: int) -> list[dict[str, Any]]:
     """Part 1: sparse lazy Adam vs dense optax Adam at 1x and 10x the rows.
 
-    The four variants are built first and then stepped round-robin, one timed step each per
-    round, so a load change on a shared machine hits all of them alike; medians per variant.
+    The four variants are built (and warmed up) first. Then the two sizes of one update kind are
+    stepped alternately, one timed step each per round, so a load change on a shared machine hits
+    both sizes alike; medians per variant. The kinds are timed one after the other, not all four
+    round-robin: a large dense step streams the whole table, its moments and gradient (GBs) and
+    slows the step after it, which round-robin made the small sparse step in every round (the
+    x0.54 "speed-up at 10x the rows" of an earlier run; timed alone the two sparse sizes take the
+    same time). Within the dense pair the small step still follows the large one, which can only
+    understate the dense growth.
     """
     variants = []
     for factor in (1, 10):
@@ -183,8 +219,9 @@ def table_scaling(rows_base: int, steps: int, warmup: int) -> list[dict[str, Any
                 {"update": kind, "rows": shape[0], "params": shape[0] * shape[1],
                  "step": step, "state": state, "batches": batches[warmup:], "samples": []}
             )  # fmt: skip
-    for i in range(steps):
-        for v in variants:
+    for kind in ("sparse", "dense"):
+        pair = [v for v in variants if v["update"] == kind]
+        for i, v in ((i, v) for i in range(steps) for v in pair):
             start = time.perf_counter()
             v["state"], metrics = v["step"](v["state"], v["batches"][i])
             jax.block_until_ready((v["state"], metrics))
@@ -199,92 +236,97 @@ def table_scaling(rows_base: int, steps: int, warmup: int) -> list[dict[str, Any
     return results
 
 
-def decode_tokens_per_second(
-    cfg: config_lib.Config,
-    params: Any,
-    table: jax.Array | np.ndarray,
-    placement: str,
-    tokens: int,
-    decode_fn: Callable[..., float] | None = None,
-) -> float:
-    """Part 3: tokens/s of batch-1 decoding with the table on the device or in host RAM.
+def _decoder(
+    cfg: config_lib.Config, params: Any, table: jax.Array | np.ndarray, placement: str, tokens: int
+) -> tuple[DecodeStep, Callable[[], float]]:
+    """A `DecodeStep` of `placement` and a function that runs one greedy batch-1 generation of
+    `tokens` tokens and returns its seconds.
 
-    `decode_fn(cfg, params, table, placement, tokens) -> tokens/s`, when given, replaces the
-    built-in loop (e.g. one that drives `engram_jax.generate` with its table placements).
+    "device": one jitted step with the lookup inside, the table an argument. "host": the rows of
+    each token submitted to a `RowGatherer` before the layers below the Engram layer are
+    dispatched and gathered while they run, exactly as `generate --table_placement=host`. Hash ids
+    are random (fixed seed, the same for both placements) instead of hashed from the sampled
+    tokens: no tokenizer, the same row access pattern.
     """
-    if decode_fn is not None:
-        return decode_fn(cfg, params, table, placement, tokens)
     e = cfg.model.engram
     layer = e.layer_ids[0]
-    sizes = np.asarray(engram_table_sizes(cfg.model)[layer], np.int64)
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    model = Transformer(cfg.model, decode=True)
-    prompt = tokens + 1
-    rows0 = jnp.zeros((1, 1, prompt, e.num_heads, e.row_width))
-    cache = model.init(jax.random.PRNGKey(0), jnp.zeros((1, prompt), jnp.int32), engram_rows=rows0)[
-        "cache"
-    ]
-    path = sparse_tables.table_paths(cfg.model)[0]
+    offsets_1M = head_offsets(engram_table_sizes(cfg.model)[layer])[None]  # [L_e=1, M]
+    sizes_M = np.asarray(engram_table_sizes(cfg.model)[layer], np.int64)
     rng = np.random.default_rng(2)
-    ids = [rng.integers(0, sizes).astype(np.int32) for _ in range(tokens + 2)]  # [M] per token
-
+    # [T, 1, L_e=1, 1, M]: the hash ids of every position.
+    hash_ids = rng.integers(0, sizes_M, size=(tokens, 1, 1, 1, len(sizes_M))).astype(np.int32)
+    vocab = cfg.model.vocab_size
     if placement == "device":
+        path = sparse_tables.table_paths(cfg.model)[0]
         # An argument, never a closure: a captured table would be a constant of the program.
         variables = {"params": optim.merge_params(params, sparse_tables.set_path({}, path, table))}
-
-        @jax.jit
-        def device_step(variables, cache, token, position, hash_ids):
-            (logits, _), updated = model.apply(
-                {**variables, "cache": cache},
-                token,
-                position,
-                None,
-                hash_ids,
-                mutable=["cache"],
-            )
-            return jnp.argmax(logits[:, -1], axis=-1), updated["cache"]
-
-        def step(cache, token, position, hash_ids):
-            return device_step(variables, cache, token, position, hash_ids)
-
-        def feed(i):
-            return jnp.asarray(ids[i][None, None, None, :])  # [B=1, L=1, T=1, M]
+        step = DecodeStep(cfg.model, vocab)
+        init_inputs = {"hash_ids": jnp.zeros((1, 1, tokens, e.num_heads), jnp.int32)}
     else:
+        gatherer = table_store.RowGatherer(
+            table_store.RowCache([table_store.HostRows(table)], 0), threads=False
+        )  # as `generate --table_placement=host` builds it
+        variables = {"params": params}
+        step = DecodeStep(cfg.model, vocab, gatherer, offsets_1M)
+        init_inputs = {"engram_rows": jnp.zeros((1, 1, tokens, e.num_heads, e.row_width))}
+    cache_shapes = jax.eval_shape(
+        step.decoder.init, jax.random.PRNGKey(0), jnp.zeros((1, tokens), jnp.int32), **init_inputs
+    )["cache"]
 
-        @jax.jit
-        def host_step(params, cache, token, position, rows):
-            (logits, _), updated = model.apply(
-                {"params": params, "cache": cache},
-                token,
-                position,
-                None,
-                engram_rows=rows,
-                mutable=["cache"],
-            )
-            return jnp.argmax(logits[:, -1], axis=-1), updated["cache"]
+    def generation() -> float:
+        cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
+        token = np.zeros((1, 1), np.int32)
+        start = time.perf_counter()
+        for i in range(tokens):
+            position = np.full((1, 1), i, np.int32)
+            logits_BV, cache = step(variables, cache, token, position, hash_ids[i])
+            # Greedy decoding needs the token on the host before the next step can start.
+            token = np.argmax(np.asarray(logits_BV), axis=-1).astype(np.int32)[:, None]
+        return time.perf_counter() - start
 
-        def step(cache, token, position, rows):
-            return host_step(params, cache, token, position, rows)
+    return step, generation
 
-        def feed(i):
-            rows = table[ids[i] + offsets]  # host gather of this token's M rows
-            return jax.device_put(rows[None, None, None])  # [B=1, L=1, T=1, M, W]
 
-    token = jnp.zeros((1, 1), jnp.int32)
-    next_token, cache = step(cache, token, jnp.zeros((1, 1), jnp.int32), feed(0))  # compile
-    next_token.block_until_ready()
-    start = time.perf_counter()
-    for i in range(1, tokens + 1):
-        position = jnp.full((1, 1), i, jnp.int32)
-        next_token, cache = step(cache, next_token.reshape(1, 1), position, feed(i))
-        int(next_token[0])  # greedy decoding needs the token on the host before the next step
-    return tokens / (time.perf_counter() - start)
+def decode_tokens_per_second(
+    cfg: config_lib.Config, params: Any, table: jax.Array, tokens: int, repeats: int = 5
+) -> dict[str, dict[str, float]]:
+    """Part 3: greedy batch-1 decode tokens/s with the trained `table` on the device and in host
+    RAM (`_decoder`), `{"device" | "host": {"tok_s": median tokens/s, "wait": share of the
+    timed time spent waiting for rows}}`.
+
+    The host table is `np.asarray(table)`: a view of the same buffer on the CPU backend (no second
+    4 GB table), a device-to-host copy on an accelerator. Each placement runs one untimed
+    generation (compiles the step and the eager pieces of the loop; without it the first
+    placement timed pays them, which made host decoding look 4x faster than device decoding in an
+    earlier run), then timed generations alternate between the placements, so a load change on
+    a shared machine hits both alike.
+    """
+    host_table = np.asarray(table)
+    runs = {placement: _decoder(cfg, params, t, placement, tokens)
+            for placement, t in (("device", table), ("host", host_table))}  # fmt: skip
+    seconds: dict[str, list[float]] = {placement: [] for placement in runs}
+    for step, generation in runs.values():
+        generation()
+        step.wait_seconds = 0.0
+    for _ in range(repeats):
+        for placement, (_, generation) in runs.items():
+            seconds[placement].append(generation())
+    out = {}
+    for placement, (step, _) in runs.items():
+        if step.rows is not None:
+            step.rows.close()
+        out[placement] = {
+            "tok_s": tokens / statistics.median(seconds[placement]),
+            "wait": step.wait_seconds / sum(seconds[placement]),
+        }
+    return out
 
 
 def offload(
     rows_base: int, steps: int, warmup: int, optimizer: str, decode_tokens: int
 ) -> list[dict[str, Any]]:
-    """Parts 2 and 3: the same table on the device, then in host RAM."""
+    """Parts 2 and 3: training with the table on the device, then in host RAM (the two never
+    coexist); decoding with the device-trained table on the device and in host RAM, alternately."""
     cfg = _config(rows_base, 8, 128)
     shape = _table_shape(cfg)
     model = Transformer(cfg.model)
@@ -306,8 +348,8 @@ def offload(
     seconds, state = _time_device_steps(step, state, batches, warmup)
     del step
     params, table = state.params, sparse_tables.get_path(state.memory, path)
-    decode = decode_tokens_per_second(cfg, params, table, "device", decode_tokens)
-    results.append({"placement": "device", "step_s": seconds, "wait": 0.0, "decode_tok_s": decode})
+    decode = decode_tokens_per_second(cfg, params, table, decode_tokens)
+    results.append({"placement": "device", "step_s": seconds, "wait": 0.0})
     del state, table
     gc.collect()
 
@@ -328,18 +370,18 @@ def offload(
         samples.append(time.perf_counter() - start)
     elapsed = sum(samples)
     trainer.close()
-    decode = decode_tokens_per_second(cfg, params, tables.tables[path], "host", decode_tokens)
     results.append(
         {
             "placement": "host",
             "step_s": statistics.median(samples),
             "wait": trainer.wait_seconds / elapsed,
-            "decode_tok_s": decode,
         }
     )
     for row in results:
         row["params"] = shape[0] * shape[1]
         row["steps_per_s"] = 1.0 / row["step_s"]
+        row["decode_tok_s"] = decode[row["placement"]]["tok_s"]
+        row["decode_wait"] = decode[row["placement"]]["wait"]
     return results
 
 
@@ -359,7 +401,10 @@ def main(argv: list[str] | None = None) -> None:
     offloaded = offload(
         args.offload_rows_base, args.steps, args.warmup, args.offload_optimizer, args.decode_tokens
     )
-    print_table(offloaded, ["placement", "params", "step_s", "steps_per_s", "wait", "decode_tok_s"])
+    print_table(
+        offloaded,
+        ["placement", "params", "step_s", "steps_per_s", "wait", "decode_tok_s", "decode_wait"],
+    )
 
     def ratio(kind):
         small, large = (r for r in scaling if r["update"] == kind)

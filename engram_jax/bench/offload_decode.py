@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         rate = measure_decode(generator, placement, args.tokens, repeats=args.repeats)
         device_rate = device_rate or rate
         row = {"placement": placement, "tokens/s": rate, "vs device": rate / device_rate}
-        if generator.rows is not None and generator.rows.cache.requested:
+        if generator.rows is not None and generator.rows.cache.capacity_bytes:
             cache = generator.rows.cache
             row["cache hit rate"] = cache.hits / cache.requested
         rows.append(row)
