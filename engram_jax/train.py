@@ -1048,7 +1048,8 @@ def _train_locked(
             # A refused resume must leave the workdir as it was: this runs before the tokenizer
             # (or anything else) is written.
             if saved is not None:
-                model = config_lib.to_dict(config)["model"]
+                full = config_lib.to_dict(config)
+                model = full["model"]
                 model["pad_id"] = data_lib.resolve_pad_id(
                     tokenizer, cfg.model.pad_id, cfg.train.eos_token
                 )
@@ -1062,7 +1063,7 @@ def _train_locked(
                     keys_must_match=_TOKENIZER_MUST_MATCH,
                     may_differ=COMPUTE_ONLY_KEYS,
                 )
-                _check_table_training(saved, config_lib.to_dict(config))
+                _check_table_training(saved, full)
 
         setup = build_data(
             cfg,

@@ -142,8 +142,7 @@ def report(
     for budget, best in minima.items():
         lines.append(f"- budget {budget:g}x: lowest loss {best[1]:.4f} at rho = {best[0]:.3f}")
     lines += ["", f"![allocation]({png})", ""]
-    with open(f"{workdir}/{common.SUMMARY_FILE}", "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    common.write_summary(workdir, lines)
     common.write_results(
         workdir,
         NAME,

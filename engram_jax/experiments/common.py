@@ -570,6 +570,15 @@ def _train_in_subprocesses(
 # ---------------------------------------------------------------------------------------- results
 
 
+def write_summary(workdir: str, lines: Sequence[str]) -> str:
+    """Writes `summary.md` from its lines (replaced whole, like `results.json`)."""
+    path = os.path.join(workdir, SUMMARY_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def write_results(workdir: str, experiment: str, runs: list[dict[str, Any]], **extra: Any) -> str:
     path = os.path.join(workdir, RESULTS_FILE)
     payload = {"experiment": experiment, **extra, "runs": runs}

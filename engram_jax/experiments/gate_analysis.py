@@ -337,8 +337,7 @@ def report(
             f"- `{e['text']!r}`: {e['mean_gate']:.3f} ({e['count']} times)" for e in first[name]
         ]
     lines += ["", f"![gate heatmap]({heatmap_png})", "", f"![ablation]({ablation_png})", ""]
-    with open(f"{workdir}/{common.SUMMARY_FILE}", "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    common.write_summary(workdir, lines)
     common.write_results(
         workdir, NAME, runs, rho=rho, eval_tokens=eval_tokens, compression_floors=compression
     )

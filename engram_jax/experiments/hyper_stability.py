@@ -171,8 +171,7 @@ def report(
             f"{fmt([r['final_hc_col_sum_err'] for r in members])} |"
         )
     lines += ["", f"![stability]({png})", ""]
-    with open(f"{workdir}/{common.SUMMARY_FILE}", "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    common.write_summary(workdir, lines)
     common.write_results(
         workdir,
         NAME,

@@ -153,8 +153,7 @@ def report(
         f"![final bits per byte]({bpb_png})",
         "",
     ]
-    with open(f"{workdir}/{common.SUMMARY_FILE}", "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    common.write_summary(workdir, lines)
     common.write_results(
         workdir, NAME, runs, rho=rho, eval_tokens=eval_tokens, compression_floors=compression
     )
