@@ -25,11 +25,13 @@ split at the first Engram layer `s` into two jitted programs:
    the later Engram layers too.
 
 So the row reads overlap the prefix's layers. With the first Engram layer at 0 only the embedding
-would, so such a model runs one program on the collected rows instead. For host rows the overlap
-needs asynchronous dispatch: XLA:CPU runs programs as small as a batch-1 decode step on the
-dispatching thread, so on CPU the prefix has finished before that thread gathers host rows (disk
-reads, on worker threads, still overlap it), and the split costs one more program launch per token
-(BENCHMARKS.md, offload section).
+would, so such a model runs one program on the collected rows instead. The split is the default
+where it can pay: on an accelerator (the device runs the prefix while the host gathers), and for
+row files on any backend (reads wait on I/O in worker threads). With host rows on the CPU backend
+there is nothing to overlap: the prefix and the numpy gather share the same cores (XLA:CPU even
+runs programs as small as a batch-1 decode step on the dispatching thread), and the second program
+launch costs more than the microseconds of the gather, so that case submits, gathers and runs one
+program on the rows (`DecodeStep(split=)` overrides; BENCHMARKS.md, offload section, measures both).
 
 Sampling token t+1 needs the suffix's logits, so nothing of step t+1 can start before step t ends:
 the overlap is within a step, never across steps. The split is exact: prefix then suffix gives the
@@ -149,11 +151,13 @@ class DecodeStep:
 
     Without `rows` (device tables, or no Engram) it is one jitted step that looks rows up itself.
     With a `rows` gatherer (host or disk tables) it is the prefetching split step of the module
-    docstring: submit the rows, dispatch the prefix, wait for the rows, dispatch the suffix (with
-    the first Engram layer at 0: submit, wait, one program on the rows).
+    docstring: submit the rows, dispatch the prefix, wait for the rows, dispatch the suffix; or,
+    unsplit (`split=False`, or the first Engram layer at 0), submit, wait, one program on the rows.
+    `split=None` splits where the overlap can pay (module docstring): on an accelerator backend, or
+    when the gatherer reads in worker threads (row files).
     `offsets [L_e, M]` turn per-head hash ids into the flat row ids of each layer's table.
-    `wait_seconds` adds up the time spent collecting rows after the prefix was dispatched (the
-    step's blocking share; for host tables, read on this thread, the gather itself).
+    `wait_seconds` adds up the time spent collecting rows (split: after the prefix was dispatched,
+    the step's blocking share; for host tables, read on this thread, the gather itself).
     The cache argument is donated.
     """
 
@@ -163,6 +167,7 @@ class DecodeStep:
         num_tokens: int,
         rows: table_store.RowGatherer | None = None,
         offsets: np.ndarray | None = None,
+        split: bool | None = None,
     ):
         self.decoder = Transformer(model_config, decode=True)
         self.num_tokens = num_tokens
@@ -175,8 +180,11 @@ class DecodeStep:
                 "DecodeStep: rows given for a model without Engram layers or without offsets "
                 "[L_e, M]; expected both (or rows=None for device tables)"
             )
+        if rows is not None and split is None:
+            split = rows.threaded or jax.default_backend() != "cpu"
+        self.split = bool(rows is not None and split and self.split_layer > 0)
         self.full = jax.jit(self._apply, donate_argnums=1)
-        if rows is not None:
+        if self.split:
             num_layers = model_config.num_layers
             self.prefix = jax.jit(
                 functools.partial(self._apply, layer_range=(0, self.split_layer)),
@@ -214,8 +222,9 @@ class DecodeStep:
         if self.rows is None:
             return self.full(variables, cache, tokens_BT, positions_BT, hash_ids, None)
         rows_future = self.rows.submit(self.flat_ids(hash_ids))  # 1. reads start now
-        if self.split_layer == 0:
-            # Nothing but the embedding precedes the first Engram layer: one program, not two.
+        if not self.split:
+            # One program on the rows: nothing but the embedding precedes the first Engram layer,
+            # or the CPU backend with host rows (nothing to overlap).
             start = time.perf_counter()
             rows = rows_future.result()  # [B, L_e, T, M, W]
             self.wait_seconds += time.perf_counter() - start

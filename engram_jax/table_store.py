@@ -173,6 +173,12 @@ class RowFile:
             self.reads += len(rows_X)
         return out_XW
 
+    def evict_page_cache(self) -> None:
+        """Drops this file's pages from the OS page cache (`POSIX_FADV_DONTNEED`), so the next
+        reads come from the storage device: how a cold start, or the long tail of a table larger
+        than RAM, reads (a hypervisor's own cache below a VM may still serve them)."""
+        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
     def close(self) -> None:
         os.close(self._fd)
 
@@ -198,6 +204,12 @@ class RowCache:
     @property
     def cached_bytes(self) -> int:
         return self._bytes
+
+    def clear(self) -> None:
+        """Empties the cache (the counters are kept)."""
+        with self._lock:
+            self._rows.clear()
+            self._bytes = 0
 
     def gather(self, layer: int, rows_X: np.ndarray) -> np.ndarray:
         """Rows `[..., W]` of table `layer` for flat row ids `rows_X` of any shape `[...]`."""
@@ -261,6 +273,12 @@ class RowGatherer:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=max(1, len(cache.sources)), thread_name_prefix="engram-rows"
             )
+
+    @property
+    def threaded(self) -> bool:
+        """Whether reads run in worker threads from `submit` on (they can overlap device work
+        dispatched before `result()` on any backend)."""
+        return self._pool is not None
 
     def submit(self, flat_ids: np.ndarray) -> PendingRows:
         flat_ids = np.asarray(flat_ids)

@@ -136,6 +136,14 @@ def test_disk_reads_equal_unique_rows_minus_cache_hits(workdir):
         for layer in (0, 1):
             np.testing.assert_array_equal(rows[:, layer], tables[layer][ids[:, layer]])
         assert sum(r.reads for r in readers) == cache.requested - cache.hits == cache.misses
+        # A cleared cache (and a row file evicted from the page cache) reads every row again.
+        cache.clear()
+        assert cache.cached_bytes == 0
+        for reader in readers:
+            reader.evict_page_cache()
+        before = readers[0].reads
+        np.testing.assert_array_equal(gatherer.gather(ids)[:, 0], tables[0][ids[:, 0]])
+        assert readers[0].reads - before == len(np.unique(ids[:, 0]))
         gatherer.close()
 
 
@@ -249,7 +257,8 @@ def test_split_decode_step_equals_the_unsplit_step_and_submits_rows_first(thread
     """configs/tiny.py (Engram layers 1 and 3, mHC): prefix [0, 1) then suffix [1, 4) on rows
     gathered on the host gives the single step's logits and cache bit for bit, for the prompt and
     for the next token; the rows of every Engram layer are submitted before the prefix is
-    dispatched and awaited only after it."""
+    dispatched and awaited only after it. Unsplit (`split=False`), the rows are awaited before the
+    one program, with the same result."""
     config = config_lib.load_config_file(
         os.path.join(os.path.dirname(generate_lib.__file__), "configs", "tiny.py")
     )
@@ -265,18 +274,23 @@ def test_split_decode_step_equals_the_unsplit_step_and_submits_rows_first(thread
     gatherer = _RecordingGatherer(
         table_store.RowCache([table_store.HostRows(t) for t in tables], 0), events, threads
     )
-    step = generate_lib.DecodeStep(model_config, model_config.vocab_size, gatherer, offsets)
+    # The default splits where the overlap can pay: row files (threads) on any backend, host rows
+    # only off the CPU backend.
+    default = generate_lib.DecodeStep(model_config, model_config.vocab_size, gatherer, offsets)
+    assert default.split == (threads or jax.default_backend() != "cpu")
+    step = generate_lib.DecodeStep(
+        model_config, model_config.vocab_size, gatherer, offsets, split=True
+    )
     assert step.split_layer == 1
     prefix, suffix = step.prefix, step.suffix
+    unsplit = generate_lib.DecodeStep(
+        model_config, model_config.vocab_size, gatherer, offsets, split=False
+    )
+    # The same compiled program as the split step's reference (one compile less).
+    unsplit.full = _logged(events, "dispatch step", step.full)
 
-    def logged(name, fn):
-        def call(*args):
-            events.append(name)
-            return fn(*args)
-
-        return call
-
-    step.prefix, step.suffix = logged("dispatch prefix", prefix), logged("dispatch suffix", suffix)
+    step.prefix = _logged(events, "dispatch prefix", prefix)
+    step.suffix = _logged(events, "dispatch suffix", suffix)
 
     prompt, total = 5, 6
     tokens = rng.integers(0, model_config.vocab_size, (1, total)).astype(np.int32)
@@ -301,7 +315,7 @@ def test_split_decode_step_equals_the_unsplit_step_and_submits_rows_first(thread
     def fresh_cache():
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
 
-    full_cache, split_cache = fresh_cache(), fresh_cache()
+    full_cache, split_cache, unsplit_cache = fresh_cache(), fresh_cache(), fresh_cache()
     for chunk in (slice(0, prompt), slice(prompt, total)):
         positions = np.arange(total, dtype=np.int32)[None, chunk]
         full_logits, full_cache = step.full(
@@ -312,10 +326,27 @@ def test_split_decode_step_equals_the_unsplit_step_and_submits_rows_first(thread
             variables, split_cache, tokens[:, chunk], positions, hash_ids[:, :, chunk]
         )
         assert events == ["submit rows", "dispatch prefix", "await rows", "dispatch suffix"]
-        np.testing.assert_array_equal(np.asarray(split_logits), np.asarray(full_logits))
-        for a, b in zip(jax.tree.leaves(split_cache), jax.tree.leaves(full_cache), strict=True):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        events.clear()
+        unsplit_logits, unsplit_cache = unsplit(
+            variables, unsplit_cache, tokens[:, chunk], positions, hash_ids[:, :, chunk]
+        )
+        assert events == ["submit rows", "await rows", "dispatch step"]
+        for logits in (split_logits, unsplit_logits):
+            np.testing.assert_array_equal(np.asarray(logits), np.asarray(full_logits))
+        for cache in (split_cache, unsplit_cache):
+            for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(full_cache), strict=True):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     gatherer.close()
+
+
+def _logged(events, name, fn):
+    """`fn`, appending `name` to `events` at each call."""
+
+    def call(*args):
+        events.append(name)
+        return fn(*args)
+
+    return call
 
 
 def _rows_only_variables(model_config, rows):

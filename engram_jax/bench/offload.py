@@ -2,40 +2,47 @@
 
 python -m engram_jax.bench.offload                     # ~1.07B-parameter table on the host
 python -m engram_jax.bench.offload --offload_rows_base=1000000   # quick look (~128M params)
+python -m engram_jax.bench.offload --backbone=toy      # the offload parts on a 2-layer D=64 model
 
-One small Transformer (one Engram layer, W = 32, M = 4 heads, batch 8 x 128 tokens), three parts,
+One Engram layer (W = 32, M = 4 heads, batch 8 x 128 tokens) in a small Transformer, three parts,
 side by side in one process:
 
-1. Table scaling. Step time with the table at `--scale_rows_base` and 10x that many rows, same model
-   otherwise, with sparse lazy Adam (`table_update="sparse"`) and with whole-table optax Adam
-   (`"dense"`). The ratio large/small is what the sparse path removes: the dense step reads and
-   writes every row, its moments and a table-sized gradient.
-2. Training offload. Steps/s with the ~1B-parameter table on the device vs in host RAM
-   (`host_tables.HostTableTrainer`: rows of step t+1 gathered while step t runs, overlapped host
-   updates), both with `--offload_optimizer` (SGD: no table-sized optimizer state, so the run fits a
-   24 GiB machine). "wait" is the share of the host run spent waiting for rows before a step could
-   be dispatched (the blocking share the offload demos report).
+1. Table scaling (backbone "toy", so the table's cost is not hidden by the layers). Step time with
+   the table at `--scale_rows_base` and 10x that many rows, same model otherwise, with sparse lazy
+   Adam (`table_update="sparse"`) and with whole-table optax Adam (`"dense"`). The ratio
+   large/small is what the sparse path removes: the dense step reads and writes every row, its
+   moments and a table-sized gradient.
+2. Training offload (backbone `--backbone`, default "small": 8 layers, D = 512). Steps/s with the
+   ~1B-parameter table on the device vs in host RAM (`host_tables.HostTableTrainer`: rows of step
+   t+1 gathered while step t runs, overlapped host updates), both with `--offload_optimizer` (SGD:
+   no table-sized optimizer state, so the run fits a 24 GiB machine), stepped in alternating
+   blocks. "wait" is the share of the host run spent waiting for rows before a step could be
+   dispatched (the blocking share the offload demos report).
 3. Decode offload. Greedy batch-1 decoding of `--decode_tokens` tokens with the trained table on
    the device vs in host RAM, through `engram_jax.generate.DecodeStep`, the step `generate` runs:
-   one jitted step with the lookup inside for device tables; for host tables the token's rows are
-   submitted to a `RowGatherer` first, the layers below the Engram layer (layer 0 here) are
-   dispatched, the rows are gathered (numpy, on the decoding thread) while they run, and the
-   layers from the Engram layer on are dispatched with them. "decode wait" is the share of
-   decoding spent in that gather. The host table is a view of the device-trained table's buffer
-   (CPU backend; a device-to-host copy on an accelerator), so the two placements' generations
-   alternate after one warm-up generation each, and the medians compare like with like.
+   one jitted step with the lookup inside for device tables; for host tables `DecodeStep`'s
+   default ("host": on the CPU backend, gather the token's rows, then one program on them) and
+   the forced prefetching split ("host split": rows submitted, the layers below the Engram layer
+   dispatched, the rows gathered while they run, the layers from the Engram layer on dispatched
+   with them). "wait" is the share of decoding spent in the gather. The host table is a view of
+   the device-trained table's buffer (CPU backend; a device-to-host copy on an accelerator), so
+   the placements' generations alternate after one warm-up generation each, and the medians
+   compare like with like.
 
    Why not the whole `generate.Generator`: it loads a checkpoint, so the ~1B-parameter table would
    first be written as one (with its optimizer state at initialisation: several times the 4.3 GB
-   table in RAM and on disk) and read back per placement, which a shared 24 GiB machine does not
-   afford within a bench run. What `Generator` adds around `DecodeStep` (tokenizer, n-gram hashing
-   of the history, sampling) is the same for every placement; `engram_jax.bench.offload_decode`
-   times the whole `Generator` per placement on smaller tables (`measure_decode`).
+   table in RAM and on disk) and read back per placement, which a 24 GiB machine does not afford
+   within a bench run. What `Generator` adds around `DecodeStep` (tokenizer, n-gram hashing of the
+   history, sampling) is the same for every placement; `engram_jax.bench.offload_decode` times the
+   whole `Generator` per placement on smaller tables (`measure_decode`).
 
-The device and host tables of part 2 never coexist (one is freed before the other is built), and
-the device table is drawn block by block, so peak RSS is about one table plus the dense model
-(5.7 GB measured at 1.07B parameters). Batches are random token and hash ids (the row
-access pattern of hashed n-grams is close to uniform). The last two lines are the summary.
+The offload penalty is the host path's extra time per step over the step's time, so it depends on
+the backbone: the toy backbone's 0.2 ms decode step shows every microsecond of host bookkeeping,
+the small one is closer to the models the offload claim is about (a table many times the dense
+model). The device and host training tables coexist in part 2 (each drawn block by block: about
+2 x 4.3 GB plus the dense model at 1.07B parameters); the host one is freed before decoding.
+Batches are random token and hash ids (the row access pattern of hashed n-grams is close to
+uniform). The last two lines are the summary.
 """
 
 from __future__ import annotations
@@ -64,19 +71,32 @@ from engram_jax.generate import DecodeStep
 from engram_jax.model import Transformer, engram_table_sizes
 from engram_jax.sparse_optim import RowOptimizer
 
+# Backbones around the Engram layer. The offload penalty is the host's per-step cost over the
+# step's time, so it depends on the backbone: "toy" (2 layers, D = 64) has a 0.2 ms decode step on
+# this CPU, where any fixed per-token cost of the host path shows at full size; "small" (8 layers,
+# D = 512, vocabulary 8192, 34M dense parameters) keeps the proportions of the paper's offload
+# experiment (a 1B table on 34M dense parameters here, 100B on 4B or 8B there; the Engram layer
+# after the first block, as there). Both keep the same Engram layer (W = 32, M = 4 heads).
+BACKBONES = {
+    "toy": {"num_layers": 2, "hidden_size": 64, "mlp_hidden_size": 128, "vocab_size": 1024,
+            "num_heads": 2, "num_kv_heads": 1, "head_dim": 32},
+    "small": {"num_layers": 8, "hidden_size": 512, "mlp_hidden_size": 1536, "vocab_size": 8192,
+              "num_heads": 8, "num_kv_heads": 4, "head_dim": 64},
+}  # fmt: skip
 
-def _config(rows_base: int, batch: int, seq: int) -> config_lib.Config:
+
+def _config(rows_base: int, batch: int, seq: int, backbone: str = "toy") -> config_lib.Config:
+    shape = BACKBONES[backbone]
     c = config_lib.base_config()
     c.batch_size, c.seq_len = batch, seq
     m = c.model
-    m.vocab_size = 1024
-    m.num_layers = 2
-    m.hidden_size = 64
-    m.mlp_hidden_size = 128
-    m.num_dense_layers = 2
-    m.attention.num_heads = 2
-    m.attention.num_kv_heads = 1
-    m.attention.head_dim = 32
+    m.vocab_size = shape["vocab_size"]
+    m.num_layers = m.num_dense_layers = shape["num_layers"]
+    m.hidden_size = shape["hidden_size"]
+    m.mlp_hidden_size = shape["mlp_hidden_size"]
+    m.attention.num_heads = shape["num_heads"]
+    m.attention.num_kv_heads = shape["num_kv_heads"]
+    m.attention.head_dim = shape["head_dim"]
     m.engram.layer_ids = (1,)
     m.engram.max_ngram = 3
     m.engram.heads_per_ngram = 2
@@ -165,21 +185,6 @@ def _host_table(shape: tuple[int, int], block_rows: int = 1 << 20) -> np.ndarray
     return table
 
 
-def _time_device_steps(step: Callable, state: Any, batches: list, warmup: int) -> tuple[float, Any]:
-    """Median seconds per step over the timed batches (each step waited for: the median resists
-    load spikes of a shared machine), and the last state (the step donates its input)."""
-    for batch in batches[:warmup]:
-        state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    samples = []
-    for batch in batches[warmup:]:
-        start = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready((state, metrics))
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples), state
-
-
 def table_scaling(rows_base: int, steps: int, warmup: int) -> list[dict[str, Any]]:
     """Part 1: sparse lazy Adam vs dense optax Adam at 1x and 10x the rows.
 
@@ -242,11 +247,13 @@ def _decoder(
     """A `DecodeStep` of `placement` and a function that runs one greedy batch-1 generation of
     `tokens` tokens and returns its seconds.
 
-    "device": one jitted step with the lookup inside, the table an argument. "host": the rows of
-    each token submitted to a `RowGatherer` before the layers below the Engram layer are
-    dispatched and gathered while they run, exactly as `generate --table_placement=host`. Hash ids
-    are random (fixed seed, the same for both placements) instead of hashed from the sampled
-    tokens: no tokenizer, the same row access pattern.
+    "device": one jitted step with the lookup inside, the table an argument. "host": the step
+    `generate --table_placement=host` runs (`DecodeStep`'s default: on the CPU backend the rows
+    are gathered, then one program runs on them; on an accelerator the split below). "host split":
+    forced split, the rows submitted to a `RowGatherer` before the layers below the Engram layer
+    are dispatched and gathered while they run. Hash ids are random (fixed seed, the same for
+    every placement) instead of hashed from the sampled tokens: no tokenizer, the same row access
+    pattern.
     """
     e = cfg.model.engram
     layer = e.layer_ids[0]
@@ -267,7 +274,8 @@ def _decoder(
             table_store.RowCache([table_store.HostRows(table)], 0), threads=False
         )  # as `generate --table_placement=host` builds it
         variables = {"params": params}
-        step = DecodeStep(cfg.model, vocab, gatherer, offsets_1M)
+        split = True if placement == "host split" else None
+        step = DecodeStep(cfg.model, vocab, gatherer, offsets_1M, split=split)
         init_inputs = {"engram_rows": jnp.zeros((1, 1, tokens, e.num_heads, e.row_width))}
     cache_shapes = jax.eval_shape(
         step.decoder.init, jax.random.PRNGKey(0), jnp.zeros((1, tokens), jnp.int32), **init_inputs
@@ -287,12 +295,15 @@ def _decoder(
     return step, generation
 
 
+DECODE_PLACEMENTS = ("device", "host", "host split")
+
+
 def decode_tokens_per_second(
     cfg: config_lib.Config, params: Any, table: jax.Array, tokens: int, repeats: int = 5
 ) -> dict[str, dict[str, float]]:
     """Part 3: greedy batch-1 decode tokens/s with the trained `table` on the device and in host
-    RAM (`_decoder`), `{"device" | "host": {"tok_s": median tokens/s, "wait": share of the
-    timed time spent waiting for rows}}`.
+    RAM (`_decoder`), `{placement: {"tok_s": median tokens/s, "wait": share of the timed time
+    spent waiting for rows, "split": whether the step was split}}` for `DECODE_PLACEMENTS`.
 
     The host table is `np.asarray(table)`: a view of the same buffer on the CPU backend (no second
     4 GB table), a device-to-host copy on an accelerator. Each placement runs one untimed
@@ -302,8 +313,11 @@ def decode_tokens_per_second(
     a shared machine hits both alike.
     """
     host_table = np.asarray(table)
-    runs = {placement: _decoder(cfg, params, t, placement, tokens)
-            for placement, t in (("device", table), ("host", host_table))}  # fmt: skip
+    runs = {
+        placement: _decoder(cfg, params, table if placement == "device" else host_table,
+                            placement, tokens)
+        for placement in DECODE_PLACEMENTS
+    }  # fmt: skip
     seconds: dict[str, list[float]] = {placement: [] for placement in runs}
     for step, generation in runs.values():
         generation()
@@ -318,16 +332,25 @@ def decode_tokens_per_second(
         out[placement] = {
             "tok_s": tokens / statistics.median(seconds[placement]),
             "wait": step.wait_seconds / sum(seconds[placement]),
+            "split": getattr(step, "split", False),
         }
     return out
 
 
+# Training steps per placement between switches (part 2): long enough for the host trainer's
+# pipeline (rows of step t+1 gathered while step t runs) to be in its steady state.
+BLOCK_STEPS = 5
+
+
 def offload(
-    rows_base: int, steps: int, warmup: int, optimizer: str, decode_tokens: int
-) -> list[dict[str, Any]]:
-    """Parts 2 and 3: training with the table on the device, then in host RAM (the two never
-    coexist); decoding with the device-trained table on the device and in host RAM, alternately."""
-    cfg = _config(rows_base, 8, 128)
+    rows_base: int, steps: int, warmup: int, optimizer: str, decode_tokens: int, backbone: str
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+    """Parts 2 and 3: training with the table on the device and in host RAM, in alternating
+    blocks of `BLOCK_STEPS` steps (a load change on a shared machine hits both placements alike;
+    timing them one after the other gave train penalties of -1.2%, -17.0% and -16.1% for the same
+    code under load); then decoding with the device-trained table on the device and in host RAM.
+    Returns the training rows (one per placement) and `decode_tokens_per_second`'s result."""
+    cfg = _config(rows_base, 8, 128, backbone)
     shape = _table_shape(cfg)
     model = Transformer(cfg.model)
     path = sparse_tables.table_paths(cfg.model)[0]
@@ -335,54 +358,67 @@ def offload(
     dense_tx = optax.adamw(1e-3)
     schedule = optax.constant_schedule(1e-3)
     table_opt = RowOptimizer(kind=optimizer, learning_rate=1e-2)
-    results = []
 
-    state = _dense_state(cfg, dense_tx)
+    # Both placements' tables coexist here (2 x 4.3 GB at 1B parameters): the interleaving
+    # needs both, and each is drawn block by block.
     memory = sparse_tables.set_path({}, path, _device_table(shape))
-    state = state.replace(memory=memory, memory_opt_state=table_opt.init(memory))
+    device = {
+        "state": _dense_state(cfg, dense_tx).replace(
+            memory=memory, memory_opt_state=table_opt.init(memory)
+        ),
+        "step": jax.jit(
+            sparse_tables.make_sparse_train_step(model, dense_tx, table_opt, schedule),
+            donate_argnums=0,
+        ),
+    }
     del memory
-    step = jax.jit(
-        sparse_tables.make_sparse_train_step(model, dense_tx, table_opt, schedule),
-        donate_argnums=0,
-    )
-    seconds, state = _time_device_steps(step, state, batches, warmup)
-    del step
-    params, table = state.params, sparse_tables.get_path(state.memory, path)
-    decode = decode_tokens_per_second(cfg, params, table, decode_tokens)
-    results.append({"placement": "device", "step_s": seconds, "wait": 0.0})
-    del state, table
+    host = {
+        "state": _dense_state(cfg, dense_tx),
+        "trainer": host_tables.HostTableTrainer(
+            host_tables.HostTables({path: _host_table(shape)}, table_opt),
+            jax.jit(sparse_tables.make_row_grad_step(model, dense_tx, schedule)),
+        ),
+    }
+
+    def run_device(i: int) -> None:
+        device["state"], metrics = device["step"](device["state"], batches[i])
+        jax.block_until_ready((device["state"], metrics))
+
+    def run_host(i: int) -> None:
+        following = batches[i + 1]["memory_ids"] if i + 1 < len(batches) else None
+        host["state"], metrics = host["trainer"](host["state"], batches[i], following)
+        jax.block_until_ready(metrics)
+
+    runs = {"device": run_device, "host": run_host}
+    for i in range(warmup):
+        for run in runs.values():
+            run(i)
+    host["trainer"].wait_seconds = 0.0
+    samples: dict[str, list[float]] = {placement: [] for placement in runs}
+    for first in range(warmup, len(batches), BLOCK_STEPS):
+        for placement, run in runs.items():
+            for i in range(first, min(first + BLOCK_STEPS, len(batches))):
+                start = time.perf_counter()
+                run(i)
+                samples[placement].append(time.perf_counter() - start)
+    host["trainer"].close()
+    host_wait = host["trainer"].wait_seconds / sum(samples["host"])
+    host.clear()  # frees the host table before decoding
     gc.collect()
 
-    tables = host_tables.HostTables({path: _host_table(shape)}, table_opt)
-    row_step = jax.jit(sparse_tables.make_row_grad_step(model, dense_tx, schedule))
-    trainer = host_tables.HostTableTrainer(tables, row_step)
-    host_state = _dense_state(cfg, dense_tx)
-    for i, batch in enumerate(batches[:warmup]):
-        host_state, metrics = trainer(host_state, batch, batches[i + 1]["memory_ids"])
-    jax.block_until_ready(metrics)
-    trainer.wait_seconds = 0.0
-    samples = []
-    for i in range(warmup, len(batches)):
-        following = batches[i + 1]["memory_ids"] if i + 1 < len(batches) else None
-        start = time.perf_counter()
-        host_state, metrics = trainer(host_state, batches[i], following)
-        jax.block_until_ready(metrics)
-        samples.append(time.perf_counter() - start)
-    elapsed = sum(samples)
-    trainer.close()
-    results.append(
-        {
-            "placement": "host",
-            "step_s": statistics.median(samples),
-            "wait": trainer.wait_seconds / elapsed,
-        }
-    )
-    for row in results:
-        row["params"] = shape[0] * shape[1]
-        row["steps_per_s"] = 1.0 / row["step_s"]
-        row["decode_tok_s"] = decode[row["placement"]]["tok_s"]
-        row["decode_wait"] = decode[row["placement"]]["wait"]
-    return results
+    state = device.pop("state")
+    params, table = state.params, sparse_tables.get_path(state.memory, path)
+    decode = decode_tokens_per_second(cfg, params, table, decode_tokens)
+    del state, table
+    gc.collect()
+    results = [
+        {"placement": placement, "params": shape[0] * shape[1]}
+        | {"step_s": statistics.median(samples[placement])}
+        | {"steps_per_s": 1.0 / statistics.median(samples[placement])}
+        | {"wait": host_wait if placement == "host" else 0.0}
+        for placement in runs
+    ]
+    return results, decode
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -390,6 +426,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale_rows_base", type=int, default=100_000)
     parser.add_argument("--offload_rows_base", type=int, default=(1 << 30) // 32 // 4)
     parser.add_argument("--offload_optimizer", default="sgd", choices=("sgd", "adagrad"))
+    parser.add_argument(
+        "--backbone", default="small", choices=sorted(BACKBONES),
+        help="dense layers around the Engram layer in parts 2 and 3 (part 1 always uses 'toy')",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--decode_tokens", type=int, default=64)
@@ -398,13 +438,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {machine_description()}; load {os.getloadavg()[0]:.1f}")
     scaling = table_scaling(args.scale_rows_base, args.steps, args.warmup)
     print_table(scaling, ["update", "rows", "params", "step_s"])
-    offloaded = offload(
-        args.offload_rows_base, args.steps, args.warmup, args.offload_optimizer, args.decode_tokens
-    )
+    trained, decoded = offload(
+        args.offload_rows_base, args.steps, args.warmup, args.offload_optimizer,
+        args.decode_tokens, args.backbone,
+    )  # fmt: skip
+    print(f"backbone {args.backbone!r}: {BACKBONES[args.backbone]}")
+    print_table(trained, ["placement", "params", "step_s", "steps_per_s", "wait"])
     print_table(
-        offloaded,
-        ["placement", "params", "step_s", "steps_per_s", "wait", "decode_tok_s", "decode_wait"],
+        [{"placement": p} | decoded[p] for p in DECODE_PLACEMENTS],
+        ["placement", "split", "tok_s", "wait"],
     )
+    print(f"load {os.getloadavg()[0]:.1f}")
 
     def ratio(kind):
         small, large = (r for r in scaling if r["update"] == kind)
@@ -412,9 +456,9 @@ def main(argv: list[str] | None = None) -> None:
 
     sparse_ratio, rows_ratio = ratio("sparse")
     dense_ratio, _ = ratio("dense")
-    device, host = offloaded
+    device, host = trained
     train_penalty = 100.0 * (host["step_s"] / device["step_s"] - 1.0)
-    decode_penalty = 100.0 * (device["decode_tok_s"] / host["decode_tok_s"] - 1.0)
+    decode_penalty = 100.0 * (decoded["device"]["tok_s"] / decoded["host"]["tok_s"] - 1.0)
     print(
         f"table scaling: train step x{sparse_ratio:.2f} at {rows_ratio:.0f}x the rows (sparse), "
         f"x{dense_ratio:.1f} (dense)"

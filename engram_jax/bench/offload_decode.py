@@ -5,10 +5,13 @@ python -m engram_jax.bench.offload_decode --workdir=/tmp/engram_tiny --tokens=64
 python -m engram_jax.bench.offload_decode --rows_per_head=161600 --engram_layers=1 --demo_width \
     --make_workdir=/tmp/big_table   # a workdir to measure `generate`'s peak RSS per placement
 
-`measure_decode(workdir, placement, tokens)` is the piece other benchmarks reuse (e.g. the decode
-half of `engram_jax.bench.offload`). Each placement decodes the same prompt greedily after one
-warm-up generation (compiles); the table reports the median of `--repeats` timed generations, the
-ratio to device tables, and, for disk, the cache hit rate. Without `--workdir` a checkpoint of
+`measure_decode(workdir, placement, tokens)` times one placement. Each placement decodes the same
+prompt greedily after one warm-up generation (compiles); the table reports the median of
+`--repeats` timed generations, the ratio to device tables, the share of the timed time the step
+waited for rows, and, for disk, the cache hit rate. The placement `disk-cold` is `disk` with the
+row file evicted from the OS page cache and the row cache emptied before every generation, so
+every row comes from the storage device (`RowFile.evict_page_cache`): the cold-start case, and the
+per-row latency the long tail of a table larger than RAM pays. Without `--workdir` a checkpoint of
 freshly initialised weights is written first (`make_workdir`); throughput does not depend on them.
 """
 
@@ -16,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.util
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import ml_collections
 import numpy as np
@@ -29,7 +34,7 @@ import numpy as np
 from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import config as config_lib
 from engram_jax import generate as generate_lib
-from engram_jax import sharding
+from engram_jax import sharding, table_store
 from engram_jax import train as train_lib
 from engram_jax.bench._timing import machine_description, print_table
 
@@ -65,9 +70,12 @@ def measure_decode(
     *,
     repeats: int = 3,
     row_cache_mib: float = 256.0,
-) -> float:
-    """Greedy decode tokens/s (median of `repeats` generations of `tokens` tokens, after one
-    warm-up generation) with the tables at `placement` ("device", "host" or "disk")."""
+    before_each: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """Greedy decode with the tables at `placement` ("device", "host" or "disk"): one warm-up
+    generation, then `repeats` timed generations of `tokens` tokens. Returns `{"tokens_per_s":
+    median rate, "wait": share of the timed time the step waited for rows (0 for device)}`.
+    `before_each` runs before every generation, untimed (e.g. to evict the row file)."""
     generator = workdir_or_generator
     if isinstance(generator, str):
         generator = generate_lib.Generator(
@@ -75,19 +83,28 @@ def measure_decode(
         )
     sampling = generate_lib.SamplingConfig(max_tokens=tokens, temperature=0.0)
     prompt = np.asarray(generator.tokenizer.encode(PROMPT).ids, np.int32)
+    if before_each is not None:
+        before_each()
     generator.generate_ids(prompt, sampling)  # compiles prefill and step
-    rates = []
+    if generator.rows is not None:
+        generator.step.wait_seconds = 0.0
+    rates, seconds = [], 0.0
     for _ in range(repeats):
+        if before_each is not None:
+            before_each()
         start = time.perf_counter()
         produced = generator.generate_ids(prompt, sampling)
+        elapsed = time.perf_counter() - start
+        seconds += elapsed
         # An early eos still counts the step that produced it.
-        rates.append((len(produced) + 1) / (time.perf_counter() - start))
-    return statistics.median(rates)
+        rates.append((len(produced) + 1) / elapsed)
+    wait = generator.step.wait_seconds / seconds if generator.rows is not None else 0.0
+    return {"tokens_per_s": statistics.median(rates), "wait": wait}
 
 
 def _tiny_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     """configs/tiny.py with `--rows_per_head` table rows per head."""
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.py")
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
     spec = importlib.util.spec_from_file_location("tiny_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -116,7 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--demo_width", action="store_true", help="8 heads per order of 64-wide rows (the demo's)"
     )
-    parser.add_argument("--placements", default="device,host,disk")
+    parser.add_argument(
+        "--placements", default="device,host,disk,disk-cold", help="comma-separated; see above"
+    )
     parser.add_argument(
         "--make_workdir", default="", help="only write a fresh workdir at this path and exit"
     )
@@ -131,17 +150,35 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# workdir {workdir}; {args.tokens} tokens x {args.repeats} repeats, greedy")
     rows, device_rate = [], None
     for placement in args.placements.split(","):
+        cold = placement == "disk-cold"
         generator = generate_lib.Generator(
-            workdir, table_placement=placement, row_cache_mib=args.row_cache_mib
+            workdir,
+            table_placement="disk" if cold else placement,
+            row_cache_mib=args.row_cache_mib,
         )
-        rate = measure_decode(generator, placement, args.tokens, repeats=args.repeats)
+        before_each = functools.partial(_evict, generator.rows) if cold else None
+        start = time.perf_counter()
+        timing = measure_decode(
+            generator, placement, args.tokens, repeats=args.repeats, before_each=before_each
+        )
+        rate = timing["tokens_per_s"]
         device_rate = device_rate or rate
         row = {"placement": placement, "tokens/s": rate, "vs device": rate / device_rate}
-        if generator.rows is not None and generator.rows.cache.capacity_bytes:
+        if generator.rows is not None:
+            row["wait"] = timing["wait"]
             cache = generator.rows.cache
-            row["cache hit rate"] = cache.hits / cache.requested
+            if cache.capacity_bytes:
+                row["cache hit rate"] = cache.hits / cache.requested
         rows.append(row)
-    print_table(rows, ["placement", "tokens/s", "vs device", "cache hit rate"])
+        print(f"# {placement}: {time.perf_counter() - start:.0f} s", flush=True)
+    print_table(rows, ["placement", "tokens/s", "vs device", "wait", "cache hit rate"])
+
+
+def _evict(rows: table_store.RowGatherer) -> None:
+    """Empties the row cache and drops the row files from the OS page cache."""
+    rows.cache.clear()
+    for source in rows.cache.sources:
+        source.evict_page_cache()
 
 
 if __name__ == "__main__":
