@@ -79,8 +79,11 @@ class HostTables:
     def from_memory(
         cls, memory: Any, memory_opt_state: Any, paths: Sequence[Path], opt: RowOptimizer
     ) -> HostTables:
-        """From a (device or numpy) memory tree and its row-optimizer state tree."""
+        """From a (device or numpy) memory tree and its row-optimizer state tree (empty: fresh
+        optimizer state). Numpy tables are used in place, not copied."""
         tables = {p: np.asarray(jax.device_get(get_path(memory, p))) for p in paths}
+        if not memory_opt_state:
+            return cls(tables, opt)
         state = {
             p: {k: np.asarray(jax.device_get(v)) for k, v in get_path(memory_opt_state, p).items()}
             for p in paths
@@ -340,8 +343,8 @@ class HostPlacement:
                 "are single-process (use table_placement='device' on multi-host runs)"
             )
         paths = table_paths(cfg.model)
-        # The tables were initialised on the device like device placement's (same values); they
-        # move to host RAM and the device copies are dropped with the old state.
+        # `state` comes from `create_train_state(..., table_placement="host")`: numpy tables with
+        # the device placement's values, no table optimizer state (fresh here).
         self.tables = HostTables.from_memory(state.memory, state.memory_opt_state, paths, table_opt)
         self.state = state_without_tables(state)
         self.shardings = state_without_tables(shardings)
@@ -376,8 +379,11 @@ class HostPlacement:
         return self._eval(state, batch, self.trainer.rows_for(ids))
 
     def memory_item(self) -> dict[str, Any]:
+        """The live tables, after every queued update: `CheckpointStore.save` writes the memory
+        item before it returns, so no snapshot (a table-sized copy per save) is needed; the
+        worker only reads the tables until the next step."""
         self.trainer.flush()
-        return self.tables.memory_item(copy=True)
+        return self.tables.memory_item(copy=False)
 
     def abstract_memory_item(self) -> dict[str, Any]:
         """Restore target: numpy-shaped, so orbax restores into host memory."""

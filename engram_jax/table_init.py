@@ -174,3 +174,16 @@ def init_tables(
         for path, leaf in flat.items()
     }
     return traverse_util.unflatten_dict(built, sep="/") if built else {}
+
+
+def init_host_tables(
+    rng: jax.Array, abstract_tables: Mapping[str, Any], std: float
+) -> dict[str, Any]:
+    """`init_tables` for host RAM: every table as a numpy array (`init_host_table`, the same
+    values as on a device), built one at a time, block by block."""
+    flat = traverse_util.flatten_dict(dict(abstract_tables), sep="/")
+    built = {
+        path: init_host_table(table_key(rng, path), leaf.shape, leaf.dtype, std)
+        for path, leaf in flat.items()
+    }
+    return traverse_util.unflatten_dict(built, sep="/") if built else {}

@@ -475,9 +475,17 @@ def create_train_state(
     cfg: config_lib.Config,
     txs: tuple[optax.GradientTransformation, optax.GradientTransformation],
     mesh: jax.sharding.Mesh,
+    *,
+    table_placement: str = "device",
 ) -> tuple[TrainState, Any]:
     """Initialises the state directly into its shardings (abstract shapes first, nothing
-    full-size on one device) and returns it with the state's sharding tree."""
+    full-size on one device) and returns it with the state's sharding tree.
+
+    With `table_placement="host"` the tables are numpy arrays in host RAM with the same values
+    (`table_init.init_host_tables`, block by block) and the state holds no table optimizer state
+    (`memory_opt_state={}`: `host_tables.HostTables` keeps its own), so nothing table-sized is
+    ever built on a device: host tables are for tables that do not fit there.
+    """
 
     batch_shards = sharding.batch_shards(mesh)
 
@@ -489,14 +497,19 @@ def create_train_state(
     shardings = sharding.tree_shardings(abstract, mesh)
     # The tables leave the jitted init (XLA drops their unused generation) and are built in row
     # chunks per shard: a whole-table normal costs ~4x the table in memory (table_init.py).
-    without_tables = shardings.replace(memory={})
+    on_host = table_placement == "host"
+    dropped = {"memory": {}, "memory_opt_state": {}} if on_host else {"memory": {}}
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
         state = jax.jit(
-            lambda key: nn.meta.unbox(init(key)).replace(memory={}), out_shardings=without_tables
+            lambda key: nn.meta.unbox(init(key)).replace(**dropped),
+            out_shardings=shardings.replace(**dropped),
         )(rng)
-    memory = table_init.init_tables(
-        rng, nn.meta.unbox(abstract.memory), shardings.memory, cfg.model.engram.table_init_std
-    )
+    std = cfg.model.engram.table_init_std
+    abstract_tables = nn.meta.unbox(abstract.memory)
+    if on_host:
+        memory = table_init.init_host_tables(rng, abstract_tables, std)
+    else:
+        memory = table_init.init_tables(rng, abstract_tables, shardings.memory, std)
     return state.replace(memory=memory), shardings
 
 
@@ -1082,15 +1095,21 @@ def _train_locked(
         logger.info("model:\n%s", format_accounting(accounting))
 
         dense_tx, memory_tx, schedule = make_optimizers(cfg)
-        state, shardings = create_train_state(model, cfg, (dense_tx, memory_tx), mesh)
+        on_host = t.table_placement == "host" and cfg.model.engram.enabled
+        if on_host and jax.process_count() > 1:
+            raise config_lib.ConfigError(
+                f"config.table_placement: got 'host' with {jax.process_count()} processes; "
+                "host tables are single-process (use table_placement='device' on multi-host runs)"
+            )
+        state, shardings = create_train_state(
+            model,
+            cfg,
+            (dense_tx, memory_tx),
+            mesh,
+            table_placement="host" if on_host else "device",
+        )
         host = None
-        if t.table_placement == "host" and cfg.model.engram.enabled:
-            if jax.process_count() > 1:
-                raise config_lib.ConfigError(
-                    f"config.table_placement: got 'host' with {jax.process_count()} processes; "
-                    "host tables are single-process (use table_placement='device' on multi-host "
-                    "runs)"
-                )
+        if on_host:
             host = host_tables.HostPlacement(
                 model, cfg, state, shardings, dense_tx, memory_tx, schedule, mesh
             )

@@ -179,9 +179,9 @@ def test_row_optimizers_match_numpy_reference(kind):
 
 
 def test_host_placement_matches_device_placement_over_ten_steps():
-    """Same batches, same lazy Adam: tables on the device vs in host RAM with prefetch. The tiny
-    tables make consecutive steps share most rows, so the patch of prefetched rows is exercised
-    (a stale read would change the losses)."""
+    """Same batches, same lazy Adam: tables on the device vs in host RAM with prefetch, each
+    initialised where it lives (same values). The tiny tables make consecutive steps share most
+    rows, so the patch of prefetched rows is exercised (a stale read would change the losses)."""
     from engram_jax import host_tables
 
     cfg = config_lib.validate(_tiny_model_config())
@@ -201,11 +201,24 @@ def test_host_placement_matches_device_placement_over_ten_steps():
         device_losses.append(float(metrics["train_loss"]))
 
     paths = sparse_tables.table_paths(cfg.model)
-    tables = host_tables.HostTables.from_memory(state.memory, state.memory_opt_state, paths, opt)
+    # The trainer's host start: numpy tables with the device values, built without the device.
+    host_start, _ = train_lib.create_train_state(
+        model, cfg, (dense_tx, opt), mesh, table_placement="host"
+    )
+    assert host_start.memory_opt_state == {}
+    for p in paths:
+        host_table = sparse_tables.get_path(host_start.memory, p)
+        assert isinstance(host_table, np.ndarray)
+        np.testing.assert_array_equal(
+            host_table, np.asarray(sparse_tables.get_path(state.memory, p))
+        )
+    tables = host_tables.HostTables.from_memory(
+        host_start.memory, host_start.memory_opt_state, paths, opt
+    )
     trainer = host_tables.HostTableTrainer(
         tables, jax.jit(sparse_tables.make_row_grad_step(model, dense_tx, schedule))
     )
-    host_state, host_losses = host_tables.state_without_tables(state), []
+    host_state, host_losses = host_tables.state_without_tables(host_start), []
     for i, batch in enumerate(batches):
         next_ids = batches[i + 1]["memory_ids"] if i + 1 < len(batches) else None
         host_state, metrics = trainer(host_state, batch, next_ids)
