@@ -277,8 +277,10 @@ def test_eight_devices_match_one_device(corpus, tmp_path):
     for step, loss in reference.items():
         # Same maths, different reduction order across devices (and per-device row groups of the
         # sparse table update): measured at most 8.2e-8 relative (1 ulp of the loss) on this mesh
-        # and 1.6e-7 on data=1 x tensor=2, sparse or dense tables, dropless or capacity MoE.
-        assert abs(mesh_losses[step] - loss) <= 5e-7 * abs(loss), step
+        # and 1.6e-7 on data=1 x tensor=2, sparse or dense tables, dropless or capacity MoE. A
+        # shard skipping one row's update moves step 4 by 2.2e-6, so 1e-6 catches it with room
+        # for another CPU's rounding.
+        assert abs(mesh_losses[step] - loss) <= 1e-6 * abs(loss), step
 
     # The 8-device checkpoint restores onto this one-device mesh and training continues.
     config = _mesh_comparison_config(corpus)
