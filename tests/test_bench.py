@@ -11,7 +11,7 @@ from engram_jax.bench import offload
 def test_offload_bench_prints_its_two_summary_lines(capsys):
     offload.main(
         ["--scale_rows_base=500", "--offload_rows_base=2000", "--steps=2", "--warmup=1",
-         "--decode_tokens=3", "--backbone=toy"]
+         "--decode_tokens=3", "--decode_repeats=2", "--backbone=toy"]
     )  # fmt: skip
     lines = capsys.readouterr().out.strip().splitlines()
     scaling = re.fullmatch(
