@@ -138,10 +138,16 @@ class RowFile:
     """Rows of a flat row file read with `os.pread`, one call per row; `reads` counts rows read.
 
     Reads go through the OS page cache, not this process's memory; the row cache above bounds
-    what this process holds.
+    what this process holds. A call for several rows spreads them over up to `read_threads`
+    threads (file reads release the GIL): a storage device serves concurrent random reads in about
+    the time of one, where one thread pays every read's latency in turn (a token's 16 cold rows:
+    `BENCHMARKS.md`). Rows in the page cache take microseconds either way; `read_threads=1`
+    reads on the calling thread.
     """
 
-    def __init__(self, rows_path: str):
+    def __init__(self, rows_path: str, read_threads: int = 8):
+        if read_threads < 1:
+            raise ValueError(f"RowFile: read_threads={read_threads}; expected >= 1")
         meta_path = rows_path[: -len(".rows")] + ".json"
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -157,21 +163,40 @@ class RowFile:
             )
         self._fd = os.open(rows_path, os.O_RDONLY)
         self._lock = threading.Lock()
+        self._pool = None
+        if read_threads > 1:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=read_threads, thread_name_prefix="engram-row-file"
+            )
+        self._threads = read_threads
         self.reads = 0
 
     def read(self, rows_X: np.ndarray) -> np.ndarray:
+        rows_X = np.asarray(rows_X).reshape(-1)
         out_XW = np.empty((len(rows_X), self.shape[1]), self.dtype)
         view = memoryview(out_XW.reshape(-1).view(np.uint8))
-        for i, row in enumerate(rows_X):
-            offset = int(row) * self._row_bytes
-            got = os.preadv(
-                self._fd, [view[i * self._row_bytes : (i + 1) * self._row_bytes]], offset
-            )
-            if got != self._row_bytes:
-                raise OSError(f"short read of row {int(row)} ({got} of {self._row_bytes} bytes)")
+        if self._pool is None or len(rows_X) < 2:
+            self._read_into(view, rows_X, 0)
+        else:
+            # Contiguous slices of the request, one per thread.
+            bounds = np.linspace(0, len(rows_X), min(self._threads, len(rows_X)) + 1).astype(int)
+            jobs = [
+                self._pool.submit(self._read_into, view, rows_X[a:b], a)
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+            ]
+            for job in jobs:
+                job.result()
         with self._lock:
             self.reads += len(rows_X)
         return out_XW
+
+    def _read_into(self, view: memoryview, rows_X: np.ndarray, first: int) -> None:
+        """Reads `rows_X` into rows `first, first + 1, ...` of the output buffer `view`."""
+        size = self._row_bytes
+        for i, row in enumerate(rows_X.tolist(), start=first):
+            got = os.preadv(self._fd, [view[i * size : (i + 1) * size]], row * size)
+            if got != size:
+                raise OSError(f"short read of row {row} ({got} of {size} bytes)")
 
     def evict_page_cache(self) -> None:
         """Drops this file's pages from the OS page cache (`POSIX_FADV_DONTNEED`), so the next
@@ -180,6 +205,8 @@ class RowFile:
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         os.close(self._fd)
 
 

@@ -112,6 +112,14 @@ def test_disk_reads_equal_unique_rows_minus_cache_hits(workdir):
         generate_lib.Generator(workdir, table_placement="disk")
     sources = [table_store.RowFile(os.path.join(rows_dir, f"layer_{i}.rows")) for i in (0, 1)]
     tables = [s.read(np.arange(s.shape[0])) for s in sources]
+    # Rows spread over threads land in request order, as read on the calling thread.
+    serial = table_store.RowFile(os.path.join(rows_dir, "layer_0.rows"), read_threads=1)
+    ids = np.random.default_rng(5).integers(0, serial.shape[0], 37)
+    np.testing.assert_array_equal(sources[0].read(ids), serial.read(ids))
+    np.testing.assert_array_equal(serial.read(ids), tables[0][ids])
+    serial.close()
+    with pytest.raises(ValueError, match="read_threads=0"):
+        table_store.RowFile(os.path.join(rows_dir, "layer_0.rows"), read_threads=0)
     row_bytes = tables[0].shape[1] * 4
     for capacity_rows in (0, 7, 50):
         readers = [table_store.RowFile(os.path.join(rows_dir, f"layer_{i}.rows")) for i in (0, 1)]
