@@ -379,9 +379,9 @@ class HostPlacement:
         return self._eval(state, batch, self.trainer.rows_for(ids))
 
     def memory_item(self) -> dict[str, Any]:
-        """The live tables, after every queued update: `CheckpointStore.save` writes the memory
-        item before it returns, so no snapshot (a table-sized copy per save) is needed; the
-        worker only reads the tables until the next step."""
+        """The live tables, after every queued update (no worker job is pending after `flush`):
+        `CheckpointStore.save` writes the memory item before it returns, so no snapshot (a
+        table-sized copy per save) is needed."""
         self.trainer.flush()
         return self.tables.memory_item(copy=False)
 

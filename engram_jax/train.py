@@ -497,6 +497,10 @@ def create_train_state(
     shardings = sharding.tree_shardings(abstract, mesh)
     # The tables leave the jitted init (XLA drops their unused generation) and are built in row
     # chunks per shard: a whole-table normal costs ~4x the table in memory (table_init.py).
+    if table_placement not in ("device", "host"):
+        raise ValueError(
+            f"create_train_state: table_placement={table_placement!r}; expected 'device' or 'host'"
+        )
     on_host = table_placement == "host"
     dropped = {"memory": {}, "memory_opt_state": {}} if on_host else {"memory": {}}
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):

@@ -302,7 +302,8 @@ def paired_ratio(times: list[float], reference: list[float]) -> dict[str, Any]:
     """Median of `times[i] / reference[i]` over pairs timed next to each other (the same step, or
     the same round of generations), with the interquartile range of those ratios: a drift of the
     machine's speed between rounds cancels within each pair, where a ratio of two medians keeps
-    it (two runs of the same code gave decode penalties of 7.9% and 2.6% that way)."""
+    it. Run-to-run noise remains (decode penalties of 4.5% and 1.5% in two runs of the same code,
+    interquartile ranges about +-4%), so the range is printed with the ratio."""
     ratios = [t / r for t, r in zip(times, reference, strict=True)]
     low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     return {"vs_device": statistics.median(ratios), "iqr": f"{low:.3f}-{high:.3f}"}
@@ -451,9 +452,9 @@ def main(argv: list[str] | None = None) -> None:
         "--backbone", default="small", choices=sorted(BACKBONES),
         help="dense layers around the Engram layer in parts 2 and 3 (part 1 always uses 'toy')",
     )  # fmt: skip
-    # Per-step and per-token differences between placements are a few percent, like this
-    # machine's drift between runs: 20 steps (4 blocks of 5 per placement) and 15 alternating
-    # generations per decode placement keep the medians' spread below that.
+    # Per-step and per-token differences between placements are a few percent, about this
+    # machine's drift within a run: 20 steps (4 blocks of 5 per placement) and 15 rounds of
+    # generations give paired ratios whose printed interquartile range says how far to trust them.
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--decode_tokens", type=int, default=64)
