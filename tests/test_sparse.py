@@ -206,6 +206,8 @@ def test_host_placement_matches_device_placement_over_ten_steps():
         model, cfg, (dense_tx, opt), mesh, table_placement="host"
     )
     assert host_start.memory_opt_state == {}
+    with pytest.raises(ValueError, match="table_placement='disk'"):
+        train_lib.create_train_state(model, cfg, (dense_tx, opt), mesh, table_placement="disk")
     for p in paths:
         host_table = sparse_tables.get_path(host_start.memory, p)
         assert isinstance(host_table, np.ndarray)
