@@ -139,8 +139,8 @@ class RowFile:
 
     Reads go through the OS page cache, not this process's memory; the row cache above bounds
     what this process holds. A call for several rows spreads them over up to `read_threads`
-    threads (file reads release the GIL): a storage device serves concurrent random reads in about
-    the time of one, where one thread pays every read's latency in turn (a token's 16 cold rows:
+    threads (file reads release the GIL): a storage device serves concurrent random reads largely
+    in parallel, where one thread pays every read's latency in turn (a token's 16 cold rows:
     `BENCHMARKS.md`). Rows in the page cache take microseconds either way; `read_threads=1`
     reads on the calling thread.
     """
