@@ -386,6 +386,18 @@ class Generator:
             )["cache"]
         return self._cache_shapes_by_length[total]
 
+    def close(self) -> None:
+        """Releases the host and disk placements' row readers (worker threads, open row files);
+        the generator cannot generate afterwards. Also `with Generator(...) as generator:`."""
+        if self.rows is not None:
+            self.rows.close()
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
     def generate(self, prompt: str, sampling: SamplingConfig) -> str:
         """Continues `prompt` by up to `sampling.max_tokens` tokens (stopping at eos)."""
         prompt_ids = self._encode(prompt).astype(np.int32)  # [P]
@@ -463,22 +475,22 @@ def main(argv: list[str]) -> None:
         )
     if f.top_k < 0:
         raise app.UsageError(f"--top_k: got {f.top_k}; expected >= 0 (0 keeps all)")
-    generator = Generator(
+    with Generator(
         f.workdir, step=f.step, table_placement=f.table_placement, row_cache_mib=f.row_cache_mib
-    )
-    if f.top_k > generator.num_tokens:
-        raise app.UsageError(
-            f"--top_k: got {f.top_k}; expected 0 (keep all) to the tokenizer's "
-            f"{generator.num_tokens} tokens"
+    ) as generator:
+        if f.top_k > generator.num_tokens:
+            raise app.UsageError(
+                f"--top_k: got {f.top_k}; expected 0 (keep all) to the tokenizer's "
+                f"{generator.num_tokens} tokens"
+            )
+        sampling = SamplingConfig(
+            max_tokens=f.max_tokens or generator.config.generate_max_tokens,
+            temperature=f.temperature,
+            top_k=f.top_k,
+            top_p=f.top_p,
+            seed=f.seed,
         )
-    sampling = SamplingConfig(
-        max_tokens=f.max_tokens or generator.config.generate_max_tokens,
-        temperature=f.temperature,
-        top_k=f.top_k,
-        top_p=f.top_p,
-        seed=f.seed,
-    )
-    print(f.prompt + generator.generate(f.prompt, sampling))
+        print(f.prompt + generator.generate(f.prompt, sampling))
 
 
 def _define_flags() -> None:

@@ -161,6 +161,7 @@ class RowFile:
                 f"{rows_path}: {size} bytes; expected {expected} for a {self.shape} "
                 f"{self.dtype} table (delete it to convert the checkpoint table again)"
             )
+        self.path = rows_path
         self._fd = os.open(rows_path, os.O_RDONLY)
         self._lock = threading.Lock()
         self._pool = None
@@ -172,6 +173,8 @@ class RowFile:
         self.reads = 0
 
     def read(self, rows_X: np.ndarray) -> np.ndarray:
+        if self._fd < 0:
+            raise ValueError(f"{self.path}: row file is closed")
         rows_X = np.asarray(rows_X).reshape(-1)
         out_XW = np.empty((len(rows_X), self.shape[1]), self.dtype)
         view = memoryview(out_XW.reshape(-1).view(np.uint8))
@@ -205,9 +208,12 @@ class RowFile:
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
+        """Stops the read threads and closes the file (again: nothing to do)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-        os.close(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class RowCache:
@@ -328,8 +334,12 @@ class RowGatherer:
         return self.submit(flat_ids).result()
 
     def close(self) -> None:
+        """Stops the worker threads and closes the sources that hold files (`RowFile`)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        for source in self.cache.sources:
+            if hasattr(source, "close"):
+                source.close()
 
 
 class PendingRows:

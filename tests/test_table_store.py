@@ -55,15 +55,20 @@ def test_greedy_output_identical_on_device_host_and_disk(workdir):
     sampling = generate_lib.SamplingConfig(max_tokens=10, temperature=0.0)
     outputs = {}
     for placement in generate_lib.PLACEMENTS:
-        generator = generate_lib.Generator(workdir, table_placement=placement, row_cache_mib=0.01)
-        prompt = np.asarray(generator.tokenizer.encode("the memory table maps").ids, np.int32)
-        outputs[placement] = generator.generate_ids(prompt, sampling)
+        with generate_lib.Generator(
+            workdir, table_placement=placement, row_cache_mib=0.01
+        ) as generator:
+            prompt = np.asarray(generator.tokenizer.encode("the memory table maps").ids, np.int32)
+            outputs[placement] = generator.generate_ids(prompt, sampling)
         if placement == "disk":
             cache = generator.rows.cache
             reads = sum(source.reads for source in cache.sources)
             assert reads == cache.requested - cache.hits > 0
             # A 10 KiB cache holds 160 rows of 16 floats: later tokens hit rows read earlier.
             assert cache.hits > 0 and cache.cached_bytes <= 0.01 * 2**20
+            # Leaving the `with` closed the row files.
+            with pytest.raises(ValueError, match="layer_0.rows: row file is closed"):
+                cache.sources[0].read(np.arange(2))
     assert len(outputs["device"]) == 10
     assert outputs["host"] == outputs["device"]
     assert outputs["disk"] == outputs["device"]

@@ -78,9 +78,12 @@ def measure_decode(
     `before_each` runs before every generation, untimed (e.g. to evict the row file)."""
     generator = workdir_or_generator
     if isinstance(generator, str):
-        generator = generate_lib.Generator(
+        with generate_lib.Generator(
             generator, table_placement=placement, row_cache_mib=row_cache_mib
-        )
+        ) as opened:
+            return measure_decode(
+                opened, placement, tokens, repeats=repeats, before_each=before_each
+            )
     sampling = generate_lib.SamplingConfig(max_tokens=tokens, temperature=0.0)
     prompt = np.asarray(generator.tokenizer.encode(PROMPT).ids, np.int32)
     if before_each is not None:
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
             if cache.capacity_bytes:
                 row["cache hit rate"] = cache.hits / cache.requested
         rows.append(row)
+        generator.close()
         print(f"# {placement}: {time.perf_counter() - start:.0f} s", flush=True)
     print_table(rows, ["placement", "tokens/s", "vs device", "wait", "cache hit rate"])
 
