@@ -174,6 +174,7 @@ class DecodeStep:
         self.rows = rows
         self.offsets = offsets
         self.wait_seconds = 0.0
+        self._cache_shapes: dict[int, Any] = {}  # decode cache shapes per length
         self.split_layer = first_engram_layer(model_config)
         if rows is not None and (self.split_layer is None or offsets is None):
             raise ValueError(
@@ -213,6 +214,33 @@ class DecodeStep:
         if layer_range is not None and layer_range[1] < self.decoder.config.num_layers:
             return out, updated["cache"]  # out: hidden streams [B, T, G, D]
         return mask_beyond_vocab(out[:, -1], self.num_tokens), updated["cache"]
+
+    def empty_cache(self, total: int) -> Any:
+        """A zero decode cache for `total` positions of one sequence. Its shapes are traced once
+        per length (tracing the model's init costs about as much as decoding dozens of tokens),
+        with the inputs this step gives the model: pre-gathered rows, or hash ids."""
+        if total not in self._cache_shapes:
+            e = self.decoder.config.engram
+            hash_ids = rows = None
+            if self.rows is not None:
+                rows = jax.ShapeDtypeStruct(
+                    (1, len(e.layer_ids), total, e.num_heads, e.row_width),
+                    self.rows.cache.sources[0].dtype,
+                )  # [B, L_e, T, M, W]
+            elif e.enabled:
+                hash_ids = jax.ShapeDtypeStruct(
+                    (1, len(e.layer_ids), total, e.num_heads), jnp.int32
+                )  # [B, L_e, T, M]
+            self._cache_shapes[total] = jax.eval_shape(
+                self.decoder.init,
+                jax.random.PRNGKey(0),
+                jax.ShapeDtypeStruct((1, total), jnp.int32),
+                None,
+                None,
+                hash_ids,
+                rows,
+            )["cache"]
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._cache_shapes[total])
 
     def flat_ids(self, hash_ids: np.ndarray) -> np.ndarray:
         """`[B, L_e, T, M]` flat row ids of each layer's table (per-head ids + head offsets)."""
@@ -320,7 +348,6 @@ class Generator:
         self.num_tokens = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.context_length = cfg.train.seq_len
         self.step = DecodeStep(cfg.model, self.num_tokens, self.rows, self._offsets)
-        self._cache_shapes_by_length: dict[int, Any] = {}
 
     def _open_tables(
         self, workdir: str, memory_dir, step: int, row_cache_mib: float
@@ -363,29 +390,6 @@ class Generator:
         ids = data_lib.compute_hash_ids(recent, segments, self.engram)  # [1, L_e, w, M]
         return ids[:, :, -count:]
 
-    def _cache_shapes(self, total: int) -> Any:
-        """Shapes of the decode cache for `total` positions, traced once per length (tracing the
-        model's init costs about as much as decoding dozens of tokens)."""
-        if total not in self._cache_shapes_by_length:
-            zero_ids, zero_rows = _zero_hash_ids(self.model_config, total), None
-            if self.rows is not None:
-                e = self.model_config.engram
-                zero_ids = None
-                zero_rows = jax.ShapeDtypeStruct(
-                    (1, len(e.layer_ids), total, e.num_heads, e.row_width),
-                    self.rows.cache.sources[0].dtype,
-                )
-            self._cache_shapes_by_length[total] = jax.eval_shape(
-                self.decoder.init,
-                jax.random.PRNGKey(0),
-                jax.ShapeDtypeStruct((1, total), jnp.int32),
-                None,
-                None,
-                zero_ids,
-                zero_rows,
-            )["cache"]
-        return self._cache_shapes_by_length[total]
-
     def close(self) -> None:
         """Releases the host and disk placements' row readers (worker threads, open row files);
         the generator cannot generate afterwards. Also `with Generator(...) as generator:`."""
@@ -426,8 +430,7 @@ class Generator:
             )
             prompt_ids = prompt_ids[:, -self.context_length :]
         total = prompt_ids.shape[1] + sampling.max_tokens
-        cache_shapes = self._cache_shapes(total)
-        cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
+        cache = self.step.empty_cache(total)
         rng = jax.random.PRNGKey(sampling.seed)
 
         history = prompt_ids
@@ -452,13 +455,6 @@ class Generator:
                 self.variables, cache, history[:, -1:], position, self._hash_ids(history, 1)
             )
         return new_tokens
-
-
-def _zero_hash_ids(model_config: config_lib.ModelConfig, length: int) -> jax.Array | None:
-    e = model_config.engram
-    if not e.enabled:
-        return None
-    return jnp.zeros((1, len(e.layer_ids), length, e.num_heads), jnp.int32)
 
 
 def main(argv: list[str]) -> None:

@@ -314,21 +314,7 @@ def test_split_decode_step_equals_the_unsplit_step_and_submits_rows_first(thread
         [tables[i][step.flat_ids(hash_ids)[:, i]] for i in range(len(sizes))], axis=1
     )  # [1, L_e, T, M, W]
     variables = _rows_only_variables(model_config, rows[:, :, :1])
-    zero_rows = jnp.zeros((1, len(e.layer_ids), total, e.num_heads, e.row_width))
-    cache_shapes = jax.eval_shape(
-        step.decoder.init,
-        jax.random.PRNGKey(0),
-        jnp.zeros((1, total), jnp.int32),
-        None,
-        None,
-        None,
-        zero_rows,
-    )["cache"]
-
-    def fresh_cache():
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
-
-    full_cache, split_cache, unsplit_cache = fresh_cache(), fresh_cache(), fresh_cache()
+    full_cache, split_cache, unsplit_cache = (step.empty_cache(total) for _ in range(3))
     for chunk in (slice(0, prompt), slice(prompt, total)):
         positions = np.arange(total, dtype=np.int32)[None, chunk]
         full_logits, full_cache = step.full(

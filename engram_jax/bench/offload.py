@@ -255,8 +255,7 @@ def _decoder(
     every placement) instead of hashed from the sampled tokens: no tokenizer, the same row access
     pattern.
     """
-    e = cfg.model.engram
-    layer = e.layer_ids[0]
+    layer = cfg.model.engram.layer_ids[0]
     offsets_1M = head_offsets(engram_table_sizes(cfg.model)[layer])[None]  # [L_e=1, M]
     sizes_M = np.asarray(engram_table_sizes(cfg.model)[layer], np.int64)
     rng = np.random.default_rng(2)
@@ -268,7 +267,6 @@ def _decoder(
         # An argument, never a closure: a captured table would be a constant of the program.
         variables = {"params": optim.merge_params(params, sparse_tables.set_path({}, path, table))}
         step = DecodeStep(cfg.model, vocab)
-        init_inputs = {"hash_ids": jnp.zeros((1, 1, tokens, e.num_heads), jnp.int32)}
     else:
         gatherer = table_store.RowGatherer(
             table_store.RowCache([table_store.HostRows(table)], 0), threads=False
@@ -276,13 +274,9 @@ def _decoder(
         variables = {"params": params}
         split = True if placement == "host split" else None
         step = DecodeStep(cfg.model, vocab, gatherer, offsets_1M, split=split)
-        init_inputs = {"engram_rows": jnp.zeros((1, 1, tokens, e.num_heads, e.row_width))}
-    cache_shapes = jax.eval_shape(
-        step.decoder.init, jax.random.PRNGKey(0), jnp.zeros((1, tokens), jnp.int32), **init_inputs
-    )["cache"]
 
     def generation() -> float:
-        cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
+        cache = step.empty_cache(tokens)
         token = np.zeros((1, 1), np.int32)
         start = time.perf_counter()
         for i in range(tokens):
