@@ -7,7 +7,7 @@ every item has committed, so a step directory is either complete or absent):
 - `state/`: the dense pytree (params without tables, optimizer state, step, MoE bias, ...), orbax
   `StandardCheckpointHandler` (tensorstore/OCDBT, sharded, any dtype).
 - `memory/`: the Engram tables and their optimizer state, written and read in row blocks by
-  `table_checkpoint.MemoryHandler` (bounded memory; orbax's standard layout of older checkpoints
+  `memory_item.MemoryHandler` (bounded memory; orbax's standard layout of older checkpoints
   still restores); omitted when the tree has no leaves and restored as `{}`.
 - `data/process_<i>-of-<n>.json`: each process's input-iterator state, the same file layout as
   `grain.checkpoint.CheckpointHandler` but taking a JSON dict instead of a live iterator.
@@ -33,7 +33,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from engram_jax import table_checkpoint
+from engram_jax.tables import memory_item
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class CheckpointStore:
             options=options,
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
-                "memory": table_checkpoint.MemoryHandler(),
+                "memory": memory_item.MemoryHandler(),
                 "data": _ProcessJsonHandler(),
                 "meta": ocp.JsonCheckpointHandler(),
             },
@@ -229,7 +229,7 @@ class CheckpointStore:
         items: dict[str, ocp.args.CheckpointArgs] = {"state": ocp.args.StandardSave(state)}
         if jax.tree.leaves(memory):
             # Written synchronously in row blocks from the live arrays: no host snapshot.
-            items["memory"] = table_checkpoint.MemorySave(memory)
+            items["memory"] = memory_item.MemorySave(memory)
         if data_state is not None:
             _check_json(data_state, "data_state", step)
             items["data"] = _DataSave(dict(data_state))
@@ -441,7 +441,7 @@ class CheckpointStore:
                 args = (
                     ocp.args.StandardRestore(abstract_state)
                     if item == "state"
-                    else table_checkpoint.MemoryRestore(abstract_memory)
+                    else memory_item.MemoryRestore(abstract_memory)
                 )
                 result[item] = self._restore_item(step, item, args)
         logger.info("restored checkpoint step %d items %s", step, tuple(items))

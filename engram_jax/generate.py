@@ -6,7 +6,7 @@ as the training pipeline hashes whole sequences.
 
 `--table_placement` chooses where the Engram tables live: `device` (restored into accelerator
 memory, looked up inside the step), `host` (numpy in host RAM) or `disk` (a flat row file beside
-the checkpoints, `table_store.py`, read through an LRU row cache of `--row_cache_mib`). With
+the checkpoints, `tables/row_files.py`, read through an LRU row cache of `--row_cache_mib`). With
 `host` and `disk` the host gathers each step's rows and the model runs on the pre-gathered rows.
 
 Prefetch (`DecodeStep`, host and disk placements). Row addresses depend only on the tokens, so the
@@ -56,11 +56,12 @@ import numpy as np
 from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import config as config_lib
 from engram_jax import data as data_lib
-from engram_jax import optim, storage, table_checkpoint, table_store
+from engram_jax import optim, storage
 from engram_jax import train as train_lib
 from engram_jax.engram import head_offsets
 from engram_jax.hashing import tokenizer_fingerprint
 from engram_jax.model import MOE_BIAS, Transformer, engram_table_sizes, first_engram_layer
+from engram_jax.tables import memory_item, row_files
 
 PLACEMENTS = ("device", "host", "disk")
 ROW_DIR = "table_rows"  # <workdir>/table_rows/<step>/: flat row files of the disk placement
@@ -165,7 +166,7 @@ class DecodeStep:
         self,
         model_config: config_lib.ModelConfig,
         num_tokens: int,
-        rows: table_store.RowGatherer | None = None,
+        rows: row_files.RowGatherer | None = None,
         offsets: np.ndarray | None = None,
         split: bool | None = None,
     ):
@@ -288,7 +289,7 @@ class Generator:
         if not row_cache_mib >= 0:
             raise ValueError(f"row_cache_mib: got {row_cache_mib}; expected >= 0")
         self.table_placement = table_placement
-        self.rows: table_store.RowGatherer | None = None
+        self.rows: row_files.RowGatherer | None = None
         self._offsets: np.ndarray | None = None  # [L_e, M] head offsets, host and disk only
         store = checkpoint_lib.CheckpointStore(
             storage.join(workdir, "checkpoints"), create=False, cleanup_partial=False
@@ -325,7 +326,7 @@ class Generator:
         saved_step = metadata[checkpoint_lib.RESERVED_META_KEY]["step"]
         memory_dir = store.directory / str(saved_step) / "memory"
         # Inference needs the tables, not their optimizer state (2x the tables under Adam).
-        tables_only = (memory_dir / table_checkpoint.INDEX_FILE).exists()
+        tables_only = (memory_dir / memory_item.INDEX_FILE).exists()
         restored = store.restore(
             step,
             abstract_state=abstract_dense,
@@ -337,7 +338,7 @@ class Generator:
         if offloaded:
             self.rows = self._open_tables(workdir, memory_dir, saved_step, row_cache_mib)
         elif tables_only and self.engram is not None:
-            memory = table_checkpoint.restore_memory(
+            memory = memory_item.restore_memory(
                 memory_dir, {"tables": abstract_memory["tables"]}, partial=True
             )["tables"]
         store.close()
@@ -351,7 +352,7 @@ class Generator:
 
     def _open_tables(
         self, workdir: str, memory_dir, step: int, row_cache_mib: float
-    ) -> table_store.RowGatherer:
+    ) -> row_files.RowGatherer:
         """Row readers of every Engram layer's table, in `layer_ids` order, behind one cache."""
         e = self.model_config.engram
         sizes = engram_table_sizes(self.model_config)
@@ -360,24 +361,24 @@ class Generator:
         sources = []
         for layer in e.layer_ids:
             path = (f"layer_{layer}", "engram", "table")
-            array = table_store.open_checkpoint_table(memory_dir, path)
+            array = row_files.open_checkpoint_table(memory_dir, path)
             if self.table_placement == "host":
-                sources.append(table_store.HostRows(table_store.load_host_table(array)))
+                sources.append(row_files.HostRows(row_files.load_host_table(array)))
             else:
-                rows_path = table_store.write_row_file(
+                rows_path = row_files.write_row_file(
                     array,
                     os.path.join(workdir, ROW_DIR, str(step)),
                     f"layer_{layer}",
                     step=step,
-                    source=table_store.memory_array_name(path),
+                    source=row_files.memory_array_name(path),
                 )
-                sources.append(table_store.RowFile(rows_path))
+                sources.append(row_files.RowFile(rows_path))
         # Host tables are already in RAM: a cache would only copy rows.
         capacity = int(row_cache_mib * 2**20) if self.table_placement == "disk" else 0
         # Host rows are read on the decoding thread after the prefix is dispatched (a thread hop
         # costs more than the read); row files are read by worker threads from submit on.
-        return table_store.RowGatherer(
-            table_store.RowCache(sources, capacity), threads=self.table_placement == "disk"
+        return row_files.RowGatherer(
+            row_files.RowCache(sources, capacity), threads=self.table_placement == "disk"
         )
 
     def _hash_ids(self, history: np.ndarray, count: int) -> np.ndarray | None:

@@ -200,7 +200,7 @@ def memory_optimizer(
     lists these values as unverified (secondary transcriptions only), so they are arguments. This is
     dense Adam over the whole table: rows not looked up this step get zero gradient, but their
     moments still decay and their momentum update is still applied. Row-wise sparse updates live in
-    `sparse_tables.py` (the default, `table_update="sparse"`).
+    `tables/device_step.py` (the default, `table_update="sparse"`).
 
     `clip_norm`, when set, clips the global norm of the memory gradients alone; the dense clip in
     `dense_optimizer` does not see the tables, because the two trees have separate optimizer states.

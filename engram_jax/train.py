@@ -34,23 +34,20 @@ from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import config as config_lib
 from engram_jax import corpus as corpus_lib
 from engram_jax import data as data_lib
+from engram_jax import metrics as metrics_lib
 from engram_jax import (
-    host_tables,
     optim,
     preemption,
     profiling,
     sharding,
-    sparse_optim,
-    sparse_tables,
     storage,
-    table_init,
 )
-from engram_jax import metrics as metrics_lib
 from engram_jax import plot as plot_lib
 from engram_jax.accounting import account, format_accounting
 from engram_jax.hashing import tokenizer_fingerprint
 from engram_jax.mhc import amax_gain, mixing_stats
 from engram_jax.model import MOE_BIAS, Transformer, cross_entropy_loss, mixing_matrices
+from engram_jax.tables import device_step, host_tables, initializers, row_optim
 from engram_jax.workdir_lock import WorkdirLock
 
 logger = logging.getLogger(__name__)
@@ -402,7 +399,7 @@ class ShardedBatches:
 
 def make_optimizers(cfg: config_lib.Config) -> tuple[optax.GradientTransformation, ...]:
     """Dense AdamW and the Engram tables' optimizer (docs/design.md §1.11): a row-wise
-    `sparse_optim.RowOptimizer` with `table_update="sparse"`, else whole-table optax Adam."""
+    `row_optim.RowOptimizer` with `table_update="sparse"`, else whole-table optax Adam."""
     t = cfg.train
     schedule = optim.learning_rate_schedule(
         t.learning_rate,
@@ -421,7 +418,7 @@ def make_optimizers(cfg: config_lib.Config) -> tuple[optax.GradientTransformatio
         clip_norm=t.clip_norm or None,
     )
     if t.table_update == "sparse" and cfg.model.engram.enabled:
-        return dense, sparse_optim.from_config(cfg, schedule), schedule
+        return dense, row_optim.from_config(cfg, schedule), schedule
     memory = optim.memory_optimizer(
         schedule,
         lr_multiplier=cfg.model.engram.table_lr_multiplier,
@@ -482,7 +479,7 @@ def create_train_state(
     full-size on one device) and returns it with the state's sharding tree.
 
     With `table_placement="host"` the tables are numpy arrays in host RAM with the same values
-    (`table_init.init_host_tables`, block by block) and the state holds no table optimizer state
+    (`initializers.init_host_tables`, block by block) and the state holds no table optimizer state
     (`memory_opt_state={}`: `host_tables.HostTables` keeps its own), so nothing table-sized is
     ever built on a device: host tables are for tables that do not fit there.
     """
@@ -496,7 +493,7 @@ def create_train_state(
     abstract = jax.eval_shape(init, rng)
     shardings = sharding.tree_shardings(abstract, mesh)
     # The tables leave the jitted init (XLA drops their unused generation) and are built in row
-    # chunks per shard: a whole-table normal costs ~4x the table in memory (table_init.py).
+    # chunks per shard: a whole-table normal costs ~4x the table in memory (tables/initializers.py).
     if table_placement not in ("device", "host"):
         raise ValueError(
             f"create_train_state: table_placement={table_placement!r}; expected 'device' or 'host'"
@@ -511,9 +508,9 @@ def create_train_state(
     std = cfg.model.engram.table_init_std
     abstract_tables = nn.meta.unbox(abstract.memory)
     if on_host:
-        memory = table_init.init_host_tables(rng, abstract_tables, std)
+        memory = initializers.init_host_tables(rng, abstract_tables, std)
     else:
-        memory = table_init.init_tables(rng, abstract_tables, shardings.memory, std)
+        memory = initializers.init_tables(rng, abstract_tables, shardings.memory, std)
     return state.replace(memory=memory), shardings
 
 
@@ -540,8 +537,8 @@ def make_train_step(
     """The pure step: loss, gradients of dense and memory parameters, both optimizer updates and
     the MoE bias update (inside `apply`, outside the gradient). Jit it once at the call site."""
     dense_tx, memory_tx = txs
-    if isinstance(memory_tx, sparse_optim.RowOptimizer):
-        return sparse_tables.make_sparse_train_step(model, dense_tx, memory_tx, schedule)
+    if isinstance(memory_tx, row_optim.RowOptimizer):
+        return device_step.make_sparse_train_step(model, dense_tx, memory_tx, schedule)
 
     def loss_fn(params, memory, moe_bias, batch):
         variables = {"params": optim.merge_params(params, memory), MOE_BIAS: moe_bias}

@@ -12,10 +12,10 @@ import pytest
 
 from engram_jax import config as config_lib
 from engram_jax import data as data_lib
-from engram_jax import sparse_tables
 from engram_jax import train as train_lib
 from engram_jax.model import Transformer, engram_table_sizes
-from engram_jax.sparse_optim import RowOptimizer
+from engram_jax.tables import device_step
+from engram_jax.tables.row_optim import RowOptimizer
 
 
 def _tiny_model_config():
@@ -100,9 +100,7 @@ def test_sparse_sgd_equals_dense_sgd_exactly():
 
     sparse_opt = RowOptimizer(kind="sgd", learning_rate=lr)
     sparse_state = state.replace(memory_opt_state=sparse_opt.init(state.memory))
-    sparse_step = jax.jit(
-        sparse_tables.make_sparse_train_step(model, dense_tx, sparse_opt, schedule)
-    )
+    sparse_step = jax.jit(device_step.make_sparse_train_step(model, dense_tx, sparse_opt, schedule))
     sparse_state, sparse_metrics = sparse_step(sparse_state, batch)
     chex.assert_trees_all_equal(sparse_state.memory, dense_state.memory)
     chex.assert_trees_all_equal(sparse_state.params, dense_state.params)
@@ -148,7 +146,7 @@ def test_row_optimizers_match_numpy_reference(kind):
     state = opt.init_numpy(rows, width)
     ref_table = table.astype(np.float64)
     ref_state = {k: v.astype(np.float64 if k != "count" else v.dtype) for k, v in state.items()}
-    update = jax.jit(sparse_tables.update_table, static_argnums=0)
+    update = jax.jit(device_step.update_table, static_argnums=0)
     dev_table, dev_state = jnp.asarray(table), jax.tree.map(jnp.asarray, state)
     for step in range(steps):
         # Each group's ids are distinct (host dedup) but groups collide with each other; rows
@@ -182,7 +180,7 @@ def test_host_placement_matches_device_placement_over_ten_steps():
     """Same batches, same lazy Adam: tables on the device vs in host RAM with prefetch, each
     initialised where it lives (same values). The tiny tables make consecutive steps share most
     rows, so the patch of prefetched rows is exercised (a stale read would change the losses)."""
-    from engram_jax import host_tables
+    from engram_jax.tables import host_tables
 
     cfg = config_lib.validate(_tiny_model_config())
     model = Transformer(cfg.model)
@@ -194,13 +192,13 @@ def test_host_placement_matches_device_placement_over_ten_steps():
     rng = np.random.default_rng(3)
     batches = [_batch(cfg, rng) for _ in range(10)]
 
-    device_step = jax.jit(sparse_tables.make_sparse_train_step(model, dense_tx, opt, schedule))
+    on_device_step = jax.jit(device_step.make_sparse_train_step(model, dense_tx, opt, schedule))
     device_state, device_losses = state, []
     for batch in batches:
-        device_state, metrics = device_step(device_state, batch)
+        device_state, metrics = on_device_step(device_state, batch)
         device_losses.append(float(metrics["train_loss"]))
 
-    paths = sparse_tables.table_paths(cfg.model)
+    paths = device_step.table_paths(cfg.model)
     # The trainer's host start: numpy tables with the device values, built without the device.
     host_start, _ = train_lib.create_train_state(
         model, cfg, (dense_tx, opt), mesh, table_placement="host"
@@ -209,16 +207,14 @@ def test_host_placement_matches_device_placement_over_ten_steps():
     with pytest.raises(ValueError, match="table_placement='disk'"):
         train_lib.create_train_state(model, cfg, (dense_tx, opt), mesh, table_placement="disk")
     for p in paths:
-        host_table = sparse_tables.get_path(host_start.memory, p)
+        host_table = device_step.get_path(host_start.memory, p)
         assert isinstance(host_table, np.ndarray)
-        np.testing.assert_array_equal(
-            host_table, np.asarray(sparse_tables.get_path(state.memory, p))
-        )
+        np.testing.assert_array_equal(host_table, np.asarray(device_step.get_path(state.memory, p)))
     tables = host_tables.HostTables.from_memory(
         host_start.memory, host_start.memory_opt_state, paths, opt
     )
     trainer = host_tables.HostTableTrainer(
-        tables, jax.jit(sparse_tables.make_row_grad_step(model, dense_tx, schedule))
+        tables, jax.jit(device_step.make_row_grad_step(model, dense_tx, schedule))
     )
     host_state, host_losses = host_tables.state_without_tables(host_start), []
     for i, batch in enumerate(batches):
@@ -231,9 +227,9 @@ def test_host_placement_matches_device_placement_over_ten_steps():
         # Adam divides by sqrt(nu): rows with near-zero gradients amplify float noise; a stale
         # read would be off by a whole step (lr ~ 5e-3 .. 5e-2).
         np.testing.assert_allclose(
-            tables.tables[p], np.asarray(sparse_tables.get_path(device_state.memory, p)), atol=2e-4
+            tables.tables[p], np.asarray(device_step.get_path(device_state.memory, p)), atol=2e-4
         )
-        device_count = sparse_tables.get_path(device_state.memory_opt_state, p)["count"]
+        device_count = device_step.get_path(device_state.memory_opt_state, p)["count"]
         np.testing.assert_array_equal(tables.state[p]["count"], np.asarray(device_count))
     # The checkpoint item has the device placement's layout (a checkpoint moves between them).
     item = tables.memory_item()

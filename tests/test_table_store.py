@@ -16,8 +16,9 @@ import pytest
 from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import config as config_lib
 from engram_jax import generate as generate_lib
-from engram_jax import sharding, table_checkpoint, table_init, table_store
+from engram_jax import sharding
 from engram_jax import train as train_lib
+from engram_jax.tables import initializers, memory_item, row_files
 from tests.multidevice import run_with_devices
 from tests.test_train import _small_config, _write_corpus
 
@@ -81,13 +82,13 @@ def test_row_file_equals_the_checkpoint_table(workdir):
     generator = generate_lib.Generator(workdir)
     generate_lib.Generator(workdir, table_placement="disk")  # writes the row files (once)
     restored = np.asarray(generator.variables["params"]["layer_1"]["engram"]["table"])
-    row_file = table_store.RowFile(os.path.join(workdir, generate_lib.ROW_DIR, "5", "layer_1.rows"))
+    row_file = row_files.RowFile(os.path.join(workdir, generate_lib.ROW_DIR, "5", "layer_1.rows"))
     np.testing.assert_array_equal(row_file.read(np.arange(restored.shape[0])), restored)
     memory_dir = os.path.join(workdir, "checkpoints", "5", "memory")
-    array = table_store.open_checkpoint_table(memory_dir, ("layer_1", "engram", "table"))
-    np.testing.assert_array_equal(table_store.load_host_table(array, block_rows=100), restored)
+    array = row_files.open_checkpoint_table(memory_dir, ("layer_1", "engram", "table"))
+    np.testing.assert_array_equal(row_files.load_host_table(array, block_rows=100), restored)
     with pytest.raises(FileNotFoundError, match="layer_7"):
-        table_store.open_checkpoint_table(memory_dir, ("layer_7", "engram", "table"))
+        row_files.open_checkpoint_table(memory_dir, ("layer_7", "engram", "table"))
 
 
 class _ReferenceLru:
@@ -115,20 +116,20 @@ def test_disk_reads_equal_unique_rows_minus_cache_hits(workdir):
     rows_dir = os.path.join(workdir, generate_lib.ROW_DIR, "5")
     if not os.path.exists(os.path.join(rows_dir, "layer_0.rows")):
         generate_lib.Generator(workdir, table_placement="disk")
-    sources = [table_store.RowFile(os.path.join(rows_dir, f"layer_{i}.rows")) for i in (0, 1)]
+    sources = [row_files.RowFile(os.path.join(rows_dir, f"layer_{i}.rows")) for i in (0, 1)]
     tables = [s.read(np.arange(s.shape[0])) for s in sources]
     # Rows spread over threads land in request order, as read on the calling thread.
-    serial = table_store.RowFile(os.path.join(rows_dir, "layer_0.rows"), read_threads=1)
+    serial = row_files.RowFile(os.path.join(rows_dir, "layer_0.rows"), read_threads=1)
     ids = np.random.default_rng(5).integers(0, serial.shape[0], 37)
     np.testing.assert_array_equal(sources[0].read(ids), serial.read(ids))
     np.testing.assert_array_equal(serial.read(ids), tables[0][ids])
     serial.close()
     with pytest.raises(ValueError, match="read_threads=0"):
-        table_store.RowFile(os.path.join(rows_dir, "layer_0.rows"), read_threads=0)
+        row_files.RowFile(os.path.join(rows_dir, "layer_0.rows"), read_threads=0)
     row_bytes = tables[0].shape[1] * 4
     for capacity_rows in (0, 7, 50):
-        readers = [table_store.RowFile(os.path.join(rows_dir, f"layer_{i}.rows")) for i in (0, 1)]
-        cache = table_store.RowCache(readers, capacity_rows * row_bytes)
+        readers = [row_files.RowFile(os.path.join(rows_dir, f"layer_{i}.rows")) for i in (0, 1)]
+        cache = row_files.RowCache(readers, capacity_rows * row_bytes)
         reference = _ReferenceLru(capacity_rows)
         rng = np.random.default_rng(capacity_rows)
         for _ in range(12):
@@ -143,7 +144,7 @@ def test_disk_reads_equal_unique_rows_minus_cache_hits(workdir):
                 np.testing.assert_array_equal(rows, tables[layer][ids[:, layer]])
         assert cache.cached_bytes <= capacity_rows * row_bytes
         # The threaded gatherer (layers read concurrently): same rows, same accounting.
-        gatherer = table_store.RowGatherer(cache)
+        gatherer = row_files.RowGatherer(cache)
         ids = rng.integers(0, 60, (1, 2, 5, 4))
         rows = gatherer.gather(ids)
         for layer in (0, 1):
@@ -169,27 +170,27 @@ def test_bad_placement_and_cache_size(workdir):
 
 def test_chunked_init_is_reproducible_and_sharding_independent():
     key = jax.random.PRNGKey(3)
-    whole = np.asarray(table_init.init_table(key, (1000, 16), chunk_rows=1000))
+    whole = np.asarray(initializers.init_table(key, (1000, 16), chunk_rows=1000))
     np.testing.assert_array_equal(
-        np.asarray(table_init.init_table(key, (1000, 16), chunk_rows=64)), whole
+        np.asarray(initializers.init_table(key, (1000, 16), chunk_rows=64)), whole
     )
     np.testing.assert_array_equal(
-        table_init.init_host_table(key, (1000, 16), block_rows=300), whole
+        initializers.init_host_table(key, (1000, 16), block_rows=300), whole
     )
     # Row r is std * normal(fold_in(key, r)): an independent per-row transcription.
     for r in (0, 517, 999):
         expected = 0.5 * jax.random.normal(jax.random.fold_in(key, r), (16,), jnp.float32)
         np.testing.assert_array_equal(
-            np.asarray(table_init.init_table(key, (1000, 16), std=0.5))[r], np.asarray(expected)
+            np.asarray(initializers.init_table(key, (1000, 16), std=0.5))[r], np.asarray(expected)
         )
     assert abs(whole.mean()) < 0.05 and abs(whole.std() - 1.0) < 0.05
     code = """
         import json, jax, numpy as np
-        from engram_jax import table_init
+        from engram_jax.tables import initializers
         mesh = jax.make_mesh((4, 2), ("rows", "cols"),
                              axis_types=(jax.sharding.AxisType.Auto,) * 2)
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows", "cols"))
-        table = table_init.init_table(jax.random.PRNGKey(3), (1000, 16), sharding=sharding,
+        table = initializers.init_table(jax.random.PRNGKey(3), (1000, 16), sharding=sharding,
                                       chunk_rows=64)
         print(json.dumps({"shard": list(table.addressable_shards[0].data.shape),
                           "values": np.asarray(table).tolist()}))
@@ -206,7 +207,7 @@ def test_memory_item_round_trip_across_meshes_and_numpy_targets(tmp_path):
     code = f"""
         import json, jax, jax.numpy as jnp, numpy as np
         from etils import epath
-        from engram_jax import table_checkpoint
+        from engram_jax.tables import memory_item
         mesh = jax.make_mesh((4, 2), ("rows", "copies"),
                              axis_types=(jax.sharding.AxisType.Auto,) * 2)
         rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows"))
@@ -214,38 +215,38 @@ def test_memory_item_round_trip_across_meshes_and_numpy_targets(tmp_path):
         tree = {{"tables": {{"t": table}}, "opt_state": (jnp.int32(7), {{"v": table * 2}})}}
         path = epath.Path({directory!r})
         path.mkdir()
-        table_checkpoint.save_memory(path, tree, block_rows=3)
+        memory_item.save_memory(path, tree, block_rows=3)
         print(json.dumps(sorted(p.name for p in (path / "tables.t").iterdir())))
         """
     assert run_with_devices(8, code) == [f"shard_{a}-{a + 10}_0-3" for a in (0, 10, 20, 30)]
     expected = np.arange(120, dtype=np.float32).reshape(40, 3)
-    directory = table_checkpoint.epath.Path(directory)
+    directory = memory_item.epath.Path(directory)
     target = {
         "tables": {"t": jax.ShapeDtypeStruct((40, 3), jnp.float32)},
         "opt_state": (jax.ShapeDtypeStruct((), jnp.int32), {"v": np.zeros((40, 3), np.float32)}),
     }
-    restored = table_checkpoint.restore_memory(directory, target, block_rows=7)
+    restored = memory_item.restore_memory(directory, target, block_rows=7)
     np.testing.assert_array_equal(np.asarray(restored["tables"]["t"]), expected)
     assert int(restored["opt_state"][0]) == 7
     assert restored["opt_state"][1]["v"] is target["opt_state"][1]["v"]  # filled in place
     np.testing.assert_array_equal(restored["opt_state"][1]["v"], 2 * expected)
-    view = table_store.open_checkpoint_table(directory, ("t",))
-    np.testing.assert_array_equal(table_store.load_host_table(view, block_rows=6), expected)
+    view = row_files.open_checkpoint_table(directory, ("t",))
+    np.testing.assert_array_equal(row_files.load_host_table(view, block_rows=6), expected)
     bad = {"tables": {"t": jax.ShapeDtypeStruct((40, 3), jnp.float32)}}
     with pytest.raises(ValueError, match="saved only"):
-        table_checkpoint.restore_memory(directory, bad)
-    tables = table_checkpoint.restore_memory(directory, bad, partial=True)["tables"]["t"]
+        memory_item.restore_memory(directory, bad)
+    tables = memory_item.restore_memory(directory, bad, partial=True)["tables"]["t"]
     np.testing.assert_array_equal(np.asarray(tables), expected)
 
     legacy = tmp_path / "legacy"
-    ocp = table_checkpoint.ocp
+    ocp = memory_item.ocp
     ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(legacy, {"t": expected})
-    handler = table_checkpoint.MemoryHandler()
-    out = handler.restore(legacy, table_checkpoint.MemoryRestore({"t": np.zeros((40, 3))}))
+    handler = memory_item.MemoryHandler()
+    out = handler.restore(legacy, memory_item.MemoryRestore({"t": np.zeros((40, 3))}))
     np.testing.assert_array_equal(np.asarray(out["t"]), expected)
 
 
-class _RecordingGatherer(table_store.RowGatherer):
+class _RecordingGatherer(row_files.RowGatherer):
     """A real RowGatherer that also logs when rows are submitted and when they are awaited."""
 
     def __init__(self, cache, events, threads):
@@ -285,7 +286,7 @@ def test_split_decode_step_equals_the_unsplit_step_and_submits_rows_first(thread
     ]  # one [R, W] table per Engram layer
     events = []
     gatherer = _RecordingGatherer(
-        table_store.RowCache([table_store.HostRows(t) for t in tables], 0), events, threads
+        row_files.RowCache([row_files.HostRows(t) for t in tables], 0), events, threads
     )
     # The default splits where the overlap can pay: row files (threads) on any backend, host rows
     # only off the CPU backend.

@@ -63,13 +63,14 @@ import optax
 
 from engram_jax import config as config_lib
 from engram_jax import data as data_lib
-from engram_jax import host_tables, optim, sparse_tables, table_store
+from engram_jax import optim
 from engram_jax import train as train_lib
 from engram_jax.bench._timing import machine_description, print_table
 from engram_jax.engram import head_offsets
 from engram_jax.generate import DecodeStep
 from engram_jax.model import Transformer, engram_table_sizes
-from engram_jax.sparse_optim import RowOptimizer
+from engram_jax.tables import device_step, host_tables, row_files
+from engram_jax.tables.row_optim import RowOptimizer
 
 # Backbones around the Engram layer. The offload penalty is the host's per-step cost over the
 # step's time, so it depends on the backbone: "toy" (2 layers, D = 64) has a 0.2 ms decode step on
@@ -202,15 +203,15 @@ def table_scaling(rows_base: int, steps: int, warmup: int) -> list[dict[str, Any
         cfg = _config(rows_base * factor, 8, 128)
         shape = _table_shape(cfg)
         model = Transformer(cfg.model)
-        path = sparse_tables.table_paths(cfg.model)[0]
+        path = device_step.table_paths(cfg.model)[0]
         dense_tx = optax.adamw(1e-3)
         schedule = optax.constant_schedule(1e-3)
         for kind in ("sparse", "dense"):
             state = _dense_state(cfg, dense_tx)
-            memory = sparse_tables.set_path({}, path, _device_table(shape))
+            memory = device_step.set_path({}, path, _device_table(shape))
             if kind == "sparse":
                 table_opt = RowOptimizer(kind="adam", learning_rate=5e-3)
-                fn = sparse_tables.make_sparse_train_step(model, dense_tx, table_opt, schedule)
+                fn = device_step.make_sparse_train_step(model, dense_tx, table_opt, schedule)
             else:
                 table_opt = optim.memory_optimizer(1e-3)
                 fn = train_lib.make_train_step(model, (dense_tx, table_opt), schedule)
@@ -263,13 +264,13 @@ def _decoder(
     hash_ids = rng.integers(0, sizes_M, size=(tokens, 1, 1, 1, len(sizes_M))).astype(np.int32)
     vocab = cfg.model.vocab_size
     if placement == "device":
-        path = sparse_tables.table_paths(cfg.model)[0]
+        path = device_step.table_paths(cfg.model)[0]
         # An argument, never a closure: a captured table would be a constant of the program.
-        variables = {"params": optim.merge_params(params, sparse_tables.set_path({}, path, table))}
+        variables = {"params": optim.merge_params(params, device_step.set_path({}, path, table))}
         step = DecodeStep(cfg.model, vocab)
     else:
-        gatherer = table_store.RowGatherer(
-            table_store.RowCache([table_store.HostRows(table)], 0), threads=False
+        gatherer = row_files.RowGatherer(
+            row_files.RowCache([row_files.HostRows(table)], 0), threads=False
         )  # as `generate --table_placement=host` builds it
         variables = {"params": params}
         split = True if placement == "host split" else None
@@ -367,7 +368,7 @@ def offload(
     cfg = _config(rows_base, 8, 128, backbone)
     shape = _table_shape(cfg)
     model = Transformer(cfg.model)
-    path = sparse_tables.table_paths(cfg.model)[0]
+    path = device_step.table_paths(cfg.model)[0]
     batches = _batches(cfg, warmup + steps)
     dense_tx = optax.adamw(1e-3)
     schedule = optax.constant_schedule(1e-3)
@@ -375,13 +376,13 @@ def offload(
 
     # Both placements' tables coexist here (2 x 4.3 GB at 1B parameters): the interleaving
     # needs both, and each is drawn block by block.
-    memory = sparse_tables.set_path({}, path, _device_table(shape))
+    memory = device_step.set_path({}, path, _device_table(shape))
     device = {
         "state": _dense_state(cfg, dense_tx).replace(
             memory=memory, memory_opt_state=table_opt.init(memory)
         ),
         "step": jax.jit(
-            sparse_tables.make_sparse_train_step(model, dense_tx, table_opt, schedule),
+            device_step.make_sparse_train_step(model, dense_tx, table_opt, schedule),
             donate_argnums=0,
         ),
     }
@@ -390,7 +391,7 @@ def offload(
         "state": _dense_state(cfg, dense_tx),
         "trainer": host_tables.HostTableTrainer(
             host_tables.HostTables({path: _host_table(shape)}, table_opt),
-            jax.jit(sparse_tables.make_row_grad_step(model, dense_tx, schedule)),
+            jax.jit(device_step.make_row_grad_step(model, dense_tx, schedule)),
         ),
     }
 
@@ -421,7 +422,7 @@ def offload(
     gc.collect()
 
     state = device.pop("state")
-    params, table = state.params, sparse_tables.get_path(state.memory, path)
+    params, table = state.params, device_step.get_path(state.memory, path)
     decode = decode_tokens_per_second(cfg, params, table, decode_tokens, decode_repeats)
     del state, table
     gc.collect()

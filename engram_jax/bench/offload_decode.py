@@ -34,9 +34,10 @@ import numpy as np
 from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import config as config_lib
 from engram_jax import generate as generate_lib
-from engram_jax import sharding, table_store
+from engram_jax import sharding
 from engram_jax import train as train_lib
 from engram_jax.bench._timing import machine_description, print_table
+from engram_jax.tables import row_files
 
 PROMPT = "The memory table maps every suffix n-gram to a row"
 
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows, ["placement", "tokens/s", "vs device", "wait", "cache hit rate"])
 
 
-def _evict(rows: table_store.RowGatherer) -> None:
+def _evict(rows: row_files.RowGatherer) -> None:
     """Empties the row cache and drops the row files from the OS page cache."""
     rows.cache.clear()
     for source in rows.cache.sources:

@@ -5,7 +5,7 @@ python -m engram_jax.bench.table_memory      # the demo-sized layer: 10.3M rows 
 python -m engram_jax.bench.table_memory --rows_per_head=64661 --baseline
 
 Phases (each a subprocess reading its own peak RSS, VmHWM, after jax is imported and warm):
-- `init`: `table_init.init_table` (what the trainer calls per table), row chunks per shard;
+- `init`: `initializers.init_table` (what the trainer calls per table), row chunks per shard;
 - `save`: `init` then `CheckpointStore.save` of the `memory` item (row-block writes);
 - `restore`: `CheckpointStore.restore(items=("memory",))` onto a one-device target;
 - `host`: the table into host RAM for `generate --table_placement=host` (block reads);
@@ -54,20 +54,20 @@ def _run_phase(args: argparse.Namespace) -> dict:
     import numpy as np
 
     from engram_jax import checkpoint as checkpoint_lib
-    from engram_jax import table_init, table_store
+    from engram_jax.tables import initializers, row_files
 
     shape = _table_shape(args)
     key = jax.random.PRNGKey(0)
     ckpt_dir = os.path.join(args.dir, "checkpoints")
     path = ("layer_1", "engram", "table")
     # Warm the runtime (backend, a compile) so the baseline excludes one-off start-up memory.
-    table_init.init_table(key, (8, shape[1])).block_until_ready()
+    initializers.init_table(key, (8, shape[1])).block_until_ready()
     base = _peak_rss_bytes()
     start = time.perf_counter()
     if args.phase == "baseline":
         jax.jit(lambda k: jax.random.normal(k, shape))(key).block_until_ready()
     elif args.phase in ("init", "save"):
-        table = table_init.init_table(key, shape)
+        table = initializers.init_table(key, shape)
         table.block_until_ready()
         if args.phase == "save":
             with checkpoint_lib.CheckpointStore(ckpt_dir) as store:
@@ -83,11 +83,11 @@ def _run_phase(args: argparse.Namespace) -> dict:
             )["memory"]
         jax.block_until_ready(memory)
     elif args.phase in ("host", "convert"):
-        array = table_store.open_checkpoint_table(os.path.join(ckpt_dir, "1", "memory"), path)
+        array = row_files.open_checkpoint_table(os.path.join(ckpt_dir, "1", "memory"), path)
         if args.phase == "host":
-            table_store.load_host_table(array)
+            row_files.load_host_table(array)
         else:
-            table_store.write_row_file(array, args.dir, "layer_1", step=1, source="bench")
+            row_files.write_row_file(array, args.dir, "layer_1", step=1, source="bench")
     seconds = time.perf_counter() - start
     return {"phase": args.phase, "peak": _peak_rss_bytes(), "base": base, "seconds": seconds}
 

@@ -9,13 +9,13 @@ The data pipeline deduplicates each batch's table rows on the host (`data.unique
 2. expands them to `[B, L_e, T, M, W]` through the inverse index and runs the model on them, so
    the gradient with respect to the gathered rows is `[S, L_e, U, W]`, duplicates already summed
    by the gather's transpose;
-3. applies `sparse_optim.RowOptimizer` to those rows only. With S > 1 groups, a row read by two
+3. applies `row_optim.RowOptimizer` to those rows only. With S > 1 groups, a row read by two
    groups is summed once more on device (a sort of the step's ids, never of the table). On a mesh
    every row shard updates only the rows it owns, inside `shard_map`; the table and its state are
    never gathered, and no table-sized gradient exists anywhere.
 
 `make_row_grad_step` stops after step 2 and returns the row gradients: host-resident tables
-(`host_tables.py`) apply the update on the host.
+(`tables/host_tables.py`) apply the update on the host.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec
 
 from engram_jax.model import MOE_BIAS, Transformer, cross_entropy_loss, layer_runs
 from engram_jax.sharding import TABLE_ROW_AXES
-from engram_jax.sparse_optim import RowOptimizer
+from engram_jax.tables.row_optim import RowOptimizer
 
 
 def table_paths(config: Any) -> list[tuple[str, ...]]:

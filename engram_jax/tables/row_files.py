@@ -23,7 +23,7 @@ import numpy as np
 import tensorstore as ts
 from etils import epath
 
-from engram_jax import table_checkpoint
+from engram_jax.tables import memory_item
 
 # Rows read per block when converting or loading a table (a few MiB at W = 64).
 BLOCK_ROWS = 1 << 16
@@ -43,8 +43,8 @@ def open_checkpoint_table(memory_dir: str | os.PathLike, path: Sequence[str]) ->
     """
     memory_dir = epath.Path(memory_dir)
     name = memory_array_name(path)
-    if (memory_dir / table_checkpoint.INDEX_FILE).exists():
-        return table_checkpoint.open_leaf(memory_dir, name)
+    if (memory_dir / memory_item.INDEX_FILE).exists():
+        return memory_item.open_leaf(memory_dir, name)
     # An older checkpoint: orbax's standard layout (zarr over OCDBT).
     metadata_file = memory_dir / "_METADATA"
     if not metadata_file.exists():

@@ -4,7 +4,7 @@ the next step's rows prefetched while the current step runs, sparse updates appl
 Timeline of step t (one background worker thread, FIFO, so its jobs never reorder):
 1. `rows_t` were gathered by the worker during step t-1 and patched after step t-1's update
    (below); they are on the device when step t is dispatched.
-2. Step t runs on the device (`sparse_tables.make_row_grad_step`) and returns the row gradients.
+2. Step t runs on the device (`device_step.make_row_grad_step`) and returns the row gradients.
    Meanwhile the worker gathers `rows_{t+1}` for the next batch's unique ids from the host table.
    Those reads may predate step t's update.
 3. When the gradients arrive, the host updates first the rows that step t+1 also reads
@@ -30,8 +30,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from engram_jax.sparse_optim import RowOptimizer
-from engram_jax.sparse_tables import get_path, set_path
+from engram_jax.tables.device_step import get_path, set_path
+from engram_jax.tables.row_optim import RowOptimizer
 
 Path = tuple[str, ...]
 
@@ -186,7 +186,7 @@ class HostTableTrainer:
     Args:
       tables: the host tables.
       row_grad_step: jitted `step(state, batch, rows [S, L, U, W]) -> (state, metrics, grads)`
-        (`sparse_tables.make_row_grad_step`).
+        (`device_step.make_row_grad_step`).
       put_rows: moves a numpy `[S, L, U, W]` array to the device(s) (with the batch sharding).
     """
 
@@ -319,7 +319,7 @@ class Lookahead:
 def make_rows_eval_step(model: Any) -> Callable:
     """`eval_step(state, batch, rows [S, L, U, W])`: the trainer's eval sums on gathered rows."""
     from engram_jax.model import MOE_BIAS, cross_entropy_loss
-    from engram_jax.sparse_tables import expand_rows
+    from engram_jax.tables.device_step import expand_rows
 
     def eval_step(state, batch, rows_SLUW):
         variables = {"params": state.params}
@@ -346,7 +346,7 @@ class HostPlacement:
 
     def __init__(self, model, cfg, state, shardings, dense_tx, table_opt, schedule, mesh):
         from engram_jax import sharding as sharding_lib
-        from engram_jax.sparse_tables import make_row_grad_step, table_paths
+        from engram_jax.tables.device_step import make_row_grad_step, table_paths
 
         if jax.process_count() > 1:
             raise ValueError(
