@@ -92,23 +92,27 @@ def test_row_file_equals_the_checkpoint_table(workdir):
 
 
 class _ReferenceLru:
-    """Plain LRU over row keys, counting hits per request (unique rows per call)."""
+    """Plain LRU per cache set (the cache's `set_of`, `ways` rows each), counting hits per
+    request (unique rows per call): hits are used first, then misses inserted, in ascending order.
+    """
 
-    def __init__(self, capacity_rows: int):
-        self.capacity, self.rows = capacity_rows, collections.OrderedDict()
+    def __init__(self, cache: row_files.RowCache):
+        self.cache, self.sets = cache, collections.defaultdict(collections.OrderedDict)
+        self.ways = cache._ways
 
     def request(self, layer, ids) -> int:
         hits = 0
         unique = sorted(set(int(i) for i in np.asarray(ids).reshape(-1)))
-        for row in unique:
-            if (layer, row) in self.rows:
+        sets = self.cache.set_of(layer, np.asarray(unique, np.int64)).tolist()
+        for row, s in zip(unique, sets, strict=True):
+            if (layer, row) in self.sets[s]:
                 hits += 1
-                self.rows.move_to_end((layer, row))
-        for row in unique:
-            if (layer, row) not in self.rows and self.capacity > 0:
-                self.rows[(layer, row)] = True
-                while len(self.rows) > self.capacity:
-                    self.rows.popitem(last=False)
+                self.sets[s].move_to_end((layer, row))
+        for row, s in zip(unique, sets, strict=True):
+            if (layer, row) not in self.sets[s] and self.ways > 0:
+                self.sets[s][(layer, row)] = True
+                while len(self.sets[s]) > self.ways:
+                    self.sets[s].popitem(last=False)
         return hits
 
 
@@ -130,7 +134,7 @@ def test_disk_reads_equal_unique_rows_minus_cache_hits(workdir):
     for capacity_rows in (0, 7, 50):
         readers = [row_files.RowFile(os.path.join(rows_dir, f"layer_{i}.rows")) for i in (0, 1)]
         cache = row_files.RowCache(readers, capacity_rows * row_bytes)
-        reference = _ReferenceLru(capacity_rows)
+        reference = _ReferenceLru(cache)
         rng = np.random.default_rng(capacity_rows)
         for _ in range(12):
             # [B=1, T=3, M=4] per layer, with repeats inside a step and across steps (few rows).
