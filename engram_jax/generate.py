@@ -420,6 +420,20 @@ class Generator:
         sources, packed = [], []
         for layer in e.layer_ids:
             path = (f"layer_{layer}", "engram", "table")
+            rows_dir = os.path.join(workdir, ROW_DIR, str(step))
+            if (
+                self.table_placement == "disk"
+                and not (memory_dir / memory_item.INDEX_FILE).exists()
+            ):
+                # A checkpoint without its tables (e.g. a converted release whose `memory` item was
+                # deleted to halve the disk it takes): the row files are served as they are,
+                # their checksums still verified; there is no table to compare fingerprints with.
+                sources.append(
+                    row_files.RowFile(
+                        row_files.row_file_paths(rows_dir, f"layer_{layer}{suffix}")[0]
+                    )
+                )
+                continue
             array = row_files.open_checkpoint_table(memory_dir, path)
             if self.table_placement == "device":
                 # One layer's packed rows on the host at a time, then on the device.
@@ -430,7 +444,7 @@ class Generator:
             else:
                 rows_path = row_files.write_row_file(
                     array,
-                    os.path.join(workdir, ROW_DIR, str(step)),
+                    rows_dir,
                     f"layer_{layer}{suffix}",
                     step=step,
                     source=row_files.memory_array_name(path),
