@@ -209,6 +209,10 @@ def _declare_engram() -> ml_collections.ConfigDict:
     g.gate_clamp = 1e-6  # Signed square root clamp of the gate score.
     g.table_init_std = 1.0  # N(0, std) rows, PyTorch nn.Embedding default as in the demo.
     g.table_dtype = "float32"
+    # Table rows at inference (`generate`, every placement): "stored" serves the checkpoint's
+    # rows as saved; "fp8" packs them into FP8 rows (E4M3 + one power-of-two scale per 32 values,
+    # tables/fp8.py), dequantized after the gather. Training always keeps table_dtype rows.
+    g.inference_table_dtype = "stored"
     # Each table's rows are padded up to a multiple of this (never addressed) so that they split
     # evenly over the mesh's fsdp x tensor devices. Keep it fixed across meshes: checkpoints then
     # restore on any mesh whose row shards divide it.
@@ -302,6 +306,7 @@ class EngramConfig:
     gate_clamp: float
     table_init_std: float
     table_dtype: DType
+    inference_table_dtype: str
     table_row_multiple: int
     table_lr_multiplier: float
     table_weight_decay: float
@@ -581,6 +586,18 @@ def _validate_engram(p: _Problems, m: ml_collections.ConfigDict) -> None:
         _check_positive(p, "model.engram.conv_kernel_size", g.conv_kernel_size)
         _check_positive(p, "model.engram.conv_dilation", g.conv_dilation, allow_zero=True)
         _check_choice(p, "model.engram.table_dtype", g.table_dtype, _DTYPES)
+        _check_choice(
+            p, "model.engram.inference_table_dtype", g.inference_table_dtype, ("stored", "fp8")
+        )
+        if g.inference_table_dtype == "fp8" and g.heads_per_ngram > 0:
+            width = g.embed_per_ngram // g.heads_per_ngram
+            p.check(
+                width % 32 == 0,
+                "model.engram.inference_table_dtype",
+                "fp8",
+                f"a row width (embed_per_ngram / heads_per_ngram = {width}) that is a multiple "
+                "of 32 (one FP8 scale per 32 values)",
+            )
         _check_positive(p, "model.engram.table_row_multiple", g.table_row_multiple)
         for key in ("qk_norm_eps", "conv_norm_eps", "gate_clamp", "table_init_std"):
             p.check(g[key] > 0, f"model.engram.{key}", g[key], "> 0")

@@ -9,6 +9,13 @@ memory, looked up inside the step), `host` (numpy in host RAM) or `disk` (a flat
 the checkpoints, `tables/row_files.py`, read through an LRU row cache of `--row_cache_mib`). With
 `host` and `disk` the host gathers each step's rows and the model runs on the pre-gathered rows.
 
+`--table_dtype=fp8` (config `model.engram.inference_table_dtype`) serves the tables as packed FP8
+rows (`tables/fp8.py`: 264 bytes per 256 values instead of 1024), converted from the checkpoint in
+row blocks in every placement: `device` keeps the packed rows as device arrays and dequantizes
+the gathered rows inside the step; `host` holds packed rows in RAM and `disk` a row file of
+packed rows (`<name>.fp8.rows`), both dequantizing the gathered rows on the host. A checkpoint
+whose tables are already packed (`engram_jax.convert`) is served as FP8 in any case.
+
 Prefetch (`DecodeStep`, host and disk placements). Row addresses depend only on the tokens, so the
 rows of token t can be read as soon as t is sampled, before the model has seen it. Each step is
 split at the first Engram layer `s` into two jitted programs:
@@ -43,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import time
@@ -61,9 +69,10 @@ from engram_jax import train as train_lib
 from engram_jax.engram import head_offsets
 from engram_jax.hashing import tokenizer_fingerprint
 from engram_jax.model import MOE_BIAS, Transformer, engram_table_sizes, first_engram_layer
-from engram_jax.tables import memory_item, row_files
+from engram_jax.tables import fp8, memory_item, row_files
 
 PLACEMENTS = ("device", "host", "disk")
+TABLE_DTYPES = ("stored", "fp8")  # `--table_dtype`: as saved, or packed FP8 rows
 ROW_DIR = "table_rows"  # <workdir>/table_rows/<step>/: flat row files of the disk placement
 
 logger = logging.getLogger(__name__)
@@ -150,7 +159,9 @@ class DecodeStep:
     `step(variables, cache, tokens [B, T], positions [B, T], hash_ids [B, L_e, T, M] | None)
     -> (logits [B, V] of the last position, masked beyond the tokenizer, cache)`.
 
-    Without `rows` (device tables, or no Engram) it is one jitted step that looks rows up itself.
+    Without `rows` (device tables, or no Engram) it is one jitted step that looks rows up itself;
+    with `packed_tables` (device FP8 tables, one `[R, W + W/32]` uint8 array per Engram layer) the
+    step gathers and dequantizes their rows itself, then runs the model on them.
     With a `rows` gatherer (host or disk tables) it is the prefetching split step of the module
     docstring: submit the rows, dispatch the prefix, wait for the rows, dispatch the suffix; or,
     unsplit (`split=False`, or the first Engram layer at 0), submit, wait, one program on the rows.
@@ -169,11 +180,13 @@ class DecodeStep:
         rows: row_files.RowGatherer | None = None,
         offsets: np.ndarray | None = None,
         split: bool | None = None,
+        packed_tables: tuple[jax.Array, ...] | None = None,
     ):
         self.decoder = Transformer(model_config, decode=True)
         self.num_tokens = num_tokens
         self.rows = rows
         self.offsets = offsets
+        self.packed_tables = packed_tables
         self.wait_seconds = 0.0
         self._cache_shapes: dict[int, Any] = {}  # decode cache shapes per length
         self.split_layer = first_engram_layer(model_config)
@@ -186,6 +199,8 @@ class DecodeStep:
             split = rows.threaded or jax.default_backend() != "cpu"
         self.split = bool(rows is not None and split and self.split_layer > 0)
         self.full = jax.jit(self._apply, donate_argnums=1)
+        if packed_tables is not None:
+            self.full_packed = jax.jit(self._apply_packed, donate_argnums=2)
         if self.split:
             num_layers = model_config.num_layers
             self.prefix = jax.jit(
@@ -216,6 +231,15 @@ class DecodeStep:
             return out, updated["cache"]  # out: hidden streams [B, T, G, D]
         return mask_beyond_vocab(out[:, -1], self.num_tokens), updated["cache"]
 
+    def _apply_packed(self, variables, tables, cache, tokens_BT, positions_BT, flat_ids):
+        """The step on device FP8 tables: each layer's packed rows gathered at `flat_ids [B, L_e,
+        T, M]` and dequantized, then the model on the rows (as the host and disk placements)."""
+        rows = jnp.stack(
+            [fp8.decode_jax(jnp.take(t, flat_ids[:, i], axis=0)) for i, t in enumerate(tables)],
+            axis=1,
+        )  # [B, L_e, T, M, W]
+        return self._apply(variables, cache, tokens_BT, positions_BT, None, rows)
+
     def empty_cache(self, total: int) -> Any:
         """A zero decode cache for `total` positions of one sequence. Its shapes are traced once
         per length (tracing the model's init costs about as much as decoding dozens of tokens),
@@ -223,10 +247,10 @@ class DecodeStep:
         if total not in self._cache_shapes:
             e = self.decoder.config.engram
             hash_ids = rows = None
-            if self.rows is not None:
+            if self.rows is not None or self.packed_tables is not None:
+                dtype = self.rows.cache.row_dtype if self.rows is not None else jnp.float32
                 rows = jax.ShapeDtypeStruct(
-                    (1, len(e.layer_ids), total, e.num_heads, e.row_width),
-                    self.rows.cache.sources[0].dtype,
+                    (1, len(e.layer_ids), total, e.num_heads, e.row_width), dtype
                 )  # [B, L_e, T, M, W]
             elif e.enabled:
                 hash_ids = jax.ShapeDtypeStruct(
@@ -248,6 +272,11 @@ class DecodeStep:
         return hash_ids.astype(np.int64) + self.offsets[None, :, None, :]  # [B, L_e, T, M]
 
     def __call__(self, variables, cache, tokens_BT, positions_BT, hash_ids):
+        if self.packed_tables is not None:
+            flat_ids = self.flat_ids(hash_ids).astype(np.int32)  # [B, L_e, T, M]
+            return self.full_packed(
+                variables, self.packed_tables, cache, tokens_BT, positions_BT, flat_ids
+            )
         if self.rows is None:
             return self.full(variables, cache, tokens_BT, positions_BT, hash_ids, None)
         rows_future = self.rows.submit(self.flat_ids(hash_ids))  # 1. reads start now
@@ -273,6 +302,8 @@ class Generator:
       step: checkpoint step; None = latest.
       table_placement: "device", "host" or "disk" (see the module docstring).
       row_cache_mib: row cache size of the "disk" placement, in MiB (0 disables the cache).
+      table_dtype: "stored" or "fp8" (module docstring); None = the checkpoint config's
+        `model.engram.inference_table_dtype`.
     """
 
     def __init__(
@@ -281,16 +312,20 @@ class Generator:
         step: int | None = None,
         table_placement: str = "device",
         row_cache_mib: float = 256.0,
+        table_dtype: str | None = None,
     ):
         if table_placement not in PLACEMENTS:
             raise ValueError(
                 f"table_placement: got {table_placement!r}; expected one of {PLACEMENTS}"
             )
+        if table_dtype is not None and table_dtype not in TABLE_DTYPES:
+            raise ValueError(f"table_dtype: got {table_dtype!r}; expected one of {TABLE_DTYPES}")
         if not row_cache_mib >= 0:
             raise ValueError(f"row_cache_mib: got {row_cache_mib}; expected >= 0")
         self.table_placement = table_placement
         self.rows: row_files.RowGatherer | None = None
-        self._offsets: np.ndarray | None = None  # [L_e, M] head offsets, host and disk only
+        self.packed_tables: tuple[jax.Array, ...] | None = None  # device FP8 tables
+        self._offsets: np.ndarray | None = None  # [L_e, M] head offsets, all but device float
         store = checkpoint_lib.CheckpointStore(
             storage.join(workdir, "checkpoints"), create=False, cleanup_partial=False
         )
@@ -322,9 +357,13 @@ class Generator:
             jax.random.PRNGKey(0),
         )
         abstract_dense, abstract_memory = train_lib.checkpoint_items(abstract)
-        offloaded = table_placement != "device" and self.engram is not None
         saved_step = metadata[checkpoint_lib.RESERVED_META_KEY]["step"]
         memory_dir = store.directory / str(saved_step) / "memory"
+        self.table_encoding = self._table_encoding(memory_dir, table_dtype)
+        # Tables this class reads itself in row blocks (not restored into the model's params).
+        offloaded = self.engram is not None and (
+            table_placement != "device" or self.table_encoding == "fp8"
+        )
         # Inference needs the tables, not their optimizer state (2x the tables under Adam).
         tables_only = (memory_dir / memory_item.INDEX_FILE).exists()
         restored = store.restore(
@@ -336,7 +375,7 @@ class Generator:
         memory = restored.get("memory") or {}
         memory = memory["tables"] if memory else {}
         if offloaded:
-            self.rows = self._open_tables(workdir, memory_dir, saved_step, row_cache_mib)
+            self._open_tables(workdir, memory_dir, metadata, row_cache_mib)
         elif tables_only and self.engram is not None:
             memory = memory_item.restore_memory(
                 memory_dir, {"tables": abstract_memory["tables"]}, partial=True
@@ -348,36 +387,81 @@ class Generator:
         self.decoder = Transformer(cfg.model, decode=True)
         self.num_tokens = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.context_length = cfg.train.seq_len
-        self.step = DecodeStep(cfg.model, self.num_tokens, self.rows, self._offsets)
+        self.step = DecodeStep(
+            cfg.model,
+            self.num_tokens,
+            self.rows,
+            self._offsets,
+            packed_tables=self.packed_tables,
+        )
 
-    def _open_tables(
-        self, workdir: str, memory_dir, step: int, row_cache_mib: float
-    ) -> row_files.RowGatherer:
-        """Row readers of every Engram layer's table, in `layer_ids` order, behind one cache."""
+    def _table_encoding(self, memory_dir, table_dtype: str | None) -> str:
+        """ "fp8" (packed FP8 rows) or "float": the requested dtype, the config's, or packed rows
+        already in the checkpoint."""
+        e = self.model_config.engram
+        requested = table_dtype or e.inference_table_dtype
+        if self.engram is None:
+            return "float"
+        if requested == "fp8":
+            fp8.check_width(e.row_width, "table_dtype=fp8")
+            return "fp8"
+        path = (f"layer_{e.layer_ids[0]}", "engram", "table")
+        return row_files.stored_encoding(row_files.open_checkpoint_table(memory_dir, path))
+
+    def _open_tables(self, workdir: str, memory_dir, metadata: dict, row_cache_mib: float) -> None:
+        """Every Engram layer's table, in `layer_ids` order, read in row blocks: packed device
+        tables (`device`, FP8), or row readers behind one cache (`host`, `disk`)."""
         e = self.model_config.engram
         sizes = engram_table_sizes(self.model_config)
         # [L_e, M] row offset of each head in its layer's flat table.
         self._offsets = np.stack([head_offsets(sizes[layer]) for layer in e.layer_ids])
-        sources = []
+        step = metadata[checkpoint_lib.RESERVED_META_KEY]["step"]
+        suffix = ".fp8" if self.table_encoding == "fp8" else ""
+        sources, packed = [], []
         for layer in e.layer_ids:
             path = (f"layer_{layer}", "engram", "table")
+            rows_dir = os.path.join(workdir, ROW_DIR, str(step))
+            if (
+                self.table_placement == "disk"
+                and not (memory_dir / memory_item.INDEX_FILE).exists()
+            ):
+                # A checkpoint without its tables (e.g. a converted release whose `memory` item was
+                # deleted to halve the disk it takes): the row files are served as they are,
+                # their checksums still verified; there is no table to compare fingerprints with.
+                sources.append(
+                    row_files.RowFile(
+                        row_files.row_file_paths(rows_dir, f"layer_{layer}{suffix}")[0]
+                    )
+                )
+                continue
             array = row_files.open_checkpoint_table(memory_dir, path)
-            if self.table_placement == "host":
-                sources.append(row_files.HostRows(row_files.load_host_table(array)))
+            if self.table_placement == "device":
+                # One layer's packed rows on the host at a time, then on the device.
+                packed.append(jnp.asarray(row_files.load_host_table(array, encoding="fp8")))
+            elif self.table_placement == "host":
+                table = row_files.load_host_table(array, encoding=self.table_encoding)
+                sources.append(row_files.HostRows(table))
             else:
                 rows_path = row_files.write_row_file(
                     array,
-                    os.path.join(workdir, ROW_DIR, str(step)),
-                    f"layer_{layer}",
+                    rows_dir,
+                    f"layer_{layer}{suffix}",
                     step=step,
                     source=row_files.memory_array_name(path),
+                    fingerprint=row_files.table_fingerprint(
+                        array, json.dumps(metadata, sort_keys=True, default=str)
+                    ),
+                    encoding=self.table_encoding,
                 )
                 sources.append(row_files.RowFile(rows_path))
+        if self.table_placement == "device":
+            self.packed_tables = tuple(packed)
+            return
         # Host tables are already in RAM: a cache would only copy rows.
         capacity = int(row_cache_mib * 2**20) if self.table_placement == "disk" else 0
         # Host rows are read on the decoding thread after the prefix is dispatched (a thread hop
         # costs more than the read); row files are read by worker threads from submit on.
-        return row_files.RowGatherer(
+        self.rows = row_files.RowGatherer(
             row_files.RowCache(sources, capacity), threads=self.table_placement == "disk"
         )
 
@@ -473,7 +557,11 @@ def main(argv: list[str]) -> None:
     if f.top_k < 0:
         raise app.UsageError(f"--top_k: got {f.top_k}; expected >= 0 (0 keeps all)")
     with Generator(
-        f.workdir, step=f.step, table_placement=f.table_placement, row_cache_mib=f.row_cache_mib
+        f.workdir,
+        step=f.step,
+        table_placement=f.table_placement,
+        row_cache_mib=f.row_cache_mib,
+        table_dtype=f.table_dtype or None,
     ) as generator:
         if f.top_k > generator.num_tokens:
             raise app.UsageError(
@@ -518,6 +606,14 @@ def _define_flags() -> None:
         "through a row cache (disk).",
     )
     flags.DEFINE_float("row_cache_mib", 256.0, "Row cache of the disk placement, in MiB.")
+    flags.DEFINE_enum(
+        "table_dtype",
+        "",
+        ["", *TABLE_DTYPES],
+        "Engram table rows at inference: 'stored' (as saved) or 'fp8' (packed FP8 rows, 264 "
+        "bytes per 256 values, dequantized after the gather); '' = the checkpoint config's "
+        "model.engram.inference_table_dtype.",
+    )
     flags.mark_flags_as_required(["workdir", "prompt"])
 
 

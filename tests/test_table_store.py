@@ -7,6 +7,8 @@ from __future__ import annotations
 import collections
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +20,7 @@ from engram_jax import config as config_lib
 from engram_jax import generate as generate_lib
 from engram_jax import sharding
 from engram_jax import train as train_lib
-from engram_jax.tables import initializers, memory_item, row_files
+from engram_jax.tables import fp8, initializers, memory_item, row_files
 from tests.multidevice import run_with_devices
 from tests.test_train import _small_config, _write_corpus
 
@@ -27,11 +29,22 @@ from tests.test_train import _small_config, _write_corpus
 def workdir(tmp_path_factory) -> str:
     """A workdir with one committed checkpoint of a freshly initialised two-Engram-layer model
     (no training needed: placements must agree on any weights)."""
-    root = tmp_path_factory.mktemp("placements")
+    return _write_workdir(tmp_path_factory.mktemp("placements"))
+
+
+@pytest.fixture(scope="module")
+def fp8_workdir(tmp_path_factory) -> str:
+    """The same with 32-wide table rows (FP8 rows keep one scale per 32 values)."""
+    return _write_workdir(tmp_path_factory.mktemp("fp8_placements"), embed_per_ngram=64)
+
+
+def _write_workdir(root, embed_per_ngram: int | None = None) -> str:
     corpus = str(root / "corpus.txt")
     _write_corpus(corpus)
     config = _small_config(corpus)
     config.model.engram.layer_ids = (0, 1)
+    if embed_per_ngram:
+        config.model.engram.embed_per_ngram = embed_per_ngram
     cfg = config_lib.validate(config)
     path = str(root / "work")
     os.makedirs(path)
@@ -78,6 +91,155 @@ def test_greedy_output_identical_on_device_host_and_disk(workdir):
     assert meta["step"] == 5 and meta["source"] == "tables.layer_1.engram.table"
 
 
+def test_fp8_greedy_output_identical_on_device_host_and_disk(fp8_workdir, workdir):
+    """FP8 tables: every placement dequantizes the same packed rows (those of `fp8.encode` of the
+    checkpoint table) and decodes the same tokens; the row file stores W + W/32 bytes per row."""
+    sampling = generate_lib.SamplingConfig(max_tokens=10, temperature=0.0)
+    memory_dir = os.path.join(fp8_workdir, "checkpoints", "5", "memory")
+    table = row_files.load_host_table(
+        row_files.open_checkpoint_table(memory_dir, ("layer_1", "engram", "table"))
+    )
+    outputs = {}
+    for placement in generate_lib.PLACEMENTS:
+        with generate_lib.Generator(
+            fp8_workdir, table_placement=placement, row_cache_mib=0.01, table_dtype="fp8"
+        ) as generator:
+            prompt = np.asarray(generator.tokenizer.encode("the memory table maps").ids, np.int32)
+            outputs[placement] = generator.generate_ids(prompt, sampling)
+            if placement == "device":
+                packed = np.asarray(generator.packed_tables[1])
+            else:
+                source = generator.rows.cache.sources[1]
+                packed = source.read(np.arange(source.shape[0]))
+            np.testing.assert_array_equal(packed, fp8.encode(table))
+    assert len(outputs["device"]) == 10
+    assert outputs["host"] == outputs["device"] == outputs["disk"]
+    with open(os.path.join(fp8_workdir, generate_lib.ROW_DIR, "5", "layer_1.fp8.json")) as f:
+        meta = json.load(f)
+    assert meta["encoding"] == "fp8" and meta["shape"] == [table.shape[0], 33]
+    assert meta["row_width"] == 32
+    with pytest.raises(ValueError, match="row width 8 is not a positive multiple of 32"):
+        generate_lib.Generator(workdir, table_dtype="fp8")
+
+
+def test_corrupted_row_file_is_refused_naming_it(workdir, tmp_path):
+    """A same-size row file with one flipped byte is refused with the file and block named, before
+    any of its rows reach the model; a fresh reader of an intact copy reads fine."""
+    rows_dir = os.path.join(workdir, generate_lib.ROW_DIR, "5")
+    generate_lib.Generator(workdir, table_placement="disk").close()
+    for suffix in (".rows", ".crc", ".json"):
+        with open(os.path.join(rows_dir, "layer_0" + suffix), "rb") as f:
+            (tmp_path / ("layer_0" + suffix)).write_bytes(f.read())
+    path = str(tmp_path / "layer_0.rows")
+    intact = row_files.RowFile(path)
+    row_bytes = intact.row_bytes
+    expected = intact.read(np.arange(intact.shape[0]))
+    intact.close()
+    with open(path, "r+b") as f:
+        f.seek(70 * row_bytes + 3)  # a byte of row 70: checksum block 1 (rows 64-127)
+        byte = f.read(1)
+        f.seek(70 * row_bytes + 3)
+        f.write(bytes([byte[0] ^ 0x10]))
+    reader = row_files.RowFile(path)
+    np.testing.assert_array_equal(reader.read(np.arange(3)), expected[:3])  # block 0 is intact
+    with pytest.raises(
+        row_files.RowFileError, match=r"layer_0.rows: 1 block\(s\) fail .* block 1 "
+    ):
+        reader.read(np.array([2, 100]))
+    with pytest.raises(row_files.RowFileError, match="corrupted"):
+        row_files.RowFile(path).verify_all()
+    reader.close()
+    # Through generation: the disk placement refuses the corrupted file, it does not decode.
+    live = os.path.join(rows_dir, "layer_0.rows")
+    with open(live, "rb") as f:
+        original = f.read()
+    try:
+        with open(live, "wb") as f:
+            f.write(bytes(b ^ 0xFF for b in original))
+        with generate_lib.Generator(workdir, table_placement="disk") as generator:
+            prompt = np.asarray(generator.tokenizer.encode("the memory").ids, np.int32)
+            with pytest.raises(row_files.RowFileError, match="layer_0.rows: .* corrupted"):
+                generator.generate_ids(prompt, generate_lib.SamplingConfig(max_tokens=2))
+    finally:
+        with open(live, "wb") as f:
+            f.write(original)
+
+
+def test_stale_row_file_is_rebuilt(workdir, caplog):
+    """A row file whose fingerprint is not the checkpoint table's (another checkpoint at this
+    step) is rebuilt with a warning naming it; the rebuilt file holds the checkpoint's rows."""
+    rows_dir = os.path.join(workdir, generate_lib.ROW_DIR, "5")
+    generate_lib.Generator(workdir, table_placement="disk").close()
+    meta_path = os.path.join(rows_dir, "layer_1.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    fingerprint = meta["fingerprint"]
+    meta["fingerprint"] = "0" * 32
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    with open(os.path.join(rows_dir, "layer_1.rows"), "r+b") as f:
+        f.write(b"\0" * 64)  # stale rows (consistent with their own checksums or not)
+    with caplog.at_level("WARNING"):
+        generate_lib.Generator(workdir, table_placement="disk").close()
+    assert any("layer_1.rows: row file of table 000" in r.getMessage() for r in caplog.records)
+    reader = row_files.RowFile(os.path.join(rows_dir, "layer_1.rows"))
+    assert reader.fingerprint == fingerprint
+    memory_dir = os.path.join(workdir, "checkpoints", "5", "memory")
+    table = row_files.load_host_table(
+        row_files.open_checkpoint_table(memory_dir, ("layer_1", "engram", "table"))
+    )
+    reader.verify_all()
+    np.testing.assert_array_equal(reader.read(np.arange(table.shape[0])), table)
+    reader.close()
+
+
+_RSS_SCRIPT = """
+import sys
+import numpy as np
+from engram_jax.tables import row_files
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+path, capacity_mib = sys.argv[1], float(sys.argv[2])
+reader = row_files.RowFile(path, read_threads=1)
+order = np.random.default_rng(0).permutation(reader.shape[0])
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the peak RSS (VmHWM) to the current RSS: the imports' peak is gone
+base = status("VmRSS")
+cache = row_files.RowCache([reader], int(capacity_mib * 2**20))
+for start in range(0, order.size, 4096):
+    cache.gather(0, order[start : start + 4096])  # every row once: all misses
+print(status("VmHWM") - base, cache.cached_bytes)
+"""
+
+
+def test_row_cache_peak_rss_is_its_configured_size(tmp_path):
+    """The cache's share of peak RSS (peak growth of a run with the cache minus that of the same
+    run without one; both read every row of the file once, so they touch the same mapped pages)
+    stays within 1.1x of its configured size, and the cache really fills."""
+    rows = np.random.default_rng(1).standard_normal((196_608, 64)).astype(np.float32)  # 48 MiB
+    writer = row_files.RowFileWriter(tmp_path, "t", rows.shape, np.float32, encoding="float")
+    writer.append(rows)
+    path = writer.commit()
+    env = dict(os.environ)
+    peaks = {}
+    for capacity_mib in (0, 32):
+        out = subprocess.run(
+            [sys.executable, "-c", _RSS_SCRIPT, path, str(capacity_mib)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        ).stdout.split()
+        peaks[capacity_mib], cached = int(out[0]), int(out[1])
+    configured = 32 * 2**20
+    assert cached > 0.99 * configured
+    assert 0.9 * configured < peaks[32] - peaks[0] < 1.1 * configured
+
+
 def test_row_file_equals_the_checkpoint_table(workdir):
     generator = generate_lib.Generator(workdir)
     generate_lib.Generator(workdir, table_placement="disk")  # writes the row files (once)
@@ -92,23 +254,27 @@ def test_row_file_equals_the_checkpoint_table(workdir):
 
 
 class _ReferenceLru:
-    """Plain LRU over row keys, counting hits per request (unique rows per call)."""
+    """Plain LRU per cache set (the cache's `set_of`, `ways` rows each), counting hits per
+    request (unique rows per call): hits are used first, then misses inserted, in ascending order.
+    """
 
-    def __init__(self, capacity_rows: int):
-        self.capacity, self.rows = capacity_rows, collections.OrderedDict()
+    def __init__(self, cache: row_files.RowCache):
+        self.cache, self.sets = cache, collections.defaultdict(collections.OrderedDict)
+        self.ways = cache._ways
 
     def request(self, layer, ids) -> int:
         hits = 0
         unique = sorted(set(int(i) for i in np.asarray(ids).reshape(-1)))
-        for row in unique:
-            if (layer, row) in self.rows:
+        sets = self.cache.set_of(layer, np.asarray(unique, np.int64)).tolist()
+        for row, s in zip(unique, sets, strict=True):
+            if (layer, row) in self.sets[s]:
                 hits += 1
-                self.rows.move_to_end((layer, row))
-        for row in unique:
-            if (layer, row) not in self.rows and self.capacity > 0:
-                self.rows[(layer, row)] = True
-                while len(self.rows) > self.capacity:
-                    self.rows.popitem(last=False)
+                self.sets[s].move_to_end((layer, row))
+        for row, s in zip(unique, sets, strict=True):
+            if (layer, row) not in self.sets[s] and self.ways > 0:
+                self.sets[s][(layer, row)] = True
+                while len(self.sets[s]) > self.ways:
+                    self.sets[s].popitem(last=False)
         return hits
 
 
@@ -130,7 +296,7 @@ def test_disk_reads_equal_unique_rows_minus_cache_hits(workdir):
     for capacity_rows in (0, 7, 50):
         readers = [row_files.RowFile(os.path.join(rows_dir, f"layer_{i}.rows")) for i in (0, 1)]
         cache = row_files.RowCache(readers, capacity_rows * row_bytes)
-        reference = _ReferenceLru(capacity_rows)
+        reference = _ReferenceLru(cache)
         rng = np.random.default_rng(capacity_rows)
         for _ in range(12):
             # [B=1, T=3, M=4] per layer, with repeats inside a step and across steps (few rows).

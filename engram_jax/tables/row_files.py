@@ -1,21 +1,36 @@
 """Engram tables outside the accelerator for inference: host (numpy) and disk (flat row file)
-readers with a bounded LRU row cache, read in row blocks from an orbax checkpoint's `memory` item.
+readers behind a bounded row cache, read in row blocks from a checkpoint's `memory` item, and
+stored either as the checkpoint's floats or as packed FP8 rows (`tables/fp8.py`).
 
 Row file format (one per table, beside the checkpoints: `<workdir>/table_rows/<step>/`):
-`<name>.rows` holds the `[R, W]` table as raw little-endian C-order rows (row r at byte offset
-`r * W * itemsize`), and `<name>.json` its `{"shape": [R, W], "dtype": "float32", "step": N,
-"source": "<leaf name in the memory item>"}`. The JSON is written last, after the rows file is
-complete and renamed into place, so a row file with its JSON is always whole.
+- `<name>.rows`: the `[R, P]` stored table as raw little-endian C-order rows, row r at byte
+  offset `r * row_bytes` (float rows: P = W values; FP8 rows: P = W + W/32 bytes, 264 at 256).
+- `<name>.crc`: one little-endian uint32 CRC-32 per block of `check_rows` rows (the last block
+  may be short).
+- `<name>.json`: `{"format": "engram_jax.row_file", "version": 2, "shape": [R, P], "dtype":
+  "float32" | "uint8", "encoding": "float" | "fp8", "row_width": W, "check_rows": 64,
+  "fingerprint": "<hex>", "step": N, "source": "<leaf name>"}`. The fingerprint identifies the
+  checkpoint table the rows came from (`table_fingerprint`): a row file whose fingerprint or
+  encoding differs from the caller's is stale and is rebuilt. The JSON is written last, after the
+  rows and checksums are complete and renamed into place, so a row file with its JSON is whole.
+
+`RowFile` memory-maps the rows and reads a batch with one numpy gather per thread. Each block's
+checksum is verified the first time a row of it is read, so a corrupted file is refused (naming
+the file and the block) before any of its rows reach the model, without reading a large file
+whole at startup.
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import functools
+import hashlib
 import json
+import logging
+import mmap
 import os
 import threading
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -23,10 +38,22 @@ import numpy as np
 import tensorstore as ts
 from etils import epath
 
-from engram_jax.tables import memory_item
+from engram_jax.tables import fp8, memory_item
+
+logger = logging.getLogger(__name__)
 
 # Rows read per block when converting or loading a table (a few MiB at W = 64).
 BLOCK_ROWS = 1 << 16
+# Rows per checksummed block of a row file: 16 KiB at 256 float32 bytes or 264 FP8 bytes per row,
+# so verifying the block of one cold row reads a few pages, not megabytes.
+CHECK_ROWS = 64
+ROW_FILE_FORMAT = "engram_jax.row_file"
+ROW_FILE_VERSION = 2
+ENCODINGS = ("float", "fp8")
+
+
+class RowFileError(ValueError):
+    """A row file that cannot be used as it is: incomplete, of another layout, or corrupted."""
 
 
 def memory_array_name(path: Sequence[str]) -> str:
@@ -89,80 +116,304 @@ def iter_row_blocks(
         yield start, array[start:stop].read().result()
 
 
-def load_host_table(array: ts.TensorStore, block_rows: int = BLOCK_ROWS) -> np.ndarray:
-    """The whole table in a numpy array, filled block by block (peak: table + one block)."""
-    out_RW = np.empty(array.shape, array.dtype.numpy_dtype)
+def stored_encoding(array: Any) -> str:
+    """ "fp8" for a table stored as packed FP8 rows (uint8, e.g. a converted release), else
+    "float"."""
+    return "fp8" if fp8.is_packed(_numpy_dtype(array)) else "float"
+
+
+def _numpy_dtype(array: Any) -> np.dtype:
+    dtype = array.dtype
+    return np.dtype(getattr(dtype, "numpy_dtype", dtype))
+
+
+def _encode_block(block: np.ndarray, encoding: str) -> np.ndarray:
+    """A block of stored rows in `encoding` (float rows kept, or packed into FP8 rows)."""
+    if fp8.is_packed(block.dtype):
+        if encoding == "float":
+            raise ValueError(
+                "table_dtype: the checkpoint stores packed FP8 rows; expected 'fp8' (they are "
+                "served as stored)"
+            )
+        return block
+    return fp8.encode(block) if encoding == "fp8" else block
+
+
+def stored_layout(array: Any, encoding: str) -> tuple[tuple[int, int], np.dtype]:
+    """`([R, P], dtype)` of `array`'s rows stored in `encoding`."""
+    num_rows, width = array.shape
+    dtype = _numpy_dtype(array)
+    if encoding == "fp8" and not fp8.is_packed(dtype):
+        return (num_rows, fp8.packed_width(width)), np.dtype(np.uint8)
+    return (num_rows, width), dtype
+
+
+def load_host_table(
+    array: ts.TensorStore, block_rows: int = BLOCK_ROWS, encoding: str | None = None
+) -> np.ndarray:
+    """The whole table in a numpy array, filled block by block (peak: table + one block); with
+    `encoding="fp8"`, float rows are packed into FP8 rows block by block (None: as stored)."""
+    encoding = encoding or stored_encoding(array)
+    shape, dtype = stored_layout(array, encoding)
+    out_RP = np.empty(shape, dtype)
     for start, block in iter_row_blocks(array, block_rows):
-        out_RW[start : start + block.shape[0]] = block
-    return out_RW
+        out_RP[start : start + block.shape[0]] = _encode_block(block, encoding)
+    return out_RP
+
+
+def table_fingerprint(array: ts.TensorStore, context: str = "") -> str:
+    """A short hex digest of a checkpoint table: `context` (the caller passes the checkpoint's
+    metadata: config, data, step), shape, dtype and 9 evenly spaced rows. Trained tables of two
+    runs differ in their rows; the metadata separates runs whose sampled rows could still agree
+    (untouched rows keep their initial values). Reading the samples decodes at most 9 chunks."""
+    digest = hashlib.sha256()
+    digest.update(context.encode())
+    digest.update(json.dumps([list(array.shape), str(_numpy_dtype(array))]).encode())
+    num_rows = array.shape[0]
+    for row in sorted(set(np.linspace(0, num_rows - 1, 9).astype(int).tolist())):
+        digest.update(np.ascontiguousarray(array[row : row + 1].read().result()).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def row_file_paths(directory: str | os.PathLike, name: str) -> tuple[str, str, str]:
+    """`(<name>.rows, <name>.crc, <name>.json)` in `directory`."""
+    base = os.path.join(os.fspath(directory), name)
+    return base + ".rows", base + ".crc", base + ".json"
+
+
+class RowFileWriter:
+    """Writes a row file in blocks of any number of rows, checksumming each `CHECK_ROWS` block as
+    it goes; `commit()` renames the rows and checksums into place and writes the JSON last. Holds
+    at most one partial checksum block besides the caller's block."""
+
+    def __init__(self, directory: str | os.PathLike, name: str, shape, dtype, **meta: Any):
+        self.rows_path, self.crc_path, self.meta_path = row_file_paths(directory, name)
+        os.makedirs(os.fspath(directory), exist_ok=True)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.meta = meta
+        self._block_bytes = CHECK_ROWS * self.shape[1] * self.dtype.itemsize
+        self._tmp = f"{self.rows_path}.tmp{os.getpid()}"
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 (closed in commit)
+        self._crcs: list[int] = []
+        self._pending = b""  # bytes of the current, unfinished checksum block
+        self.rows_written = 0
+
+    def append(self, rows: np.ndarray) -> None:
+        data = np.ascontiguousarray(rows, self.dtype)
+        if data.ndim != 2 or data.shape[1] != self.shape[1]:
+            raise ValueError(
+                f"{self.rows_path}: appended rows of shape {data.shape}; expected [n, "
+                f"{self.shape[1]}]"
+            )
+        raw = memoryview(data.reshape(-1).view(np.uint8))
+        self._file.write(raw)
+        self.rows_written += data.shape[0]
+        view = memoryview(self._pending + raw.tobytes()) if self._pending else raw
+        whole = len(view) // self._block_bytes * self._block_bytes
+        for start in range(0, whole, self._block_bytes):
+            self._crcs.append(zlib.crc32(view[start : start + self._block_bytes]))
+        self._pending = bytes(view[whole:])
+
+    def commit(self) -> str:
+        """Finishes the file; returns the `.rows` path."""
+        self._file.close()
+        if self.rows_written != self.shape[0]:
+            os.remove(self._tmp)
+            raise ValueError(
+                f"{self.rows_path}: {self.rows_written} rows written; expected {self.shape[0]}"
+            )
+        if self._pending:
+            self._crcs.append(zlib.crc32(self._pending))
+        np.asarray(self._crcs, "<u4").tofile(self.crc_path + ".tmp")
+        os.replace(self._tmp, self.rows_path)
+        os.replace(self.crc_path + ".tmp", self.crc_path)
+        meta = {
+            "format": ROW_FILE_FORMAT,
+            "version": ROW_FILE_VERSION,
+            "shape": list(self.shape),
+            "dtype": self.dtype.name,
+            "check_rows": CHECK_ROWS,
+            **self.meta,
+        }
+        with open(self.meta_path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+        os.replace(self.meta_path + ".tmp", self.meta_path)
+        return self.rows_path
+
+    def abort(self) -> None:
+        """Closes and removes the partial file."""
+        self._file.close()
+        if os.path.exists(self._tmp):
+            os.remove(self._tmp)
+
+
+def read_row_file_meta(rows_path: str) -> dict[str, Any] | None:
+    """The JSON of a row file, or None when it is missing or not of this format and version."""
+    meta_path = rows_path[: -len(".rows")] + ".json"
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if meta.get("format") != ROW_FILE_FORMAT or meta.get("version") != ROW_FILE_VERSION:
+        return None
+    return meta
 
 
 def write_row_file(
-    array: ts.TensorStore, directory: str | os.PathLike, name: str, *, step: int, source: str
+    array: ts.TensorStore,
+    directory: str | os.PathLike,
+    name: str,
+    *,
+    step: int,
+    source: str,
+    fingerprint: str = "",
+    encoding: str | None = None,
 ) -> str:
-    """Converts a checkpoint table into a flat row file (see the module docstring), block by
-    block; returns the `.rows` path. An existing complete row file is kept."""
-    directory = os.fspath(directory)
-    rows_path = os.path.join(directory, name + ".rows")
-    meta_path = os.path.join(directory, name + ".json")
-    if os.path.exists(meta_path) and os.path.exists(rows_path):
-        return rows_path
-    os.makedirs(directory, exist_ok=True)
-    dtype = np.dtype(array.dtype.numpy_dtype).newbyteorder("<")
-    tmp_path = f"{rows_path}.tmp{os.getpid()}"
-    with open(tmp_path, "wb") as f:
+    """Converts a checkpoint table into a row file (see the module docstring), block by block;
+    returns the `.rows` path. `encoding`: "float" keeps the stored floats, "fp8" packs FP8 rows
+    (None: as stored). An existing row file of the same fingerprint and encoding is kept; one of
+    another fingerprint or encoding (stale: another checkpoint at this step, or another table
+    dtype) or an older format is rebuilt, with a warning naming it."""
+    encoding = encoding or stored_encoding(array)
+    if encoding not in ENCODINGS:
+        raise ValueError(f"row file encoding: got {encoding!r}; expected one of {ENCODINGS}")
+    rows_path = row_file_paths(directory, name)[0]
+    meta = read_row_file_meta(rows_path)
+    if meta is not None and os.path.exists(rows_path):
+        if meta.get("fingerprint") == fingerprint and meta.get("encoding") == encoding:
+            return rows_path
+        logger.warning(
+            "%s: row file of table %s (%s rows) is stale for table %s (%s rows); rebuilding it",
+            rows_path,
+            meta.get("fingerprint"),
+            meta.get("encoding"),
+            fingerprint,
+            encoding,
+        )
+    elif os.path.exists(rows_path):
+        logger.warning("%s: row file without a current JSON; rebuilding it", rows_path)
+    shape, dtype = stored_layout(array, encoding)
+    width = fp8.row_width(shape[1]) if encoding == "fp8" else shape[1]
+    writer = RowFileWriter(
+        directory,
+        name,
+        shape,
+        dtype,
+        encoding=encoding,
+        row_width=width,
+        fingerprint=fingerprint,
+        step=step,
+        source=source,
+    )
+    try:
         for _, block in iter_row_blocks(array):
-            f.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
-    os.replace(tmp_path, rows_path)
-    meta = {"shape": list(array.shape), "dtype": dtype.name, "step": step, "source": source}
-    with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(meta, f)
-    os.replace(meta_path + ".tmp", meta_path)
-    return rows_path
+            writer.append(_encode_block(block, encoding))
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.commit()
 
 
-class HostRows:
-    """Rows of a numpy table in host RAM."""
+class _Rows:
+    """What the row sources share: the stored layout and the decode of gathered stored rows."""
 
-    def __init__(self, table_RW: np.ndarray):
-        self.table_RW = table_RW
-        self.shape = table_RW.shape
-        self.dtype = table_RW.dtype
+    shape: tuple[int, int]  # stored [R, P]
+    dtype: np.dtype  # stored dtype (uint8 for FP8 rows)
+    encoding: str
+
+    @property
+    def row_width(self) -> int:
+        """W: values per decoded row."""
+        return fp8.row_width(self.shape[1]) if self.encoding == "fp8" else self.shape[1]
+
+    @property
+    def row_dtype(self) -> np.dtype:
+        """dtype of decoded rows (float32 for FP8 rows)."""
+        return np.dtype(np.float32) if self.encoding == "fp8" else np.dtype(self.dtype)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one stored row."""
+        return self.shape[1] * np.dtype(self.dtype).itemsize
+
+    def decode(self, stored: np.ndarray) -> np.ndarray:
+        """Stored rows `[..., P]` -> rows `[..., W]` (FP8 rows dequantized)."""
+        return fp8.decode(stored) if self.encoding == "fp8" else stored
+
+
+class HostRows(_Rows):
+    """Rows of a numpy table in host RAM: float rows, or packed FP8 rows (uint8)."""
+
+    def __init__(self, table_RP: np.ndarray):
+        self.table_RW = table_RP
+        self.shape = table_RP.shape
+        self.dtype = table_RP.dtype
+        self.encoding = "fp8" if fp8.is_packed(table_RP.dtype) else "float"
 
     def read(self, rows_X: np.ndarray) -> np.ndarray:
-        """`[X, W]` rows (numpy fancy indexing copies only those rows)."""
+        """`[X, P]` stored rows (numpy fancy indexing copies only those rows)."""
         return self.table_RW[rows_X]
 
 
-class RowFile:
-    """Rows of a flat row file read with `os.pread`, one call per row; `reads` counts rows read.
+class RowFile(_Rows):
+    """Rows of a row file, memory-mapped; `reads` counts rows read, `verified_blocks` the
+    checksum blocks verified so far.
 
-    Reads go through the OS page cache, not this process's memory; the row cache above bounds
-    what this process holds. A call for several rows spreads them over up to `read_threads`
-    threads (file reads release the GIL): a storage device serves concurrent random reads largely
-    in parallel, where one thread pays every read's latency in turn (a token's 16 cold rows:
-    `BENCHMARKS.md`). Rows in the page cache take microseconds either way; `read_threads=1`
-    reads on the calling thread.
+    A read of several rows is one numpy gather from the mapping (no system call per row), split
+    over up to `read_threads` threads for larger batches: a row not in the OS page cache faults in
+    from the storage device with the GIL released, and a device serves concurrent random reads
+    largely in parallel, where one thread pays every read's latency in turn (`BENCHMARKS.md`).
+    Mapped pages belong to the OS page cache and are reclaimable at any time; the row cache above
+    bounds what this process itself holds. The mapping is advised random access, so a fault reads
+    the pages it needs, not a readahead window.
+
+    Before any row of a checksum block is returned, the block is checked against its CRC-32 (once
+    per block and reader); a mismatch raises `RowFileError` naming the file and the block.
+
+    Raises:
+      RowFileError: the JSON is missing or of another format, the size does not match it, or the
+        checksum file is missing or of the wrong length (each naming the file).
     """
 
     def __init__(self, rows_path: str, read_threads: int = 8):
         if read_threads < 1:
             raise ValueError(f"RowFile: read_threads={read_threads}; expected >= 1")
-        meta_path = rows_path[: -len(".rows")] + ".json"
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = read_row_file_meta(rows_path)
+        if meta is None:
+            raise RowFileError(
+                f"{rows_path}: no {ROW_FILE_FORMAT} version {ROW_FILE_VERSION} JSON beside it (an "
+                "incomplete or older row file; delete it to convert the checkpoint table again)"
+            )
+        self.path, self.meta = rows_path, meta
         self.shape = tuple(meta["shape"])
         self.dtype = np.dtype(meta["dtype"])
-        self._row_bytes = self.shape[1] * self.dtype.itemsize
-        expected = self.shape[0] * self._row_bytes
+        self.encoding = meta.get("encoding", "float")
+        self.fingerprint = meta.get("fingerprint", "")
+        self._check_rows = int(meta["check_rows"])
         size = os.path.getsize(rows_path)
-        if size != expected:
-            raise ValueError(
-                f"{rows_path}: {size} bytes; expected {expected} for a {self.shape} "
-                f"{self.dtype} table (delete it to convert the checkpoint table again)"
+        if size != self.shape[0] * self.row_bytes:
+            raise RowFileError(
+                f"{rows_path}: {size} bytes; expected {self.shape[0] * self.row_bytes} for a "
+                f"{self.shape} {self.dtype} table (delete it to convert the checkpoint table again)"
             )
-        self.path = rows_path
+        crc_path = rows_path[: -len(".rows")] + ".crc"
+        num_blocks = -(-self.shape[0] // self._check_rows)
+        try:
+            self._crcs = np.fromfile(crc_path, "<u4")
+        except OSError as e:
+            raise RowFileError(f"{crc_path}: cannot read the row file's checksums: {e}") from e
+        if self._crcs.size != num_blocks:
+            raise RowFileError(
+                f"{crc_path}: {self._crcs.size} checksums; expected {num_blocks} (one per "
+                f"{self._check_rows} rows; delete the row file to convert it again)"
+            )
+        self._verified = np.zeros(num_blocks, bool)
         self._fd = os.open(rows_path, os.O_RDONLY)
+        self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        self._map.madvise(mmap.MADV_RANDOM)
+        self._rows_RP = np.frombuffer(self._map, self.dtype).reshape(self.shape)  # [R, P]
         self._lock = threading.Lock()
         self._pool = None
         if read_threads > 1:
@@ -172,78 +423,139 @@ class RowFile:
         self._threads = read_threads
         self.reads = 0
 
+    @property
+    def verified_blocks(self) -> int:
+        return int(self._verified.sum())
+
     def read(self, rows_X: np.ndarray) -> np.ndarray:
+        """`[X, P]` stored rows, in request order."""
         if self._fd < 0:
             raise ValueError(f"{self.path}: row file is closed")
-        rows_X = np.asarray(rows_X).reshape(-1)
-        out_XW = np.empty((len(rows_X), self.shape[1]), self.dtype)
-        view = memoryview(out_XW.reshape(-1).view(np.uint8))
-        if self._pool is None or len(rows_X) < 2:
-            self._read_into(view, rows_X, 0)
+        rows_X = np.asarray(rows_X, np.int64).reshape(-1)
+        if rows_X.size and (rows_X.min() < 0 or rows_X.max() >= self.shape[0]):
+            raise IndexError(f"{self.path}: row ids outside [0, {self.shape[0]})")
+        self._verify(np.unique(rows_X // self._check_rows))
+        if self._pool is None or len(rows_X) < 2 * self._threads:
+            out_XP = self._rows_RP[rows_X]
         else:
-            # Contiguous slices of the request, one per thread.
-            bounds = np.linspace(0, len(rows_X), min(self._threads, len(rows_X)) + 1).astype(int)
-            jobs = [
-                self._pool.submit(self._read_into, view, rows_X[a:b], a)
+            # Contiguous slices of the request, one gather per thread (their page faults overlap).
+            bounds = np.linspace(0, len(rows_X), self._threads + 1).astype(int)
+            parts = [
+                self._pool.submit(np.take, self._rows_RP, rows_X[a:b], 0)
                 for a, b in zip(bounds[:-1], bounds[1:], strict=True)
             ]
-            for job in jobs:
-                job.result()
+            out_XP = np.concatenate([part.result() for part in parts])
         with self._lock:
             self.reads += len(rows_X)
-        return out_XW
+        return out_XP
 
-    def _read_into(self, view: memoryview, rows_X: np.ndarray, first: int) -> None:
-        """Reads `rows_X` into rows `first, first + 1, ...` of the output buffer `view`."""
-        size = self._row_bytes
-        for i, row in enumerate(rows_X.tolist(), start=first):
-            got = os.preadv(self._fd, [view[i * size : (i + 1) * size]], row * size)
-            if got != size:
-                raise OSError(f"short read of row {row} ({got} of {size} bytes)")
+    def _verify(self, blocks: np.ndarray) -> None:
+        """Checks the not yet verified checksum `blocks` against their CRC-32s."""
+        todo = blocks[~self._verified[blocks]]
+        if todo.size == 0:
+            return
+        if self._pool is None or todo.size < 2:
+            oks = [self._block_ok(b) for b in todo.tolist()]
+        else:
+            oks = list(self._pool.map(self._block_ok, todo.tolist()))
+        bad = todo[~np.asarray(oks, bool)]
+        if bad.size:
+            first = int(bad[0]) * self._check_rows
+            last = min(first + self._check_rows, self.shape[0]) - 1
+            raise RowFileError(
+                f"{self.path}: {bad.size} block(s) fail their CRC-32 checksum, the first block "
+                f"{int(bad[0])} (rows {first}-{last}): the row file is corrupted; delete it to "
+                "convert the checkpoint table again"
+            )
+        self._verified[todo] = True
+
+    def _block_ok(self, block: int) -> bool:
+        start = block * self._check_rows * self.row_bytes
+        stop = min(start + self._check_rows * self.row_bytes, self.shape[0] * self.row_bytes)
+        return zlib.crc32(self._map[start:stop]) == int(self._crcs[block])
+
+    def verify_all(self) -> None:
+        """Checks every block (reads the whole file); raises `RowFileError` on a mismatch."""
+        self._verify(np.arange(self._verified.size))
 
     def evict_page_cache(self) -> None:
-        """Drops this file's pages from the OS page cache (`POSIX_FADV_DONTNEED`), so the next
-        reads come from the storage device: how a cold start, or the long tail of a table larger
-        than RAM, reads (a hypervisor's own cache below a VM may still serve them)."""
+        """Drops this file's pages from this process's mapping and from the OS page cache
+        (`MADV_DONTNEED`, `POSIX_FADV_DONTNEED`), so the next reads come from the storage device:
+        how a cold start, or the long tail of a table larger than RAM, reads (a hypervisor's own
+        cache below a VM may still serve them)."""
+        self._map.madvise(mmap.MADV_DONTNEED)
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
-        """Stops the read threads and closes the file (again: nothing to do)."""
+        """Stops the read threads, unmaps and closes the file (again: nothing to do)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         if self._fd >= 0:
+            self._rows_RP = None  # the mapping cannot close while an array views it
+            self._map.close()
             os.close(self._fd)
             self._fd = -1
 
 
 class RowCache:
-    """LRU cache of table rows over several sources (one per Engram layer), bounded in bytes.
+    """A set-associative LRU cache of stored rows over several sources (one per Engram layer),
+    bounded in bytes: one preallocated slab of `capacity_bytes // row_bytes` rows plus a 16-byte
+    index entry per row (its key and last use), so the process holds about the configured bytes
+    (tests/test_table_store.py measures peak RSS), never a Python object per row. The slab's pages
+    are committed as rows fill it.
 
-    `gather(layer, rows)` returns the requested rows in order; rows missing from the cache are
-    read once per call (duplicates collapse) from `sources[layer]`. Counters: `requested` (unique
-    rows asked for, per call), `hits`, `misses` (= rows read from the sources); a `HostRows`
-    source without a cache is indexed directly and not counted.
+    Row `r` of layer `l` can only live in the `WAYS` slots of its set (`set_of`, a hash of the
+    key); a miss replaces the least recently used row of that set. `gather(layer, rows)` returns
+    the decoded rows in order; rows missing from the cache are read once per call (duplicates
+    collapse) from `sources[layer]`. Counters: `requested` (unique rows asked for, per call),
+    `hits`, `misses` (= rows read from the sources); a `HostRows` source without a cache is indexed
+    directly and not counted. The sources must store rows alike (width, dtype, encoding).
     """
+
+    WAYS = 8
 
     def __init__(self, sources: Sequence[Any], capacity_bytes: int):
         if capacity_bytes < 0:
             raise ValueError(f"RowCache: capacity_bytes={capacity_bytes}; expected >= 0")
         self.sources = list(sources)
+        layouts = {(s.shape[1], np.dtype(s.dtype).name, s.encoding) for s in self.sources}
+        if len(layouts) != 1:
+            raise ValueError(
+                f"RowCache: sources store rows as {sorted(layouts)}; expected one layout"
+            )
         self.capacity_bytes = int(capacity_bytes)
-        self._rows: collections.OrderedDict[tuple[int, int], np.ndarray] = collections.OrderedDict()
-        self._bytes = 0
+        first = self.sources[0]
+        capacity_rows = self.capacity_bytes // first.row_bytes
+        self._ways = min(self.WAYS, capacity_rows)
+        self._sets = capacity_rows // self._ways if self._ways else 0
+        slots = self._sets * self._ways
+        self._slab_NP = np.empty((slots, first.shape[1]), first.dtype)  # [slots, P]
+        self._keys_SW = np.full((self._sets, self._ways), -1, np.int64)  # [sets, ways]
+        self._used_SW = np.zeros((self._sets, self._ways), np.int64)  # last use (a clock)
+        self._clock = 0
         self._lock = threading.Lock()
         self.requested = self.hits = self.misses = 0
 
     @property
     def cached_bytes(self) -> int:
-        return self._bytes
+        return int((self._keys_SW >= 0).sum()) * self.sources[0].row_bytes
+
+    @property
+    def row_dtype(self) -> np.dtype:
+        """dtype of gathered (decoded) rows."""
+        return self.sources[0].row_dtype
 
     def clear(self) -> None:
         """Empties the cache (the counters are kept)."""
         with self._lock:
-            self._rows.clear()
-            self._bytes = 0
+            self._keys_SW[:] = -1
+            self._used_SW[:] = 0
+
+    def set_of(self, layer: int, rows_X: np.ndarray) -> np.ndarray:
+        """The set each row of table `layer` lives in (a multiplicative hash of its key)."""
+        keys = np.asarray(rows_X, np.int64) * len(self.sources) + layer
+        mixed = keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        return ((mixed >> np.uint64(29)) % np.uint64(max(self._sets, 1))).astype(np.int64)
 
     def gather(self, layer: int, rows_X: np.ndarray) -> np.ndarray:
         """Rows `[..., W]` of table `layer` for flat row ids `rows_X` of any shape `[...]`."""
@@ -253,44 +565,53 @@ class RowCache:
             # Rows in RAM, no cache: one fancy index reads a duplicate as cheaply as `np.unique`
             # finds it (which would triple the cost of a decode step's gather), and there are no
             # storage reads to count: the counters stay untouched.
-            return source.table_RW[rows_X]
+            return source.decode(source.table_RW[rows_X])
         unique_U, inverse_X = np.unique(rows_X.reshape(-1), return_inverse=True)
-        width = source.shape[1]
-        if self.capacity_bytes == 0:
-            # No cache (row files): every unique row is read once, without per-row bookkeeping.
+        if self._sets == 0:
+            # No cache: every unique row is read once, without bookkeeping.
             with self._lock:
                 self.requested += len(unique_U)
                 self.misses += len(unique_U)
-            return source.read(unique_U)[inverse_X].reshape(*rows_X.shape, width)
-        out_UW = np.empty((len(unique_U), width), source.dtype)
-        missing = []
-        with self._lock:
-            self.requested += len(unique_U)
-            for i, row in enumerate(unique_U.tolist()):
-                hit = self._rows.get((layer, row))
-                if hit is None:
-                    missing.append(i)
-                else:
-                    self._rows.move_to_end((layer, row))
-                    out_UW[i] = hit
-            self.hits += len(unique_U) - len(missing)
-            self.misses += len(missing)
-        if missing:
-            read_MW = source.read(unique_U[missing])
-            out_UW[missing] = read_MW
-            with self._lock:
-                for j, i in enumerate(missing):
-                    self._insert((layer, int(unique_U[i])), read_MW[j].copy())
-        return out_UW[inverse_X].reshape(*rows_X.shape, width)
+            stored_UP = source.read(unique_U)
+        else:
+            stored_UP = self._cached_read(layer, source, unique_U)
+        rows_UW = source.decode(stored_UP)
+        return rows_UW[inverse_X].reshape(*rows_X.shape, rows_UW.shape[-1])
 
-    def _insert(self, key: tuple[int, int], row: np.ndarray) -> None:
-        if row.nbytes > self.capacity_bytes or key in self._rows:
-            return
-        self._rows[key] = row
-        self._bytes += row.nbytes
-        while self._bytes > self.capacity_bytes:
-            _, old = self._rows.popitem(last=False)
-            self._bytes -= old.nbytes
+    def _cached_read(self, layer: int, source: Any, unique_U: np.ndarray) -> np.ndarray:
+        """Stored rows `[U, P]` of sorted distinct ids: hits copied from the slab, misses read and
+        inserted. Each row of a call gets its own use time, hits first and then misses, each in
+        ascending id order: the order in which a set's least recently used row is chosen."""
+        keys_U = unique_U * len(self.sources) + layer
+        sets_U = self.set_of(layer, unique_U)
+        with self._lock:
+            match_UW = self._keys_SW[sets_U] == keys_U[:, None]  # [U, ways]
+            hit_U = match_UW.any(axis=1)
+            hit_sets, hit_ways = sets_U[hit_U], match_UW[hit_U].argmax(axis=1)
+            out_UP = np.empty((len(unique_U), self._slab_NP.shape[1]), self._slab_NP.dtype)
+            out_UP[hit_U] = self._slab_NP[hit_sets * self._ways + hit_ways]
+            self._used_SW[hit_sets, hit_ways] = self._clock + np.arange(hit_sets.size)
+            self._clock += hit_sets.size
+            self.requested += len(unique_U)
+            self.hits += hit_sets.size
+            self.misses += len(unique_U) - hit_sets.size
+        missing = np.flatnonzero(~hit_U)
+        if missing.size == 0:
+            return out_UP
+        read_MP = source.read(unique_U[missing])
+        out_UP[missing] = read_MP
+        with self._lock:
+            for j, i in enumerate(missing.tolist()):
+                s, key = int(sets_U[i]), keys_U[i]
+                if (self._keys_SW[s] == key).any():
+                    continue  # inserted meanwhile by another call
+                # The least recently used way; empty ways (key -1, use 0) come first.
+                way = int(np.argmin(np.where(self._keys_SW[s] < 0, -1, self._used_SW[s])))
+                self._keys_SW[s, way] = key
+                self._used_SW[s, way] = self._clock
+                self._clock += 1
+                self._slab_NP[s * self._ways + way] = read_MP[j]
+        return out_UP
 
 
 class RowGatherer:
