@@ -330,11 +330,9 @@ def _cli() -> None:  # pragma: no cover - exercised through a subprocess test
         text = json.dumps(to_json_dict(acc), indent=2) if json_flag.value else None
         print(text or format_accounting(acc))
 
-    import sys
+    from engram_jax import cli
 
-    from engram_jax.configs import resolve_argv
-
-    app.run(main, argv=resolve_argv(sys.argv))  # --config=tiny: a shipped config by name
+    cli.run(main, config_flag="config")  # --config=tiny: a shipped config by name
 
 
 if __name__ == "__main__":  # pragma: no cover

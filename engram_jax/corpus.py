@@ -39,6 +39,7 @@ import grain
 import numpy as np
 
 from engram_jax import storage
+from engram_jax.cli import describe_path
 
 logger = logging.getLogger(__name__)
 
@@ -219,11 +220,30 @@ def _list_url(data_path: str) -> list[str]:
     raise FileNotFoundError(f"data_path={data_path!r}: no such file or directory")
 
 
-def list_files(data_path: str) -> list[str]:
+def list_files(data_path: str, key: str = "data_path") -> list[str]:
     """Resolves "" (the bundled corpus), a file, a glob (`**` recurses) or a directory (every
-    file with a supported extension below it) to a sorted list of files; URLs go through epath."""
+    file with a supported extension below it) to a sorted list of files; URLs go through epath.
+    Errors name the config `key` that holds the path (data_path or eval_data_path) and, for a
+    local path that is not a regular file, what it is (a FIFO is never opened)."""
     if data_path == "":
         return [bundled_corpus_path()]
+    try:
+        files = _list_files(data_path)
+    except (OSError, ValueError) as e:
+        if key == "data_path":
+            raise
+        raise type(e)(str(e).replace("data_path=", f"{key}=", 1)) from e
+    for path in files:
+        if not is_url(path) and not os.path.isfile(path):
+            raise ValueError(
+                f"{key}={data_path!r}: {path!r} is {describe_path(path)}; expected regular "
+                "corpus files"
+            )
+        extension(path)  # fail early on an unsupported file named explicitly or by a glob
+    return files
+
+
+def _list_files(data_path: str) -> list[str]:
     if is_url(data_path):
         files = _list_url(data_path)
     elif _GLOB_CHARS.search(data_path):
@@ -247,10 +267,13 @@ def list_files(data_path: str) -> list[str]:
         files.sort()
     elif os.path.isfile(data_path):
         files = [data_path]
+    elif os.path.lexists(data_path):
+        raise ValueError(
+            f"data_path={data_path!r}: {describe_path(data_path)}; expected a corpus file, a "
+            "directory of them or a glob"
+        )
     else:
         raise FileNotFoundError(f"data_path={data_path!r}: no such file or directory")
-    for path in files:
-        extension(path)  # fail early on an unsupported file named explicitly or by a glob
     return files
 
 
@@ -418,11 +441,16 @@ def _read_jsonl(piece: Piece, start: int | None):
 
 
 def _read_parquet(piece: Piece, start: int | None):
-    import pyarrow.parquet as pq
 
-    with _open_binary(piece.path) as raw, pq.ParquetFile(raw) as f:
+    with _open_binary(piece.path) as raw, _parquet_file(piece.path, raw) as f:
         if "text" not in f.schema_arrow.names:
             raise ValueError(f"{piece.path}: no column 'text' (columns: {f.schema_arrow.names})")
+        text_type = f.schema_arrow.field("text").type
+        if str(text_type) not in ("string", "large_string", "string_view"):
+            raise ValueError(
+                f"{piece.path}: column 'text' holds {text_type}; expected strings (one document "
+                "per row)"
+            )
         rows = f.metadata.num_rows
         lo = piece.part * rows // piece.parts
         hi = (piece.part + 1) * rows // piece.parts
@@ -441,6 +469,16 @@ def _read_parquet(piece: Piece, start: int | None):
             group_start = group_end
             if group_start >= hi:
                 break
+
+
+def _parquet_file(path: str, raw):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(raw)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable Parquet file ({e})") from e
 
 
 def _read_array_record(piece: Piece, start: int | None):
@@ -655,7 +693,7 @@ class Corpus:
         self.eval_path = eval_path
         self.eval_files: list[str] = []
         if eval_path:
-            self.eval_files = list_files(eval_path)
+            self.eval_files = list_files(eval_path, key="eval_data_path")
             self.names.update(zip(self.eval_files, _relative_names(self.eval_files), strict=True))
             eval_fingerprint = corpus_fingerprint(self.eval_files)
             self.fingerprint = hashlib.sha256(
@@ -673,12 +711,12 @@ class Corpus:
         num_epochs: int | None = None,
     ) -> DocumentStream:
         """Process `shard_index`'s documents of `split` ("train", "eval" or "all")."""
-        files, kept, source = self.files, split, self.data_path
+        files, kept, source, key = self.files, split, self.data_path, "data_path"
         if self.eval_path and split != "all":
             # Separate files: each split is all of its own files.
             kept = "all"
             if split == "eval":
-                files, source = self.eval_files, self.eval_path
+                files, source, key = self.eval_files, self.eval_path, "eval_data_path"
         return DocumentStream(
             shard_pieces(files, shard_index, shard_count),
             names=self.names,
@@ -688,7 +726,7 @@ class Corpus:
             shuffle=shuffle,
             num_epochs=num_epochs,
             description=(
-                f"data_path={source!r} ({split} split, process {shard_index} of {shard_count})"
+                f"{key}={source!r} ({split} split, process {shard_index} of {shard_count})"
             ),
         )
 

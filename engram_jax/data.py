@@ -22,6 +22,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from engram_jax import corpus as corpus_lib
 from engram_jax import storage
+from engram_jax.cli import describe_path
 from engram_jax.hashing import CompressedTokenizer, NgramHasher, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -184,7 +185,12 @@ def tokenizer_cache_key(documents: Sequence[str], vocab_size: int) -> str:
 def load_tokenizer(tokenizer_path: str) -> tokenizers.Tokenizer:
     """Reads a Hugging Face `tokenizer.json` (a local path or a URL); errors name the path."""
     if not storage.isfile(tokenizer_path):
-        raise FileNotFoundError(f"tokenizer_path={tokenizer_path!r}: no such file")
+        # Says what a local path is instead (a FIFO, a device, a directory, a link loop):
+        # opening a FIFO would block.
+        what = "no such file" if "://" in tokenizer_path else describe_path(tokenizer_path)
+        raise FileNotFoundError(
+            f"tokenizer_path={tokenizer_path!r}: {what}; expected a tokenizer.json file"
+        )
     try:
         return tokenizers.Tokenizer.from_str(storage.read_text(tokenizer_path))
     except Exception as e:  # the Rust loader raises plain Exception subclasses

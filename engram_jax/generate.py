@@ -52,6 +52,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -92,8 +93,10 @@ class SamplingConfig:
         problems = []
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             problems.append(f"max_tokens: got {self.max_tokens}; expected an integer >= 0")
-        if not self.temperature >= 0:
-            problems.append(f"temperature: got {self.temperature}; expected >= 0 (0 is greedy)")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            problems.append(
+                f"temperature: got {self.temperature}; expected a finite number >= 0 (0 is greedy)"
+            )
         if not isinstance(self.top_k, int) or self.top_k < 0:
             problems.append(f"top_k: got {self.top_k}; expected an integer >= 0 (0 keeps all)")
         if not 0 < self.top_p <= 1:
@@ -118,16 +121,17 @@ def sample_logits(
     Args:
       logits_BV: `[B, V]` float logits.
       rng: PRNG key.
-      temperature: 0 selects the argmax; otherwise logits are divided by it.
+      temperature: 0 selects the argmax; otherwise logits are divided by it. A Python number,
+        finite and >= 0 (NaN and inf raise ValueError, as in `SamplingConfig`).
       top_k: keep only the k largest logits (0 keeps all).
       top_p: keep the smallest set of tokens whose probability reaches top_p (1.0 keeps all).
 
     Returns:
       `[B]` int32 token ids.
     """
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+    if not (0 <= temperature < math.inf) or top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(
-            f"sampling: temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
+            f"sampling: temperature={temperature} (finite, >= 0), top_k={top_k} (>= 0), "
             f"top_p={top_p} (in (0, 1]) expected"
         )
     if top_k > logits_BV.shape[-1]:
@@ -240,10 +244,23 @@ class DecodeStep:
         )  # [B, L_e, T, M, W]
         return self._apply(variables, cache, tokens_BT, positions_BT, None, rows)
 
+    def cache_bytes(self, total: int) -> int:
+        """Bytes of the decode cache for `total` positions, by arithmetic from the traced shapes
+        at 1 and 2 positions (the cache grows linearly; tracing at `total` itself could be as
+        large as the cache)."""
+        sizes = [
+            sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(self._shapes(n))) for n in (1, 2)
+        ]
+        return sizes[0] + (total - 1) * (sizes[1] - sizes[0])
+
     def empty_cache(self, total: int) -> Any:
-        """A zero decode cache for `total` positions of one sequence. Its shapes are traced once
-        per length (tracing the model's init costs about as much as decoding dozens of tokens),
-        with the inputs this step gives the model: pre-gathered rows, or hash ids."""
+        """A zero decode cache for `total` positions of one sequence."""
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._shapes(total))
+
+    def _shapes(self, total: int) -> Any:
+        """The decode cache's shapes for `total` positions, traced once per length (tracing the
+        model's init costs about as much as decoding dozens of tokens), with the inputs this step
+        gives the model: pre-gathered rows, or hash ids."""
         if total not in self._cache_shapes:
             e = self.decoder.config.engram
             hash_ids = rows = None
@@ -265,7 +282,7 @@ class DecodeStep:
                 hash_ids,
                 rows,
             )["cache"]
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._cache_shapes[total])
+        return self._cache_shapes[total]
 
     def flat_ids(self, hash_ids: np.ndarray) -> np.ndarray:
         """`[B, L_e, T, M]` flat row ids of each layer's table (per-head ids + head offsets)."""
@@ -487,6 +504,32 @@ class Generator:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
+    def _check_length(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Refuses a decode cache that cannot fit; warns past the trained context."""
+        from engram_jax import memory_estimate
+
+        total = prompt_tokens + max_tokens
+        needed = self.step.cache_bytes(total)
+        available, source = memory_estimate.available_bytes()
+        if available is not None and needed > available:
+            gib = memory_estimate.GIB
+            raise ValueError(
+                f"max_tokens: got {max_tokens}; the prompt's {prompt_tokens} tokens plus "
+                f"{max_tokens} need a decode cache of {needed / gib:,.2f} GiB but "
+                f"{available / gib:,.2f} GiB are available ({source}); lower max_tokens "
+                f"(the model was trained on seq_len={self.context_length} positions)"
+            )
+        if total > self.context_length:
+            logger.warning(
+                "max_tokens: the prompt's %d tokens plus %d reach position %d, past the trained "
+                "context seq_len=%d; positions past it were never trained and the continuation "
+                "there may degrade",
+                prompt_tokens,
+                max_tokens,
+                total,
+                self.context_length,
+            )
+
     def generate(self, prompt: str, sampling: SamplingConfig) -> str:
         """Continues `prompt` by up to `sampling.max_tokens` tokens (stopping at eos)."""
         prompt_ids = self._encode(prompt).astype(np.int32)  # [P]
@@ -515,6 +558,7 @@ class Generator:
             )
             prompt_ids = prompt_ids[:, -self.context_length :]
         total = prompt_ids.shape[1] + sampling.max_tokens
+        self._check_length(prompt_ids.shape[1], sampling.max_tokens)
         cache = self.step.empty_cache(total)
         rng = jax.random.PRNGKey(sampling.seed)
 
@@ -618,7 +662,7 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from engram_jax import cli
 
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from engram_jax import axes
+from engram_jax import axes, input_checks
 from engram_jax.attention import Attention, MultiHeadLatentAttention
 from engram_jax.config import ModelConfig
 from engram_jax.engram import Engram
@@ -370,6 +370,7 @@ class Transformer(nn.Module):
         self._check_inputs(
             tokens_BT, positions_BT, segment_ids_BT, hash_ids, engram_rows, needs_engram
         )
+        input_checks.check_in_range(tokens_BT, 0, cfg.vocab_size, "Transformer: tokens")
         if token_mask_BT is not None and tuple(token_mask_BT.shape) != tokens_BT.shape:
             raise ValueError(
                 f"Transformer: token_mask has shape {tuple(token_mask_BT.shape)}; expected "
@@ -394,7 +395,9 @@ class Transformer(nn.Module):
         )
         # [B, T, G, D]: the streams an earlier layer range returned, or the embedded tokens.
         if hidden_BTGD is None:
-            hidden_BTGD = expand_streams(embed(tokens_BT), cfg.hc.n_streams)
+            hidden_BTGD = expand_streams(
+                embed(_outside_vocab_to_nan(tokens_BT, cfg)), cfg.hc.n_streams
+            )
         x_BTGD = hidden_BTGD
 
         sizes = engram_table_sizes(cfg)
@@ -463,6 +466,14 @@ class Transformer(nn.Module):
         return logits_BTV, _collect_stats(stats_per_run)
 
 
+def _outside_vocab_to_nan(tokens_BT: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Ids outside [0, vocab_size) (negative ones too, which `take` would wrap) become
+    vocab_size, whose embedding `take` fills with NaN: a bad id under `jit` gives NaN logits at
+    its position and after it, never a finite guess."""
+    inside_BT = (tokens_BT >= 0) & (tokens_BT < cfg.vocab_size)
+    return jnp.where(inside_BT, tokens_BT, cfg.vocab_size)  # [B, T]
+
+
 def mixing_matrices(
     config: ModelConfig, intermediates: dict[str, Any], field: str = "h_res"
 ) -> jax.Array:
@@ -506,9 +517,20 @@ def _collect_stats(stats_per_run: list[tuple[_Run, dict[str, jax.Array]]]) -> di
 def cross_entropy_loss(
     logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """Masked mean next-token cross-entropy (float32) and the number of counted tokens."""
+    """Masked mean next-token cross-entropy (float32) and the number of counted tokens.
+
+    Targets must lie in [0, V) where the mask is nonzero; masked positions may hold anything.
+    Concrete targets outside it raise ValueError (traced ones under debug checks, see
+    `input_checks`); under `jit` an unmasked target outside [0, V) makes the loss NaN.
+    """
+    v = logits_BTV.shape[-1]
+    input_checks.check_in_range(targets_BT, 0, v, "cross_entropy_loss: targets", mask=mask_BT)
     log_probs_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    nll_BT = -jnp.take_along_axis(log_probs_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    mask_BT = mask_BT.astype(jnp.float32)
-    count = jnp.sum(mask_BT)
-    return jnp.sum(nll_BT * mask_BT) / jnp.maximum(count, 1.0), count
+    inside_BT = (targets_BT >= 0) & (targets_BT < v)
+    safe_BT = jnp.where(inside_BT, targets_BT, 0)  # [B, T]
+    nll_BT = -jnp.take_along_axis(log_probs_BTV, safe_BT[..., None], axis=-1)[..., 0]
+    nll_BT = jnp.where(inside_BT, nll_BT, jnp.nan)  # [B, T]
+    counted_BT = mask_BT != 0
+    count = jnp.sum(mask_BT.astype(jnp.float32))
+    total = jnp.sum(jnp.where(counted_BT, nll_BT * mask_BT.astype(jnp.float32), 0.0))
+    return total / jnp.maximum(count, 1.0), count

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from engram_jax import axes
+from engram_jax import axes, input_checks
 
 Initializer = Callable[..., jax.Array]
 Dispatch = Literal["dropless", "capacity", "ragged"]
@@ -144,18 +144,31 @@ def update_router_bias(bias_E: jax.Array, load_E: jax.Array, rate: float = 0.001
     Args:
       bias_E: current bias, `[E]`.
       load_E: tokens (or fraction of routed slots) per expert in the last step, `[E]`; any scale.
-      rate: the update speed gamma.
+      rate: the update speed gamma, finite and >= 0 (0 freezes the bias).
 
     Returns:
       The new bias, `[E]`, in the dtype of `bias_E`.
+
+    Raises:
+      ValueError: shapes differ; `rate` is negative or not finite (checked when it is a concrete
+        number); concrete loads hold NaN or inf. Under `jit` a non-finite load cannot raise:
+        the bias is then returned unchanged (a step with a NaN load moves no expert); debug
+        checks (`input_checks`) turn it into a checkify error.
     """
     if bias_E.shape != load_E.shape or bias_E.ndim != 1:
         raise ValueError(
             f"update_router_bias: bias has shape {bias_E.shape} and load {load_E.shape}; "
             "expected both [E]"
         )
+    if not input_checks.is_traced(rate) and not 0 <= float(rate) < math.inf:
+        raise ValueError(
+            f"update_router_bias: rate={rate}; expected a finite number >= 0 (a negative rate "
+            "pushes load towards the busiest experts)"
+        )
+    input_checks.check_finite(load_E, "update_router_bias: load")
     load_E = load_E.astype(jnp.float32)
     step_E = rate * jnp.sign(jnp.mean(load_E, keepdims=True) - load_E)  # [1] - [E]: same rank
+    step_E = jnp.where(jnp.all(jnp.isfinite(load_E)), step_E, 0.0)  # [E]
     return (bias_E.astype(jnp.float32) + step_E).astype(bias_E.dtype)
 
 

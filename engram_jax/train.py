@@ -23,7 +23,7 @@ from etils import epath
 from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import config as config_lib
 from engram_jax import data as data_lib
-from engram_jax import preemption, sharding, storage
+from engram_jax import memory_estimate, preemption, sharding, storage
 from engram_jax.accounting import account, format_accounting
 from engram_jax.hashing import tokenizer_fingerprint
 from engram_jax.model import Transformer
@@ -133,6 +133,7 @@ def train_and_evaluate(
             f"config.mesh.axis_types: got {cfg.mesh.axis_types!r}; the training program runs on "
             "'auto' meshes"
         )
+    memory_estimate.check_train_step(cfg)  # a hopeless config fails before anything is written
     _prepare_workdir(workdir)
     mesh = sharding.mesh_from_config(cfg.mesh)
     batch_shards = sharding.batch_shards(mesh)
@@ -323,11 +324,7 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from absl import app
-
-    from engram_jax.configs import resolve_argv
+    from engram_jax import cli
 
     _define_flags()
-    app.run(main, argv=resolve_argv(sys.argv))  # --config=tiny: a shipped config by name
+    cli.run(main, config_flag="config")  # --config=tiny: a shipped config by name

@@ -237,4 +237,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from engram_jax import cli
+
+    cli.call(main)

@@ -195,4 +195,6 @@ def _write_markdown(args, command, machine, peak, rows, columns) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from engram_jax import cli
+
+    cli.call(main)

@@ -165,4 +165,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from engram_jax import cli
+
+    cli.call(main)

@@ -360,4 +360,6 @@ def _evict(rows: row_files.RowGatherer) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from engram_jax import cli
+
+    cli.call(lambda: main(sys.argv[1:]))

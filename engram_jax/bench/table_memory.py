@@ -156,4 +156,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from engram_jax import cli
+
+    cli.call(lambda: main(sys.argv[1:]))

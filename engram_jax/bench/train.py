@@ -315,4 +315,6 @@ def _write_markdown(path: str, command: str, header: list[str], rows: list[dict]
 
 
 if __name__ == "__main__":
-    main()
+    from engram_jax import cli
+
+    cli.call(main)

@@ -48,7 +48,13 @@ def table() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main() -> None:
     if len(sys.argv) > 1:
         sys.exit(f"usage: python -m engram_jax.configs (no arguments); got {sys.argv[1:]}")
     print(table())
+
+
+if __name__ == "__main__":
+    from engram_jax import cli
+
+    cli.call(main)

@@ -174,9 +174,11 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from engram_jax import cli
 
     common.define_flags(default_steps=300, default_seeds=1)
     flags.DEFINE_string("rhos", "1.0,0.9,0.8,0.7,0.6,0.4", "Requested allocation ratios.")
     flags.DEFINE_string("budgets", "1,3", "Compute budgets as multiples of --steps.")
-    app.run(main)
+    cli.run(main)

@@ -41,9 +41,11 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from engram_jax import cli
 
     flags.DEFINE_string("data_path", None, "Corpus (any format engram_jax.data reads).")
     flags.DEFINE_float("holdout_fraction", 0.05, "Last fraction of the text held out.")
     flags.mark_flag_as_required("data_path")
-    app.run(main)
+    cli.run(main)

@@ -360,9 +360,11 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from engram_jax import cli
 
     common.define_flags(default_steps=600, default_seeds=1)
     flags.DEFINE_float("rho", 0.75, "Routed-expert share of the sparse budget.")
     flags.DEFINE_integer("min_count", 5, "Occurrences a token or n-gram needs to be ranked.")
-    app.run(main)
+    cli.run(main)

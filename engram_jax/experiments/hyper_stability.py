@@ -200,9 +200,11 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from engram_jax import cli
 
     common.define_flags(default_steps=400, default_seeds=1)
     flags.DEFINE_float("learning_rate", 1e-2, "Peak learning rate of every run.")
     flags.DEFINE_string("kinds", ",".join(KINDS), "Hyper-connection kinds to compare.")
-    app.run(main)
+    cli.run(main)

@@ -176,8 +176,10 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from engram_jax import cli
 
     common.define_flags(default_steps=600, default_seeds=3)
     flags.DEFINE_float("rho", 0.75, "Routed-expert share of the sparse budget in Engram + MoE.")
-    app.run(main)
+    cli.run(main)
