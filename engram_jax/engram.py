@@ -114,6 +114,26 @@ def validate_hash_ids(
         )
 
 
+def check_hash_ids_traced(ids_BTM: jax.Array, head_vocab_sizes: Sequence[int]) -> None:
+    """The range check of `validate_hash_ids` for traced ids, as a `checkify` check.
+
+    Under `jit` ids are tracers, so `validate_hash_ids` cannot look at them and an out-of-range id
+    silently reads a zero row. Calling this inside a function transformed by
+    `jax.experimental.checkify.checkify` (e.g. `Engram(check_ids=True)` applied under
+    `checkify.checkify(jax.jit(...))`) turns such an id into an error the caller can `throw()`.
+    Without the checkify transformation JAX refuses the traced check at trace time.
+    """
+    from jax.experimental import checkify
+
+    sizes_M = jnp.asarray(np.asarray(head_vocab_sizes), jnp.int32)
+    ok = jnp.all((ids_BTM >= 0) & (ids_BTM < sizes_M))  # [B, T, M] vs [M]
+    checkify.check(
+        ok,
+        "Engram: a hash id is out of its head's range [0, head_vocab_sizes[m]) (under jit it "
+        "would read a zero row); validate ids on the host with validate_hash_ids",
+    )
+
+
 def lookup_rows(
     table_RW: jax.Array,
     ids_BTM: jax.Array,
@@ -397,6 +417,8 @@ class Engram(nn.Module):
         `wkv_bias [G + 1, D]` only with `wkv_bias`; see the module docstring for the checkpoint
         mapping). The conv fields are ignored by "v41"; `qk_norm_eps` is its RMSNorm eps.
       wkv_bias: "v41" only: give `wkv` a bias (the release has none; docs/design.md).
+      check_ids: with traced ids, add a `checkify` range check (`check_hash_ids_traced`); the
+        caller must wrap the apply in `checkify.checkify`. Concrete ids are always checked.
       heads_per_ngram: K; when given, M must equal (max_ngram - 1) * K, so that ids hashed for
         another max_ngram are refused (M alone cannot tell 16 heads of one order from 8 + 8).
     """
@@ -422,6 +444,7 @@ class Engram(nn.Module):
     decode: bool = False
     form: str = "demo"
     wkv_bias: bool = False
+    check_ids: bool = False
     heads_per_ngram: int | None = None
 
     # -- static properties -------------------------------------------------------------------------
@@ -601,6 +624,8 @@ class Engram(nn.Module):
         """
         if hash_ids is None:
             return jnp.asarray(rows)
+        if self.check_ids and not _is_concrete(hash_ids):
+            check_hash_ids_traced(jnp.asarray(hash_ids), self.head_vocab_sizes)
         table_RW = self.param(
             "table",
             nn.with_logical_partitioning(self.table_init, (axes.TABLE_ROWS, axes.MEMORY_WIDTH)),
