@@ -126,7 +126,7 @@ def check_hash_ids_traced(ids_BTM: jax.Array, head_vocab_sizes: Sequence[int]) -
     from jax.experimental import checkify
 
     sizes_M = jnp.asarray(np.asarray(head_vocab_sizes), jnp.int32)
-    ok = jnp.all((ids_BTM >= 0) & (ids_BTM < sizes_M))  # [B, T, M] vs [M]
+    ok = jnp.all((ids_BTM >= 0) & (ids_BTM < sizes_M[None, None, :]))  # [B, T, M]
     checkify.check(
         ok,
         "Engram: a hash id is out of its head's range [0, head_vocab_sizes[m]) (under jit it "
