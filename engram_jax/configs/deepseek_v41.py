@@ -4,8 +4,9 @@ forms"): for the accounting of the released Engram tables, loading the released 
 
 Accounting (arithmetic only, nothing is allocated):
 
-  python -m engram_jax.accounting --config=deepseek_v41 --json
+  python -m engram_jax.accounting --config=configs/deepseek_v41.py --json
 
+(or `--config=deepseek_v41` from anywhere)
 reports engram_table_params 196,613,849,600.
 
 As published (config and safetensors headers of the release): 40 layers of width 5120; Engram at
