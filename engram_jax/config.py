@@ -181,8 +181,7 @@ def base_config() -> ml_collections.ConfigDict:
     g.table_weight_decay = 0.0
     # Layer form: "demo" (per-stream biased keys, biased value, short conv; the paper's demo) or
     # "v41" (DeepSeek-V4.1: one fused `wkv` projection, q_weight/k_weight gate, no conv; the
-    # conv_* keys are then unused and qk_norm_eps is its RMSNorm eps). See docs/design.md
-    # "DeepSeek-V4.1 forms".
+    # conv_* keys are then unused and qk_norm_eps is its RMSNorm eps). See docs/design.md §14.
     g.form = "demo"
     # V' the tokenizer must compress to (checked when the hash spec is built); 0 skips the check.
     # DeepSeek-V4.1: 99,092.
@@ -193,7 +192,7 @@ def base_config() -> ml_collections.ConfigDict:
     h = m.hc = ml_collections.ConfigDict()
     # "residual", "hc", "mhc", "mhc_lite" or "mhc_v41" (DeepSeek-V4.1's single-pass mHC: softmax-
     # started column-last Sinkhorn, pre = sigmoid + sinkhorn_eps, comb^T applied, and each site's
-    # read weights produced by the site before it; docs/design.md "DeepSeek-V4.1 forms").
+    # read weights produced by the site before it; docs/design.md §14).
     h.kind = "mhc"
     h.n_streams = 4
     h.sinkhorn_iters = 20

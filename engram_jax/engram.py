@@ -4,7 +4,7 @@ forms (`Engram.form`).
 - "demo" (docs/design.md §1.4-1.6, the paper's demo): G per-stream key projections and one value
   projection, all with bias; gate `sigmoid(signed_sqrt(<RMSNorm_q(h), RMSNorm_k(k)> / sqrt(D)))`;
   then a causal short convolution, `Y = V~ + SiLU(conv(RMSNorm(V~)))`.
-- "v41" (docs/design.md "DeepSeek-V4.1 forms"): no convolution; one fused projection `wkv` of the
+- "v41" (docs/design.md §14): no convolution; one fused projection `wkv` of the
   concatenated rows to G keys (one per residual stream) plus one shared value; the same gate
   written with the release's per-stream RMSNorm gains `q_weight`, `k_weight` and a two-way sign
   (`copysign`), and the one gated value added to every stream.
@@ -241,7 +241,7 @@ def v41_gate(
     eps: float,
     clamp: float = 1e-6,
 ) -> jax.Array:
-    """The V4.1 gate per token and stream, in float32 (docs/design.md "DeepSeek-V4.1 forms").
+    """The V4.1 gate per token and stream, in float32 (docs/design.md §14).
 
     `s = <RMSNorm(h; q_weight), RMSNorm(k; k_weight)> / sqrt(D)` with RMS statistics over D (eps
     inside the root), then `sigmoid(copysign(sqrt(max(|s|, clamp)), s))`. This is the demo gate with

@@ -179,7 +179,7 @@ def _check_finite(logits: jax.Array, name: str) -> None:
 
 
 def sinkhorn_v41(logits: jax.Array, num_iters: int = 20, eps: float = 1e-6) -> jax.Array:
-    """Sinkhorn as DeepSeek-V4 / V4.1 release it (docs/design.md "DeepSeek-V4.1 forms", §8.3).
+    """Sinkhorn as DeepSeek-V4 / V4.1 release it (docs/design.md §14, §8.3).
 
     `M = softmax over each row of logits + eps`, then one column normalisation
     `M / (column sum + eps)`, then `num_iters - 1` times a row normalisation followed by a column
@@ -321,7 +321,7 @@ class HyperConnection(nn.Module):
       - "mhc_lite" (§4): `h_res = sum_k softmax(logits)_k P_k` over all n! permutations, exactly
         doubly stochastic; `h_pre`, `h_post` as mhc. n = 1: one permutation, `h_res = 1`. n > 6 is
         rejected.
-      - "mhc_v41" (DeepSeek-V4.1's "single-pass" mHC; docs/design.md "DeepSeek-V4.1 forms"): the
+      - "mhc_v41" (DeepSeek-V4.1's "single-pass" mHC; docs/design.md §14): the
         mhc coefficients with the release's conventions: `h_pre = sigmoid + sinkhorn_eps`, `h_post
         = 2 sigmoid`, `sinkhorn_v41` (softmax start, column-last), applied transposed (`h_res` is
         `comb^T`). Scheduling: `read(x, pre)` reads with the PRECEDING site's `pre` and returns the
@@ -446,7 +446,7 @@ class HyperConnection(nn.Module):
           pre_BTG: kind "mhc_v41" only (required there): `[B, T, G]` the read weights the
             PRECEDING site produced (`initial_pre` for the first site). This site reads
             `sum_i pre[i] x[i]` with them, and its own `mixing.h_pre` is handed to the next site
-            (docs/design.md "DeepSeek-V4.1 forms": the scheduling).
+            (docs/design.md §14: the scheduling).
 
         Returns:
           `(layer_input_BTD, mixing)`: the pre-normed input of F, `[B, T, D]` in `dtype`, and a
@@ -559,29 +559,35 @@ class HyperConnection(nn.Module):
             h_res_BTGG = jnp.einsum("btk,kij->btij", weights_BTR, jnp.asarray(p_KGG))
             res_logits = logits_BTR
         else:
-            b_res_init = np.full((g, g), self.res_offdiag_bias, np.float32)
-            np.fill_diagonal(b_res_init, self.res_diag_bias)
-            b_res_GG = self._param(
-                "b_res", _const_init(b_res_init), (g, g), (axes.STREAMS, axes.HC_COEFFS)
-            )
             # mat: 1 x n^2 -> n x n row-major, entry [i, j] = output stream i, input stream j.
             res_BTGG = coeff_BTK[..., 2 * g :].reshape(b, t, g, g)  # [B, T, G*G] -> [B, T, G, G]
-            logits_BTGG = alpha_res * res_BTGG + b_res_GG.astype(jnp.float32)[None, None]
-            if v41:
-                # Released as comb^T x: the applied operator is the transpose (below).
-                h_res_BTGG = sinkhorn_v41(logits_BTGG, self.sinkhorn_iters, self.sinkhorn_eps)
-            else:
-                h_res_BTGG = sinkhorn(
-                    logits_BTGG,
-                    self.sinkhorn_iters,
-                    self.sinkhorn_eps,
-                    self.sinkhorn_order,
-                    recompute_grad=self.sinkhorn_recompute_grad,
-                )
+            logits_BTGG, h_res_BTGG = self._sinkhorn_mixing(alpha_res, res_BTGG)
             res_logits = logits_BTGG
         if self.transpose_res or v41:
             h_res_BTGG = jnp.swapaxes(h_res_BTGG, -1, -2)  # [B, T, G(out), G(in)]
         return Mixing(h_pre_BTG, h_post_BTG, h_res_BTGG, res_logits)
+
+    def _sinkhorn_mixing(
+        self, alpha_res: jax.Array, res_BTGG: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """mhc / mhc_v41: `(logits, Sinkhorn(logits))`, logits = alpha_res * res + b_res."""
+        g = res_BTGG.shape[-1]
+        b_res_init = np.full((g, g), self.res_offdiag_bias, np.float32)
+        np.fill_diagonal(b_res_init, self.res_diag_bias)
+        b_res_GG = self._param(
+            "b_res", _const_init(b_res_init), (g, g), (axes.STREAMS, axes.HC_COEFFS)
+        )
+        logits_BTGG = alpha_res * res_BTGG + b_res_GG.astype(jnp.float32)[None, None]
+        if self.kind == "mhc_v41":
+            # Released as comb^T x: the caller applies the transpose.
+            return logits_BTGG, sinkhorn_v41(logits_BTGG, self.sinkhorn_iters, self.sinkhorn_eps)
+        return logits_BTGG, sinkhorn(
+            logits_BTGG,
+            self.sinkhorn_iters,
+            self.sinkhorn_eps,
+            self.sinkhorn_order,
+            recompute_grad=self.sinkhorn_recompute_grad,
+        )
 
     def _hc_coefficients(self, x_BTGD: jax.Array) -> Mixing:
         _, _, g, d = x_BTGD.shape

@@ -98,7 +98,7 @@ def layer_runs(config: ModelConfig) -> list[_Run]:
 
 def _next_pre(pre_BTG: jax.Array | None, mixing: Any) -> jax.Array | None:
     """hc.kind "mhc_v41": the read weights this site produced for the next one (docs/design.md
-    "DeepSeek-V4.1 forms"); other kinds carry none."""
+    §14.2); other kinds carry none."""
     return None if pre_BTG is None else mixing.h_pre
 
 

@@ -1,5 +1,5 @@
 """The DeepSeek-V4.1 forms against float64 numpy references written from the equations
-(docs/design.md "DeepSeek-V4.1 forms"): the Engram layer form "v41", the "mhc_v41" hyper-connection
+(docs/design.md §14): the Engram layer form "v41", the "mhc_v41" hyper-connection
 (Sinkhorn, one site, and the scheduling of read weights across sites), the shipped deepseek_v41
 config's accounting, and the library checks that refuse bad input.
 """

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from engram_jax import generate as generate_lib
 from engram_jax.model import Transformer, engram_table_sizes
 from tests.test_model import VOCAB, B, T, _config, _random_hash_ids
 
@@ -75,3 +76,19 @@ def test_v41_split_at_the_engram_layer_equals_the_whole_stack(decoder):
     np.testing.assert_allclose(np.asarray(split), np.asarray(whole), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="exactly when hc.kind='mhc_v41'"):
         model.apply(params, tokens, None, None, hash_ids, hidden_BTGD=hidden[0], layer_range=(1, 2))
+
+
+def test_v41_generate_decode_step_matches_full_forward(decoder):
+    """generate's DecodeStep (device tables): its traced empty cache and its jitted step give the
+    full forward's last-position logits for a prompt and then token by token."""
+    cfg, _, tokens, hash_ids, full_logits, variables = decoder
+    params = {k: v for k, v in variables.items() if k != "cache"}
+    step = generate_lib.DecodeStep(cfg, VOCAB)
+    cache = step.empty_cache(T)
+    assert "engram" not in cache["layer_1"]
+    for start, stop in [(0, 6)] + [(i, i + 1) for i in range(6, T)]:
+        positions = np.broadcast_to(np.arange(start, stop, dtype=np.int32), (B, stop - start))
+        logits, cache = step(
+            params, cache, tokens[:, start:stop], positions, hash_ids[:, :, start:stop]
+        )
+        np.testing.assert_allclose(np.asarray(logits), full_logits[:, stop - 1], atol=1e-4)
