@@ -294,6 +294,11 @@ class Transformer(nn.Module):
     layer need neither `hash_ids` nor `engram_rows`. `generate` splits a decode step at the first
     Engram layer this way, so the layers before it run while the host reads the table rows.
 
+    With hc.kind "mhc_v41" the streams travel with the read weights of the next hyper-connection
+    site (docs/design.md §14.2): `hidden` and the streams a partial range returns are the pair
+    `(streams [B, T, G, D], pre [B, T, G])`, the first site reads with `mhc.initial_pre`, and the
+    last site's `pre` collapses the streams before the final norm (instead of their sum).
+
     With `sow_mixing=True` every hyper-connection sows its mixing matrices into "intermediates";
     `mixing_matrices` orders them by depth for the mHC diagnostics.
     """
