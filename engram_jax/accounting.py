@@ -128,6 +128,7 @@ def _hc_site_counts(hc: HyperConfig, d: int) -> tuple[int, int]:
         # each of the G streams, s_alpha, s_beta.
         kernel = d * (2 + g)
         return norm + g + g + g * g + kernel + 2, g * kernel
+    # mhc_v41 has mhc's parameters (only its conventions and scheduling differ).
     num_res = math.factorial(g) if hc.kind == "mhc_lite" else (g * g if g > 1 else 0)
     # phi_pre, phi_post [G, D, G] (+ phi_res [G, D, R]), b_pre, b_post [G], alpha_pre, alpha_post
     # (+ alpha_res, b_res [R]).
@@ -145,6 +146,10 @@ def _engram_layer_counts(config: ModelConfig, sizes: tuple[int, ...]) -> tuple[i
     d_mem = e.num_heads * w
     multiple = e.table_row_multiple
     table = -(-sum(sizes) // multiple) * multiple * w  # rows padded up to the shardable multiple
+    if e.form == "v41":
+        # wkv [M*W, G + 1, D] (+ wkv_bias [G + 1, D]), q_weight and k_weight [G, D]; no conv.
+        wkv = d_mem * (g + 1) * d
+        return table, wkv + (g + 1) * d * e.wkv_bias + 2 * g * d, wkv
     projections = d_mem * g * d + g * d + d_mem * d + d  # key kernel/bias, value kernel/bias.
     norms = 3 * g * d  # key, query and conv RMSNorm gains [G, D].
     conv = e.conv_kernel_size * g * d  # depthwise taps [K, G, D].

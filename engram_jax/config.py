@@ -24,11 +24,12 @@ from engram_jax.config_dicts import (  # noqa: F401
     to_dict,
 )
 
-HcKind = Literal["residual", "hc", "mhc", "mhc_lite"]
+HcKind = Literal["residual", "hc", "mhc", "mhc_lite", "mhc_v41"]
 AttentionKind = Literal["gqa", "mla"]
 DType = Literal["float32", "bfloat16"]
 
-_HC_KINDS = ("residual", "hc", "mhc", "mhc_lite")
+_HC_KINDS = ("residual", "hc", "mhc", "mhc_lite", "mhc_v41")
+_ENGRAM_FORMS = ("demo", "v41")
 _ATTENTION_KINDS = ("gqa", "mla")
 _DTYPES = ("float32", "bfloat16")
 _SCHEDULES = ("cosine", "wsd", "constant")
@@ -225,12 +226,24 @@ def _declare_engram() -> ml_collections.ConfigDict:
     # Tables train with Adam at 5x the base LR (docs/design.md 1.11, 9.2).
     g.table_lr_multiplier = 5.0
     g.table_weight_decay = 0.0
+    # Layer form: "demo" (per-stream biased keys, biased value, short conv; the paper's demo) or
+    # "v41" (DeepSeek-V4.1: one fused `wkv` projection, q_weight/k_weight gate, no conv; the
+    # conv_* keys are then unused and qk_norm_eps is its RMSNorm eps). See docs/design.md §14.
+    g.form = "demo"
+    # V' the tokenizer must compress to (checked when the hash spec is built); 0 skips the check.
+    # DeepSeek-V4.1: 99,092.
+    g.compressed_vocab_size = 0
+    # "v41" only: a bias on `wkv`. The release's `wkv` has none (no `.bias` tensor in its headers).
+    g.wkv_bias = False
     return g
 
 
 def _declare_hc() -> ml_collections.ConfigDict:
     h = ml_collections.ConfigDict()
-    h.kind = "mhc"  # "residual", "hc", "mhc" or "mhc_lite".
+    # "residual", "hc", "mhc", "mhc_lite" or "mhc_v41" (DeepSeek-V4.1's single-pass mHC: softmax-
+    # started column-last Sinkhorn, pre = sigmoid + sinkhorn_eps, comb^T applied, and each site's
+    # read weights produced by the site before it; docs/design.md §14).
+    h.kind = "mhc"
     h.n_streams = 4
     h.sinkhorn_iters = 20
     # Denominator floor: the paper states none (0, its preset; the log-domain iteration needs
@@ -315,6 +328,9 @@ class EngramConfig:
     table_row_multiple: int
     table_lr_multiplier: float
     table_weight_decay: float
+    form: str
+    wkv_bias: bool
+    compressed_vocab_size: int
 
     @property
     def enabled(self) -> bool:
@@ -604,6 +620,10 @@ def _validate_engram(p: _Problems, m: ml_collections.ConfigDict) -> None:
                 f"a row width (embed_per_ngram / heads_per_ngram = {width}) that is a multiple "
                 "of 32 (one FP8 scale per 32 values)",
             )
+        _check_choice(p, "model.engram.form", g.form, _ENGRAM_FORMS)
+        _check_positive(
+            p, "model.engram.compressed_vocab_size", g.compressed_vocab_size, allow_zero=True
+        )
         _check_positive(p, "model.engram.table_row_multiple", g.table_row_multiple)
         for key in ("qk_norm_eps", "conv_norm_eps", "gate_clamp", "table_init_std"):
             p.check(g[key] > 0, f"model.engram.{key}", g[key], "> 0")

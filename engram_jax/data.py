@@ -23,7 +23,12 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from engram_jax import corpus as corpus_lib
 from engram_jax import storage
 from engram_jax.cli import describe_path
-from engram_jax.hashing import CompressedTokenizer, NgramHasher, tokenizer_fingerprint
+from engram_jax.hashing import (
+    CompressedTokenizer,
+    NgramHasher,
+    check_compressed_vocab_size,
+    tokenizer_fingerprint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -479,6 +484,7 @@ def make_engram_hash_spec(
     layer_ids: Sequence[int],
     seed: int = 0,
     cache_dir: str | None = None,
+    compressed_vocab_size: int = 0,
 ) -> EngramHashSpec:
     """Builds the compressor and hasher of a tokenizer (docs/design.md 1.2: hash with pad' =
     old_to_new[pad_id]).
@@ -488,11 +494,13 @@ def make_engram_hash_spec(
       spec: supplies the raw pad id.
       vocab_bases, max_ngram, heads_per_ngram, layer_ids, seed: `NgramHasher` arguments.
       cache_dir: where `CompressedTokenizer` caches its table (None: no cache).
+      compressed_vocab_size: the V' the config expects (0: unchecked).
 
     Returns:
       The EngramHashSpec.
     """
     compressor = CompressedTokenizer.from_tokenizer(tokenizer, cache_dir=cache_dir)
+    check_compressed_vocab_size(compressor, compressed_vocab_size)
     hasher = NgramHasher(
         vocab_bases,
         max_ngram,

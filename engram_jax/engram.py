@@ -1,7 +1,35 @@
-"""Engram conditional memory: multi-head table lookup, context-aware gate, causal short conv.
+"""Engram conditional memory: multi-head table lookup, context-aware gate, and one of two layer
+forms (`Engram.form`).
 
-Pure functions hold the maths (docs/design.md §1.4-1.6); `Engram` is the thin Linen module that owns
-the parameters. Hash ids are computed on the host (`hashing.py`); this module only consumes them.
+- "demo" (docs/design.md §1.4-1.6, the paper's demo): G per-stream key projections and one value
+  projection, all with bias; gate `sigmoid(signed_sqrt(<RMSNorm_q(h), RMSNorm_k(k)> / sqrt(D)))`;
+  then a causal short convolution, `Y = V~ + SiLU(conv(RMSNorm(V~)))`.
+- "v41" (docs/design.md §14): no convolution; one fused projection `wkv` of the
+  concatenated rows to G keys (one per residual stream) plus one shared value; the same gate
+  written with the release's per-stream RMSNorm gains `q_weight`, `k_weight` and a two-way sign
+  (`copysign`), and the one gated value added to every stream.
+
+Both forms share hashing, the table (`lookup_rows`), its placements and optimizers. Pure functions
+hold the maths; `Engram` is the thin Linen module that owns the parameters. Hash ids are computed on
+the host (`hashing.py`); this module only consumes them.
+
+Checkpoint mapping of the V4.1 form (released safetensors names -> this module's "params" of the
+Engram at layer i; D = hidden size, G = hc_mult, M = orders x heads, W = row width, R = rows):
+
+  layers.{i}.engram.embed.weight  [R, W]            -> table     [R, W]     (same layout; FP8
+                                                                  rows + `.scale` are dequantised
+                                                                  or kept by the table's dtype)
+  layers.{i}.engram.wkv.weight    [(G + 1) * D, M*W] -> wkv      [M*W, G + 1, D]
+                                                        = weight.T.reshape(M*W, G + 1, D)
+                                                        (rows g*D..(g+1)*D-1 are stream g's key,
+                                                        the last D rows the shared value; a
+                                                        32 x 32 block `.scale` is applied first)
+  layers.{i}.engram.q_weight      [G, D]            -> q_weight  [G, D]     (copied)
+  layers.{i}.engram.k_weight      [G, D]            -> k_weight  [G, D]     (copied)
+  (none in the release)                             -> wkv_bias  [G + 1, D] only with wkv_bias=True
+
+The row order of the concatenated memory (head-major, order-major heads as `hashing.py` emits them)
+is assumed to be the release's; it is not verified against the released checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +53,8 @@ LookupFn = Callable[[jax.Array, jax.Array], jax.Array]
 # PyTorch's default RMSNorm eps for f32 inputs (machine epsilon), used by the demo's key/query norms
 # (docs/design.md §1.5). Whether the paper's models used it is unverified (§9.6).
 TORCH_F32_EPS = 1.1920929e-07
+# Layer forms (`Engram.form`, config `model.engram.form`).
+FORMS = ("demo", "v41")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,6 +114,26 @@ def validate_hash_ids(
         )
 
 
+def check_hash_ids_traced(ids_BTM: jax.Array, head_vocab_sizes: Sequence[int]) -> None:
+    """The range check of `validate_hash_ids` for traced ids, as a `checkify` check.
+
+    Under `jit` ids are tracers, so `validate_hash_ids` cannot look at them and an out-of-range id
+    silently reads a zero row. Calling this inside a function transformed by
+    `jax.experimental.checkify.checkify` (e.g. `Engram(check_ids=True)` applied under
+    `checkify.checkify(jax.jit(...))`) turns such an id into an error the caller can `throw()`.
+    Without the checkify transformation JAX refuses the traced check at trace time.
+    """
+    from jax.experimental import checkify
+
+    sizes_M = jnp.asarray(np.asarray(head_vocab_sizes), jnp.int32)
+    ok = jnp.all((ids_BTM >= 0) & (ids_BTM < sizes_M[None, None, :]))  # [B, T, M]
+    checkify.check(
+        ok,
+        "Engram: a hash id is out of its head's range [0, head_vocab_sizes[m]) (under jit it "
+        "would read a zero row); validate ids on the host with validate_hash_ids",
+    )
+
+
 def lookup_rows(
     table_RW: jax.Array,
     ids_BTM: jax.Array,
@@ -130,14 +180,17 @@ def lookup_rows(
     return lookup_fn(table_RW, flat_ids_BTM)
 
 
-def signed_sqrt(x: jax.Array, clamp: float = 1e-6) -> jax.Array:
-    """`sign(x) * sqrt(max(|x|, clamp))` with the three-way sign (docs/design.md §1.5, demo).
+def signed_sqrt(x: jax.Array, clamp: float = 1e-6, *, two_way: bool = False) -> jax.Array:
+    """`sign(x) * sqrt(max(|x|, clamp))` (docs/design.md §1.5).
 
-    `sign(0) = 0`, so a zero score maps to exactly 0 (gate exactly 0.5) and the gradient there is 0,
-    not the `1/(2 sqrt(clamp))` spike a two-way sign gives (the gate's tie at
-    zero).
+    Default: the demo's three-way sign, `sign(0) = 0`, so a zero score maps to exactly 0 (gate
+    exactly 0.5) and the gradient there is 0. `two_way=True` is the V4.1 release's `copysign`: the
+    clamp floor keeps its sign, so `+0` maps to `+sqrt(clamp)` and `-0` to `-sqrt(clamp)`.
     """
-    return jnp.sign(x) * jnp.sqrt(jnp.maximum(jnp.abs(x), clamp))
+    root = jnp.sqrt(jnp.maximum(jnp.abs(x), clamp))
+    if two_way:
+        return jnp.copysign(root, x)
+    return jnp.sign(x) * root
 
 
 def engram_gate(query_BTGD: jax.Array, key_BTGD: jax.Array, clamp: float = 1e-6) -> jax.Array:
@@ -162,6 +215,55 @@ def engram_gate(query_BTGD: jax.Array, key_BTGD: jax.Array, clamp: float = 1e-6)
     k_BTGD = key_BTGD.astype(jnp.float32)
     score_BTG = jnp.einsum("btgd,btgd->btg", q_BTGD, k_BTGD) / math.sqrt(d)
     return jax.nn.sigmoid(signed_sqrt(score_BTG, clamp))
+
+
+def v41_key_value(rows_BTMW: jax.Array, wkv_MWKD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The V4.1 fused projection: rows -> G keys (one per stream) and one shared value.
+
+    Args:
+      rows_BTMW: `[B, T, M, W]` gathered table rows (flattened head-major, they are the memory
+        `e_t` of M*W values).
+      wkv_MWKD: `[M, W, G + 1, D]` the `wkv` kernel viewed per head; slot G is the value.
+
+    Returns:
+      `(key_BTGD, value_BTD)` in the promoted dtype of the inputs.
+    """
+    g = wkv_MWKD.shape[2] - 1
+    kv_BTKD = jnp.einsum("btmw,mwkd->btkd", rows_BTMW, wkv_MWKD)  # [B, T, G + 1, D]
+    return kv_BTKD[:, :, :g], kv_BTKD[:, :, g]  # [B, T, G, D], [B, T, D]
+
+
+def v41_gate(
+    hidden_BTGD: jax.Array,
+    key_BTGD: jax.Array,
+    q_weight_GD: jax.Array,
+    k_weight_GD: jax.Array,
+    eps: float,
+    clamp: float = 1e-6,
+) -> jax.Array:
+    """The V4.1 gate per token and stream, in float32 (docs/design.md §14).
+
+    `s = <RMSNorm(h; q_weight), RMSNorm(k; k_weight)> / sqrt(D)` with RMS statistics over D (eps
+    inside the root), then `sigmoid(copysign(sqrt(max(|s|, clamp)), s))`. This is the demo gate with
+    the release's gain names and its two-way sign.
+
+    Args:
+      hidden_BTGD: `[B, T, G, D]` the residual streams (the query, not normalised beforehand).
+      key_BTGD: `[B, T, G, D]` the keys from `v41_key_value`.
+      q_weight_GD, k_weight_GD: `[G, D]` per-stream RMSNorm gains of query and key.
+      eps: RMSNorm eps (the checkpoint's RMSNorm eps; `model.engram.qk_norm_eps`).
+      clamp: lower clamp of `|s|` inside the square root.
+
+    Returns:
+      `[B, T, G]` float32 gates in (0, 1).
+    """
+    query_BTGD = rms_norm(hidden_BTGD.astype(jnp.float32), q_weight_GD[None, None], eps)
+    key_BTGD = rms_norm(key_BTGD.astype(jnp.float32), k_weight_GD[None, None], eps)
+    d = hidden_BTGD.shape[-1]
+    score_BTG = jnp.einsum(
+        "btgd,btgd->btg", query_BTGD.astype(jnp.float32), key_BTGD.astype(jnp.float32)
+    ) / math.sqrt(d)
+    return jax.nn.sigmoid(signed_sqrt(score_BTG, clamp, two_way=True))
 
 
 def causal_short_conv(
@@ -263,8 +365,9 @@ def _is_concrete(x: Any) -> bool:
 class Engram(nn.Module):
     """One Engram layer: hashed n-gram memory read by a context gate (docs/design.md §1.4-1.7).
 
-    Returns `Y = V~ + SiLU(conv(RMSNorm(V~)))` of shape `[B, T, G, D]`; the caller adds it to every
-    residual stream (`h <- h + Engram(h, hash_ids)`, §1.7).
+    Returns `Y = V~ + SiLU(conv(RMSNorm(V~)))` (form "demo") or `Y = V~` (form "v41") of shape
+    `[B, T, G, D]`; the caller adds it to every residual stream (`h <- h + Engram(h, hash_ids)`,
+    §1.7). The parameters below are those of the demo form; `form` lists the V4.1 ones.
 
     Parameters (logical axes in brackets):
       table `[R, W]` (TABLE_ROWS, MEMORY_WIDTH), R = sum(head_vocab_sizes) rounded up to
@@ -309,6 +412,15 @@ class Engram(nn.Module):
       lookup_fn: `(table_RW, flat_ids_BTM) -> rows_BTMW`; None = `jnp.take`. Use
         `sharding.vocab_parallel_lookup` for row-sharded tables.
       decode: incremental decoding with a `cache` collection (see above).
+      form: "demo" (the parameters above) or "v41" (the DeepSeek-V4.1 layer: no convolution and no
+        cache; parameters `wkv [M*W, G + 1, D]`, `q_weight`, `k_weight [G, D]`, and
+        `wkv_bias [G + 1, D]` only with `wkv_bias`; see the module docstring for the checkpoint
+        mapping). The conv fields are ignored by "v41"; `qk_norm_eps` is its RMSNorm eps.
+      wkv_bias: "v41" only: give `wkv` a bias (the release has none; docs/design.md).
+      check_ids: with traced ids, add a `checkify` range check (`check_hash_ids_traced`); the
+        caller must wrap the apply in `checkify.checkify`. Concrete ids are always checked.
+      heads_per_ngram: K; when given, M must equal (max_ngram - 1) * K, so that ids hashed for
+        another max_ngram are refused (M alone cannot tell 16 heads of one order from 8 + 8).
     """
 
     head_vocab_sizes: Sequence[int]
@@ -330,6 +442,10 @@ class Engram(nn.Module):
     table_dtype: Any = jnp.float32
     lookup_fn: LookupFn | None = None
     decode: bool = False
+    form: str = "demo"
+    wkv_bias: bool = False
+    check_ids: bool = False
+    heads_per_ngram: int | None = None
 
     # -- static properties -------------------------------------------------------------------------
 
@@ -357,6 +473,17 @@ class Engram(nn.Module):
         return f"len(head_vocab_sizes)={self.num_heads}"
 
     def _check_fields(self) -> None:
+        if self.form not in FORMS:
+            raise ValueError(f"Engram: form={self.form!r}; expected one of {FORMS}")
+        if self.heads_per_ngram is not None and self.num_heads != (
+            (self.max_ngram - 1) * self.heads_per_ngram
+        ):
+            raise ValueError(
+                f"Engram: head_vocab_sizes has {self.num_heads} entries; expected (max_ngram - 1) "
+                f"x heads_per_ngram = ({self.max_ngram} - 1) x {self.heads_per_ngram} = "
+                f"{(self.max_ngram - 1) * self.heads_per_ngram} (were the ids and sizes hashed "
+                "with another max_ngram?)"
+            )
         if self.max_ngram < 2:
             raise ValueError(
                 f"Engram: max_ngram is {self.max_ngram}; expected >= 2 (bigrams and up)"
@@ -442,6 +569,7 @@ class Engram(nn.Module):
         *,
         rows: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        blocked: jax.Array | None = None,
         return_gates: bool = False,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Applies the Engram layer.
@@ -450,9 +578,13 @@ class Engram(nn.Module):
           hidden: `[B, T, G, D]` hidden states (the query); G streams of width D.
           hash_ids: `[B, T, M]` int32 per-head ids in `[0, head_vocab_sizes[m])`, or None when
             `rows` is given. Concrete ids are range-checked on the host; under jit an
-            out-of-range id reads a zero row.
+            out-of-range id reads a zero row (`checked_lookup` offers a checkify check).
           rows: `[B, T, M, W]` already-gathered table rows (host-offload path), instead of ids.
           segment_ids: optional `[B, T]` document ids; the convolution never mixes documents.
+          blocked: optional `[B, T]` bool, True at positions whose memory must not enter the
+            streams (image or other non-text tokens, as the V4.1 release masks them): the output
+            there is exactly zero. Their hash ids should come from `NgramHasher(...,
+            blocked=...)`.
           return_gates: also return the gates.
 
         Returns:
@@ -463,95 +595,129 @@ class Engram(nn.Module):
         """
         self._check_fields()
         self._check_inputs(hidden, hash_ids, rows, segment_ids)
-        b, t, g, d = hidden.shape
+        rows_BTMW = self._read_rows(hash_ids, rows).astype(self.dtype)
+        hidden = hidden.astype(self.dtype)
+        if self.form == "v41":
+            out_BTGD, gate_BTG = self._v41_forward(hidden, rows_BTMW)
+        else:
+            out_BTGD, gate_BTG = self._demo_forward(hidden, rows_BTMW, segment_ids)
+        if blocked is not None:
+            if tuple(np.shape(blocked)) != hidden.shape[:2]:
+                raise ValueError(
+                    f"Engram: blocked has shape {tuple(np.shape(blocked))}; expected [B, T]="
+                    f"{hidden.shape[:2]}"
+                )
+            keep_BT = jnp.logical_not(jnp.asarray(blocked, bool))
+            out_BTGD = jnp.where(keep_BT[:, :, None, None], out_BTGD, 0).astype(out_BTGD.dtype)
+        out_BTGD = nn.with_logical_constraint(
+            out_BTGD, (axes.BATCH, axes.LENGTH, axes.ACT_STREAMS, axes.ACT_EMBED)
+        )
+        if return_gates:
+            return out_BTGD, gate_BTG
+        return out_BTGD
+
+    def _read_rows(self, hash_ids: Any, rows: Any) -> jax.Array:
+        """Retrieval (§1.4): the table parameter and its lookup, or rows gathered elsewhere.
+
+        The one place the table is read on the device; a storage format that needs decoding (FP8
+        rows with block scales) decodes here, through `lookup_rows` / `lookup_fn`.
+        """
+        if hash_ids is None:
+            return jnp.asarray(rows)
+        if self.check_ids and not _is_concrete(hash_ids):
+            check_hash_ids_traced(jnp.asarray(hash_ids), self.head_vocab_sizes)
+        table_RW = self.param(
+            "table",
+            nn.with_logical_partitioning(self.table_init, (axes.TABLE_ROWS, axes.MEMORY_WIDTH)),
+            (self.num_table_rows, self.row_width),
+            self.table_dtype,
+        )
+        return lookup_rows(
+            table_RW,
+            jnp.asarray(hash_ids),
+            head_offsets(self.head_vocab_sizes),
+            lookup_fn=self.lookup_fn,
+            head_vocab_sizes=self.head_vocab_sizes,
+        )
+
+    def _dense(self, name: str, init: Initializer, shape: tuple[int, ...], logical: tuple):
+        param = self.param(
+            name, nn.with_logical_partitioning(init, logical), shape, self.param_dtype
+        )
+        return param.astype(self.dtype)
+
+    def _norm_gain(self, name: str, g: int, d: int) -> jax.Array:
+        """A per-stream RMSNorm gain `[G, D]`, initialised to one (kept in param_dtype)."""
+        return self.param(
+            name,
+            nn.with_logical_partitioning(nn.initializers.ones_init(), (axes.STREAMS, axes.NORM)),
+            (g, d),
+            self.param_dtype,
+        )
+
+    def _v41_forward(
+        self, hidden_BTGD: jax.Array, rows_BTMW: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """V4.1 form: fused `wkv`, per-stream gate, the one gated value added to every stream."""
+        _, _, g, d = hidden_BTGD.shape
         m, w = self.num_heads, self.row_width
-        d_mem = m * w
-        proj_init = torch_linear_init(d_mem)
+        proj_init = torch_linear_init(m * w)
+        wkv = self._dense(
+            "wkv",
+            self.kernel_init or proj_init,
+            (m * w, g + 1, d),
+            (axes.MEMORY_IN, axes.STREAMS, axes.EMBED),
+        )
+        # [M*W, G + 1, D] -> [M, W, G + 1, D]: contract the rows head by head, no flatten.
+        key_BTGD, value_BTD = v41_key_value(rows_BTMW, wkv.reshape(m, w, g + 1, d))
+        if self.wkv_bias:
+            bias_KD = self._dense(
+                "wkv_bias", self.bias_init or proj_init, (g + 1, d), (axes.STREAMS, axes.EMBED)
+            )
+            key_BTGD = key_BTGD + bias_KD[None, None, :g]
+            value_BTD = value_BTD + bias_KD[None, None, g]
+        gate_BTG = v41_gate(
+            hidden_BTGD,
+            key_BTGD,
+            self._norm_gain("q_weight", g, d),
+            self._norm_gain("k_weight", g, d),
+            self.qk_norm_eps,
+            self.gate_clamp,
+        )
+        self.sow("intermediates", "gates", gate_BTG)
+        # [B, T, G, 1] * [B, T, 1, D] -> [B, T, G, D]: one shared value scaled per stream.
+        out_BTGD = gate_BTG[..., None] * value_BTD.astype(jnp.float32)[:, :, None, :]
+        return out_BTGD.astype(self.dtype), gate_BTG
+
+    def _demo_forward(
+        self, hidden_BTGD: jax.Array, rows_BTMW: jax.Array, segment_ids: Any
+    ) -> tuple[jax.Array, jax.Array]:
+        """Demo form (§1.5-1.6): G biased keys, a biased value, the gate, the short convolution."""
+        b, t, g, d = hidden_BTGD.shape
+        m, w = self.num_heads, self.row_width
+        proj_init = torch_linear_init(m * w)
         kernel_init = self.kernel_init or proj_init
         bias_init = self.bias_init or proj_init
-
-        # Retrieval (§1.4).
-        if hash_ids is not None:
-            table_RW = self.param(
-                "table",
-                nn.with_logical_partitioning(self.table_init, (axes.TABLE_ROWS, axes.MEMORY_WIDTH)),
-                (self.num_table_rows, w),
-                self.table_dtype,
-            )
-            offsets_M = head_offsets(self.head_vocab_sizes)
-            rows_BTMW = lookup_rows(
-                table_RW,
-                jnp.asarray(hash_ids),
-                offsets_M,
-                lookup_fn=self.lookup_fn,
-                head_vocab_sizes=self.head_vocab_sizes,
-            )
-        else:
-            rows_BTMW = jnp.asarray(rows)
-
-        key_kernel = self.param(
-            "key_kernel",
-            nn.with_logical_partitioning(kernel_init, (axes.MEMORY_IN, axes.STREAMS, axes.EMBED)),
-            (d_mem, g, d),
-            self.param_dtype,
+        key_kernel = self._dense(
+            "key_kernel", kernel_init, (m * w, g, d), (axes.MEMORY_IN, axes.STREAMS, axes.EMBED)
         )
-        key_bias = self.param(
-            "key_bias",
-            nn.with_logical_partitioning(bias_init, (axes.STREAMS, axes.EMBED)),
-            (g, d),
-            self.param_dtype,
+        key_bias = self._dense("key_bias", bias_init, (g, d), (axes.STREAMS, axes.EMBED))
+        value_kernel = self._dense(
+            "value_kernel", kernel_init, (m * w, d), (axes.MEMORY_IN, axes.EMBED)
         )
-        value_kernel = self.param(
-            "value_kernel",
-            nn.with_logical_partitioning(kernel_init, (axes.MEMORY_IN, axes.EMBED)),
-            (d_mem, d),
-            self.param_dtype,
-        )
-        value_bias = self.param(
-            "value_bias",
-            nn.with_logical_partitioning(bias_init, (axes.EMBED,)),
-            (d,),
-            self.param_dtype,
-        )
-        ones = nn.initializers.ones_init()
-        norm_axes = (axes.STREAMS, axes.NORM)
-        key_scale_GD = self.param(
-            "key_norm_scale",
-            nn.with_logical_partitioning(ones, norm_axes),
-            (g, d),
-            self.param_dtype,
-        )
-        query_scale_GD = self.param(
-            "query_norm_scale",
-            nn.with_logical_partitioning(ones, norm_axes),
-            (g, d),
-            self.param_dtype,
-        )
-        conv_scale_GD = self.param(
-            "conv_norm_scale",
-            nn.with_logical_partitioning(ones, norm_axes),
-            (g, d),
-            self.param_dtype,
-        )
+        value_bias = self._dense("value_bias", bias_init, (d,), (axes.EMBED,))
+        key_scale_GD = self._norm_gain("key_norm_scale", g, d)
+        query_scale_GD = self._norm_gain("query_norm_scale", g, d)
+        conv_scale_GD = self._norm_gain("conv_norm_scale", g, d)
         k_taps = self.conv_kernel_size
         conv_init = (
             nn.initializers.zeros_init()
             if self.conv_zero_init
             else (self.conv_init or torch_linear_init(k_taps))
         )
-        conv_kernel_KGD = self.param(
-            "conv_kernel",
-            nn.with_logical_partitioning(conv_init, (axes.CONV_WIDTH, axes.STREAMS, axes.EMBED)),
-            (k_taps, g, d),
-            self.param_dtype,
+        conv_kernel_KGD = self._dense(
+            "conv_kernel", conv_init, (k_taps, g, d), (axes.CONV_WIDTH, axes.STREAMS, axes.EMBED)
         )
-
-        # Cast once at the boundary to the compute dtype.
-        rows_BTMW, key_kernel, key_bias, value_kernel, value_bias, conv_kernel_KGD = (
-            x.astype(self.dtype)
-            for x in (rows_BTMW, key_kernel, key_bias, value_kernel, value_bias, conv_kernel_KGD)
-        )
-        hidden = hidden.astype(self.dtype)
 
         # Projections (§1.5): the flat memory e_t is rows flattened head-major, so the [M*W] kernels
         # are viewed as [M, W, ...] to contract rows directly.
@@ -564,7 +730,7 @@ class Engram(nn.Module):
 
         # Gate (§1.5): per-stream key/query RMSNorm (f32 statistics), f32 gate logic.
         key_norm_BTGD = rms_norm(key_BTGD, key_scale_GD[None, None], self.qk_norm_eps)
-        query_norm_BTGD = rms_norm(hidden, query_scale_GD[None, None], self.qk_norm_eps)
+        query_norm_BTGD = rms_norm(hidden_BTGD, query_scale_GD[None, None], self.qk_norm_eps)
         gate_BTG = engram_gate(query_norm_BTGD, key_norm_BTGD, self.gate_clamp)
         self.sow("intermediates", "gates", gate_BTG)
         # [B, T, G, 1] * [B, T, 1, D] -> [B, T, G, D]: one shared value scaled per stream.
@@ -578,13 +744,7 @@ class Engram(nn.Module):
         conv_kernel_KC = conv_kernel_KGD.reshape(k_taps, g * d)  # [K, G, D] -> [K, G*D]
         conv_out_BTC = self._convolve(conv_in_BTC, conv_kernel_KC, segment_ids)
         conv_out_BTGD = nn.silu(conv_out_BTC).reshape(b, t, g, d)  # [B, T, G*D] -> [B, T, G, D]
-        out_BTGD = gated_BTGD + conv_out_BTGD
-        out_BTGD = nn.with_logical_constraint(
-            out_BTGD, (axes.BATCH, axes.LENGTH, axes.ACT_STREAMS, axes.ACT_EMBED)
-        )
-        if return_gates:
-            return out_BTGD, gate_BTG
-        return out_BTGD
+        return gated_BTGD + conv_out_BTGD, gate_BTG
 
     def _convolve(
         self, x_BTC: jax.Array, kernel_KC: jax.Array, segment_ids: jax.Array | None

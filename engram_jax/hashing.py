@@ -238,6 +238,22 @@ class CompressedTokenizer:
         return h.hexdigest()
 
 
+def check_compressed_vocab_size(compressor: CompressedTokenizer, expected: int) -> None:
+    """Refuses a compressor whose V' differs from the config's (`model.engram.
+    compressed_vocab_size`; 0 skips the check). A different V' changes every hash multiplier
+    (§1.3 step 1), so tables trained with one tokenizer map are garbage with another.
+
+    Raises:
+      ValueError: naming both sizes.
+    """
+    if expected and compressor.compressed_vocab_size != expected:
+        raise ValueError(
+            f"compressed vocabulary: the tokenizer compresses to {compressor.compressed_vocab_size}"
+            f" ids; expected model.engram.compressed_vocab_size = {expected} (another tokenizer, "
+            "or another normalisation of it?)"
+        )
+
+
 def _atomic_save(path: str, table: np.ndarray) -> None:
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
@@ -564,6 +580,27 @@ class NgramHasher:
         starts_BT[:, 1:] = seg_BT[:, 1:] != seg_BT[:, :-1]
         return ids_BT, starts_BT
 
+    def block_ids(self, ids_BT: np.ndarray, blocked: np.ndarray | None) -> np.ndarray:
+        """ids with pad_id at blocked slots (a copy; ids unchanged when `blocked` is None).
+
+        A blocked slot (an image token, say) then reads as the padding that precedes a sequence:
+        a span of at least max_ngram - 1 blocked slots cuts every later window exactly as a
+        sequence start does; a shorter span is padding inside the window, as the release's
+        per-slot history holds it.
+
+        Raises:
+          ValueError: `blocked` is not a [B, T] array of ids' shape.
+        """
+        if blocked is None:
+            return ids_BT
+        blocked_BT = np.asarray(blocked)
+        if blocked_BT.shape != ids_BT.shape:
+            raise ValueError(
+                f"NgramHasher: blocked has shape {blocked_BT.shape}; expected ids' shape "
+                f"{ids_BT.shape} (True at image / non-text positions)"
+            )
+        return np.where(blocked_BT.astype(bool), np.int64(self.pad_id), ids_BT)
+
     def _windows(self, ids_BT: np.ndarray, starts_BT: np.ndarray | None) -> np.ndarray:
         """The shifted windows s_k of the numpy fallback, int64 [N, B*T] (§1.3 step 3)."""
         n = self.max_ngram
@@ -653,6 +690,7 @@ class NgramHasher:
         layer_id: int,
         segment_ids: np.ndarray | None = None,
         *,
+        blocked: np.ndarray | None = None,
         num_threads: int = 1,
     ) -> np.ndarray:
         """Hash ids of one layer.
@@ -663,6 +701,10 @@ class NgramHasher:
             segment_ids: optional [B, T] document ids of packed rows; windows stop at document
                 boundaries (earlier positions read as pad_id). Without it the output equals the
                 reference demo's.
+            blocked: optional bool [B, T], True at image or other non-text positions: those slots
+                take pad_id before hashing (`block_ids`), so the look-back of later tokens stops at
+                them as at the sequence start (DeepSeek-V4.1). The Engram output at blocked
+                positions is masked separately (`Engram(..., blocked=...)`).
             num_threads: threads over token blocks (the kernel releases the GIL); results are
                 identical.
 
@@ -676,20 +718,27 @@ class NgramHasher:
         """
         self._check_layer(layer_id)
         ids_BT, starts_BT = self._validate(ids, segment_ids)
+        ids_BT = self.block_ids(ids_BT, blocked)
         kernel = _compiled_kernel()
         windows_NX = None if kernel is not None else self._windows(ids_BT, starts_BT)
         return self._hash_layer(kernel, ids_BT, starts_BT, windows_NX, layer_id, num_threads)
 
     def hash_all(
-        self, ids: np.ndarray, segment_ids: np.ndarray | None = None, *, num_threads: int = 1
+        self,
+        ids: np.ndarray,
+        segment_ids: np.ndarray | None = None,
+        *,
+        blocked: np.ndarray | None = None,
+        num_threads: int = 1,
     ) -> dict[int, np.ndarray]:
-        """Hash ids for every layer; ids are validated once.
+        """Hash ids for every layer; ids are validated once (`blocked` as in `__call__`).
 
         Returns:
             {layer_id: int32 [B, T, H]}, each C-contiguous: the layers share one [L, B, T, H]
             allocation (one block of fresh pages instead of L).
         """
         ids_BT, starts_BT = self._validate(ids, segment_ids)
+        ids_BT = self.block_ids(ids_BT, blocked)
         kernel = _compiled_kernel()
         windows_NX = None if kernel is not None else self._windows(ids_BT, starts_BT)
         b, t = ids_BT.shape

@@ -23,10 +23,10 @@ from engram_jax import axes
 from engram_jax.config import HC_COEFF_INIT_STD
 from engram_jax.layers import RMSNorm, rms_norm
 
-Kind = Literal["residual", "hc", "mhc", "mhc_lite"]
+Kind = Literal["residual", "hc", "mhc", "mhc_lite", "mhc_v41"]
 SinkhornOrder = Literal["row_last", "col_last"]
 
-KINDS = ("residual", "hc", "mhc", "mhc_lite")
+KINDS = ("residual", "hc", "mhc", "mhc_lite", "mhc_v41")
 SINKHORN_ORDERS = ("row_last", "col_last")
 # mHC-lite needs n! logits per token (§4): 720 at n = 6 is already far past the practical n <= 4-5.
 MAX_LITE_STREAMS = 6
@@ -154,13 +154,86 @@ def sinkhorn(
       `[..., n, n]` float32, non-negative.
 
     Raises:
-      ValueError: logits not square in the last two axes, num_iters < 1, eps < 0 or an unknown
-        order.
+      ValueError: logits not square in the last two axes, num_iters < 1, eps < 0, an unknown
+        order, or (eager calls only) non-finite logits; under jit those give NaN.
     """
     _check_sinkhorn_args(tuple(logits.shape), num_iters, eps, order)
+    _check_finite(logits, "sinkhorn")
     logits32 = logits.astype(jnp.float32)  # f32 whatever the input dtype (§2.3, §9.7)
     fn = _sinkhorn_recompute if recompute_grad else _sinkhorn_autodiff
     return fn(logits32, num_iters, float(eps), order)
+
+
+def _check_finite(logits: jax.Array, name: str) -> None:
+    """Refuses NaN or infinite logits when they are concrete (eager calls); under jit they give NaN
+    (a Sinkhorn of a non-finite matrix has no meaning), which the tests document."""
+    if isinstance(logits, jax.core.Tracer):
+        return
+    bad = ~np.isfinite(np.asarray(logits, dtype=np.float32))
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{name}: logits{list(where)} = {float(np.asarray(logits)[where])}; expected finite "
+            f"values ({int(bad.sum())} non-finite in total)"
+        )
+
+
+def sinkhorn_v41(logits: jax.Array, num_iters: int = 20, eps: float = 1e-6) -> jax.Array:
+    """Sinkhorn as DeepSeek-V4 / V4.1 release it (docs/design.md §14, §8.3).
+
+    `M = softmax over each row of logits + eps`, then one column normalisation
+    `M / (column sum + eps)`, then `num_iters - 1` times a row normalisation followed by a column
+    normalisation (each `M / (sum + eps)`). It ends with a column normalisation: columns sum to one
+    to rounding, rows approximately. The softmax bounds every entry, so this runs in plain (not
+    log) space, in float32 whatever the input dtype, with plain autodiff (n is small).
+
+    Args:
+      logits: `[..., n, n]` float logits; entry `[i, j]` is row i.
+      num_iters: 20 in the release; >= 1.
+      eps: the release's `hc_eps` 1e-6.
+
+    Returns:
+      `[..., n, n]` float32. Under jit, non-finite logits give NaN; eager calls refuse them.
+    """
+    _check_sinkhorn_args(tuple(logits.shape), num_iters, eps, "col_last")
+    _check_finite(logits, "sinkhorn_v41")
+    m = jax.nn.softmax(logits.astype(jnp.float32), axis=-1) + eps
+    m = m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
+
+    def body(_, m):
+        m = m / (jnp.sum(m, axis=-1, keepdims=True) + eps)  # rows
+        return m / (jnp.sum(m, axis=-2, keepdims=True) + eps)  # columns
+
+    return jax.lax.fori_loop(0, num_iters - 1, body, m)
+
+
+def initial_pre(batch: int, length: int, n: int) -> jax.Array:
+    """The read weights of the first "mhc_v41" site, which has no preceding site: `1/n` per stream.
+
+    The streams start as n copies of the embedding (`expand_streams`), so the first sub-block reads
+    the embedding itself (the identity start). `[B, T, G]` float32.
+    """
+    return jnp.full((batch, length, n), 1.0 / n, jnp.float32)
+
+
+def collapse_streams(x_BTGD: jax.Array, pre_BTG: jax.Array) -> jax.Array:
+    """`sum_i pre[i] x[i]` in float32: the read of a "mhc_v41" site, and the final collapse before
+    the LM head with the last site's `pre` (the release ships no separate head coefficients).
+
+    Returns `[B, T, D]` in x's dtype.
+    """
+    if x_BTGD.ndim != 4 or pre_BTG.shape != x_BTGD.shape[:3]:
+        raise ValueError(
+            f"collapse_streams: x has shape {x_BTGD.shape} and pre {pre_BTG.shape}; expected "
+            "[B, T, G, D] and [B, T, G]"
+        )
+    out_BTD = jnp.einsum(
+        "btg,btgd->btd",
+        pre_BTG.astype(jnp.float32),
+        x_BTGD.astype(jnp.float32),
+        precision=_MIX_PRECISION,
+    )
+    return out_BTD.astype(x_BTGD.dtype)
 
 
 def permutation_matrices(n: int) -> np.ndarray:
@@ -248,6 +321,12 @@ class HyperConnection(nn.Module):
       - "mhc_lite" (§4): `h_res = sum_k softmax(logits)_k P_k` over all n! permutations, exactly
         doubly stochastic; `h_pre`, `h_post` as mhc. n = 1: one permutation, `h_res = 1`. n > 6 is
         rejected.
+      - "mhc_v41" (DeepSeek-V4.1's "single-pass" mHC; docs/design.md §14): the
+        mhc coefficients with the release's conventions: `h_pre = sigmoid + sinkhorn_eps`, `h_post
+        = 2 sigmoid`, `sinkhorn_v41` (softmax start, column-last), applied transposed (`h_res` is
+        `comb^T`). Scheduling: `read(x, pre)` reads with the PRECEDING site's `pre` and returns the
+        `h_pre` this site computed from x for the NEXT site; `initial_pre` starts the chain and
+        `collapse_streams` with the last site's `h_pre` ends it. `__call__` is refused.
 
     Initialisation (§2.5, project choices; §9.1 and §9.13 list them unverified, hence fields): phi
     ~ N(0, 0.02^2) (`coeff_kernel_init`, the same default as the trainer's
@@ -334,7 +413,7 @@ class HyperConnection(nn.Module):
                 f"{MAX_LITE_STREAMS} (mHC-lite needs n! = {math.factorial(self.n_streams)} "
                 "logits per token)"
             )
-        if self.kind == "mhc":
+        if self.kind in ("mhc", "mhc_v41"):
             _check_sinkhorn_args(
                 (1, 1), self.sinkhorn_iters, self.sinkhorn_eps, self.sinkhorn_order
             )
@@ -357,20 +436,33 @@ class HyperConnection(nn.Module):
         return self._param(name, nn.initializers.constant(value), (), ()).astype(jnp.float32)
 
     @nn.compact
-    def read(self, x_BTGD: jax.Array) -> tuple[jax.Array, Mixing | None]:
+    def read(
+        self, x_BTGD: jax.Array, pre_BTG: jax.Array | None = None
+    ) -> tuple[jax.Array, Mixing | None]:
         """Computes the mixing coefficients and the normalised layer input.
 
         Args:
           x_BTGD: `[B, T, G, D]` residual streams, G = n_streams.
+          pre_BTG: kind "mhc_v41" only (required there): `[B, T, G]` the read weights the
+            PRECEDING site produced (`initial_pre` for the first site). This site reads
+            `sum_i pre[i] x[i]` with them, and its own `mixing.h_pre` is handed to the next site
+            (docs/design.md §14: the scheduling).
 
         Returns:
           `(layer_input_BTD, mixing)`: the pre-normed input of F, `[B, T, D]` in `dtype`, and a
           `Mixing` (None for kind "residual").
 
         Raises:
-          ValueError: invalid fields or x not `[B, T, n_streams, D]`.
+          ValueError: invalid fields or x not `[B, T, n_streams, D]`; `pre_BTG` missing for
+            "mhc_v41" or given for another kind.
         """
         self._validate(x_BTGD)
+        if (self.kind == "mhc_v41") != (pre_BTG is not None):
+            raise ValueError(
+                f"HyperConnection(layer_index={self.layer_index}): kind={self.kind!r} with "
+                f"pre_BTG {'given' if pre_BTG is not None else 'None'}; expected the preceding "
+                "site's read weights [B, T, G] exactly for kind 'mhc_v41'"
+            )
         norm = RMSNorm(
             eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
         )
@@ -385,6 +477,9 @@ class HyperConnection(nn.Module):
                 value = getattr(mixing, field)
                 if value is not None:
                     self.sow("intermediates", field, value)
+        if self.kind == "mhc_v41":
+            # The read uses the preceding site's weights; mixing.h_pre goes to the next site.
+            return norm(collapse_streams(x_BTGD.astype(jnp.float32), pre_BTG)), mixing
         # float32 read; the norm computes in float32 too and casts its output to dtype.
         layer_in_BTD = jnp.einsum(
             "btg,btgd->btd",
@@ -397,6 +492,7 @@ class HyperConnection(nn.Module):
     def _mhc_coefficients(self, x_BTGD: jax.Array) -> Mixing:
         b, t, g, d = x_BTGD.shape
         lite = self.kind == "mhc_lite"
+        v41 = self.kind == "mhc_v41"
         if lite:
             p_KGG = permutation_matrices(g)
             num_res = p_KGG.shape[0]  # n!
@@ -442,6 +538,8 @@ class HyperConnection(nn.Module):
         h_pre_BTG = jax.nn.sigmoid(
             alpha_pre * coeff_BTK[..., :g] + b_pre_G.astype(jnp.float32)[None, None, :]
         )
+        if v41:
+            h_pre_BTG = h_pre_BTG + self.sinkhorn_eps  # the release's pre = sigmoid + eps
         h_post_BTG = 2.0 * jax.nn.sigmoid(
             alpha_post * coeff_BTK[..., g : 2 * g] + b_post_G.astype(jnp.float32)[None, None, :]
         )
@@ -461,25 +559,35 @@ class HyperConnection(nn.Module):
             h_res_BTGG = jnp.einsum("btk,kij->btij", weights_BTR, jnp.asarray(p_KGG))
             res_logits = logits_BTR
         else:
-            b_res_init = np.full((g, g), self.res_offdiag_bias, np.float32)
-            np.fill_diagonal(b_res_init, self.res_diag_bias)
-            b_res_GG = self._param(
-                "b_res", _const_init(b_res_init), (g, g), (axes.STREAMS, axes.HC_COEFFS)
-            )
             # mat: 1 x n^2 -> n x n row-major, entry [i, j] = output stream i, input stream j.
             res_BTGG = coeff_BTK[..., 2 * g :].reshape(b, t, g, g)  # [B, T, G*G] -> [B, T, G, G]
-            logits_BTGG = alpha_res * res_BTGG + b_res_GG.astype(jnp.float32)[None, None]
-            h_res_BTGG = sinkhorn(
-                logits_BTGG,
-                self.sinkhorn_iters,
-                self.sinkhorn_eps,
-                self.sinkhorn_order,
-                recompute_grad=self.sinkhorn_recompute_grad,
-            )
+            logits_BTGG, h_res_BTGG = self._sinkhorn_mixing(alpha_res, res_BTGG)
             res_logits = logits_BTGG
-        if self.transpose_res:
+        if self.transpose_res or v41:
             h_res_BTGG = jnp.swapaxes(h_res_BTGG, -1, -2)  # [B, T, G(out), G(in)]
         return Mixing(h_pre_BTG, h_post_BTG, h_res_BTGG, res_logits)
+
+    def _sinkhorn_mixing(
+        self, alpha_res: jax.Array, res_BTGG: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """mhc / mhc_v41: `(logits, Sinkhorn(logits))`, logits = alpha_res * res + b_res."""
+        g = res_BTGG.shape[-1]
+        b_res_init = np.full((g, g), self.res_offdiag_bias, np.float32)
+        np.fill_diagonal(b_res_init, self.res_diag_bias)
+        b_res_GG = self._param(
+            "b_res", _const_init(b_res_init), (g, g), (axes.STREAMS, axes.HC_COEFFS)
+        )
+        logits_BTGG = alpha_res * res_BTGG + b_res_GG.astype(jnp.float32)[None, None]
+        if self.kind == "mhc_v41":
+            # Released as comb^T x: the caller applies the transpose.
+            return logits_BTGG, sinkhorn_v41(logits_BTGG, self.sinkhorn_iters, self.sinkhorn_eps)
+        return logits_BTGG, sinkhorn(
+            logits_BTGG,
+            self.sinkhorn_iters,
+            self.sinkhorn_eps,
+            self.sinkhorn_order,
+            recompute_grad=self.sinkhorn_recompute_grad,
+        )
 
     def _hc_coefficients(self, x_BTGD: jax.Array) -> Mixing:
         _, _, g, d = x_BTGD.shape
@@ -559,6 +667,11 @@ class HyperConnection(nn.Module):
         Returns:
           `[B, T, G, D]` the next residual state.
         """
+        if self.kind == "mhc_v41":
+            raise ValueError(
+                "HyperConnection: kind='mhc_v41' hands its read weights to the next site; use "
+                "read(x, pre) and write(x, y, mixing) and pass mixing.h_pre on"
+            )
         layer_in_BTD, mixing = self.read(x_BTGD)
         return self.write(x_BTGD, sublayer(layer_in_BTD), mixing)
 

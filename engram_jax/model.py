@@ -22,7 +22,13 @@ from engram_jax.config import ModelConfig
 from engram_jax.engram import Engram
 from engram_jax.hashing import table_primes
 from engram_jax.layers import RMSNorm
-from engram_jax.mhc import HyperConnection, expand_streams, merge_streams
+from engram_jax.mhc import (
+    HyperConnection,
+    collapse_streams,
+    expand_streams,
+    initial_pre,
+    merge_streams,
+)
 from engram_jax.moe import MLP, MoE
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -90,11 +96,19 @@ def layer_runs(config: ModelConfig) -> list[_Run]:
     return runs
 
 
+def _next_pre(pre_BTG: jax.Array | None, mixing: Any) -> jax.Array | None:
+    """hc.kind "mhc_v41": the read weights this site produced for the next one (docs/design.md
+    §14.2); other kinds carry none."""
+    return None if pre_BTG is None else mixing.h_pre
+
+
 class Block(nn.Module):
     """One decoder block: [Engram] -> hyper-connected attention -> hyper-connected FFN.
 
-    Returns `(x_BTGD, stats)`; `stats` holds the MoE statistics (`load [E]`, `balance_loss`) and
-    Engram gates (`engram_gates [B, T, G]`) of this block, as present.
+    Returns `(x_BTGD, stats)`; with hc.kind "mhc_v41" the streams travel with the read weights of
+    the next site, `x = (x_BTGD, pre_BTG)`, in and out. `stats` holds the MoE statistics
+    (`load [E]`, `balance_loss`) and Engram gates (`engram_gates [B, T, G]`) of this block, as
+    present.
     """
 
     config: ModelConfig
@@ -195,6 +209,8 @@ class Block(nn.Module):
         cfg = self.config
         stats: dict[str, jax.Array] = {}
         segments = None if self.decode else segment_ids_BT
+        # hc.kind "mhc_v41" carries (streams, read weights of the next site) from block to block.
+        x_BTGD, pre_BTG = x_BTGD if isinstance(x_BTGD, tuple) else (x_BTGD, None)
         if self.engram_sizes is not None:
             e = cfg.engram
             engram = Engram(
@@ -214,6 +230,9 @@ class Block(nn.Module):
                 table_row_multiple=e.table_row_multiple,
                 lookup_fn=self.lookup_fn,
                 decode=self.decode,
+                form=e.form,
+                wkv_bias=e.wkv_bias,
+                heads_per_ngram=e.heads_per_ngram,
                 name="engram",
             )
             memory_BTGD, gates_BTG = engram(
@@ -228,12 +247,13 @@ class Block(nn.Module):
             stats["engram_gates"] = gates_BTG
 
         attn_hc = self._hyper(2 * self.layer, "attention_hc")
-        h_BTD, mixing = attn_hc.read(x_BTGD)
+        h_BTD, mixing = attn_hc.read(x_BTGD, pre_BTG)
         y_BTD = self._attention()(h_BTD, positions_BT, segments)
         x_BTGD = attn_hc.write(x_BTGD, y_BTD, mixing)
+        pre_BTG = _next_pre(pre_BTG, mixing)
 
         ffn_hc = self._hyper(2 * self.layer + 1, "ffn_hc")
-        h_BTD, mixing = ffn_hc.read(x_BTGD)
+        h_BTD, mixing = ffn_hc.read(x_BTGD, pre_BTG)
         if self.use_moe:
             y_BTD, moe_stats = self._ffn()(h_BTD, token_mask_BT)
             stats["moe_load"] = moe_stats["load"]
@@ -241,10 +261,11 @@ class Block(nn.Module):
         else:
             y_BTD = self._ffn()(h_BTD)
         x_BTGD = ffn_hc.write(x_BTGD, y_BTD, mixing)
+        pre_BTG = _next_pre(pre_BTG, mixing)
         x_BTGD = nn.with_logical_constraint(
             x_BTGD, (axes.BATCH, axes.LENGTH, axes.ACT_STREAMS, axes.ACT_EMBED)
         )
-        return x_BTGD, stats
+        return (x_BTGD if pre_BTG is None else (x_BTGD, pre_BTG)), stats
 
 
 class Transformer(nn.Module):
@@ -272,6 +293,11 @@ class Transformer(nn.Module):
     the result is `(hidden [B, T, G, D], aux)` instead of logits. Ranges that contain no Engram
     layer need neither `hash_ids` nor `engram_rows`. `generate` splits a decode step at the first
     Engram layer this way, so the layers before it run while the host reads the table rows.
+
+    With hc.kind "mhc_v41" the streams travel with the read weights of the next hyper-connection
+    site (docs/design.md §14.2): `hidden` and the streams a partial range returns are the pair
+    `(streams [B, T, G, D], pre [B, T, G])`, the first site reads with `mhc.initial_pre`, and the
+    last site's `pre` collapses the streams before the final norm (instead of their sum).
 
     With `sow_mixing=True` every hyper-connection sows its mixing matrices into "intermediates";
     `mixing_matrices` orders them by depth for the mHC diagnostics.
@@ -302,6 +328,13 @@ class Transformer(nn.Module):
         if hidden_BTGD is not None:
             b, t = tokens_BT.shape
             expected = (b, t, cfg.hc.n_streams, cfg.hidden_size)
+            if (cfg.hc.kind == "mhc_v41") != isinstance(hidden_BTGD, tuple):
+                raise ValueError(
+                    "Transformer: hidden must be the (streams, pre) pair a layer range returned "
+                    f"exactly when hc.kind='mhc_v41' (kind {cfg.hc.kind!r})"
+                )
+            if isinstance(hidden_BTGD, tuple):
+                hidden_BTGD = hidden_BTGD[0]
             if tuple(hidden_BTGD.shape) != expected:
                 raise ValueError(
                     f"Transformer: hidden has shape {tuple(hidden_BTGD.shape)}; expected "
@@ -398,6 +431,9 @@ class Transformer(nn.Module):
             hidden_BTGD = expand_streams(
                 embed(_outside_vocab_to_nan(tokens_BT, cfg)), cfg.hc.n_streams
             )
+            if cfg.hc.kind == "mhc_v41":
+                # The identity start: the first site reads the embedding (mhc.initial_pre).
+                hidden_BTGD = (hidden_BTGD, initial_pre(b, t, cfg.hc.n_streams))
         x_BTGD = hidden_BTGD
 
         sizes = engram_table_sizes(cfg)
@@ -442,7 +478,9 @@ class Transformer(nn.Module):
         if stop < cfg.num_layers:
             return x_BTGD, _collect_stats(stats_per_run)
 
-        x_BTD = merge_streams(x_BTGD)  # [B, T, D]
+        # mhc_v41: the last site's read weights collapse the streams (no separate head mix).
+        v41 = isinstance(x_BTGD, tuple)
+        x_BTD = collapse_streams(*x_BTGD) if v41 else merge_streams(x_BTGD)  # [B, T, D]
         x_BTD = RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(
             x_BTD
         )

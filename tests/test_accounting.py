@@ -62,6 +62,11 @@ VARIANTS = {
         "engram.layer_ids": (),
     },
     "mhc_lite_n1_gqa_engram": {"hc.kind": "mhc_lite", "hc.n_streams": 1},
+    "mhc_v41_engram_v41_bias": {
+        "hc.kind": "mhc_v41",
+        "engram.form": "v41",
+        "engram.wkv_bias": True,
+    },
 }
 
 

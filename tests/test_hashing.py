@@ -624,3 +624,50 @@ def test_table_fingerprint(bytelevel_tok, metaspace_tok):
 def test_prime_base_at_or_above_int32_range_is_rejected():
     with pytest.raises(ValueError, match="2\\^31"):
         hashing.table_primes([2**31 + 11], 1, [0])
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSeek-V4.1 details: blocked (image) slots, the compressed vocabulary check
+# --------------------------------------------------------------------------------------------------
+
+
+def test_blocked_slots_take_the_pad_id_and_stop_the_look_back(kernel_path):
+    """A blocked span takes pad' (the reference on the edited ids); a span of at least
+    max_ngram - 1 slots makes the text after it hash as at a sequence start."""
+    layers = [1, 14]
+    pad, vocab = 2, 99_092
+    hasher = NgramHasher([16_000] * 3, 4, 2, layers, vocab, pad)
+    rng = np.random.default_rng(8)
+    ids = rng.integers(0, vocab, size=(2, 14))
+    blocked = np.zeros((2, 14), bool)
+    blocked[0, 4:8] = True  # an image span of 4 >= N - 1 = 3 slots
+    blocked[1, 6] = True  # a single blocked slot
+    edited = np.where(blocked, pad, ids)
+    for layer in layers:
+        got = hasher(ids, layer, blocked=blocked)
+        expected = _reference_hash(
+            edited,
+            layer,
+            bases=[16_000] * 3,
+            max_ngram=4,
+            heads=2,
+            layer_ids=layers,
+            vocab=vocab,
+            pad=pad,
+        )
+        np.testing.assert_array_equal(got, expected)
+        # After the long span, the text hashes as if it started the sequence.
+        np.testing.assert_array_equal(got[0, 8:], hasher(ids[:1, 8:], layer)[0])
+        assert not np.array_equal(got[0, 8:], hasher(ids, layer)[0, 8:])  # the test can fail
+    both = hasher.hash_all(ids, blocked=blocked)
+    np.testing.assert_array_equal(both[14], hasher(ids, 14, blocked=blocked))
+    with pytest.raises(ValueError, match=r"blocked has shape \(2, 13\); expected ids' shape"):
+        hasher(ids, 1, blocked=blocked[:, :13])
+
+
+def test_compressed_vocabulary_size_check_names_both_sizes():
+    compressor = CompressedTokenizer(np.array([0, 1, 1, 2, 0], np.int32))
+    hashing.check_compressed_vocab_size(compressor, 3)  # matches
+    hashing.check_compressed_vocab_size(compressor, 0)  # 0: unchecked
+    with pytest.raises(ValueError, match=r"compresses to 3 ids; expected .*= 99092"):
+        hashing.check_compressed_vocab_size(compressor, 99_092)

@@ -86,6 +86,7 @@ def token_specs(
         layer_ids=e.layer_ids,
         seed=e.hash_seed,
         cache_dir=cache_dir,
+        compressed_vocab_size=e.compressed_vocab_size,
     )
     return spec, engram
 
