@@ -117,11 +117,30 @@ def _attention_norm_params(config: ModelConfig) -> int:
     return (a.q_lora_rank or 0) + a.kv_lora_rank
 
 
+def _altup_layer_counts(hc: HyperConfig, d: int) -> tuple[int, int]:
+    """(params, weight MACs per token) of one layer's AltUp predict / correct (docs/design.md
+    "AltUp"): static K x K + K scalars; dynamic router norm [D], router [D, K] (applied twice:
+    predict and correct), C_pred [K, K*K] and C_corr [K, K]."""
+    k = hc.n_streams
+    if hc.altup_coefficients == "static":
+        return k * k + k, 0
+    return d + d * k + k * k * k + k * k, 2 * d * k
+
+
+def _altup_stream_counts(hc: HyperConfig, d: int) -> tuple[int, int]:
+    """(params, MACs per token) of AltUp's input and output projections, [K-1, D, D] each."""
+    if hc.kind != "altup":
+        return 0, 0
+    proj = 2 * (hc.n_streams - 1) * d * d
+    return proj, proj
+
+
 def _hc_site_counts(hc: HyperConfig, d: int) -> tuple[int, int]:
-    """(params, weight MACs per token) of one hyper-connection site, including its pre-norm."""
+    """(params, weight MACs per token) of one hyper-connection site, including its pre-norm.
+    AltUp's sub-layers are plain residuals (its coefficients count per layer, separately)."""
     g = hc.n_streams
     norm = d
-    if hc.kind == "residual":
+    if hc.kind in ("residual", "altup"):
         return norm, 0
     if hc.kind == "hc":
         # static_pre [G], static_post [G], static_res [G, G], dynamic_kernel [D, 2 + G] applied to
@@ -199,9 +218,15 @@ def account(model_config: ModelConfig, seq_len: int) -> Accounting:
         if cfg.engram.enabled
         else {}
     )
+    streams, stream_macs = _altup_stream_counts(cfg.hc, d)
+    if streams:
+        add("altup_streams", streams, streams, stream_macs)
     for layer in range(num_layers):
         add("attention", attn_params, attn_params, attn_macs)
         add("hyper_connections", 2 * hc_params, 2 * hc_params, 2 * hc_macs)
+        if cfg.hc.kind == "altup":
+            altup, altup_macs = _altup_layer_counts(cfg.hc, d)
+            add("altup", altup, altup, altup_macs)
         if cfg.is_moe_layer(layer):
             f = e.expert_hidden_size
             expert = 3 * d * f

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from engram_jax import axes
+from engram_jax.altup import AltUp, AltUpStreams
 from engram_jax.attention import Attention, MultiHeadLatentAttention
 from engram_jax.config import ModelConfig
 from engram_jax.engram import Engram
@@ -71,6 +72,8 @@ def layer_runs(config: ModelConfig) -> list[_Run]:
     a scan (one init for the whole run) would give every layer the same read stream.
     """
     scan = config.scan_layers and config.hc.kind != "hc"
+    # AltUp alternating its active block (layer mod K) also differs by layer.
+    scan = scan and not (config.hc.kind == "altup" and config.hc.altup_active_block == -1)
     runs: list[_Run] = []
     engram_layers = set(config.engram.layer_ids)
     for layer in range(config.num_layers):
@@ -107,9 +110,11 @@ class Block(nn.Module):
 
     def _hyper(self, site: int, name: str) -> HyperConnection:
         hc = self.config.hc
+        # AltUp: the sub-layers are plain residuals on the active block (see `_altup`).
+        altup = hc.kind == "altup"
         return HyperConnection(
-            kind=hc.kind,
-            n_streams=hc.n_streams,
+            kind="residual" if altup else hc.kind,
+            n_streams=1 if altup else hc.n_streams,
             layer_index=site,
             sinkhorn_iters=hc.sinkhorn_iters,
             sinkhorn_eps=hc.sinkhorn_eps,
@@ -125,6 +130,28 @@ class Block(nn.Module):
             dtype=_DTYPES[self.config.dtype],
             param_dtype=_DTYPES[self.config.param_dtype],
             name=name,
+        )
+
+    def _altup(self) -> AltUp | None:
+        """AltUp's predict / correct around the whole layer (None for the other kinds)."""
+        hc = self.config.hc
+        if hc.kind != "altup":
+            return None
+        return AltUp(
+            num_blocks=hc.n_streams,
+            hidden_size=self.config.hidden_size,
+            layer=self.layer,
+            active=hc.altup_active_block,
+            coefficients=hc.altup_coefficients,
+            coef_clip=hc.altup_coef_clip,
+            router_init=nn.initializers.normal(hc.coeff_init_std)
+            if hc.coeff_init_std > 0
+            else nn.initializers.zeros_init(),
+            norm_eps=self.config.norm_eps,
+            sow_mixing=self.sow_mixing,
+            dtype=_DTYPES[self.config.dtype],
+            param_dtype=_DTYPES[self.config.param_dtype],
+            name="altup",
         )
 
     def _attention(self) -> nn.Module:
@@ -227,6 +254,10 @@ class Block(nn.Module):
             x_BTGD = x_BTGD + memory_BTGD.astype(x_BTGD.dtype)
             stats["engram_gates"] = gates_BTG
 
+        altup = self._altup()
+        if altup is not None:
+            # [B, T, K, D] predicted blocks; the layer runs on the active one as a single stream.
+            x_hat_BTKD, x_BTGD = altup.predict(x_BTGD)
         attn_hc = self._hyper(2 * self.layer, "attention_hc")
         h_BTD, mixing = attn_hc.read(x_BTGD)
         y_BTD = self._attention()(h_BTD, positions_BT, segments)
@@ -241,6 +272,8 @@ class Block(nn.Module):
         else:
             y_BTD = self._ffn()(h_BTD)
         x_BTGD = ffn_hc.write(x_BTGD, y_BTD, mixing)
+        if altup is not None:
+            x_BTGD = altup.correct(x_hat_BTKD, x_BTGD[:, :, 0])
         x_BTGD = nn.with_logical_constraint(
             x_BTGD, (axes.BATCH, axes.LENGTH, axes.ACT_STREAMS, axes.ACT_EMBED)
         )
@@ -392,8 +425,19 @@ class Transformer(nn.Module):
             param_dtype=param_dtype,
             name="embed",
         )
+        altup_streams = None
+        if cfg.hc.kind == "altup":
+            altup_streams = AltUpStreams(
+                cfg.hc.n_streams,
+                cfg.hidden_size,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                name="altup_streams",
+            )
         # [B, T, G, D]: the streams an earlier layer range returned, or the embedded tokens.
-        if hidden_BTGD is None:
+        if hidden_BTGD is None and altup_streams is not None:
+            hidden_BTGD = altup_streams.expand(embed(tokens_BT))
+        elif hidden_BTGD is None:
             hidden_BTGD = expand_streams(embed(tokens_BT), cfg.hc.n_streams)
         x_BTGD = hidden_BTGD
 
@@ -439,7 +483,8 @@ class Transformer(nn.Module):
         if stop < cfg.num_layers:
             return x_BTGD, _collect_stats(stats_per_run)
 
-        x_BTD = merge_streams(x_BTGD)  # [B, T, D]
+        merge = merge_streams if altup_streams is None else altup_streams.merge
+        x_BTD = merge(x_BTGD)  # [B, T, G, D] -> [B, T, D]
         x_BTD = RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(
             x_BTD
         )
@@ -475,6 +520,8 @@ def mixing_matrices(
     `intermediates` is what `apply(..., mutable=["intermediates"])` returned for a model built with
     `sow_mixing=True` (scanned runs hold their layers stacked on the leading axis).
     """
+    if config.hc.kind == "altup":
+        return _altup_mixing(config, intermediates)
     sites = []
     for run in layer_runs(config):
         run_tree = intermediates[run.name]
@@ -489,6 +536,17 @@ def mixing_matrices(
     stacked = jnp.concatenate(sites, axis=0)
     layers, _, b, t = stacked.shape[:4]
     return stacked.reshape(layers * 2, b * t, *stacked.shape[4:])  # [2L, X, G, G] or [2L, X, R]
+
+
+def _altup_mixing(config: ModelConfig, intermediates: dict[str, Any]) -> jax.Array:
+    """AltUp's prediction operators, one site per layer: `[L, X, K, K]`."""
+    per_run = []
+    for run in layer_runs(config):
+        h_res = intermediates[run.name]["altup"]["h_res"][0]
+        per_run.append(h_res[None] if run.stop - run.start == 1 else h_res)  # [L_run, B, T, K, K]
+    stacked = jnp.concatenate(per_run, axis=0)
+    layers, b, t = stacked.shape[:3]
+    return stacked.reshape(layers, b * t, *stacked.shape[3:])  # [L, X, K, K]
 
 
 def _collect_stats(stats_per_run: list[tuple[_Run, dict[str, jax.Array]]]) -> dict[str, Any]:
