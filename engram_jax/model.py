@@ -23,6 +23,7 @@ from engram_jax.config import ModelConfig
 from engram_jax.engram import Engram
 from engram_jax.hashing import table_primes
 from engram_jax.layers import RMSNorm
+from engram_jax.matformer import layer_granularities
 from engram_jax.mhc import HyperConnection, expand_streams, merge_streams
 from engram_jax.moe import MLP, MoE
 
@@ -107,6 +108,8 @@ class Block(nn.Module):
     decode: bool = False
     lookup_fn: Callable | None = None
     sow_mixing: bool = False
+    # MatFormer: the FFN's granularity (None: full width; an int, or a traced index in training).
+    ffn_granularity: Any = None
 
     def _hyper(self, site: int, name: str) -> HyperConnection:
         hc = self.config.hc
@@ -187,8 +190,16 @@ class Block(nn.Module):
     def _ffn(self) -> nn.Module:
         cfg = self.config
         dtype, param_dtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+        nested = cfg.matformer.enabled
         if not self.use_moe:
-            return MLP(cfg.mlp_hidden_size, dtype=dtype, param_dtype=param_dtype, name="mlp")
+            return MLP(
+                cfg.mlp_hidden_size,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                nested_widths=cfg.matformer.widths(cfg.mlp_hidden_size) if nested else (),
+                granularity=self.ffn_granularity,
+                name="mlp",
+            )
         e = cfg.moe
         # Decoding routes a handful of tokens per call. The dropless dispatches need nothing; for
         # "capacity", E/K slots per token never drop one (the full forward may still drop).
@@ -206,6 +217,8 @@ class Block(nn.Module):
             block_size=e.block_size,
             dtype=dtype,
             param_dtype=param_dtype,
+            nested_widths=cfg.matformer.widths(e.expert_hidden_size) if nested else (),
+            granularity=self.ffn_granularity,
             name="moe",
         )
 
@@ -395,6 +408,7 @@ class Transformer(nn.Module):
         *,
         hidden_BTGD: jax.Array | None = None,
         layer_range: tuple[int, int] | None = None,
+        ffn_granularity: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, Any]]:
         cfg = self.config
         start, stop = self._check_range(layer_range, hidden_BTGD, tokens_BT)
@@ -445,7 +459,11 @@ class Transformer(nn.Module):
         engram_index = {layer: i for i, layer in enumerate(cfg.engram.layer_ids)}
         stats_per_run: list[tuple[_Run, dict[str, jax.Array]]] = []
         for run in runs:
+            granularity = ffn_granularity
+            if granularity is None:
+                granularity = _run_granularity(cfg, run)
             block_kwargs = dict(
+                ffn_granularity=granularity,
                 config=cfg,
                 layer=run.start,
                 use_moe=run.use_moe,
@@ -536,6 +554,18 @@ def mixing_matrices(
     stacked = jnp.concatenate(sites, axis=0)
     layers, _, b, t = stacked.shape[:4]
     return stacked.reshape(layers * 2, b * t, *stacked.shape[4:])  # [2L, X, G, G] or [2L, X, R]
+
+
+def _run_granularity(config: ModelConfig, run: _Run) -> int | None:
+    """The configured inference granularity of a run's layers (one for a whole scanned run)."""
+    picks = set(layer_granularities(config)[run.start : run.stop])
+    if len(picks) > 1:
+        raise ValueError(
+            f"Transformer: matformer.inference_granularity gives layers {run.start}.."
+            f"{run.stop - 1} (one scanned run) granularities {sorted(picks)}; expected one per "
+            "scanned run (or scan_layers=False for a per-layer mix)"
+        )
+    return picks.pop()
 
 
 def _altup_mixing(config: ModelConfig, intermediates: dict[str, Any]) -> jax.Array:
