@@ -50,7 +50,14 @@ from typing import Any
 from engram_jax.config import HyperConfig, ModelConfig
 from engram_jax.hashing import table_primes
 
-__all__ = ["Accounting", "Component", "account", "format_accounting", "to_json_dict"]
+__all__ = [
+    "Accounting",
+    "Component",
+    "account",
+    "format_accounting",
+    "slice_counts",
+    "to_json_dict",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +93,9 @@ class Accounting:
     attention_flops_per_token: int  # Training (fwd + bwd), causal.
     flops_per_token: int  # Training (fwd + bwd).
     breakdown: tuple[Component, ...]
+    # MatFormer: (width fraction, total params, activated params) of the model sliced to each
+    # granularity (`matformer.slice_params`); () when MatFormer is off.
+    matformer_slices: tuple[tuple[float, int, int], ...] = ()
 
 
 # ---------------------------------------------------------------------------- per-part counts
@@ -172,6 +182,37 @@ def _engram_layer_counts(config: ModelConfig, sizes: tuple[int, ...]) -> tuple[i
 
 
 # ---------------------------------------------------------------------------- account
+
+
+def _ffn_layer_counts(config: ModelConfig, layer: int, width: int | None) -> tuple[int, int]:
+    """(params, activated params) of one layer's FFN at hidden width `width` (None: full)."""
+    d, e = config.hidden_size, config.moe
+    if config.is_moe_layer(layer):
+        f = e.expert_hidden_size if width is None else width
+        return (
+            d * e.num_experts + (e.num_experts + e.num_shared_experts) * 3 * d * f,
+            d * e.num_experts + (e.top_k + e.num_shared_experts) * 3 * d * f,
+        )
+    f = config.mlp_hidden_size if width is None else width
+    return 3 * d * f, 3 * d * f
+
+
+def slice_counts(
+    config: ModelConfig, granularity: int | tuple[int, ...], full: Accounting | None = None
+) -> tuple[int, int]:
+    """(total, activated) parameters of the model MatFormer-sliced to `granularity` (one index
+    or one per layer): the full counts with every FFN at its nested width."""
+    m = config.matformer
+    picks = (granularity,) * config.num_layers if isinstance(granularity, int) else granularity
+    full = full or account(config, 1)
+    total, activated = full.total_params, full.activated_params
+    for layer, index in enumerate(picks):
+        f = config.moe.expert_hidden_size if config.is_moe_layer(layer) else config.mlp_hidden_size
+        sliced = _ffn_layer_counts(config, layer, m.widths(f)[index])
+        whole = _ffn_layer_counts(config, layer, None)
+        total += sliced[0] - whole[0]
+        activated += sliced[1] - whole[1]
+    return total, activated
 
 
 def account(model_config: ModelConfig, seq_len: int) -> Accounting:
@@ -261,7 +302,7 @@ def account(model_config: ModelConfig, seq_len: int) -> Accounting:
     rho = (routed - routed_activated) / sparse if sparse > 0 else None
 
     attention_flops = 3 * num_layers * cfg.attention.num_heads * (d_qk + d_v) * (seq_len + 1)
-    return Accounting(
+    result = Accounting(
         seq_len=seq_len,
         total_params=total,
         activated_params=activated,
@@ -282,6 +323,12 @@ def account(model_config: ModelConfig, seq_len: int) -> Accounting:
         flops_per_token=6 * macs + attention_flops,
         breakdown=tuple(Component(name, *counts) for name, counts in parts.items()),
     )
+    if not cfg.matformer.enabled:
+        return result
+    slices = tuple(
+        (float(r), *slice_counts(cfg, i, result)) for i, r in enumerate(cfg.matformer.granularities)
+    )
+    return dataclasses.replace(result, matformer_slices=slices)
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -322,6 +369,9 @@ def format_accounting(acc: Accounting) -> str:
     for label, value in rows:
         lines.append(f"{label:<38}{value:>18,}  ({_billions(value)})")
     lines.append(f"{'allocation ratio rho (routed share)':<38}{rho:>18}")
+    for ratio, total, activated in acc.matformer_slices:
+        label = f"MatFormer slice {ratio:g} x FFN width"
+        lines.append(f"{label:<38}{total:>18,}  ({_billions(total)}; activated {activated:,})")
     lines.append(
         f"{'train FLOPs/token (T=' + str(acc.seq_len) + ')':<38}{acc.flops_per_token:>18,}"
         f"  ({acc.flops_per_token / 1e9:.2f} GFLOP; attention "

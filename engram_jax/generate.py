@@ -273,6 +273,9 @@ class Generator:
       step: checkpoint step; None = latest.
       table_placement: "device", "host" or "disk" (see the module docstring).
       row_cache_mib: row cache size of the "disk" placement, in MiB (0 disables the cache).
+      ffn_granularity: MatFormer models: the granularity index of every layer (one index, or one
+        per layer: Mix'n'Match), sliced from the trained weights; None keeps the config's
+        `matformer.inference_granularity` (default: the full width).
     """
 
     def __init__(
@@ -281,6 +284,7 @@ class Generator:
         step: int | None = None,
         table_placement: str = "device",
         row_cache_mib: float = 256.0,
+        ffn_granularity: tuple[int, ...] | None = None,
     ):
         if table_placement not in PLACEMENTS:
             raise ValueError(
@@ -296,6 +300,8 @@ class Generator:
         )
         metadata = store.read_metadata(step)
         self.config = config_lib.from_saved(metadata["config"])
+        if ffn_granularity is not None:
+            self.config.model.matformer.inference_granularity = tuple(ffn_granularity)
         cfg = config_lib.validate(self.config)
         self.model_config = cfg.model
         path = storage.join(workdir, train_lib.TOKENIZER_FILE)
@@ -472,8 +478,21 @@ def main(argv: list[str]) -> None:
         )
     if f.top_k < 0:
         raise app.UsageError(f"--top_k: got {f.top_k}; expected >= 0 (0 keeps all)")
+    granularity = None
+    if f.ffn_granularity:
+        try:
+            granularity = tuple(int(i) for i in f.ffn_granularity.split(","))
+        except ValueError:
+            raise app.UsageError(
+                f"--ffn_granularity: got {f.ffn_granularity!r}; expected one index or one per "
+                "layer, comma-separated (e.g. 0 or 0,1,1,2)"
+            ) from None
     with Generator(
-        f.workdir, step=f.step, table_placement=f.table_placement, row_cache_mib=f.row_cache_mib
+        f.workdir,
+        step=f.step,
+        table_placement=f.table_placement,
+        row_cache_mib=f.row_cache_mib,
+        ffn_granularity=granularity,
     ) as generator:
         if f.top_k > generator.num_tokens:
             raise app.UsageError(
@@ -518,6 +537,12 @@ def _define_flags() -> None:
         "through a row cache (disk).",
     )
     flags.DEFINE_float("row_cache_mib", 256.0, "Row cache of the disk placement, in MiB.")
+    flags.DEFINE_string(
+        "ffn_granularity",
+        "",
+        "MatFormer models: granularity index of every layer (one index, or one per layer, "
+        "comma-separated); '' keeps the config's matformer.inference_granularity.",
+    )
     flags.mark_flags_as_required(["workdir", "prompt"])
 
 
