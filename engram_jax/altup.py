@@ -74,7 +74,7 @@ def router_modalities(
     """Gemma 3n's router `m(z) = tanh(W_router (RMSNorm(z) / D))`, `[B, T, D] -> [B, T, K]`."""
     z32 = z_BTD.astype(jnp.float32)
     normed_BTD = z32 * jax.lax.rsqrt(jnp.mean(jnp.square(z32), -1, keepdims=True) + eps)
-    normed_BTD = normed_BTD * norm_scale_D.astype(jnp.float32) / z_BTD.shape[-1]
+    normed_BTD = normed_BTD * norm_scale_D.astype(jnp.float32)[None, None, :] / z_BTD.shape[-1]
     return jnp.tanh(normed_BTD @ router_DK.astype(jnp.float32))  # [B, T, K]
 
 
@@ -198,7 +198,7 @@ class AltUp(nn.Module):
             modalities_BTK = self._modalities(x32_BTKD[:, :, j])
             # Row i of the K x K block: the weights of x_j in x_hat_i (Gemma 3n's layout).
             coefs_BTKK = (modalities_BTK @ c_pred).reshape(b, t, k, k)  # [B, T, K*K] -> K x K
-            h_res = coefs_BTKK + jnp.eye(k, dtype=jnp.float32)  # x_hat = x + C x
+            h_res = coefs_BTKK + jnp.eye(k, dtype=jnp.float32)[None, None]  # x_hat = x + C x
         x_hat_BTKD = predict(x32_BTKD, h_res)
         if self.sow_mixing:
             self.sow("intermediates", "h_res", jnp.broadcast_to(h_res, (b, t, k, k)))
