@@ -321,6 +321,11 @@ class Transformer(nn.Module):
 
     With `sow_mixing=True` every hyper-connection sows its mixing matrices into "intermediates";
     `mixing_matrices` orders them by depth for the mHC diagnostics.
+
+    `hc.kind="altup"`: the G = K streams are AltUp blocks (`altup.py`); each block predicts /
+    corrects them around its layer, which runs as a plain residual on the active block.
+    MatFormer (`config.matformer`): `ffn_granularity` (a traced int32 index, the training step's
+    draw) runs every FFN at that nested width; None takes `matformer.inference_granularity`.
     """
 
     config: ModelConfig
@@ -535,6 +540,7 @@ def mixing_matrices(
     G]` for mHC and `[2L, X, n!]` for mHC-lite.
 
     Attention and FFN sites count separately (layer l gives sites 2l and 2l + 1), X = B*T tokens.
+    AltUp has one site per layer, its prediction operator: `[L, X, K, K]`.
     `intermediates` is what `apply(..., mutable=["intermediates"])` returned for a model built with
     `sow_mixing=True` (scanned runs hold their layers stacked on the leading axis).
     """

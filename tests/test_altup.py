@@ -223,3 +223,29 @@ def test_bad_altup_settings_name_the_field():
         validate(config)
     assert "model.hc.altup_active_block" in str(err.value)
     assert "model.hc.altup_coefficients" in str(err.value)
+
+
+def test_altup_parameters_carry_logical_axes_the_rules_map(shipped):
+    from jax.sharding import PartitionSpec
+
+    from engram_jax.sharding import DEFAULT_RULES
+
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    e = shipped.engram
+    hash_ids = jnp.zeros((1, len(e.layer_ids), 8, e.num_heads), jnp.int32)
+    boxed = jax.eval_shape(
+        lambda: Transformer(shipped).init(jax.random.key(0), tokens, hash_ids=hash_ids)
+    )["params"]
+    altup_leaves = {
+        jax.tree_util.keystr(path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(
+            boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+        )
+        if "altup" in jax.tree_util.keystr(path)
+    }
+    assert len(altup_leaves) == 2 + 4 * shipped.num_layers  # streams; norm, router, P, C per layer
+    assert all(isinstance(v, nn.LogicallyPartitioned) for v in altup_leaves.values())
+    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), DEFAULT_RULES)
+    # The D x D stream projections split their input width over fsdp like every embed axis.
+    assert specs["altup_streams"]["expand_proj"] == PartitionSpec(None, "fsdp", None)
+    assert specs["layer_0"]["altup"]["router"] == PartitionSpec("fsdp", None)
