@@ -50,7 +50,14 @@ from typing import Any
 from engram_jax.config import HyperConfig, ModelConfig
 from engram_jax.hashing import table_primes
 
-__all__ = ["Accounting", "Component", "account", "format_accounting", "to_json_dict"]
+__all__ = [
+    "Accounting",
+    "Component",
+    "account",
+    "format_accounting",
+    "slice_counts",
+    "to_json_dict",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +93,9 @@ class Accounting:
     attention_flops_per_token: int  # Training (fwd + bwd), causal.
     flops_per_token: int  # Training (fwd + bwd).
     breakdown: tuple[Component, ...]
+    # MatFormer: (width fraction, total params, activated params) of the model sliced to each
+    # granularity (`matformer.slice_params`); () when MatFormer is off.
+    matformer_slices: tuple[tuple[float, int, int], ...] = ()
 
 
 # ---------------------------------------------------------------------------- per-part counts
@@ -117,11 +127,30 @@ def _attention_norm_params(config: ModelConfig) -> int:
     return (a.q_lora_rank or 0) + a.kv_lora_rank
 
 
+def _altup_layer_counts(hc: HyperConfig, d: int) -> tuple[int, int]:
+    """(params, weight MACs per token) of one layer's AltUp predict / correct (docs/design.md
+    "AltUp"): static K x K + K scalars; dynamic router norm [D], router [D, K] (applied twice:
+    predict and correct), C_pred [K, K*K] and C_corr [K, K]."""
+    k = hc.n_streams
+    if hc.altup_coefficients == "static":
+        return k * k + k, 0
+    return d + d * k + k * k * k + k * k, 2 * d * k
+
+
+def _altup_stream_counts(hc: HyperConfig, d: int) -> tuple[int, int]:
+    """(params, MACs per token) of AltUp's input and output projections, [K-1, D, D] each."""
+    if hc.kind != "altup":
+        return 0, 0
+    proj = 2 * (hc.n_streams - 1) * d * d
+    return proj, proj
+
+
 def _hc_site_counts(hc: HyperConfig, d: int) -> tuple[int, int]:
-    """(params, weight MACs per token) of one hyper-connection site, including its pre-norm."""
+    """(params, weight MACs per token) of one hyper-connection site, including its pre-norm.
+    AltUp's sub-layers are plain residuals (its coefficients count per layer, separately)."""
     g = hc.n_streams
     norm = d
-    if hc.kind == "residual":
+    if hc.kind in ("residual", "altup"):
         return norm, 0
     if hc.kind == "hc":
         # static_pre [G], static_post [G], static_res [G, G], dynamic_kernel [D, 2 + G] applied to
@@ -158,6 +187,37 @@ def _engram_layer_counts(config: ModelConfig, sizes: tuple[int, ...]) -> tuple[i
 
 
 # ---------------------------------------------------------------------------- account
+
+
+def _ffn_layer_counts(config: ModelConfig, layer: int, width: int | None) -> tuple[int, int]:
+    """(params, activated params) of one layer's FFN at hidden width `width` (None: full)."""
+    d, e = config.hidden_size, config.moe
+    if config.is_moe_layer(layer):
+        f = e.expert_hidden_size if width is None else width
+        return (
+            d * e.num_experts + (e.num_experts + e.num_shared_experts) * 3 * d * f,
+            d * e.num_experts + (e.top_k + e.num_shared_experts) * 3 * d * f,
+        )
+    f = config.mlp_hidden_size if width is None else width
+    return 3 * d * f, 3 * d * f
+
+
+def slice_counts(
+    config: ModelConfig, granularity: int | tuple[int, ...], full: Accounting | None = None
+) -> tuple[int, int]:
+    """(total, activated) parameters of the model MatFormer-sliced to `granularity` (one index
+    or one per layer): the full counts with every FFN at its nested width."""
+    m = config.matformer
+    picks = (granularity,) * config.num_layers if isinstance(granularity, int) else granularity
+    full = full or account(config, 1)
+    total, activated = full.total_params, full.activated_params
+    for layer, index in enumerate(picks):
+        f = config.moe.expert_hidden_size if config.is_moe_layer(layer) else config.mlp_hidden_size
+        sliced = _ffn_layer_counts(config, layer, m.widths(f)[index])
+        whole = _ffn_layer_counts(config, layer, None)
+        total += sliced[0] - whole[0]
+        activated += sliced[1] - whole[1]
+    return total, activated
 
 
 def account(model_config: ModelConfig, seq_len: int) -> Accounting:
@@ -204,9 +264,15 @@ def account(model_config: ModelConfig, seq_len: int) -> Accounting:
         if cfg.engram.enabled
         else {}
     )
+    streams, stream_macs = _altup_stream_counts(cfg.hc, d)
+    if streams:
+        add("altup_streams", streams, streams, stream_macs)
     for layer in range(num_layers):
         add("attention", attn_params, attn_params, attn_macs)
         add("hyper_connections", 2 * hc_params, 2 * hc_params, 2 * hc_macs)
+        if cfg.hc.kind == "altup":
+            altup, altup_macs = _altup_layer_counts(cfg.hc, d)
+            add("altup", altup, altup, altup_macs)
         if cfg.is_moe_layer(layer):
             f = e.expert_hidden_size
             expert = 3 * d * f
@@ -241,7 +307,7 @@ def account(model_config: ModelConfig, seq_len: int) -> Accounting:
     rho = (routed - routed_activated) / sparse if sparse > 0 else None
 
     attention_flops = 3 * num_layers * cfg.attention.num_heads * (d_qk + d_v) * (seq_len + 1)
-    return Accounting(
+    result = Accounting(
         seq_len=seq_len,
         total_params=total,
         activated_params=activated,
@@ -262,6 +328,12 @@ def account(model_config: ModelConfig, seq_len: int) -> Accounting:
         flops_per_token=6 * macs + attention_flops,
         breakdown=tuple(Component(name, *counts) for name, counts in parts.items()),
     )
+    if not cfg.matformer.enabled:
+        return result
+    slices = tuple(
+        (float(r), *slice_counts(cfg, i, result)) for i, r in enumerate(cfg.matformer.granularities)
+    )
+    return dataclasses.replace(result, matformer_slices=slices)
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -302,6 +374,9 @@ def format_accounting(acc: Accounting) -> str:
     for label, value in rows:
         lines.append(f"{label:<38}{value:>18,}  ({_billions(value)})")
     lines.append(f"{'allocation ratio rho (routed share)':<38}{rho:>18}")
+    for ratio, total, activated in acc.matformer_slices:
+        label = f"MatFormer slice {ratio:g} x FFN width"
+        lines.append(f"{label:<38}{total:>18,}  ({_billions(total)}; activated {activated:,})")
     lines.append(
         f"{'train FLOPs/token (T=' + str(acc.seq_len) + ')':<38}{acc.flops_per_token:>18,}"
         f"  ({acc.flops_per_token / 1e9:.2f} GFLOP; attention "

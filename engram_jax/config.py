@@ -24,12 +24,14 @@ from engram_jax.config_dicts import (  # noqa: F401
     to_dict,
 )
 
-HcKind = Literal["residual", "hc", "mhc", "mhc_lite", "mhc_v41"]
+HcKind = Literal["residual", "hc", "mhc", "mhc_lite", "mhc_v41", "altup"]
 AttentionKind = Literal["gqa", "mla"]
 DType = Literal["float32", "bfloat16"]
 
-_HC_KINDS = ("residual", "hc", "mhc", "mhc_lite", "mhc_v41")
+_HC_KINDS = ("residual", "hc", "mhc", "mhc_lite", "mhc_v41", "altup")
 _ENGRAM_FORMS = ("demo", "v41")
+_ALTUP_COEFFICIENTS = ("static", "dynamic")
+_MATFORMER_SAMPLING = ("sample", "all")
 _ATTENTION_KINDS = ("gqa", "mla")
 _DTYPES = ("float32", "bfloat16")
 _SCHEDULES = ("cosine", "wsd", "constant")
@@ -55,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.moe = _declare_moe()
     m.engram = _declare_engram()
     m.hc = _declare_hc()
+    m.matformer = _declare_matformer()
     c.mesh = _declare_mesh()
     # Config files and overrides set values, never add keys: a misspelt key fails where it is set.
     c.lock()
@@ -197,6 +200,21 @@ def _declare_moe() -> ml_collections.ConfigDict:
     return e
 
 
+def _declare_matformer() -> ml_collections.ConfigDict:
+    f = ml_collections.ConfigDict()
+    # MatFormer nested FFNs (docs/design.md "MatFormer"): the hidden widths of every FFN (the dense
+    # SwiGLU, routed and shared experts) as ascending fractions of the full width, the last 1.0;
+    # granularity i uses the first round(r_i * F) hidden units. () disables.
+    f.granularities = ()
+    # Training: "sample" one granularity uniformly per step (default; what the MatFormer paper is
+    # read to do, unverified §9.11) or "all": the mean of the losses of every granularity.
+    f.sampling = "sample"
+    # Outside training (eval, generate): the granularity index of every layer; () is the full
+    # width, one index applies to all layers, num_layers indices are a Mix'n'Match per layer.
+    f.inference_granularity = ()
+    return f
+
+
 def _declare_engram() -> ml_collections.ConfigDict:
     g = ml_collections.ConfigDict()
     # Blocks that carry an Engram module (0-based, as the reference demo); () disables.
@@ -240,9 +258,11 @@ def _declare_engram() -> ml_collections.ConfigDict:
 
 def _declare_hc() -> ml_collections.ConfigDict:
     h = ml_collections.ConfigDict()
-    # "residual", "hc", "mhc", "mhc_lite" or "mhc_v41" (DeepSeek-V4.1's single-pass mHC: softmax-
+    # "residual", "hc", "mhc", "mhc_lite" "mhc_v41" (DeepSeek-V4.1's single-pass mHC: softmax-
     # started column-last Sinkhorn, pre = sigmoid + sinkhorn_eps, comb^T applied, and each site's
-    # read weights produced by the site before it; docs/design.md §14).
+    # read weights produced by the site before it; docs/design.md §14) or "altup"
+    # (AltUp, docs/design.md "AltUp": K = n_streams blocks of width D, each layer computes on one of
+    # them; predict / compute / correct).
     h.kind = "mhc"
     h.n_streams = 4
     h.sinkhorn_iters = 20
@@ -259,6 +279,16 @@ def _declare_hc() -> ml_collections.ConfigDict:
     # symmetry; a small random phi moves H at init by < 1e-2. HyperConnection's own default is
     # the same value (HC_COEFF_INIT_STD).
     h.coeff_init_std = HC_COEFF_INIT_STD
+    # AltUp only. "dynamic": Gemma 3n's router-computed prediction / correction coefficients
+    # (router tanh(W . RMSNorm(x_active) / D), C_pred: K -> K*K, C_corr: K -> K); "static": the
+    # AltUp paper's K x K prediction and K correction scalars per layer.
+    h.altup_coefficients = "dynamic"
+    # AltUp only: the block each layer computes on; -1 alternates (layer mod K, the paper's
+    # schedule), 0 is Gemma 3n's fixed block (unverified constants, docs/design.md §9.12).
+    h.altup_active_block = 0
+    # AltUp dynamic only: |C_pred|, |C_corr| weights are clipped to this in the forward pass
+    # (Gemma 3n's 120, unverified); 0 disables.
+    h.altup_coef_clip = 120.0
     return h
 
 
@@ -362,6 +392,24 @@ class HyperConfig:
     res_offdiag_bias: float
     lite_offperm_bias: float
     coeff_init_std: float
+    altup_coefficients: str
+    altup_active_block: int
+    altup_coef_clip: float
+
+
+@dataclasses.dataclass(frozen=True)
+class MatformerConfig:
+    granularities: tuple[float, ...]
+    sampling: str
+    inference_granularity: tuple[int, ...]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.granularities)
+
+    def widths(self, full: int) -> tuple[int, ...]:
+        """The nested hidden widths m_i of an FFN whose full width is `full` (all >= 1)."""
+        return tuple(max(1, round(r * full)) for r in self.granularities)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,6 +430,7 @@ class ModelConfig:
     moe: MoeConfig
     engram: EngramConfig
     hc: HyperConfig
+    matformer: MatformerConfig
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe.num_experts > 0 and layer >= self.num_dense_layers
@@ -498,6 +547,7 @@ def _validate_model(p: _Problems, m: ml_collections.ConfigDict) -> None:
     _validate_moe(p, m)
     _validate_engram(p, m)
     _validate_hc(p, m.hc)
+    _validate_matformer(p, m)
 
 
 def _validate_attention(p: _Problems, a: ml_collections.ConfigDict) -> None:
@@ -651,6 +701,57 @@ def _validate_hc(p: _Problems, h: ml_collections.ConfigDict) -> None:
     _check_choice(p, "model.hc.sinkhorn_order", h.sinkhorn_order, _SINKHORN_ORDERS)
     p.check(h.sinkhorn_eps >= 0, "model.hc.sinkhorn_eps", h.sinkhorn_eps, ">= 0")
     p.check(h.coeff_init_std >= 0, "model.hc.coeff_init_std", h.coeff_init_std, ">= 0")
+    if h.kind == "altup":
+        _check_choice(p, "model.hc.altup_coefficients", h.altup_coefficients, _ALTUP_COEFFICIENTS)
+        p.check(
+            isinstance(h.altup_active_block, int) and -1 <= h.altup_active_block < h.n_streams,
+            "model.hc.altup_active_block",
+            h.altup_active_block,
+            f"-1 (alternate: layer mod K) or a block in [0, n_streams={h.n_streams})",
+        )
+        p.check(h.altup_coef_clip >= 0, "model.hc.altup_coef_clip", h.altup_coef_clip, ">= 0")
+
+
+def _validate_matformer(p: _Problems, m: ml_collections.ConfigDict) -> None:
+    f = m.matformer
+    ratios = tuple(f.granularities)
+    if not ratios:
+        p.check(
+            not tuple(f.inference_granularity),
+            "model.matformer.inference_granularity",
+            tuple(f.inference_granularity),
+            "() when matformer.granularities is () (MatFormer off)",
+        )
+        return
+    p.check(
+        all(isinstance(r, (int, float)) and 0 < r <= 1 for r in ratios)
+        and all(a < b for a, b in zip(ratios, ratios[1:], strict=False))
+        and ratios[-1] == 1,
+        "model.matformer.granularities",
+        ratios,
+        "strictly ascending fractions in (0, 1], the last 1.0 (the full width)",
+    )
+    _check_choice(p, "model.matformer.sampling", f.sampling, _MATFORMER_SAMPLING)
+    picks = tuple(f.inference_granularity)
+    p.check(
+        len(picks) in (0, 1, m.num_layers)
+        and all(isinstance(i, int) and 0 <= i < len(ratios) for i in picks),
+        "model.matformer.inference_granularity",
+        picks,
+        f"(), one index or num_layers={m.num_layers} indices in [0, {len(ratios)})",
+    )
+    for key, full in (
+        ("mlp_hidden_size", m.mlp_hidden_size),
+        ("moe.expert_hidden_size", m.moe.expert_hidden_size),
+    ):
+        if isinstance(full, int):
+            widths = [max(1, round(r * full)) for r in ratios if isinstance(r, (int, float))]
+            p.check(
+                len(set(widths)) == len(widths),
+                f"model.{key}",
+                full,
+                f"a width whose granularities {ratios} give distinct hidden sizes ({widths})",
+            )
 
 
 def _validate_train(p: _Problems, c: ml_collections.ConfigDict) -> None:
@@ -805,6 +906,7 @@ def validate(config: ml_collections.ConfigDict) -> Config:
             moe=MoeConfig(**_fields(MoeConfig, m.moe)),
             engram=EngramConfig(**_fields(EngramConfig, m.engram)),
             hc=HyperConfig(**_fields(HyperConfig, m.hc)),
+            matformer=MatformerConfig(**_fields(MatformerConfig, m.matformer)),
         )
     )
     return Config(

@@ -321,6 +321,9 @@ class Generator:
       row_cache_mib: row cache size of the "disk" placement, in MiB (0 disables the cache).
       table_dtype: "stored" or "fp8" (module docstring); None = the checkpoint config's
         `model.engram.inference_table_dtype`.
+      ffn_granularity: MatFormer models: the granularity index of every layer (one index, or one
+        per layer: Mix'n'Match), sliced from the trained weights; None keeps the config's
+        `matformer.inference_granularity` (default: the full width).
     """
 
     def __init__(
@@ -330,6 +333,7 @@ class Generator:
         table_placement: str = "device",
         row_cache_mib: float = 256.0,
         table_dtype: str | None = None,
+        ffn_granularity: tuple[int, ...] | None = None,
     ):
         if table_placement not in PLACEMENTS:
             raise ValueError(
@@ -348,6 +352,8 @@ class Generator:
         )
         metadata = store.read_metadata(step)
         self.config = config_lib.from_saved(metadata["config"])
+        if ffn_granularity is not None:
+            self.config.model.matformer.inference_granularity = tuple(ffn_granularity)
         cfg = config_lib.validate(self.config)
         self.model_config = cfg.model
         path = storage.join(workdir, train_lib.TOKENIZER_FILE)
@@ -600,12 +606,22 @@ def main(argv: list[str]) -> None:
         )
     if f.top_k < 0:
         raise app.UsageError(f"--top_k: got {f.top_k}; expected >= 0 (0 keeps all)")
+    granularity = None
+    if f.ffn_granularity:
+        try:
+            granularity = tuple(int(i) for i in f.ffn_granularity.split(","))
+        except ValueError:
+            raise app.UsageError(
+                f"--ffn_granularity: got {f.ffn_granularity!r}; expected one index or one per "
+                "layer, comma-separated (e.g. 0 or 0,1,1,2)"
+            ) from None
     with Generator(
         f.workdir,
         step=f.step,
         table_placement=f.table_placement,
         row_cache_mib=f.row_cache_mib,
         table_dtype=f.table_dtype or None,
+        ffn_granularity=granularity,
     ) as generator:
         if f.top_k > generator.num_tokens:
             raise app.UsageError(
@@ -657,6 +673,12 @@ def _define_flags() -> None:
         "Engram table rows at inference: 'stored' (as saved) or 'fp8' (packed FP8 rows, 264 "
         "bytes per 256 values, dequantized after the gather); '' = the checkpoint config's "
         "model.engram.inference_table_dtype.",
+    )
+    flags.DEFINE_string(
+        "ffn_granularity",
+        "",
+        "MatFormer models: granularity index of every layer (one index, or one per layer, "
+        "comma-separated); '' keeps the config's matformer.inference_granularity.",
     )
     flags.mark_flags_as_required(["workdir", "prompt"])
 

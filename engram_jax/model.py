@@ -17,11 +17,13 @@ import jax
 import jax.numpy as jnp
 
 from engram_jax import axes, input_checks
+from engram_jax.altup import AltUp, AltUpStreams
 from engram_jax.attention import Attention, MultiHeadLatentAttention
 from engram_jax.config import ModelConfig
 from engram_jax.engram import Engram
 from engram_jax.hashing import table_primes
 from engram_jax.layers import RMSNorm
+from engram_jax.matformer import layer_granularities
 from engram_jax.mhc import (
     HyperConnection,
     collapse_streams,
@@ -77,6 +79,8 @@ def layer_runs(config: ModelConfig) -> list[_Run]:
     a scan (one init for the whole run) would give every layer the same read stream.
     """
     scan = config.scan_layers and config.hc.kind != "hc"
+    # AltUp alternating its active block (layer mod K) also differs by layer.
+    scan = scan and not (config.hc.kind == "altup" and config.hc.altup_active_block == -1)
     runs: list[_Run] = []
     engram_layers = set(config.engram.layer_ids)
     for layer in range(config.num_layers):
@@ -118,12 +122,16 @@ class Block(nn.Module):
     decode: bool = False
     lookup_fn: Callable | None = None
     sow_mixing: bool = False
+    # MatFormer: the FFN's granularity (None: full width; an int, or a traced index in training).
+    ffn_granularity: Any = None
 
     def _hyper(self, site: int, name: str) -> HyperConnection:
         hc = self.config.hc
+        # AltUp: the sub-layers are plain residuals on the active block (see `_altup`).
+        altup = hc.kind == "altup"
         return HyperConnection(
-            kind=hc.kind,
-            n_streams=hc.n_streams,
+            kind="residual" if altup else hc.kind,
+            n_streams=1 if altup else hc.n_streams,
             layer_index=site,
             sinkhorn_iters=hc.sinkhorn_iters,
             sinkhorn_eps=hc.sinkhorn_eps,
@@ -139,6 +147,28 @@ class Block(nn.Module):
             dtype=_DTYPES[self.config.dtype],
             param_dtype=_DTYPES[self.config.param_dtype],
             name=name,
+        )
+
+    def _altup(self) -> AltUp | None:
+        """AltUp's predict / correct around the whole layer (None for the other kinds)."""
+        hc = self.config.hc
+        if hc.kind != "altup":
+            return None
+        return AltUp(
+            num_blocks=hc.n_streams,
+            hidden_size=self.config.hidden_size,
+            layer=self.layer,
+            active=hc.altup_active_block,
+            coefficients=hc.altup_coefficients,
+            coef_clip=hc.altup_coef_clip,
+            router_init=nn.initializers.normal(hc.coeff_init_std)
+            if hc.coeff_init_std > 0
+            else nn.initializers.zeros_init(),
+            norm_eps=self.config.norm_eps,
+            sow_mixing=self.sow_mixing,
+            dtype=_DTYPES[self.config.dtype],
+            param_dtype=_DTYPES[self.config.param_dtype],
+            name="altup",
         )
 
     def _attention(self) -> nn.Module:
@@ -174,8 +204,16 @@ class Block(nn.Module):
     def _ffn(self) -> nn.Module:
         cfg = self.config
         dtype, param_dtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+        nested = cfg.matformer.enabled
         if not self.use_moe:
-            return MLP(cfg.mlp_hidden_size, dtype=dtype, param_dtype=param_dtype, name="mlp")
+            return MLP(
+                cfg.mlp_hidden_size,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                nested_widths=cfg.matformer.widths(cfg.mlp_hidden_size) if nested else (),
+                granularity=self.ffn_granularity,
+                name="mlp",
+            )
         e = cfg.moe
         # Decoding routes a handful of tokens per call. The dropless dispatches need nothing; for
         # "capacity", E/K slots per token never drop one (the full forward may still drop).
@@ -193,6 +231,8 @@ class Block(nn.Module):
             block_size=e.block_size,
             dtype=dtype,
             param_dtype=param_dtype,
+            nested_widths=cfg.matformer.widths(e.expert_hidden_size) if nested else (),
+            granularity=self.ffn_granularity,
             name="moe",
         )
 
@@ -246,6 +286,10 @@ class Block(nn.Module):
             x_BTGD = x_BTGD + memory_BTGD.astype(x_BTGD.dtype)
             stats["engram_gates"] = gates_BTG
 
+        altup = self._altup()
+        if altup is not None:
+            # [B, T, K, D] predicted blocks; the layer runs on the active one as a single stream.
+            x_hat_BTKD, x_BTGD = altup.predict(x_BTGD)
         attn_hc = self._hyper(2 * self.layer, "attention_hc")
         h_BTD, mixing = attn_hc.read(x_BTGD, pre_BTG)
         y_BTD = self._attention()(h_BTD, positions_BT, segments)
@@ -262,6 +306,8 @@ class Block(nn.Module):
             y_BTD = self._ffn()(h_BTD)
         x_BTGD = ffn_hc.write(x_BTGD, y_BTD, mixing)
         pre_BTG = _next_pre(pre_BTG, mixing)
+        if altup is not None:
+            x_BTGD = altup.correct(x_hat_BTKD, x_BTGD[:, :, 0])
         x_BTGD = nn.with_logical_constraint(
             x_BTGD, (axes.BATCH, axes.LENGTH, axes.ACT_STREAMS, axes.ACT_EMBED)
         )
@@ -301,6 +347,11 @@ class Transformer(nn.Module):
 
     With `sow_mixing=True` every hyper-connection sows its mixing matrices into "intermediates";
     `mixing_matrices` orders them by depth for the mHC diagnostics.
+
+    `hc.kind="altup"`: the G = K streams are AltUp blocks (`altup.py`); each block predicts /
+    corrects them around its layer, which runs as a plain residual on the active block.
+    MatFormer (`config.matformer`): `ffn_granularity` (a traced int32 index, the training step's
+    draw) runs every FFN at that nested width; None takes `matformer.inference_granularity`.
     """
 
     config: ModelConfig
@@ -395,6 +446,7 @@ class Transformer(nn.Module):
         *,
         hidden_BTGD: jax.Array | None = None,
         layer_range: tuple[int, int] | None = None,
+        ffn_granularity: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, Any]]:
         cfg = self.config
         start, stop = self._check_range(layer_range, hidden_BTGD, tokens_BT)
@@ -426,11 +478,22 @@ class Transformer(nn.Module):
             param_dtype=param_dtype,
             name="embed",
         )
+        altup_streams = None
+        if cfg.hc.kind == "altup":
+            altup_streams = AltUpStreams(
+                cfg.hc.n_streams,
+                cfg.hidden_size,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                name="altup_streams",
+            )
         # [B, T, G, D]: the streams an earlier layer range returned, or the embedded tokens.
         if hidden_BTGD is None:
-            hidden_BTGD = expand_streams(
-                embed(_outside_vocab_to_nan(tokens_BT, cfg)), cfg.hc.n_streams
-            )
+            embedded_BTD = embed(_outside_vocab_to_nan(tokens_BT, cfg))
+            if altup_streams is not None:
+                hidden_BTGD = altup_streams.expand(embedded_BTD)
+            else:
+                hidden_BTGD = expand_streams(embedded_BTD, cfg.hc.n_streams)
             if cfg.hc.kind == "mhc_v41":
                 # The identity start: the first site reads the embedding (mhc.initial_pre).
                 hidden_BTGD = (hidden_BTGD, initial_pre(b, t, cfg.hc.n_streams))
@@ -440,7 +503,11 @@ class Transformer(nn.Module):
         engram_index = {layer: i for i, layer in enumerate(cfg.engram.layer_ids)}
         stats_per_run: list[tuple[_Run, dict[str, jax.Array]]] = []
         for run in runs:
+            granularity = ffn_granularity
+            if granularity is None:
+                granularity = _run_granularity(cfg, run)
             block_kwargs = dict(
+                ffn_granularity=granularity,
                 config=cfg,
                 layer=run.start,
                 use_moe=run.use_moe,
@@ -479,8 +546,12 @@ class Transformer(nn.Module):
             return x_BTGD, _collect_stats(stats_per_run)
 
         # mhc_v41: the last site's read weights collapse the streams (no separate head mix).
-        v41 = isinstance(x_BTGD, tuple)
-        x_BTD = collapse_streams(*x_BTGD) if v41 else merge_streams(x_BTGD)  # [B, T, D]
+        if isinstance(x_BTGD, tuple):
+            x_BTD = collapse_streams(*x_BTGD)  # [B, T, D]
+        elif altup_streams is not None:
+            x_BTD = altup_streams.merge(x_BTGD)  # [B, T, G, D] -> [B, T, D]
+        else:
+            x_BTD = merge_streams(x_BTGD)  # [B, T, G, D] -> [B, T, D]
         x_BTD = RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(
             x_BTD
         )
@@ -521,9 +592,12 @@ def mixing_matrices(
     G]` for mHC and `[2L, X, n!]` for mHC-lite.
 
     Attention and FFN sites count separately (layer l gives sites 2l and 2l + 1), X = B*T tokens.
+    AltUp has one site per layer, its prediction operator: `[L, X, K, K]`.
     `intermediates` is what `apply(..., mutable=["intermediates"])` returned for a model built with
     `sow_mixing=True` (scanned runs hold their layers stacked on the leading axis).
     """
+    if config.hc.kind == "altup":
+        return _altup_mixing(config, intermediates)
     sites = []
     for run in layer_runs(config):
         run_tree = intermediates[run.name]
@@ -538,6 +612,29 @@ def mixing_matrices(
     stacked = jnp.concatenate(sites, axis=0)
     layers, _, b, t = stacked.shape[:4]
     return stacked.reshape(layers * 2, b * t, *stacked.shape[4:])  # [2L, X, G, G] or [2L, X, R]
+
+
+def _run_granularity(config: ModelConfig, run: _Run) -> int | None:
+    """The configured inference granularity of a run's layers (one for a whole scanned run)."""
+    picks = set(layer_granularities(config)[run.start : run.stop])
+    if len(picks) > 1:
+        raise ValueError(
+            f"Transformer: matformer.inference_granularity gives layers {run.start}.."
+            f"{run.stop - 1} (one scanned run) granularities {sorted(picks)}; expected one per "
+            "scanned run (or scan_layers=False for a per-layer mix)"
+        )
+    return picks.pop()
+
+
+def _altup_mixing(config: ModelConfig, intermediates: dict[str, Any]) -> jax.Array:
+    """AltUp's prediction operators, one site per layer: `[L, X, K, K]`."""
+    per_run = []
+    for run in layer_runs(config):
+        h_res = intermediates[run.name]["altup"]["h_res"][0]
+        per_run.append(h_res[None] if run.stop - run.start == 1 else h_res)  # [L_run, B, T, K, K]
+    stacked = jnp.concatenate(per_run, axis=0)
+    layers, b, t = stacked.shape[:3]
+    return stacked.reshape(layers, b * t, *stacked.shape[3:])  # [L, X, K, K]
 
 
 def _collect_stats(stats_per_run: list[tuple[_Run, dict[str, jax.Array]]]) -> dict[str, Any]:

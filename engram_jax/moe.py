@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from engram_jax import axes, input_checks
+from engram_jax.matformer import at_width
 
 Initializer = Callable[..., jax.Array]
 Dispatch = Literal["dropless", "capacity", "ragged"]
@@ -460,12 +461,17 @@ class MLP(nn.Module):
       dtype: compute dtype.
       param_dtype: storage dtype of the kernels.
       kernel_init: initializer of each kernel (fan-in scaled by default).
+      nested_widths: MatFormer's nested hidden widths, ascending, the last F (() : off).
+      granularity: which nested width runs (`matformer.at_width`: None is the full width, an
+        int or a traced index).
     """
 
     hidden_size: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Initializer = nn.initializers.lecun_normal()
+    nested_widths: tuple[int, ...] = ()
+    granularity: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -479,7 +485,12 @@ class MLP(nn.Module):
         w_up = self.param("w_up", init_in, (d, f), self.param_dtype)
         w_down = self.param("w_down", init_out, (f, d), self.param_dtype)
         x, w_gate, w_up, w_down = nn.dtypes.promote_dtype(x, w_gate, w_up, w_down, dtype=self.dtype)
-        return swiglu(x, w_gate, w_up, w_down)
+        # MatFormer: the first m hidden units ([:None] keeps them all).
+        return at_width(
+            lambda m: swiglu(x, w_gate[:, :m], w_up[:, :m], w_down[:m]),
+            self.nested_widths,
+            self.granularity,
+        )
 
 
 class MoE(nn.Module):
@@ -542,6 +553,8 @@ class MoE(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Initializer = nn.initializers.lecun_normal()
     bias_update_rate: float = 0.0
+    nested_widths: tuple[int, ...] = ()  # MatFormer widths of every expert (see `MLP`).
+    granularity: Any = None
 
     def _validate(self, x_BTD: jax.Array, mask_BT: jax.Array | None) -> None:
         if self.num_experts < 1:
@@ -648,18 +661,20 @@ class MoE(nn.Module):
             x_BTD.reshape(b * t, d), w_gate, w_up, w_down, dtype=self.dtype
         )
         valid_X = None if mask_BT is None else mask_BT.reshape(b * t) > 0
-        dropped_fraction = jnp.zeros((), jnp.float32)
-        if self.dispatch == "dropless":
-            routed_XD = expert_ffn_dropless(
-                x_XD, experts_XK, gates_XK, w_gate, w_up, w_down, self.block_size
-            )
-        elif self.dispatch == "ragged":
-            routed_XD = expert_ffn_ragged(x_XD, experts_XK, gates_XK, w_gate, w_up, w_down)
-        else:
+
+        def routed(m: int | None) -> tuple[jax.Array, jax.Array]:
+            # MatFormer: every expert's first m hidden units ([:None] keeps them all).
+            wg, wu, wd = w_gate[:, :, :m], w_up[:, :, :m], w_down[:, :m]
+            if self.dispatch == "dropless":
+                y = expert_ffn_dropless(x_XD, experts_XK, gates_XK, wg, wu, wd, self.block_size)
+                return y, jnp.zeros((), jnp.float32)
+            if self.dispatch == "ragged":
+                y = expert_ffn_ragged(x_XD, experts_XK, gates_XK, wg, wu, wd)
+                return y, jnp.zeros((), jnp.float32)
             capacity = expert_capacity(b * t, k, e, self.capacity_factor)
-            routed_XD, dropped_fraction = expert_ffn_capacity(
-                x_XD, experts_XK, gates_XK, w_gate, w_up, w_down, capacity, valid_X
-            )
+            return expert_ffn_capacity(x_XD, experts_XK, gates_XK, wg, wu, wd, capacity, valid_X)
+
+        routed_XD, dropped_fraction = at_width(routed, self.nested_widths, self.granularity)
         y_BTD = routed_XD.reshape(b, t, d)  # [X, D] -> [B, T, D]
         if self.num_shared_experts > 0:
             shared = MLP(
@@ -667,6 +682,8 @@ class MoE(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 kernel_init=self.kernel_init,
+                nested_widths=tuple(self.num_shared_experts * m for m in self.nested_widths),
+                granularity=self.granularity,
                 name="shared",
             )
             y_BTD = y_BTD + shared(x_BTD)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
 
+from engram_jax import matformer
 from engram_jax.model import MOE_BIAS, Transformer, cross_entropy_loss, layer_runs
 from engram_jax.sharding import TABLE_ROW_AXES
 from engram_jax.tables.row_optim import RowOptimizer
@@ -185,6 +186,7 @@ def make_row_grad_step(
             engram_rows=rows_BLTMW,
             # Padding stays out of the MoE load, balance loss and bias update.
             token_mask_BT=batch["loss_mask"],
+            ffn_granularity=batch.get("ffn_granularity"),  # MatFormer: per_step_loss sets it
             mutable=[MOE_BIAS],
         )
         loss, _ = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
@@ -192,7 +194,8 @@ def make_row_grad_step(
         return total, (loss, aux, updated.get(MOE_BIAS, {}))
 
     def step(state, batch, rows_SLUW):
-        grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+        step_loss = matformer.per_step_loss(loss_fn, model.config, state.step)
+        grad_fn = jax.value_and_grad(step_loss, argnums=(0, 1), has_aux=True)
         (_, (loss, aux, moe_bias)), (dense_grads, row_grads) = grad_fn(
             state.params, rows_SLUW, state.moe_bias, batch
         )

@@ -15,6 +15,7 @@ import optax
 
 from engram_jax import config as config_lib
 from engram_jax import (
+    matformer,
     optim,
 )
 from engram_jax.mhc import amax_gain, mixing_stats
@@ -61,6 +62,7 @@ def make_train_step(
             batch.get("hash_ids"),
             # Padding stays out of the MoE load, balance loss and bias update.
             token_mask_BT=batch["loss_mask"],
+            ffn_granularity=batch.get("ffn_granularity"),  # MatFormer: per_step_loss sets it
             mutable=[MOE_BIAS],
         )
         loss, _ = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
@@ -68,7 +70,8 @@ def make_train_step(
         return total, (loss, aux, updated.get(MOE_BIAS, {}))
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+        step_loss = matformer.per_step_loss(loss_fn, model.config, state.step)
+        grad_fn = jax.value_and_grad(step_loss, argnums=(0, 1), has_aux=True)
         (_, (loss, aux, moe_bias)), (dense_grads, memory_grads) = grad_fn(
             state.params, state.memory, state.moe_bias, batch
         )

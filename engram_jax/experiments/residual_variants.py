@@ -1,0 +1,205 @@
+"""Residual vs HC vs mHC vs mHC-lite vs AltUp at equal parameters, with the stability figures.
+
+    python -m engram_jax.experiments.residual_variants --data_path=PATH --workdir=DIR --steps=N \
+        --seeds=K [--jobs=J] [--learning_rate=0.01] [--kinds=residual,hc,mhc,mhc_lite,altup]
+
+Every kind is one value of `model.hc.kind` on the same deep, narrow model as hyper_stability
+(12 layers of width 64, 4 streams / AltUp blocks). The kinds differ in their own parameters
+(mixing coefficients; AltUp's stream projections), so each run's dense FFN width is set to the
+largest `mlp_hidden_size` whose total parameters do not exceed the largest kind's at the base
+width: totals then agree to within one FFN unit (3 x D x L parameters), which the accounting
+table in summary.md shows. AltUp's prediction operator is the linear map it applies to the
+residual, so the same composite Amax gains are drawn for it (docs/design.md "AltUp").
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from engram_jax.accounting import account
+from engram_jax.config import validate
+from engram_jax.experiments import common, hyper_stability
+
+NAME = "residual_variants"
+KINDS = ("residual", "hc", "mhc", "mhc_lite", "altup")
+# The widest FFN searched when matching parameters, as a multiple of the base width.
+_MAX_WIDTH_FACTOR = 8
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """hyper_stability's deep, narrow dense model at its high learning rate."""
+    return hyper_stability.base_config()
+
+
+def kind_config(base: ml_collections.ConfigDict, kind: str) -> ml_collections.ConfigDict:
+    """`base` with `hc.kind = kind` (the residual keeps one stream)."""
+    if kind not in KINDS:
+        raise ValueError(f"--kinds: got {kind!r}; expected some of {', '.join(KINDS)}")
+    c = copy.deepcopy(base)
+    c.model.hc.kind = kind
+    if kind == "residual":
+        c.model.hc.n_streams = 1
+    return c
+
+
+def _total_params(config: ml_collections.ConfigDict) -> int:
+    return account(validate(config).model, config.seq_len).total_params
+
+
+def match_parameters(configs: dict[str, ml_collections.ConfigDict]) -> dict[str, int]:
+    """Sets each config's `mlp_hidden_size` so that totals match the largest one's (within one
+    FFN unit, from below); returns the chosen widths."""
+    target = max(_total_params(c) for c in configs.values())
+    widths = {}
+    for kind, config in configs.items():
+        base_width = config.model.mlp_hidden_size
+        lo, hi = base_width, base_width * _MAX_WIDTH_FACTOR
+        while lo < hi:  # the largest width whose total is <= target (totals grow with width)
+            mid = (lo + hi + 1) // 2
+            config.model.mlp_hidden_size = mid
+            lo, hi = (mid, hi) if _total_params(config) <= target else (lo, mid - 1)
+        config.model.mlp_hidden_size = lo
+        widths[kind] = lo
+    return widths
+
+
+def build_specs(
+    options: common.Options,
+    corpus: common.Corpus,
+    base: ml_collections.ConfigDict,
+    kinds: list[str],
+) -> list[common.RunSpec]:
+    configs = {kind: kind_config(base, kind) for kind in kinds}
+    match_parameters(configs)
+    specs = []
+    for seed in range(options.seeds):
+        for kind in kinds:
+            config = common.training_config(configs[kind], options, corpus, seed=seed)
+            labels = {"kind": kind, "mlp_hidden_size": config.model.mlp_hidden_size}
+            specs.append(common.RunSpec(f"{kind}-s{seed}", seed, config, labels))
+    return specs
+
+
+def _final(workdir: str, run: dict[str, Any], key: str) -> float | None:
+    """The last finite value of a metric of a run (None when never logged)."""
+    from engram_jax.experiments import plots
+
+    values = plots.metric_curve(workdir, run, key)[1]
+    finite = values[np.isfinite(values)]
+    return float(finite[-1]) if finite.size else None
+
+
+def report(
+    options: common.Options,
+    corpus: common.Corpus,
+    held_out: list[str],
+    specs: list[common.RunSpec],
+    runs: list[dict[str, Any]],
+) -> None:
+    from engram_jax.experiments import plots
+
+    workdir = options.workdir
+    eval_tokens = common.evaluated_tokens(specs[0].config)
+    compression = common.floors_for(held_out, corpus, eval_tokens)
+    by_kind = common.group(runs, "kind")
+    for run in runs:
+        grad_norms = plots.metric_curve(workdir, run, "grad_norm")[1]
+        run["max_grad_norm"] = float(grad_norms.max()) if grad_norms.size else None
+        for key, _, _ in hyper_stability.PANELS[2:]:
+            run[f"final_{key}"] = _final(workdir, run, key)
+
+    fig, axes = plots.new_figure(5.2, 3.6, ncols=3, nrows=2)
+    for ax, (key, label, log) in zip(axes.flat, hyper_stability.PANELS, strict=True):
+        drawn = False
+        for i, (kind, members) in enumerate(by_kind.items()):
+            drawn |= plots.seed_band(ax, workdir, members, key, kind, color=f"C{i}")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("step")
+        if log and drawn:
+            ax.set_yscale("log")
+        if drawn:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not logged by these kinds", ha="center", transform=ax.transAxes)
+    lr = specs[0].config.learning_rate
+    fig.suptitle(f"Residual variants at equal parameters, learning rate {lr:g}")
+    png = plots.save(fig, workdir, "residual_variants.png")
+
+    lines = common.summary_header(
+        "Residual variants: residual, HC, mHC, mHC-lite, AltUp at equal parameters",
+        NAME,
+        options,
+        corpus,
+        eval_tokens,
+        compression,
+    )
+    cfg = specs[0].config.model
+    widths = ", ".join(f"{k} {m[0]['mlp_hidden_size']}" for k, m in by_kind.items())
+    lines += [
+        f"Model: {cfg.num_layers} layers of width {cfg.hidden_size}, {cfg.hc.n_streams} streams "
+        f"(AltUp: blocks), learning rate {lr:g}, gradient clip {specs[0].config.clip_norm:g}. "
+        f"Dense FFN width per kind, chosen to equalise total parameters: {widths}. AltUp's "
+        "diagnostics are those of its prediction operators (one site per layer).",
+        "",
+        *common.accounting_table(runs, "kind"),
+        "",
+        "| kind | seeds | diverged | final eval loss | bits/byte | max grad norm | composite gain "
+        "fwd / bwd (final) | column error (final) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def fmt(values: list[float | None]) -> str:
+        values = [v for v in values if v is not None]
+        return "-" if not values else format(max(values), ".3g")
+
+    for kind, members in by_kind.items():
+        loss = common.mean_std([r["final_eval_loss"] for r in members])
+        bpb = common.mean_std([r["eval_bits_per_byte"] for r in members])
+        lines.append(
+            f"| {kind} | {len(members)} | {sum(bool(r['diverged']) for r in members)} | "
+            f"{loss[0]:.4f} ± {loss[1]:.4f} | {bpb[0]:.4f} ± {bpb[1]:.4f} | "
+            f"{fmt([r['max_grad_norm'] for r in members])} | "
+            f"{fmt([r['final_hc_max_composite_forward_gain'] for r in members])} / "
+            f"{fmt([r['final_hc_max_composite_backward_gain'] for r in members])} | "
+            f"{fmt([r['final_hc_col_sum_err'] for r in members])} |"
+        )
+    lines += ["", f"![stability]({png})", ""]
+    common.write_summary(workdir, lines)
+    common.write_results(
+        workdir,
+        NAME,
+        runs,
+        learning_rate=lr,
+        eval_tokens=eval_tokens,
+        compression_floors=compression,
+    )
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    del argv
+    options = common.Options.from_flags()
+    kinds = [k.strip() for k in flags.FLAGS.kinds.split(",") if k.strip()]
+    base = base_config()
+    base.learning_rate = flags.FLAGS.learning_rate
+    common.apply_overrides(base, options.overrides)
+    corpus, _, held_out = common.setup(options, base)
+    specs = build_specs(options, corpus, base, kinds)
+    common.print_configs(specs, lambda s: f"{s.labels['kind']} (FFN {s.labels['mlp_hidden_size']})")
+    runs = common.run_experiment(options.workdir, specs, options.jobs, allow_divergence=True)
+    report(options, corpus, held_out, specs, runs)
+    print(f"wrote {options.workdir}/{common.RESULTS_FILE} and {common.SUMMARY_FILE}", flush=True)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    common.define_flags(default_steps=400, default_seeds=1)
+    flags.DEFINE_float("learning_rate", 1e-2, "Peak learning rate of every run.")
+    flags.DEFINE_string("kinds", ",".join(KINDS), "Residual kinds to compare.")
+    app.run(main)
