@@ -81,8 +81,9 @@ def validate_hash_ids(
     """Checks on the host that every hash id lies in its head's range `[0, head_vocab_sizes[m])`.
 
     The data pipeline calls this (numpy, no device work); `Engram` also calls it when it is given
-    concrete arrays. Under `jit` ids are tracers and cannot be checked: an out-of-range id then
-    reads a zero row (see `lookup_rows`).
+    concrete arrays. Under `jit` ids are tracers and cannot be checked here: an out-of-range id then
+    reads a zero row (see `lookup_rows`) unless `check_hash_ids_traced` (`Engram(check_ids=True)`)
+    runs under `checkify`.
 
     Args:
       hash_ids: `[..., M]` integer array (numpy or a concrete jax array).
@@ -578,7 +579,7 @@ class Engram(nn.Module):
           hidden: `[B, T, G, D]` hidden states (the query); G streams of width D.
           hash_ids: `[B, T, M]` int32 per-head ids in `[0, head_vocab_sizes[m])`, or None when
             `rows` is given. Concrete ids are range-checked on the host; under jit an
-            out-of-range id reads a zero row (`checked_lookup` offers a checkify check).
+            out-of-range id reads a zero row (`check_ids=True` adds a checkify check).
           rows: `[B, T, M, W]` already-gathered table rows (host-offload path), instead of ids.
           segment_ids: optional `[B, T]` document ids; the convolution never mixes documents.
           blocked: optional `[B, T]` bool, True at positions whose memory must not enter the

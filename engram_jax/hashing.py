@@ -580,26 +580,33 @@ class NgramHasher:
         starts_BT[:, 1:] = seg_BT[:, 1:] != seg_BT[:, :-1]
         return ids_BT, starts_BT
 
-    def block_ids(self, ids_BT: np.ndarray, blocked: np.ndarray | None) -> np.ndarray:
-        """ids with pad_id at blocked slots (a copy; ids unchanged when `blocked` is None).
+    def block(
+        self, ids_BT: np.ndarray, starts_BT: np.ndarray | None, blocked: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Applies a blocked mask: ids with pad_id at blocked slots, and window starts at every
+        blocked slot and right after it (copies; unchanged when `blocked` is None).
 
-        A blocked slot (an image token, say) then reads as the padding that precedes a sequence:
-        a span of at least max_ngram - 1 blocked slots cuts every later window exactly as a
-        sequence start does; a shorter span is padding inside the window, as the release's
-        per-slot history holds it.
+        No window reaches through a blocked slot (an image token, say): the text after it hashes
+        exactly as at a sequence start, however short the blocked span, and a blocked slot's own
+        windows are all padding (DeepSeek-V4.1's rule; its Engram output is masked anyway).
 
         Raises:
-          ValueError: `blocked` is not a [B, T] array of ids' shape.
+          ValueError: `blocked` is not an array of ids' [B, T] shape.
         """
         if blocked is None:
-            return ids_BT
+            return ids_BT, starts_BT
         blocked_BT = np.asarray(blocked)
         if blocked_BT.shape != ids_BT.shape:
             raise ValueError(
                 f"NgramHasher: blocked has shape {blocked_BT.shape}; expected ids' shape "
                 f"{ids_BT.shape} (True at image / non-text positions)"
             )
-        return np.where(blocked_BT.astype(bool), np.int64(self.pad_id), ids_BT)
+        blocked_BT = blocked_BT.astype(bool)
+        new_starts_BT = np.zeros(ids_BT.shape, bool) if starts_BT is None else starts_BT.copy()
+        new_starts_BT[:, 0] = True
+        new_starts_BT |= blocked_BT
+        new_starts_BT[:, 1:] |= blocked_BT[:, :-1]  # the slot after a blocked one starts afresh
+        return np.where(blocked_BT, np.int64(self.pad_id), ids_BT), new_starts_BT
 
     def _windows(self, ids_BT: np.ndarray, starts_BT: np.ndarray | None) -> np.ndarray:
         """The shifted windows s_k of the numpy fallback, int64 [N, B*T] (§1.3 step 3)."""
@@ -701,10 +708,10 @@ class NgramHasher:
             segment_ids: optional [B, T] document ids of packed rows; windows stop at document
                 boundaries (earlier positions read as pad_id). Without it the output equals the
                 reference demo's.
-            blocked: optional bool [B, T], True at image or other non-text positions: those slots
-                take pad_id before hashing (`block_ids`), so the look-back of later tokens stops at
-                them as at the sequence start (DeepSeek-V4.1). The Engram output at blocked
-                positions is masked separately (`Engram(..., blocked=...)`).
+            blocked: optional bool [B, T], True at image or other non-text positions: no window
+                reaches through them, so the text after a blocked slot hashes as at a sequence
+                start, and blocked slots read as pad_id (`block`; DeepSeek-V4.1). The Engram output
+                at blocked positions is masked separately (`Engram(..., blocked=...)`).
             num_threads: threads over token blocks (the kernel releases the GIL); results are
                 identical.
 
@@ -718,7 +725,7 @@ class NgramHasher:
         """
         self._check_layer(layer_id)
         ids_BT, starts_BT = self._validate(ids, segment_ids)
-        ids_BT = self.block_ids(ids_BT, blocked)
+        ids_BT, starts_BT = self.block(ids_BT, starts_BT, blocked)
         kernel = _compiled_kernel()
         windows_NX = None if kernel is not None else self._windows(ids_BT, starts_BT)
         return self._hash_layer(kernel, ids_BT, starts_BT, windows_NX, layer_id, num_threads)
@@ -738,7 +745,7 @@ class NgramHasher:
             allocation (one block of fresh pages instead of L).
         """
         ids_BT, starts_BT = self._validate(ids, segment_ids)
-        ids_BT = self.block_ids(ids_BT, blocked)
+        ids_BT, starts_BT = self.block(ids_BT, starts_BT, blocked)
         kernel = _compiled_kernel()
         windows_NX = None if kernel is not None else self._windows(ids_BT, starts_BT)
         b, t = ids_BT.shape

@@ -208,12 +208,13 @@ def sinkhorn_v41(logits: jax.Array, num_iters: int = 20, eps: float = 1e-6) -> j
 
 
 def initial_pre(batch: int, length: int, n: int) -> jax.Array:
-    """The read weights of the first "mhc_v41" site, which has no preceding site: `1/n` per stream.
+    """The read weights of the first "mhc_v41" site, which has no preceding site: stream 0 alone
+    (one-hot, as the release's identity pre-mix).
 
     The streams start as n copies of the embedding (`expand_streams`), so the first sub-block reads
     the embedding itself (the identity start). `[B, T, G]` float32.
     """
-    return jnp.full((batch, length, n), 1.0 / n, jnp.float32)
+    return jnp.zeros((batch, length, n), jnp.float32).at[:, :, 0].set(1.0)
 
 
 def collapse_streams(x_BTGD: jax.Array, pre_BTG: jax.Array) -> jax.Array:

@@ -631,36 +631,36 @@ def test_prime_base_at_or_above_int32_range_is_rejected():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_blocked_slots_take_the_pad_id_and_stop_the_look_back(kernel_path):
-    """A blocked span takes pad' (the reference on the edited ids); a span of at least
-    max_ngram - 1 slots makes the text after it hash as at a sequence start."""
+def test_blocked_slots_stop_the_look_back_as_a_sequence_start(kernel_path):
+    """No window reaches through a blocked slot, however short the span: the text after it hashes
+    as a sequence of its own (the reference on that text alone), the text before it is unchanged,
+    and a blocked slot hashes as all padding. Segment ids combine with it."""
     layers = [1, 14]
     pad, vocab = 2, 99_092
+    kw = dict(bases=[16_000] * 3, max_ngram=4, heads=2, layer_ids=layers, vocab=vocab, pad=pad)
     hasher = NgramHasher([16_000] * 3, 4, 2, layers, vocab, pad)
     rng = np.random.default_rng(8)
     ids = rng.integers(0, vocab, size=(2, 14))
     blocked = np.zeros((2, 14), bool)
-    blocked[0, 4:8] = True  # an image span of 4 >= N - 1 = 3 slots
-    blocked[1, 6] = True  # a single blocked slot
-    edited = np.where(blocked, pad, ids)
+    blocked[0, 4:8] = True  # an image span of 4 slots
+    blocked[1, 6] = True  # a single blocked slot: shorter than max_ngram - 1 = 3
     for layer in layers:
         got = hasher(ids, layer, blocked=blocked)
-        expected = _reference_hash(
-            edited,
-            layer,
-            bases=[16_000] * 3,
-            max_ngram=4,
-            heads=2,
-            layer_ids=layers,
-            vocab=vocab,
-            pad=pad,
-        )
-        np.testing.assert_array_equal(got, expected)
-        # After the long span, the text hashes as if it started the sequence.
-        np.testing.assert_array_equal(got[0, 8:], hasher(ids[:1, 8:], layer)[0])
-        assert not np.array_equal(got[0, 8:], hasher(ids, layer)[0, 8:])  # the test can fail
+        plain = hasher(ids, layer)
+        for row, (first, last) in enumerate([(4, 8), (6, 7)]):
+            np.testing.assert_array_equal(got[row, :first], plain[row, :first])
+            after = _reference_hash(ids[row : row + 1, last:], layer, **kw)[0]
+            np.testing.assert_array_equal(got[row, last:], after)
+            all_pad = _reference_hash(np.full((1, 1), pad), layer, **kw)[0, 0]
+            assert (got[row, first:last] == all_pad).all()
+        assert not np.array_equal(got[1, 7:], plain[1, 7:])  # the test can fail
     both = hasher.hash_all(ids, blocked=blocked)
     np.testing.assert_array_equal(both[14], hasher(ids, 14, blocked=blocked))
+    # With segment ids: a document start and a blocked slot both cut the windows.
+    segments = np.repeat([[0] * 10 + [1] * 4], 2, axis=0)
+    got = hasher(ids, 1, segments, blocked=blocked)
+    np.testing.assert_array_equal(got[1, 7:10], _reference_hash(ids[1:, 7:10], 1, **kw)[0])
+    np.testing.assert_array_equal(got[1, 10:], _reference_hash(ids[1:, 10:], 1, **kw)[0])
     with pytest.raises(ValueError, match=r"blocked has shape \(2, 13\); expected ids' shape"):
         hasher(ids, 1, blocked=blocked[:, :13])
 

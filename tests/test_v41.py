@@ -278,7 +278,8 @@ def test_mhc_v41_scheduling_matches_float64_reference():
 
     p64 = _to64(params)
     x = np.repeat(emb_BTD.astype(np.float64)[:, :, None, :], G, axis=2)
-    pre = np.full((B, T, G), 1.0 / G)  # the identity start: the first site reads the embedding
+    pre = np.zeros((B, T, G))
+    pre[..., 0] = 1.0  # the identity start: the first site reads stream 0, the embedding
     own = []
     for i in range(3):
         x_in = x

@@ -18,8 +18,9 @@ Engram pad id 2. This project's prime search gives exactly the released row coun
 `wkv` to 4 keys + 1 value, `q_weight`/`k_weight` gate), RMSNorm eps 1e-6. mHC "mhc_v41" with
 hc_mult 4, 20 Sinkhorn iterations and hc_eps 1e-6.
 
-Unverified (docs/design.md): the hash seed (0, the demo's) and the multipliers it draws; whether the
-release orders the 24 rows as `hashing.py` does; the token vocabulary 129,280 (DeepSeek-V3/V4's).
+The hash seed is 0 (multipliers from `default_rng(10007 * layer)`, as transcriptions of the release
+show). Unverified (docs/design.md §14): the row order inside the 6,144 values; the token vocabulary
+129,280 (DeepSeek-V3/V4's).
 
 Out of scope, NOT modelled here: V4.1's attention variants (sliding-window / compressed / sparse
 attention with shared compressors and indexers), its MoE with FP4 routed experts, the vision
