@@ -455,6 +455,65 @@ class _AddHashIds(grain.transforms.Map):
         return {**batch, "hash_ids": hash_ids, "memory_ids": ids, "memory_inverse": inverse}
 
 
+def _check_documents(
+    documents: Sequence[str] | corpus_lib.DocumentStream,
+    shard_index: int,
+    shard_count: int,
+    num_epochs: int | None,
+    shuffle: bool,
+) -> None:
+    """Refuses a shard, epoch count or order that the documents cannot give."""
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(
+            f"shard_index: got {shard_index}; expected an index in [0, shard_count={shard_count})"
+        )
+    if isinstance(documents, corpus_lib.DocumentStream):
+        if shard_count != 1 or num_epochs is not None or not shuffle:
+            raise ValueError(
+                "documents: a DocumentStream is already one process's shard with its own epochs "
+                "and order (Corpus.stream(shard_index=, num_epochs=, shuffle=)); leave "
+                "shard_index, shard_count, num_epochs and shuffle at their defaults"
+            )
+    elif len(documents) < shard_count:
+        raise ValueError(
+            f"documents: got {len(documents)}; need at least shard_count={shard_count} "
+            "so that every process has data"
+        )
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs: got {num_epochs}; expected None (forever) or >= 1")
+
+
+def _tokenized_documents(
+    documents: Sequence[str] | corpus_lib.DocumentStream,
+    tokenize: grain.transforms.Map,
+    *,
+    seed: int,
+    shard_index: int,
+    shard_count: int,
+    num_epochs: int | None,
+    shuffle: bool,
+    worker_count: int,
+    shuffle_window: int,
+) -> grain.IterDataset:
+    """This shard's documents, shuffled and repeated as asked, tokenised (empty ones dropped)."""
+    if isinstance(documents, corpus_lib.DocumentStream):
+        # Read lazily from this process's pieces; each grain worker reads its own pieces.
+        stream = documents.refined(worker_count) if worker_count else documents
+        ds = stream
+        if stream.shuffle and shuffle_window > 1:
+            ds = grain_experimental.WindowShuffleIterDataset(
+                ds, window_size=shuffle_window, seed=seed
+            )
+        return ds.map(tokenize).filter(_has_tokens)
+    # Documents are sharded before shuffling: each process shuffles its own shard, every epoch
+    # anew (grain reseeds per epoch); shards are the interleaved slices docs[i::shard_count].
+    ds = grain.MapDataset.source(list(documents))[shard_index::shard_count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs)
+    return ds.map(tokenize).filter(_has_tokens).to_iter_dataset()
+
+
 def make_dataset(
     documents: Sequence[str] | corpus_lib.DocumentStream,
     tokenizer: tokenizers.Tokenizer,
@@ -486,48 +545,22 @@ def make_dataset(
     ):
         if value < least:
             raise ValueError(f"{name}: got {value}; expected an integer >= {least}")
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(
-            f"shard_index: got {shard_index}; expected an index in [0, shard_count={shard_count})"
-        )
-    streaming = isinstance(documents, corpus_lib.DocumentStream)
-    if streaming and (shard_count != 1 or num_epochs is not None or not shuffle):
-        raise ValueError(
-            "documents: a DocumentStream is already one process's shard with its own epochs and "
-            "order (Corpus.stream(shard_index=, num_epochs=, shuffle=)); leave shard_index, "
-            "shard_count, num_epochs and shuffle at their defaults"
-        )
-    if not streaming and len(documents) < shard_count:
-        raise ValueError(
-            f"documents: got {len(documents)}; need at least shard_count={shard_count} "
-            "so that every process has data"
-        )
+    _check_documents(documents, shard_index, shard_count, num_epochs, shuffle)
     if add_eos and spec.eos_id is None:
         raise ValueError("add_eos: the tokenizer has no eos token; pass add_eos=False")
-    if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f"num_epochs: got {num_epochs}; expected None (forever) or >= 1")
     if engram is not None:
         _check_engram_spec(engram, spec, tokenizer)
-
-    if streaming:
-        # Read lazily from this process's pieces; each grain worker reads its own pieces.
-        stream = documents.refined(worker_count) if worker_count else documents
-        ds = stream
-        if stream.shuffle and shuffle_window > 1:
-            ds = grain_experimental.WindowShuffleIterDataset(
-                ds, window_size=shuffle_window, seed=seed
-            )
-        ds = ds.map(_TokenizeDocument(tokenizer, spec, add_eos)).filter(_has_tokens)
-    else:
-        # Documents are sharded before shuffling: each process shuffles its own shard, every
-        # epoch anew (grain reseeds per epoch); shards are the interleaved slices
-        # docs[i::shard_count].
-        ds = grain.MapDataset.source(list(documents))[shard_index::shard_count]
-        if shuffle:
-            ds = ds.shuffle(seed=seed)
-        ds = ds.repeat(num_epochs)
-        ds = ds.map(_TokenizeDocument(tokenizer, spec, add_eos)).filter(_has_tokens)
-        ds = ds.to_iter_dataset()
+    ds = _tokenized_documents(
+        documents,
+        _TokenizeDocument(tokenizer, spec, add_eos),
+        seed=seed,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        num_epochs=num_epochs,
+        shuffle=shuffle,
+        worker_count=worker_count,
+        shuffle_window=shuffle_window,
+    )
     # Concat-then-split: documents fill rows back to back; a document crossing a row end
     # continues as a new segment (positions restart at 0) in the next row, with its targets.
     packed = grain_experimental.ConcatThenSplitIterDataset(
