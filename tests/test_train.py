@@ -181,33 +181,37 @@ def test_loss_falls_and_checkpoint_has_separate_memory_item(uninterrupted):
     assert len(tables) == 1 and tables[0].shape == (640, 8)
 
 
-def test_resume_after_sigkill_is_exact(uninterrupted, corpus, tmp_path):
-    reference_dir, _ = uninterrupted
-    workdir = str(tmp_path / "killed")
-    half = NUM_STEPS // 2
-    # The child trains towards NUM_STEPS and SIGKILLs itself as soon as the step-`half`
-    # checkpoint has committed (its directory appears under its final name).
+def _train_until_killed(corpus: str, workdir: str, step: int, table_placement="device") -> None:
+    """Runs `_small_config` in a child that trains towards NUM_STEPS and SIGKILLs itself as soon
+    as the step-`step` checkpoint has committed (its directory appears under its final name)."""
     child = textwrap.dedent(
         f"""
         import os, signal, sys, time
         sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
         from test_train import _small_config
         from engram_jax import train
-        committed = os.path.join({workdir!r}, "checkpoints", "{half}")
+        committed = os.path.join({workdir!r}, "checkpoints", "{step}")
 
         def kill_after_checkpoint(step, state):
-            if step == {half}:
+            if step == {step}:
                 while not os.path.isdir(committed):
                     time.sleep(0.01)
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        train.train_and_evaluate(
-            _small_config({corpus!r}), {workdir!r}, step_hook=kill_after_checkpoint
-        )
+        config = _small_config({corpus!r})
+        config.table_placement = {table_placement!r}
+        train.train_and_evaluate(config, {workdir!r}, step_hook=kill_after_checkpoint)
         """
     )
     result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+
+
+def test_resume_after_sigkill_is_exact(uninterrupted, corpus, tmp_path):
+    reference_dir, _ = uninterrupted
+    workdir = str(tmp_path / "killed")
+    half = NUM_STEPS // 2
+    _train_until_killed(corpus, workdir, half)
     store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"), create=False)
     assert store.all_steps() == [half]
     store.close()
@@ -239,28 +243,7 @@ def test_host_tables_resume_after_sigkill_is_exact(uninterrupted, corpus, tmp_pa
             assert abs(host_evals[step][key] - row[key]) <= 1e-5 * max(abs(row[key]), 1.0), key
     assert os.path.exists(os.path.join(host_dir, "plots", "hc_amax_gain.png"))
 
-    half = NUM_STEPS // 2
-    child = textwrap.dedent(
-        f"""
-        import os, signal, sys, time
-        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-        from test_train import _small_config
-        from engram_jax import train
-        committed = os.path.join({workdir!r}, "checkpoints", "{half}")
-
-        def kill_after_checkpoint(step, state):
-            if step == {half}:
-                while not os.path.isdir(committed):
-                    time.sleep(0.01)
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        config = _small_config({corpus!r})
-        config.table_placement = "host"
-        train.train_and_evaluate(config, {workdir!r}, step_hook=kill_after_checkpoint)
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
-    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    _train_until_killed(corpus, workdir, NUM_STEPS // 2, table_placement="host")
     train_lib.train_and_evaluate(config, workdir)
     assert _losses(workdir) == host_losses
     chex.assert_trees_all_equal(_final_params(workdir), _final_params(host_dir))
