@@ -407,27 +407,32 @@ class Progress:
         self._caller_rate = False  # the metrics carry tokens_per_second
         self._bar = None
         self._redirected: list[tuple[logging.StreamHandler, Any]] = []
-        stream = sys.stderr if stream is None else stream
+        self._stream = sys.stderr if stream is None else stream
         if use_tqdm is None:
-            use_tqdm = bool(getattr(stream, "isatty", lambda: False)())
-        if self._enabled and use_tqdm:
-            import tqdm
+            use_tqdm = bool(getattr(self._stream, "isatty", lambda: False)())
+        # The bar opens at the first update, so its elapsed time and ETA leave out the first
+        # step's compilation (which can take longer than many steps).
+        self._use_tqdm = self._enabled and use_tqdm
 
-            # A pseudo-terminal without a size (some job runners) reports 0 columns, in which
-            # tqdm draws nothing: use a fixed size there.
-            sized = _terminal_columns(stream) > 0
-            self._bar = tqdm.tqdm(
-                total=self._total,
-                initial=self._step,
-                file=stream,
-                unit="step",
-                dynamic_ncols=sized,
-                ncols=None if sized else 100,
-                nrows=None if sized else 20,
-                # No rate: tok/s in the postfix says it better, and the bar keeps its width.
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
-            )
-            self._redirect_console_logging(stream)
+    def _open_bar(self, step: int) -> None:
+        import tqdm
+
+        stream = self._stream
+        # A pseudo-terminal without a size (some job runners) reports 0 columns, in which
+        # tqdm draws nothing: use a fixed size there.
+        sized = _terminal_columns(stream) > 0
+        self._bar = tqdm.tqdm(
+            total=self._total,
+            initial=step,
+            file=stream,
+            unit="step",
+            dynamic_ncols=sized,
+            ncols=None if sized else 100,
+            nrows=None if sized else 20,
+            # No rate: tok/s in the postfix says it better, and the bar keeps its width.
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
+        )
+        self._redirect_console_logging(stream)
 
     def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
         """Reports that `step` is done, with its metrics (`train_loss`, `tokens_per_second`,
@@ -438,6 +443,9 @@ class Progress:
         now = time.monotonic()
         if self._first is None:
             self._first = (now, step)
+            if self._use_tqdm:
+                self._open_bar(step)
+                self._step = step
         self._update_fields(step, now, metrics or {})
         if self._bar is not None:
             self._bar.update(step - self._step)

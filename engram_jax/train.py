@@ -8,10 +8,12 @@ tables and the data-iterator position as separate items, so a resumed run contin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -117,6 +119,7 @@ def train_and_evaluate(
         boundary; that step was saved and the metrics flushed first. A second signal exits the
         process at once.
     """
+    started = time.perf_counter()
     cfg = config_lib.validate(config)
     t = cfg.train
     if t.batch_size % jax.process_count():
@@ -151,7 +154,7 @@ def train_and_evaluate(
     # One run per workdir: process 0 holds the lock for the whole job.
     lock = run_on_process_zero(lambda: _acquire_lock(workdir), "locking the workdir")
     try:
-        return _train_locked(config, cfg, workdir, mesh, step_hook)
+        return _train_locked(config, cfg, workdir, mesh, step_hook, started)
     finally:
         if lock is not None:
             lock.release()
@@ -163,12 +166,123 @@ def _acquire_lock(workdir: str) -> WorkdirLock:
     return lock
 
 
+def _resume_check(
+    config: ml_collections.ConfigDict, cfg: config_lib.Config, saved: dict[str, Any] | None
+) -> Callable[[Any], None]:
+    """`check(tokenizer)`: refuses a resume whose tokenizer, model or tables' optimizer do not
+    match the checkpoint's metadata `saved` (a no-op without a checkpoint). `build_data` calls it
+    before the tokenizer (or anything else) is written, so a refused resume changes nothing."""
+
+    def check(tokenizer: Any) -> None:
+        if saved is None:
+            return
+        full = config_lib.to_dict(config)
+        model = full["model"]
+        model["pad_id"] = data_lib.resolve_pad_id(tokenizer, cfg.model.pad_id, cfg.train.eos_token)
+        current = {"model": model, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
+        checkpoint_lib.check_compatible(
+            with_resolved_pad(saved, model["pad_id"]),
+            current,
+            keys_must_match=TOKENIZER_MUST_MATCH,
+            may_differ=COMPUTE_ONLY_KEYS,
+        )
+        check_table_training(saved, full)
+
+    return check
+
+
+@dataclasses.dataclass
+class _Parts:
+    """What the setup builds before the loop: data, model, optimizers and the initial state."""
+
+    setup: DataSetup
+    model: Transformer
+    txs: tuple[Any, Any]
+    schedule: Any
+    state: TrainState
+    shardings: Any
+    host: host_tables.HostPlacement | None
+
+
+def _build(
+    config: ml_collections.ConfigDict,
+    cfg: config_lib.Config,
+    workdir: str,
+    mesh: jax.sharding.Mesh,
+    saved: dict | None,
+) -> _Parts:
+    """The data setup, the model and a fresh state (tables on the device or in host RAM)."""
+    t = cfg.train
+    setup = build_data(
+        cfg,
+        workdir,
+        check_tokenizer=_resume_check(config, cfg, saved),
+        checkpoint_tokenizer=saved.get("tokenizer_fingerprint") if saved else None,
+    )
+    setup.memory_shards = max(1, sharding.batch_shards(mesh) // jax.process_count())
+    if t.eval_batches:
+        # Fails now, not at the first evaluation, when this process's shard holds no
+        # held-out document (the stream names the data and the process).
+        next(iter(document_stream(setup, cfg, train=False)))
+    else:
+        logger.warning(
+            "evaluation is disabled (eval_batches=0): no eval loss, bits per byte or mixing "
+            "diagnostics will be written; set eval_batches > 0 to evaluate"
+        )
+    model = Transformer(cfg.model, lookup_fn=sharding.table_lookup_fn(mesh))
+    dense_tx, memory_tx, schedule = make_optimizers(cfg)
+    on_host = t.table_placement == "host" and cfg.model.engram.enabled
+    if on_host and jax.process_count() > 1:
+        raise config_lib.ConfigError(
+            f"config.table_placement: got 'host' with {jax.process_count()} processes; "
+            "host tables are single-process (use table_placement='device' on multi-host runs)"
+        )
+    txs = (dense_tx, memory_tx)
+    placement = "host" if on_host else "device"
+    state, shardings = create_train_state(model, cfg, txs, mesh, table_placement=placement)
+    host = None
+    if on_host:
+        host = host_tables.HostPlacement(
+            model, cfg, state, shardings, dense_tx, memory_tx, schedule, mesh
+        )
+        state, shardings = host.state, host.shardings
+    return _Parts(setup, model, txs, schedule, state, shardings, host)
+
+
+def _compile_steps(
+    parts: _Parts, cfg: config_lib.Config, mesh: jax.sharding.Mesh
+) -> tuple[Callable, Callable, Callable | None]:
+    """The jitted train step, eval step and mixing diagnostics (None without mixing); with host
+    tables they read the batch's rows from host RAM (`host_tables.HostPlacement`)."""
+    batch_sharding = sharding.batch_sharding(mesh)
+    model, shardings, host = parts.model, parts.shardings, parts.host
+    diagnostics = make_mixing_diagnostics(cfg, model.lookup_fn)
+    if host is not None:
+        # The eval and the diagnostics take the gathered rows as a third, batch-sharded input.
+        with_rows = (shardings, batch_sharding, batch_sharding)
+        eval_step = host.with_rows(jax.jit(make_eval_step(model), in_shardings=with_rows))
+        if diagnostics is not None:
+            diagnostics = host.with_rows(jax.jit(diagnostics, in_shardings=with_rows))
+        return host.train_step, eval_step, diagnostics
+    train_step = jax.jit(
+        make_train_step(model, parts.txs, parts.schedule),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings, batch_sharding))
+    if diagnostics is not None:
+        diagnostics = jax.jit(diagnostics, in_shardings=(shardings, batch_sharding))
+    return train_step, eval_step, diagnostics
+
+
 def _train_locked(
     config: ml_collections.ConfigDict,
     cfg: config_lib.Config,
     workdir: str,
     mesh: jax.sharding.Mesh,
     step_hook: Callable[[int, TrainState], None] | None,
+    started: float,
 ) -> dict[str, float]:
     t = cfg.train
     store = checkpoint_lib.CheckpointStore(
@@ -176,96 +290,42 @@ def _train_locked(
     )
     try:
         saved = newest_readable_metadata(store)
-
-        def check_tokenizer(tokenizer: Any) -> None:
-            # A refused resume must leave the workdir as it was: this runs before the tokenizer
-            # (or anything else) is written.
-            if saved is not None:
-                full = config_lib.to_dict(config)
-                model = full["model"]
-                model["pad_id"] = data_lib.resolve_pad_id(
-                    tokenizer, cfg.model.pad_id, cfg.train.eos_token
-                )
-                current = {
-                    "model": model,
-                    "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                }
-                checkpoint_lib.check_compatible(
-                    with_resolved_pad(saved, model["pad_id"]),
-                    current,
-                    keys_must_match=TOKENIZER_MUST_MATCH,
-                    may_differ=COMPUTE_ONLY_KEYS,
-                )
-                check_table_training(saved, full)
-
-        setup = build_data(
-            cfg,
-            workdir,
-            check_tokenizer=check_tokenizer,
-            checkpoint_tokenizer=saved.get("tokenizer_fingerprint") if saved else None,
-        )
-        batch_shards = sharding.batch_shards(mesh)
-        setup.memory_shards = max(1, batch_shards // jax.process_count())
-        if cfg.train.eval_batches:
-            # Fails now, not at the first evaluation, when this process's shard holds no
-            # held-out document (the stream names the data and the process).
-            next(iter(document_stream(setup, cfg, train=False)))
-        model = Transformer(cfg.model, lookup_fn=sharding.table_lookup_fn(mesh))
+        parts = _build(config, cfg, workdir, mesh, saved)
         accounting = account(cfg.model, t.seq_len)
         logger.info("model:\n%s", format_accounting(accounting))
-
-        dense_tx, memory_tx, schedule = make_optimizers(cfg)
-        on_host = t.table_placement == "host" and cfg.model.engram.enabled
-        if on_host and jax.process_count() > 1:
-            raise config_lib.ConfigError(
-                f"config.table_placement: got 'host' with {jax.process_count()} processes; "
-                "host tables are single-process (use table_placement='device' on multi-host runs)"
-            )
-        state, shardings = create_train_state(
-            model,
-            cfg,
-            (dense_tx, memory_tx),
-            mesh,
-            table_placement="host" if on_host else "device",
-        )
-        host = None
-        if on_host:
-            host = host_tables.HostPlacement(
-                model, cfg, state, shardings, dense_tx, memory_tx, schedule, mesh
-            )
-            state, shardings = host.state, host.shardings
         data_shards = data_shards_to_resume(saved, cfg)
-        metadata = checkpoint_metadata(config, setup, data_shards)
-        state, data_state = restore_or_init(store, metadata, state, shardings, host)
-        train_iter = make_batches(setup, cfg, train=True, data_shards=data_shards)
-        if host is not None:
-            train_iter = host.wrap_iterator(train_iter)
+        metadata = checkpoint_metadata(config, parts.setup, data_shards)
+        state, data_state = restore_or_init(
+            store, metadata, parts.state, parts.shardings, parts.host
+        )
+        step = int(jax.device_get(state.step))
+        if step >= t.num_train_steps:
+            logger.info(
+                "nothing to do: already at step %d (num_train_steps=%d) in %s; raise "
+                "num_train_steps to train further",
+                step,
+                t.num_train_steps,
+                workdir,
+            )
+            if parts.host is not None:
+                parts.host.trainer.close()
+            store.close()
+            return {}
+        train_iter = make_batches(parts.setup, cfg, train=True, data_shards=data_shards)
+        if parts.host is not None:
+            train_iter = parts.host.wrap_iterator(train_iter)
         if data_state is not None:
             train_iter.set_state(data_state)
     except BaseException:
         store.close()
         raise
 
-    batch_sharding = sharding.batch_sharding(mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-        train_step = jax.jit(
-            make_train_step(model, (dense_tx, memory_tx), schedule),
-            in_shardings=(shardings, batch_sharding),
-            out_shardings=(shardings, None),
-            donate_argnums=0,
-        )
-        eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings, batch_sharding))
-        diagnostics = make_mixing_diagnostics(cfg, model.lookup_fn)
-        if diagnostics is not None:
-            diagnostics = jax.jit(diagnostics, in_shardings=(shardings, batch_sharding))
-        if host is not None:
-            # Host tables: steps and evals read rows from host RAM (host_tables.HostPlacement);
-            # the mHC diagnostics need tables on the device and are skipped.
-            train_step, eval_step, diagnostics = host.train_step, host.eval_step, None
+        train_step, eval_step, diagnostics = _compile_steps(parts, cfg, mesh)
         program = Program(
             cfg=cfg,
             mesh=mesh,
-            setup=setup,
+            setup=parts.setup,
             train_step=train_step,
             eval_step=eval_step,
             diagnostics=diagnostics,
@@ -274,7 +334,8 @@ def _train_locked(
             flops_per_token=accounting.flops_per_token,
             workdir=workdir,
             step_hook=step_hook,
-            host=host,
+            host=parts.host,
+            started=started,
         )
         return run_loop(program, state, train_iter)
 

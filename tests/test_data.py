@@ -513,7 +513,7 @@ def _tokenizer_with_specials(specials):
 )
 def test_special_token_families(specials, expected, caplog):
     tokenizer = _tokenizer_with_specials(specials)
-    with caplog.at_level("WARNING", logger="engram_jax.data"):
+    with caplog.at_level("WARNING", logger="engram_jax"):
         spec = data.make_data_spec(tokenizer, vocab_size=320)
     assert (spec.pad_id, spec.eos_id, spec.bos_id) == expected
     assert ("no recognisable pad token" in caplog.text) == ("<unk>" in specials[0])
@@ -534,7 +534,7 @@ def test_deepseek_specials_in_the_pipeline():
 
 def test_missing_specials_warn_and_name_the_config_keys(caplog):
     tokenizer = _tokenizer_with_specials(())
-    with caplog.at_level("WARNING", logger="engram_jax.data"):
+    with caplog.at_level("WARNING", logger="engram_jax"):
         spec = data.make_data_spec(tokenizer)
     assert (spec.pad_id, spec.eos_id, spec.bos_id) == (0, None, None)
     assert "no recognisable eos token" in caplog.text and "eos_token" in caplog.text

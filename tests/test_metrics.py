@@ -220,6 +220,21 @@ def test_progress_bar_on_a_terminal_with_log_records_above_it():
     assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", final), final  # elapsed<ETA from the bar
 
 
+def test_progress_bar_opens_at_the_first_update_so_compilation_is_not_in_its_eta():
+    """The first step compiles; a bar opened before it would count that minute in its rate and
+    show an ETA of hours. Nothing is drawn until the first update, which the bar counts as
+    already done, so its clock starts there."""
+    stream = io.StringIO()
+    progress = Progress(50, enabled=True, stream=stream, use_tqdm=True, initial_step=10)
+    assert stream.getvalue() == ""  # during compilation: no bar, no clock running
+    progress.update(11, {"loss": 2.0})
+    assert progress._bar is not None and progress._bar.n == 11
+    assert progress._bar.format_dict["initial"] == 11  # tqdm's rate counts from here
+    progress.update(12, {"loss": 2.0})
+    assert progress._bar.n == 12
+    progress.close()
+
+
 def test_progress_tqdm_and_disabled():
     stream = io.StringIO()
     progress = Progress(50, enabled=True, stream=stream, use_tqdm=True)

@@ -16,6 +16,7 @@ from engram_jax import train as train_lib
 from engram_jax.model import Transformer, engram_table_sizes
 from engram_jax.tables import device_step
 from engram_jax.tables.row_optim import RowOptimizer
+from engram_jax.tables.unique_rows import sum_rows, unique_rows
 
 
 def _tiny_model_config():
@@ -83,6 +84,37 @@ def test_unique_table_rows_is_an_exact_dedup():
             assert (ids[g, layer][real.size :] == -1).all()  # padding at the end
     with pytest.raises(ValueError, match="memory_shards: got 3"):
         data_lib.unique_table_rows(hash_ids, sizes, shards=3)
+
+
+@pytest.mark.parametrize("xp", [np, jnp], ids=["numpy", "jax.numpy"])
+def test_unique_rows_and_sum_rows_follow_one_contract(xp):
+    """numpy (host: pipeline, host tables) and jax.numpy (device update, under jit) give the same
+    sorted distinct ids padded with the fill value, an exact inverse and per-id sums, against a
+    plain-Python reference."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 9, size=(3, 5)).astype(np.int32)
+    ids[0, 0] = 12  # the fill value of the device update: an ordinary id here
+    values = rng.standard_normal((ids.size, 4)).astype(np.float32)
+    distinct = sorted(set(ids.reshape(-1).tolist()))
+    size = ids.size
+    unique, inverse = unique_rows(xp.asarray(ids), size=size, fill_value=12, xp=xp)
+    unique, inverse = np.asarray(unique), np.asarray(inverse)
+    assert unique.tolist() == distinct + [12] * (size - len(distinct))
+    assert inverse.shape == ids.shape
+    np.testing.assert_array_equal(unique[inverse], ids)
+    ids_N = ids.reshape(-1)
+    summed_ids, summed = sum_rows(xp.asarray(ids_N), xp.asarray(values), size=size, xp=xp)
+    reference = {i: values[ids_N == i].astype(np.float64).sum(0) for i in distinct}
+    summed_ids, summed = np.asarray(summed_ids), np.asarray(summed)
+    for slot, i in enumerate(distinct):
+        assert summed_ids[slot] == i
+        np.testing.assert_allclose(summed[slot], reference[i], rtol=1e-6, atol=1e-6)
+    assert not summed[len(distinct) :].any()  # padding slots sum nothing
+    if xp is np:
+        exact, _ = unique_rows(ids)  # no size: exactly the distinct ids
+        assert exact.tolist() == distinct
+        with pytest.raises(ValueError, match="exceed size=2"):
+            unique_rows(ids, size=2)
 
 
 def test_sparse_sgd_equals_dense_sgd_exactly():

@@ -3,9 +3,11 @@ and deterministic generation from the checkpoint it leaves."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
+import logging
 import os
 import re
 import signal
@@ -92,11 +94,43 @@ def corpus(tmp_path_factory) -> str:
     return path
 
 
+class _Lines(logging.Handler):
+    """Collects the formatted messages of the package's log records."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.extend(record.getMessage().splitlines())
+
+
+@contextlib.contextmanager
+def _captured_lines():
+    """The package's INFO-and-above log lines while the block runs (what a run shows)."""
+    package = logging.getLogger("engram_jax")
+    handler, level = _Lines(), package.level
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    try:
+        yield handler.lines
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+
+
+# What the module's shared runs logged, by fixture name.
+_RUN_LINES: dict[str, list[str]] = {}
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(corpus, tmp_path_factory):
-    """One full run; other tests compare against it or read its checkpoint."""
+    """One full run; other tests compare against it or read its checkpoint (its log lines are
+    in `_RUN_LINES["uninterrupted"]`)."""
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    final = train_lib.train_and_evaluate(_small_config(corpus), workdir)
+    with _captured_lines() as lines:
+        final = train_lib.train_and_evaluate(_small_config(corpus), workdir)
+    _RUN_LINES["uninterrupted"] = lines
     return workdir, final
 
 
@@ -107,6 +141,11 @@ def _losses(workdir: str) -> dict[int, float]:
         if "train_loss" in row:
             losses[row["step"]] = row["train_loss"]
     return losses
+
+
+def _eval_rows(workdir: str) -> dict[int, dict[str, float]]:
+    """The evaluation rows of metrics.jsonl by step."""
+    return {row["step"]: row for row in metrics_lib.read_metrics(workdir) if "eval_loss" in row}
 
 
 def _final_params(workdir: str):
@@ -142,33 +181,37 @@ def test_loss_falls_and_checkpoint_has_separate_memory_item(uninterrupted):
     assert len(tables) == 1 and tables[0].shape == (640, 8)
 
 
-def test_resume_after_sigkill_is_exact(uninterrupted, corpus, tmp_path):
-    reference_dir, _ = uninterrupted
-    workdir = str(tmp_path / "killed")
-    half = NUM_STEPS // 2
-    # The child trains towards NUM_STEPS and SIGKILLs itself as soon as the step-`half`
-    # checkpoint has committed (its directory appears under its final name).
+def _train_until_killed(corpus: str, workdir: str, step: int, table_placement="device") -> None:
+    """Runs `_small_config` in a child that trains towards NUM_STEPS and SIGKILLs itself as soon
+    as the step-`step` checkpoint has committed (its directory appears under its final name)."""
     child = textwrap.dedent(
         f"""
         import os, signal, sys, time
         sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
         from test_train import _small_config
         from engram_jax import train
-        committed = os.path.join({workdir!r}, "checkpoints", "{half}")
+        committed = os.path.join({workdir!r}, "checkpoints", "{step}")
 
         def kill_after_checkpoint(step, state):
-            if step == {half}:
+            if step == {step}:
                 while not os.path.isdir(committed):
                     time.sleep(0.01)
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        train.train_and_evaluate(
-            _small_config({corpus!r}), {workdir!r}, step_hook=kill_after_checkpoint
-        )
+        config = _small_config({corpus!r})
+        config.table_placement = {table_placement!r}
+        train.train_and_evaluate(config, {workdir!r}, step_hook=kill_after_checkpoint)
         """
     )
     result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+
+
+def test_resume_after_sigkill_is_exact(uninterrupted, corpus, tmp_path):
+    reference_dir, _ = uninterrupted
+    workdir = str(tmp_path / "killed")
+    half = NUM_STEPS // 2
+    _train_until_killed(corpus, workdir, half)
     store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"), create=False)
     assert store.all_steps() == [half]
     store.close()
@@ -192,29 +235,15 @@ def test_host_tables_resume_after_sigkill_is_exact(uninterrupted, corpus, tmp_pa
     host_losses = _losses(host_dir)
     for step, loss in _losses(reference_dir).items():
         assert abs(host_losses[step] - loss) <= 1e-5 * abs(loss), step
+    # The mHC diagnostics run on the host tables' gathered rows too, and plot.
+    host_evals, device_evals = _eval_rows(host_dir), _eval_rows(reference_dir)
+    assert sorted(host_evals) == sorted(device_evals) == [3, NUM_STEPS]
+    for step, row in device_evals.items():
+        for key in ("hc_composite_forward_gain", "hc_row_sum_err", "eval_loss"):
+            assert abs(host_evals[step][key] - row[key]) <= 1e-5 * max(abs(row[key]), 1.0), key
+    assert os.path.exists(os.path.join(host_dir, "plots", "hc_amax_gain.png"))
 
-    half = NUM_STEPS // 2
-    child = textwrap.dedent(
-        f"""
-        import os, signal, sys, time
-        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-        from test_train import _small_config
-        from engram_jax import train
-        committed = os.path.join({workdir!r}, "checkpoints", "{half}")
-
-        def kill_after_checkpoint(step, state):
-            if step == {half}:
-                while not os.path.isdir(committed):
-                    time.sleep(0.01)
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        config = _small_config({corpus!r})
-        config.table_placement = "host"
-        train.train_and_evaluate(config, {workdir!r}, step_hook=kill_after_checkpoint)
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
-    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    _train_until_killed(corpus, workdir, NUM_STEPS // 2, table_placement="host")
     train_lib.train_and_evaluate(config, workdir)
     assert _losses(workdir) == host_losses
     chex.assert_trees_all_equal(_final_params(workdir), _final_params(host_dir))
@@ -553,6 +582,82 @@ def test_plots_in_the_workdir_are_valid_pngs(uninterrupted):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
         image = matplotlib.image.imread(os.path.join(plots, name))
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, name
+
+
+def _line_index(lines: list[str], prefix: str) -> int:
+    """Index of the first line starting with `prefix` (fails naming it when there is none)."""
+    found = [i for i, line in enumerate(lines) if line.startswith(prefix)]
+    assert found, f"no line starts with {prefix!r} in:\n" + "\n".join(lines)
+    return found[0]
+
+
+def test_a_run_says_when_it_compiles_and_closes_with_a_summary(uninterrupted):
+    workdir, final = uninterrupted
+    lines = _RUN_LINES["uninterrupted"]
+    compiling = _line_index(lines, "compiling the training step (step 1) ...")
+    compiled = _line_index(lines, "compiled the training step and ran step 1 in ")
+    assert compiling < compiled < _line_index(lines, f"step 1/{NUM_STEPS} | ")
+    # The ETA counts from the compiled step: none on step 1 (no rate yet), one on every later line.
+    progress = [line for line in lines if re.match(rf"step \d+/{NUM_STEPS} \| ", line)]
+    assert len(progress) == NUM_STEPS
+    assert "ETA" not in progress[0] and all(" | ETA " in line for line in progress[1:])
+
+    summary = _line_index(lines, f"training finished: step {NUM_STEPS} | wall time ")
+    assert summary > _line_index(lines, f"step {NUM_STEPS}/{NUM_STEPS} | ")
+    assert lines[summary].endswith(
+        f" | train loss {final['train_loss']:.4f} | eval loss {final['eval_loss']:.4f}"
+        f" | eval bits/byte {final['eval_bits_per_byte']:.4f}"
+    )
+    assert lines[summary + 1 : summary + 5] == [
+        f"  checkpoints: {os.path.join(workdir, 'checkpoints')}",
+        f"  metrics and plots: {os.path.join(workdir, 'metrics.jsonl')}, "
+        f"{os.path.join(workdir, 'plots')}",
+        f"  TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}",
+        f'  generate: python -m engram_jax.generate --workdir={workdir} --prompt="..." '
+        "--max_tokens=40",
+    ]
+    # A plain run warns of nothing.
+    assert not [line for line in lines if "disabled" in line or "replacing" in line], lines
+    assert not [line for line in lines if "fewer than vocab_size" in line], lines
+
+
+def test_rerun_of_a_finished_run_says_so_and_names_what_it_replaces(
+    uninterrupted, corpus, tmp_path
+):
+    """Nothing to do (and nothing compiled) when the checkpoint is at num_train_steps; a
+    tokenizer.json that is not the checkpoint's is replaced by name; eval_batches=0 is named."""
+    workdir = str(tmp_path / "finished")
+    subprocess.run(["cp", "-r", uninterrupted[0], workdir], check=True)
+    tokenizer_json = os.path.join(workdir, "tokenizer.json")
+    with open(tokenizer_json) as f:
+        trained = f.read()
+    _deepseek_style_tokenizer(corpus, tokenizer_json)
+    config = _small_config(corpus)
+    config.eval_batches = 0
+    with _captured_lines() as lines:
+        assert train_lib.train_and_evaluate(config, workdir) == {}
+    assert (
+        f"nothing to do: already at step {NUM_STEPS} (num_train_steps={NUM_STEPS}) in {workdir}; "
+        "raise num_train_steps to train further"
+    ) in lines
+    replaced = lines[_line_index(lines, f"replacing {tokenizer_json} (tokenizer ")]
+    assert "by the tokenizer this run uses" in replaced
+    with open(tokenizer_json) as f:
+        assert f.read() == trained  # the checkpoint's tokenizer is back
+    _line_index(lines, "evaluation is disabled (eval_batches=0): no eval loss")
+    assert not [line for line in lines if "compiling" in line or "training finished" in line]
+
+
+def test_a_bpe_smaller_than_vocab_size_is_named(corpus, tmp_path):
+    config = _small_config(corpus)
+    config.model.vocab_size = 4096  # this corpus holds a few dozen words
+    cfg = config_lib.validate(config)
+    with _captured_lines() as lines:
+        setup = train_lib.build_data(cfg, str(tmp_path))
+    size = setup.tokenizer.get_vocab_size()
+    assert size < 4096
+    line = lines[_line_index(lines, f"the trained BPE has {size} tokens, fewer than vocab_size")]
+    assert f"ids {size}..4095 are never used" in line
 
 
 def _run_until_signal(corpus: str, workdir: str, signum: int, at_step: int, tmp_path):

@@ -29,10 +29,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
 
-from engram_jax import matformer
-from engram_jax.model import MOE_BIAS, Transformer, cross_entropy_loss, layer_runs
+from engram_jax import matformer, objective
+from engram_jax.model import MOE_BIAS, Transformer, layer_runs
 from engram_jax.sharding import TABLE_ROW_AXES
 from engram_jax.tables.row_optim import RowOptimizer
+from engram_jax.tables.unique_rows import sum_rows
 
 
 def table_paths(config: Any) -> list[tuple[str, ...]]:
@@ -104,9 +105,9 @@ def _update_local(
     local_N = jnp.where(mine_N, local_N, local_rows)  # other blocks' rows and padding: past the end
     if dedup:
         # A row read by several batch groups: sum its gradients into one slot (sorts ids only).
-        n = local_N.shape[0]
-        local_N, slot_N = jnp.unique(local_N, size=n, fill_value=local_rows, return_inverse=True)
-        grads_NW = jax.ops.segment_sum(grads_NW, slot_N.reshape(-1), num_segments=n)
+        local_N, grads_NW = sum_rows(
+            local_N, grads_NW, size=local_N.shape[0], fill_value=local_rows, xp=jnp
+        )
     valid_N = local_N < local_rows
     grads_NW = jnp.where(valid_N[:, None], grads_NW, 0.0).astype(jnp.float32)
     rows_NW = jnp.take(table_RW, local_N, axis=0, mode="fill", fill_value=0)
@@ -173,25 +174,11 @@ def make_row_grad_step(
     Updates the dense parameters (and the step counter and MoE biases) like the dense step and
     returns the gradients of the gathered rows; `state.memory` is left as it is.
     """
-    from engram_jax.training.steps import gate_and_load_metrics  # the trainer's metric names
 
     def loss_fn(params, rows_SLUW, moe_bias, batch):
         rows_BLTMW = expand_rows(rows_SLUW, batch["memory_inverse"])
-        (logits, aux), updated = model.apply(
-            {"params": params, MOE_BIAS: moe_bias},
-            batch["inputs"],
-            batch["positions"],
-            batch["segment_ids"],
-            None,
-            engram_rows=rows_BLTMW,
-            # Padding stays out of the MoE load, balance loss and bias update.
-            token_mask_BT=batch["loss_mask"],
-            ffn_granularity=batch.get("ffn_granularity"),  # MatFormer: per_step_loss sets it
-            mutable=[MOE_BIAS],
-        )
-        loss, _ = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
-        total = loss + aux.get("moe_balance_loss", 0.0)
-        return total, (loss, aux, updated.get(MOE_BIAS, {}))
+        variables = {"params": params, MOE_BIAS: moe_bias}
+        return objective.training_loss(model, variables, batch, engram_rows=rows_BLTMW)
 
     def step(state, batch, rows_SLUW):
         step_loss = matformer.per_step_loss(loss_fn, model.config, state.step)
@@ -201,12 +188,7 @@ def make_row_grad_step(
         )
         updates, opt_state = dense_tx.update(dense_grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "train_loss": loss,
-            "grad_norm": optax.tree.norm(dense_grads),
-            "learning_rate": schedule(state.step),
-            **gate_and_load_metrics(aux),
-        }
+        metrics = objective.step_metrics(loss, aux, dense_grads, schedule(state.step))
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, moe_bias=moe_bias
         )

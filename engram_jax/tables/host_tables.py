@@ -32,6 +32,7 @@ import numpy as np
 
 from engram_jax.tables.device_step import get_path, set_path
 from engram_jax.tables.row_optim import RowOptimizer
+from engram_jax.tables.unique_rows import sum_rows
 
 Path = tuple[str, ...]
 
@@ -133,10 +134,7 @@ class HostTables:
         valid = ids_N >= 0
         if ids_SU.shape[0] == 1:
             return ids_N[valid], grads_NW[valid]  # the host already deduplicated one group
-        unique, inverse = np.unique(ids_N[valid], return_inverse=True)
-        summed = np.zeros((unique.size, grads_NW.shape[1]), np.float32)
-        np.add.at(summed, inverse, grads_NW[valid])
-        return unique, summed
+        return sum_rows(ids_N[valid], grads_NW[valid])
 
     def apply_rows(self, path: Path, ids_N: np.ndarray, grads_NW: np.ndarray, lr: float) -> None:
         """Sparse update of distinct rows `ids_N` of one table with their summed gradients."""
@@ -316,33 +314,10 @@ class Lookahead:
         self._it.set_state(state)
 
 
-def make_rows_eval_step(model: Any) -> Callable:
-    """`eval_step(state, batch, rows [S, L, U, W])`: the trainer's eval sums on gathered rows."""
-    from engram_jax.model import MOE_BIAS, cross_entropy_loss
-    from engram_jax.tables.device_step import expand_rows
-
-    def eval_step(state, batch, rows_SLUW):
-        variables = {"params": state.params}
-        if state.moe_bias:
-            variables[MOE_BIAS] = state.moe_bias
-        logits, _ = model.apply(
-            variables,
-            batch["inputs"],
-            batch["positions"],
-            batch["segment_ids"],
-            None,
-            engram_rows=expand_rows(rows_SLUW, batch["memory_inverse"]),
-        )
-        loss, count = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
-        target_bytes = jax.numpy.sum(batch["target_bytes"] * batch["loss_mask"])
-        return {"nll_sum": loss * count, "tokens": count, "bytes": target_bytes}
-
-    return eval_step
-
-
 class HostPlacement:
-    """Everything `engram_jax.train` needs for host tables: the trainer, the step and eval
-    callables with the trainer's signatures, and the checkpoint's memory item."""
+    """Everything `engram_jax.train` needs for host tables: the trainer, the step with the
+    trainer's signature, `with_rows` for the forward passes that read rows (evaluation, mixing
+    diagnostics), and the checkpoint's memory item."""
 
     def __init__(self, model, cfg, state, shardings, dense_tx, table_opt, schedule, mesh):
         from engram_jax import sharding as sharding_lib
@@ -371,10 +346,7 @@ class HostPlacement:
             donate_argnums=0,
         )
         self.trainer = HostTableTrainer(self.tables, row_grad_step, put)
-        self._eval = jax.jit(
-            make_rows_eval_step(model),
-            in_shardings=(self.shardings, batch_sharding, batch_sharding),
-        )
+        self.batch_sharding = batch_sharding
         self.lookahead: Lookahead | None = None
 
     def wrap_iterator(self, iterator: Any) -> Lookahead:
@@ -385,9 +357,16 @@ class HostPlacement:
         next_ids = self.lookahead.peek()["memory_ids"] if self.lookahead is not None else None
         return self.trainer(state, batch, next_ids)
 
-    def eval_step(self, state: Any, batch: dict[str, Any]) -> dict[str, Any]:
-        ids = np.asarray(jax.device_get(batch["memory_ids"]))
-        return self._eval(state, batch, self.trainer.rows_for(ids))
+    def with_rows(self, fn: Callable) -> Callable:
+        """`fn(state, batch, rows [S, L, U, W])` as `(state, batch) -> fn(...)`: the rows of the
+        batch's `memory_ids`, read from the host tables after every queued update. Jit `fn` with
+        `in_shardings=(self.shardings, self.batch_sharding, self.batch_sharding)`."""
+
+        def call(state: Any, batch: dict[str, Any]) -> Any:
+            ids = np.asarray(jax.device_get(batch["memory_ids"]))
+            return fn(state, batch, self.trainer.rows_for(ids))
+
+        return call
 
     def memory_item(self) -> dict[str, Any]:
         """The live tables, after every queued update (no worker job is pending after `flush`):

@@ -137,10 +137,7 @@ def build_data(
         if cache_path is not None:
             storage.write_text(cache_path, text)
             logger.info("saved the trained tokenizer to %s", cache_path)
-        # What `engram_jax.generate` loads; the checkpoint's fingerprint guards it. Unchanged
-        # bytes are not rewritten.
-        if not storage.exists(workdir_tokenizer) or storage.read_text(workdir_tokenizer) != text:
-            storage.write_text(workdir_tokenizer, text)
+        _write_workdir_tokenizer(workdir_tokenizer, tokenizer)
         return tokenizer
 
     tokenizer = run_on_process_zero(process_zero, "preparing the tokenizer")
@@ -152,6 +149,46 @@ def build_data(
     setup = DataSetup(tokenizer, spec, engram, corpus)
     check_processes_agree(setup.metadata())
     return setup
+
+
+def _write_workdir_tokenizer(path: str, tokenizer: Any) -> None:
+    """Writes `<workdir>/tokenizer.json`, what `engram_jax.generate` loads (the checkpoint's
+    fingerprint guards it). Unchanged bytes are not rewritten; a different file already there is
+    replaced with a warning naming both tokenizers."""
+    text = tokenizer.to_str()
+    if storage.exists(path):
+        before = storage.read_text(path)
+        if before == text:
+            return
+        try:
+            was = tokenizer_fingerprint(data_lib.load_tokenizer(path))
+        except Exception as e:  # an unreadable file is replaced all the same
+            was = f"unreadable: {type(e).__name__}"
+        logger.warning(
+            "replacing %s (tokenizer %s) by the tokenizer this run uses (%s); the old file is "
+            "not kept",
+            path,
+            was,
+            tokenizer_fingerprint(tokenizer),
+        )
+    storage.write_text(path, text)
+
+
+def _warn_if_small(tokenizer: Any, vocab_size: int, train_bytes: int) -> None:
+    """A BPE trained on a small sample may stop short of `vocab_size`: the ids above it are
+    never used (their embedding rows only cost memory). Says so, with what to change."""
+    trained = tokenizer.get_vocab_size()
+    if trained < vocab_size:
+        logger.warning(
+            "the trained BPE has %d tokens, fewer than vocab_size=%d: its sample "
+            "(tokenizer_train_bytes=%d) holds too few distinct merges; ids %d..%d are never "
+            "used (raise tokenizer_train_bytes or lower vocab_size)",
+            trained,
+            vocab_size,
+            train_bytes,
+            trained,
+            vocab_size - 1,
+        )
 
 
 def load_or_train_tokenizer(
@@ -171,14 +208,17 @@ def load_or_train_tokenizer(
     cache_path = storage.join(workdir, "tokenizer", f"bpe-{key}", TOKENIZER_FILE)
     if storage.exists(cache_path):
         logger.info("reusing the tokenizer trained on this corpus: %s", cache_path)
-        return data_lib.load_tokenizer(cache_path), None
-    logger.info(
-        "training a byte-level BPE (vocab_size=%d) on a sample of up to %d bytes",
-        cfg.model.vocab_size,
-        t.tokenizer_train_bytes,
-    )
-    sample = corpus.sample(t.tokenizer_train_bytes)
-    return data_lib.train_bpe_tokenizer(sample, cfg.model.vocab_size), cache_path
+        tokenizer, cache_path = data_lib.load_tokenizer(cache_path), None
+    else:
+        logger.info(
+            "training a byte-level BPE (vocab_size=%d) on a sample of up to %d bytes",
+            cfg.model.vocab_size,
+            t.tokenizer_train_bytes,
+        )
+        sample = corpus.sample(t.tokenizer_train_bytes)
+        tokenizer = data_lib.train_bpe_tokenizer(sample, cfg.model.vocab_size)
+    _warn_if_small(tokenizer, cfg.model.vocab_size, t.tokenizer_train_bytes)
+    return tokenizer, cache_path
 
 
 def make_batches(

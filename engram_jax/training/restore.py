@@ -127,15 +127,9 @@ def _agree_on_restored_step(step: int) -> None:
         )
 
 
-def _restore_step(
-    store: checkpoint_lib.CheckpointStore,
-    step: int,
-    current: dict[str, Any],
-    state: TrainState,
-    shardings: Any,
-    host: host_tables.HostPlacement | None = None,
-) -> tuple[TrainState, dict | None]:
-    saved = with_resolved_pad(store.read_metadata(step), current["model"]["pad_id"])
+def _check_resume(step: int, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuses a checkpoint that means something else (model, tokenizer, hashing, the tables'
+    optimizer); names the compute-only settings a resume changes."""
     changed = checkpoint_lib.check_compatible(
         saved, current, keys_must_match=MUST_MATCH, may_differ=COMPUTE_ONLY_KEYS
     )
@@ -148,6 +142,34 @@ def _restore_step(
             "\n  ".join(changed),
         )
 
+
+def _same_data_settings(step: int, saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether the saved data-iterator position means the same batches now; when not (new data,
+    batch shape, seed or shard count) the model resumes and the data stream starts afresh."""
+    saved_data = _saved_data_settings(saved)
+    if saved_data == current["data"]:
+        return True
+    logger.warning(
+        "checkpoint step %d: data settings differ (saved %s, now %s); restoring the model "
+        "and starting the data stream from the beginning",
+        step,
+        saved_data,
+        current["data"],
+    )
+    return False
+
+
+def _restore_step(
+    store: checkpoint_lib.CheckpointStore,
+    step: int,
+    current: dict[str, Any],
+    state: TrainState,
+    shardings: Any,
+    host: host_tables.HostPlacement | None = None,
+) -> tuple[TrainState, dict | None]:
+    saved = with_resolved_pad(store.read_metadata(step), current["model"]["pad_id"])
+    _check_resume(step, saved, current)
+
     def abstract(tree, tree_shardings):
         return jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, tree_shardings
@@ -155,19 +177,7 @@ def _restore_step(
 
     dense, memory = checkpoint_items(state)
     dense_shardings, memory_shardings = checkpoint_items(shardings)
-    current_data = current["data"]
-    saved_data = _saved_data_settings(saved)
-    same_data = saved_data == current_data
-    if not same_data:
-        # New data, batch shape, seed or shard count: the saved iterator position would mean
-        # other batches, so the model resumes and the data stream starts afresh.
-        logger.warning(
-            "checkpoint step %d: data settings differ (saved %s, now %s); restoring the model "
-            "and starting the data stream from the beginning",
-            step,
-            saved_data,
-            current_data,
-        )
+    same_data = _same_data_settings(step, saved, current)
     restored = store.restore(
         step,
         abstract_state=abstract(dense, dense_shardings),

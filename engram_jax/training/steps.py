@@ -16,29 +16,15 @@ import optax
 from engram_jax import config as config_lib
 from engram_jax import (
     matformer,
+    objective,
     optim,
 )
 from engram_jax.mhc import amax_gain, mixing_stats
-from engram_jax.model import MOE_BIAS, Transformer, cross_entropy_loss, mixing_matrices
+from engram_jax.model import MOE_BIAS, Transformer, mixing_matrices
 from engram_jax.tables import device_step, row_optim
 from engram_jax.training.state import TrainState
 
 logger = logging.getLogger(__name__)
-
-
-def gate_and_load_metrics(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    metrics = {}
-    if "engram_gates" in aux:
-        gates = aux["engram_gates"]  # [L_e, B, T, G]
-        metrics["engram_gate_mean"] = jnp.mean(gates)
-        metrics["engram_gate_std"] = jnp.std(gates)
-        for i in range(gates.shape[0]):
-            metrics[f"engram_gate_mean/layer_{i}"] = jnp.mean(gates[i])
-    if "moe_load" in aux:
-        load = aux["moe_load"]  # [L_moe, E]
-        metrics["moe_max_violation"] = jnp.mean(jnp.max(load, axis=-1) * load.shape[-1] - 1.0)
-        metrics["moe_balance_loss"] = aux["moe_balance_loss"]
-    return metrics
 
 
 def make_train_step(
@@ -54,20 +40,7 @@ def make_train_step(
 
     def loss_fn(params, memory, moe_bias, batch):
         variables = {"params": optim.merge_params(params, memory), MOE_BIAS: moe_bias}
-        (logits, aux), updated = model.apply(
-            variables,
-            batch["inputs"],
-            batch["positions"],
-            batch["segment_ids"],
-            batch.get("hash_ids"),
-            # Padding stays out of the MoE load, balance loss and bias update.
-            token_mask_BT=batch["loss_mask"],
-            ffn_granularity=batch.get("ffn_granularity"),  # MatFormer: per_step_loss sets it
-            mutable=[MOE_BIAS],
-        )
-        loss, _ = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
-        total = loss + aux.get("moe_balance_loss", 0.0)
-        return total, (loss, aux, updated.get(MOE_BIAS, {}))
+        return objective.training_loss(model, variables, batch)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         step_loss = matformer.per_step_loss(loss_fn, model.config, state.step)
@@ -81,13 +54,8 @@ def make_train_step(
             memory_grads, state.memory_opt_state, state.memory
         )
         memory = optax.apply_updates(state.memory, memory_updates)
-        metrics = {
-            "train_loss": loss,
-            "grad_norm": optax.tree.norm(dense_grads),
-            "memory_grad_norm": optax.tree.norm(memory_grads),
-            "learning_rate": schedule(state.step),
-            **gate_and_load_metrics(aux),
-        }
+        metrics = objective.step_metrics(loss, aux, dense_grads, schedule(state.step))
+        metrics["memory_grad_norm"] = optax.tree.norm(memory_grads)
         new_state = TrainState(
             step=state.step + 1,
             params=params,
@@ -102,58 +70,59 @@ def make_train_step(
 
 
 def inference_variables(state: TrainState) -> dict[str, Any]:
-    """The model's variables for a forward pass without updates: all parameters and MoE biases."""
+    """The model's variables for a forward pass without updates: all parameters (host tables: the
+    dense ones only, the rows come gathered) and MoE biases."""
     variables = {"params": optim.merge_params(state.params, state.memory)}
     if state.moe_bias:
         variables[MOE_BIAS] = state.moe_bias
     return variables
 
 
-def make_eval_step(model: Transformer) -> Callable[[TrainState, dict[str, jax.Array]], dict]:
-    """Summed negative log-likelihood, token count and target bytes of one batch."""
+def _gathered_rows(batch: dict[str, jax.Array], rows_SLUW: jax.Array | None) -> jax.Array | None:
+    """Each token's Engram rows `[B, L_e, T, M, W]` from the batch's gathered unique rows (host
+    tables), or None when the model looks them up in its own tables."""
+    if rows_SLUW is None:
+        return None
+    return device_step.expand_rows(rows_SLUW, batch["memory_inverse"])
 
-    def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+
+def make_eval_step(model: Transformer) -> Callable[..., dict]:
+    """`eval_step(state, batch, rows_SLUW=None)`: summed negative log-likelihood, token count and
+    target bytes of one batch; with host tables the batch's gathered rows `[S, L_e, U, W]`."""
+
+    def eval_step(
+        state: TrainState, batch: dict[str, jax.Array], rows_SLUW: jax.Array | None = None
+    ) -> dict[str, jax.Array]:
         variables = inference_variables(state)
-        logits, _ = model.apply(
-            variables,
-            batch["inputs"],
-            batch["positions"],
-            batch["segment_ids"],
-            batch.get("hash_ids"),
-        )
-        loss, count = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
-        target_bytes = jnp.sum(batch["target_bytes"] * batch["loss_mask"])
-        return {"nll_sum": loss * count, "tokens": count, "bytes": target_bytes}
+        return objective.eval_sums(model, variables, batch, _gathered_rows(batch, rows_SLUW))
 
     return eval_step
 
 
 def make_mixing_diagnostics(
     cfg: config_lib.Config, lookup_fn: Callable | None
-) -> Callable[[TrainState, dict[str, jax.Array]], dict[str, jax.Array]] | None:
-    """mHC/HC diagnostics on one batch (docs/design.md §2.6): composite Amax gains from the bottom
-    site to the top, the worst row/column-sum error of the mixing matrices and (mHC, mHC-lite) the
-    largest spread of their logits; None for a plain residual model (no mixing)."""
+) -> Callable[..., dict[str, jax.Array]] | None:
+    """`diagnostics(state, batch, rows_SLUW=None)`: the mHC/HC diagnostics on one batch
+    (docs/design.md §2.6), with host tables on its gathered rows. Composite Amax gains from the
+    bottom site to the top, the worst row/column-sum error of the mixing matrices and (mHC,
+    mHC-lite) the largest spread of their logits; None for a plain residual model (no mixing)."""
     if cfg.model.hc.kind == "residual" or cfg.model.hc.n_streams == 1:
         return None
     model = Transformer(cfg.model, lookup_fn=lookup_fn, sow_mixing=True)
 
-    def diagnostics(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def diagnostics(
+        state: TrainState, batch: dict[str, jax.Array], rows_SLUW: jax.Array | None = None
+    ) -> dict[str, jax.Array]:
         variables = inference_variables(state)
-        _, inter = model.apply(
-            variables,
-            batch["inputs"],
-            batch["positions"],
-            batch["segment_ids"],
-            batch.get("hash_ids"),
-            mutable=["intermediates"],
+        inter = objective.mixing_intermediates(
+            model, variables, batch, _gathered_rows(batch, rows_SLUW)
         )
-        h_res_SXGG = mixing_matrices(cfg.model, inter["intermediates"])
+        h_res_SXGG = mixing_matrices(cfg.model, inter)
         gains = amax_gain(h_res_SXGG)
         logits = None
         if cfg.model.hc.kind in ("mhc", "mhc_lite"):
             # Pre-Sinkhorn (mHC-lite: permutation) logits, [2L, X, G, G] or [2L, X, n!].
-            logits = mixing_matrices(cfg.model, inter["intermediates"], field="res_logits")
+            logits = mixing_matrices(cfg.model, inter, field="res_logits")
         stats = mixing_stats(h_res_SXGG, logits)
         extra = {} if logits is None else {"hc_res_logit_spread": jnp.max(stats["logit_spread"])}
         return {
