@@ -1,7 +1,7 @@
 """What a trained Engram model's gate does, and what switching the memory off costs.
 
     python -m engram_jax.experiments.gate_analysis --data_path=PATH --workdir=DIR --steps=N \
-        --seeds=K [--jobs=J] [--rho=0.75]
+        --seeds=K [--jobs=J] [--rho=0.75] [--updates_per_row=U]
 
 Trains the iso-parameter experiment's Engram + MoE model (one run per seed), then, on exactly the
 held-out tokens an evaluation scores:
@@ -22,6 +22,7 @@ comprehension mostly survives).
 from __future__ import annotations
 
 import collections
+import math
 import os
 from typing import Any
 
@@ -31,7 +32,9 @@ import ml_collections
 import numpy as np
 
 from engram_jax import data as data_lib
-from engram_jax.experiments import common, iso_param, sizing
+from engram_jax.experiments import budget, iso_param, report, runner, sizing, stats
+from engram_jax.experiments.heldout import Corpus
+from engram_jax.experiments.options import Options
 
 NAME = "gate_analysis"
 NUM_BUCKETS = 4
@@ -42,14 +45,15 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def build_specs(
-    options: common.Options, corpus: common.Corpus, base: ml_collections.ConfigDict, rho: float
-) -> list[common.RunSpec]:
-    model = sizing.with_allocation(base, rho)
+    options: Options, corpus: Corpus, base: ml_collections.ConfigDict, rho: float
+) -> list[runner.RunSpec]:
+    probe = runner.training_config(sizing.with_allocation(base, rho), options, corpus)
+    model = sizing.with_allocation(base, rho, budget.planned_rows(probe, options.updates_per_row))
     return [
-        common.RunSpec(
+        runner.RunSpec(
             f"engram-s{seed}",
             seed,
-            common.training_config(model, options, corpus, seed=seed),
+            runner.training_config(model, options, corpus, seed=seed),
             {"variant": "engram"},
         )
         for seed in range(options.seeds)
@@ -272,44 +276,8 @@ def plot_ablation(workdir: str, analysis: dict[str, Any]) -> str:
     return plots.save(fig, workdir, "engram_ablation_and_top_gates.png")
 
 
-def report(
-    options: common.Options,
-    corpus: common.Corpus,
-    train_documents: list[str],
-    held_out: list[str],
-    specs: list[common.RunSpec],
-    runs: list[dict[str, Any]],
-    min_count: int,
-    rho: float,
-) -> None:
-    workdir = options.workdir
-    eval_tokens = common.evaluated_tokens(specs[0].config)
-    compression = common.floors_for(held_out, corpus, eval_tokens)
-    analyses = []
-    for run in runs:
-        analysis = analyze(
-            os.path.join(workdir, run["run_dir"]), train_documents, held_out, min_count=min_count
-        )
-        heat = analysis.pop("_heatmap")
-        run["analysis"] = analysis
-        analyses.append((analysis, heat))
-    first, heat = analyses[0]
-    heatmap_png = plot_heatmap(workdir, heat, rows=4, length=40)
-    ablation_png = plot_ablation(workdir, first)
-
-    lines = common.summary_header(
-        "Engram gate analysis and inference-time ablation",
-        NAME,
-        options,
-        corpus,
-        eval_tokens,
-        compression,
-    )
-    lines += [
-        f"Model: the iso-parameter Engram + MoE model (rho = {rho}).",
-        "",
-        *common.accounting_table(runs, "variant"),
-        "",
+def _ablation_lines(runs: list[dict[str, Any]], first: dict[str, Any], min_count: int) -> list[str]:
+    lines = [
         "| seed | final eval loss | Engram on (analysed tokens) | Engram off | increase |",
         "|---:|---:|---:|---:|---:|",
     ]
@@ -319,7 +287,15 @@ def report(
             f"| {run['seed']} | {run['final_eval_loss']:.4f} | {a['engram_on_loss']:.4f} | "
             f"{a['engram_off_loss']:.4f} | {a['engram_off_loss'] - a['engram_on_loss']:+.4f} |"
         )
+    increases = [r["analysis"]["engram_off_loss"] - r["analysis"]["engram_on_loss"] for r in runs]
+    mean, low, high = stats.t_interval(increases)
+    interval = (
+        "no interval (one seed)" if math.isnan(low) else f"95% interval [{low:+.4f}, {high:+.4f}]"
+    )
     lines += [
+        "",
+        f"- Engram off - on (paired: the same model and tokens): {mean:+.4f} nats/token over "
+        f"{len(runs)} seed(s), {interval}.",
         "",
         f"By target-token frequency (seed {runs[0]['seed']}; four buckets of equal token count):",
         "",
@@ -336,33 +312,77 @@ def report(
         lines += [
             f"- `{e['text']!r}`: {e['mean_gate']:.3f} ({e['count']} times)" for e in first[name]
         ]
-    lines += ["", f"![gate heatmap]({heatmap_png})", "", f"![ablation]({ablation_png})", ""]
-    common.write_summary(workdir, lines)
-    common.write_results(
-        workdir, NAME, runs, rho=rho, eval_tokens=eval_tokens, compression_floors=compression
+    return lines
+
+
+def report_runs(
+    options: Options,
+    corpus: Corpus,
+    train_documents: list[str],
+    held_out: list[str],
+    specs: list[runner.RunSpec],
+    runs: list[dict[str, Any]],
+    min_count: int,
+    rho: float,
+) -> None:
+    lines, extra = report.header(
+        "Engram gate analysis and inference-time ablation",
+        NAME,
+        options,
+        corpus,
+        held_out,
+        specs,
     )
+    analyses = []
+    for run in runs:
+        analysis = analyze(
+            os.path.join(options.workdir, run["run_dir"]),
+            train_documents,
+            held_out,
+            min_count=min_count,
+        )
+        heat = analysis.pop("_heatmap")
+        run["analysis"] = analysis
+        analyses.append((analysis, heat))
+    first, heat = analyses[0]
+    heatmap_png = plot_heatmap(options.workdir, heat, rows=4, length=40)
+    ablation_png = plot_ablation(options.workdir, first)
+    lines += [
+        f"Model: the iso-parameter Engram + MoE model (rho = {rho}).",
+        "",
+        *report.accounting_table(runs, "variant"),
+        "",
+        *report.budget_table(runs, "variant"),
+        "",
+        *_ablation_lines(runs, first, min_count),
+        "",
+        f"![gate heatmap]({heatmap_png})",
+        "",
+        f"![ablation]({ablation_png})",
+        "",
+    ]
+    report.finish(options.workdir, NAME, lines, runs, rho=rho, **extra)
 
 
 def main(argv: list[str]) -> None:
     from absl import flags
 
     del argv
-    options = common.Options.from_flags()
+    options, base, corpus, train_documents, held_out = runner.start(base_config())
     rho = flags.FLAGS.rho
-    base = base_config()
-    common.apply_overrides(base, options.overrides)
-    corpus, train_documents, held_out = common.setup(options, base)
     specs = build_specs(options, corpus, base, rho)
-    common.print_configs(specs, lambda s: "engram")
-    runs = common.run_experiment(options.workdir, specs, options.jobs)
-    report(options, corpus, train_documents, held_out, specs, runs, flags.FLAGS.min_count, rho)
-    print(f"wrote {options.workdir}/{common.RESULTS_FILE} and {common.SUMMARY_FILE}", flush=True)
+    report.print_configs(specs, lambda s: "engram")
+    runs = runner.run_experiment(options.workdir, specs, options.jobs)
+    min_count = flags.FLAGS.min_count
+    report_runs(options, corpus, train_documents, held_out, specs, runs, min_count, rho)
 
 
 if __name__ == "__main__":
     from absl import app, flags
 
-    common.define_flags(default_steps=600, default_seeds=1)
+    from engram_jax.experiments.options import define_flags
+
+    define_flags(default_steps=600, default_seeds=1, tables=True)
     flags.DEFINE_float("rho", 0.75, "Routed-expert share of the sparse budget.")
     flags.DEFINE_integer("min_count", 5, "Occurrences a token or n-gram needs to be ranked.")
     app.run(main)
