@@ -156,11 +156,11 @@ def _table_shape(cfg: config_lib.Config) -> tuple[int, int]:
     return int(sum(sizes)), cfg.model.engram.row_width
 
 
-def _table(path: str, shape: tuple[int, int], *, on_host: bool = False) -> Any:
+def _table(path: tuple[str, ...], shape: tuple[int, int], *, on_host: bool = False) -> Any:
     """The trainer's own N(0, 1) table (`tables.initializers`, keyed by the table's path): built
     in row chunks, so the peak is the table plus a chunk (one `jax.random.normal` of the whole
     table would hold ~4x the table at 1B parameters); on the host, the same values in numpy."""
-    key = initializers.table_key(jax.random.PRNGKey(0), path)
+    key = initializers.table_key(jax.random.PRNGKey(0), "/".join(path))
     if on_host:
         return initializers.init_host_table(key, shape)
     return initializers.init_table(key, shape)
