@@ -17,8 +17,6 @@ budget trains the same models.
 
 from __future__ import annotations
 
-from typing import Any
-
 import ml_collections
 
 from engram_jax.experiments import budget, iso_param, report, runner, sizing
@@ -119,17 +117,10 @@ def _plot(options: Options, points: dict[float, list[tuple[float, float, float]]
     return plots.save(fig, options.workdir, "allocation.png")
 
 
-def report_runs(
-    options: Options,
-    corpus: Corpus,
-    held_out: list[str],
-    specs: list[runner.RunSpec],
-    runs: list[dict[str, Any]],
-    pairs: list[tuple[str, str]],
-) -> None:
-    lines, extra = report.header(
-        "Sparsity allocation: validation loss against rho", NAME, options, corpus, held_out, specs
-    )
+def report_runs(outcome: runner.Outcome, pairs: list[tuple[str, str]]) -> None:
+    title = "Sparsity allocation: validation loss against rho"
+    lines, extra = report.header(outcome, title, NAME)
+    options, runs = outcome.options, outcome.runs
     points: dict[float, list[tuple[float, float, float]]] = {}
     for multiple, members in report.group(runs, "budget").items():
         for _, same in report.group(members, "rho_target").items():
@@ -152,7 +143,7 @@ def report_runs(
         "| budget | rho (realised) | routed experts | seeds | final eval loss | bits/byte |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    config_by_name = {s.name: s.config for s in specs}
+    config_by_name = {s.name: s.config for s in outcome.specs}
     for multiple, members in report.group(runs, "budget").items():
         for _, same in report.group(members, "rho_target").items():
             cfg = config_by_name[same[0]["name"]]
@@ -172,16 +163,16 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     del argv
-    options, base, corpus, _, held_out = runner.start(base_config())
     rhos = parse_floats(flags.FLAGS.rhos, "rhos")
     budgets = parse_floats(flags.FLAGS.budgets, "budgets")
+    options, base, corpus, _, held_out = runner.start(base_config())
     specs = build_specs(options, corpus, base, rhos, budgets)
-    report.print_configs(
-        [s for s in specs if s.labels["budget"] == budgets[0]],
-        lambda s: f"rho {s.labels['rho_target']:g}",
-    )
-    runs = runner.run_experiment(options.workdir, specs, options.jobs)
-    report_runs(options, corpus, held_out, specs, runs, comparisons(rhos, budgets))
+
+    def describe(spec: runner.RunSpec) -> str:  # printed once per rho (the first budget)
+        return f"rho {spec.labels['rho_target']:g}" if spec.labels["budget"] == budgets[0] else ""
+
+    outcome = runner.run_all(options, corpus, held_out, specs, describe)
+    report_runs(outcome, comparisons(rhos, budgets))
 
 
 if __name__ == "__main__":

@@ -95,66 +95,52 @@ def token_counts(documents: list[str], tokenizer, vocab_size: int) -> np.ndarray
     return counts
 
 
-def analyze(
-    run_path: str,
-    train_documents: list[str],
-    held_out: list[str],
-    *,
-    min_count: int,
-    top: int = 15,
-) -> dict[str, Any]:
-    """Gates and the Engram-off ablation of the trained model in `run_path` (its latest
-    checkpoint) on the held-out tokens its evaluation scores."""
-    from engram_jax.generate import Generator
+def _score(generator, held_out: list[str]) -> dict[str, np.ndarray]:
+    """Per-token NLL with Engram on and off, the gates and the batch fields of the held-out
+    batches one evaluation scores, concatenated over batches (N rows)."""
     from engram_jax.model import Transformer
 
-    generator = Generator(run_path)
-    config = generator.config
-    tokenizer = generator.tokenizer
-    spec, engram = generator.spec, generator.engram
+    config, spec = generator.config, generator.spec
     stream = data_lib.make_pipeline(
         held_out,
-        tokenizer,
+        generator.tokenizer,
         spec,
         seq_len=config.seq_len,
         batch_size=config.batch_size,
         seed=config.seed,
         shuffle=False,
         add_eos=spec.eos_id is not None,
-        engram=engram,
+        engram=generator.engram,
     )
     batches = [next(stream) for _ in range(config.eval_batches)]
     forward = _forward_fn(Transformer(generator.model_config))
     variables_on = generator.variables
     variables_off = {**variables_on, "params": engram_off(variables_on["params"])}
-
-    nll_on, nll_off, gates, inputs, targets, masks, segments = [], [], [], [], [], [], []
+    parts: dict[str, list[np.ndarray]] = collections.defaultdict(list)
     for batch in batches:
         device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
         on, gate = jax.device_get(forward(variables_on, device_batch))
         off, _ = jax.device_get(forward(variables_off, device_batch))
-        nll_on.append(on)
-        nll_off.append(off)
-        gates.append(gate.mean(axis=-1))  # [L_e, B, T, G] -> [L_e, B, T]: mean over streams
-        inputs.append(batch["inputs"])
-        targets.append(batch["targets"])
-        masks.append(batch["loss_mask"])
-        segments.append(batch["segment_ids"])
-    nll_on, nll_off = np.concatenate(nll_on), np.concatenate(nll_off)  # [N, T]
-    gates_LNT = np.concatenate(gates, axis=1)  # [L_e, N, T]
-    inputs, targets = np.concatenate(inputs), np.concatenate(targets)
-    mask = np.concatenate(masks) > 0
-    segments = np.concatenate(segments)
+        parts["nll_on"].append(on)
+        parts["nll_off"].append(off)
+        parts["gates_LNT"].append(gate.mean(axis=-1))  # [L_e, B, T, G] -> [L_e, B, T]
+        for key in ("inputs", "targets", "loss_mask", "segment_ids"):
+            parts[key].append(batch[key])
+    out = {k: np.concatenate(v, axis=1 if k == "gates_LNT" else 0) for k, v in parts.items()}
+    out["mask"] = out.pop("loss_mask") > 0
+    return out  # nll_* [N, T], gates_LNT [L_e, N, T], the rest [N, T]
 
-    # Frequency buckets of equal token count, by the target token's training frequency.
-    counts = token_counts(train_documents, tokenizer, spec.vocab_size)
-    freq = counts[targets[mask]]
+
+def _frequency_buckets(scored: dict[str, np.ndarray], counts: np.ndarray) -> list[dict[str, Any]]:
+    """The loss on and off in buckets of equal token count, by the target's training count."""
+    mask = scored["mask"]
+    freq = counts[scored["targets"][mask]]
     order = np.argsort(freq, kind="stable")[::-1]  # most frequent first
     buckets = []
     for i, part in enumerate(np.array_split(order, NUM_BUCKETS)):
         if part.size == 0:
             continue
-        on, off = nll_on[mask][part], nll_off[mask][part]
+        on, off = scored["nll_on"][mask][part], scored["nll_off"][mask][part]
         buckets.append(
             {
                 "bucket": i,
@@ -166,17 +152,21 @@ def analyze(
                 "loss_increase": float(off.mean() - on.mean()),
             }
         )
+    return buckets
 
-    # Mean gate per token and per n-gram ending at each position (inside one document).
-    gate_NT = gates_LNT.mean(axis=0)  # [N, T]: mean over Engram layers
-    valid = segments > 0
+
+def _gate_by_ngram(
+    gate_NT: np.ndarray, inputs: np.ndarray, segments: np.ndarray
+) -> dict[str, dict[tuple[int, ...], list]]:
+    """`{"token" | "bigram" | "trigram": {ids: [gate sum, count]}}` over the n-grams ending at
+    each real position (inside one document)."""
     stats: dict[str, collections.defaultdict] = {
         name: collections.defaultdict(lambda: [0.0, 0]) for name in ("token", "bigram", "trigram")
     }
     n, t = inputs.shape
     for row in range(n):
         for pos in range(t):
-            if not valid[row, pos]:
+            if segments[row, pos] <= 0:
                 continue
             g = float(gate_NT[row, pos])
             keys = {"token": (int(inputs[row, pos]),)}
@@ -188,6 +178,30 @@ def analyze(
                 entry = stats[name][key]
                 entry[0] += g
                 entry[1] += 1
+    return stats
+
+
+def analyze(
+    run_path: str,
+    train_documents: list[str],
+    held_out: list[str],
+    *,
+    min_count: int,
+    top: int = 15,
+) -> dict[str, Any]:
+    """Gates and the Engram-off ablation of the trained model in `run_path` (its latest
+    checkpoint) on the held-out tokens its evaluation scores."""
+    from engram_jax.generate import Generator
+
+    generator = Generator(run_path)
+    tokenizer = generator.tokenizer
+    scored = _score(generator, held_out)
+    mask, segments = scored["mask"], scored["segment_ids"]
+    counts = token_counts(train_documents, tokenizer, generator.spec.vocab_size)
+    gates_LNT = scored["gates_LNT"]
+    gate_NT = gates_LNT.mean(axis=0)  # [N, T]: mean over Engram layers
+    valid = segments > 0
+    stats = _gate_by_ngram(gate_NT, scored["inputs"], segments)
 
     def ranked(name: str) -> list[dict[str, Any]]:
         items = [(s / c, c, k) for k, (s, c) in stats[name].items() if c >= min_count]
@@ -198,21 +212,21 @@ def analyze(
         ]
 
     return {
-        "engram_on_loss": float(nll_on[mask].mean()),
-        "engram_off_loss": float(nll_off[mask].mean()),
+        "engram_on_loss": float(scored["nll_on"][mask].mean()),
+        "engram_off_loss": float(scored["nll_off"][mask].mean()),
         "analysed_tokens": int(mask.sum()),
         "mean_gate": float(gate_NT[valid].mean()),
         "mean_gate_per_layer": [float(g[valid].mean()) for g in gates_LNT],
-        "frequency_buckets": buckets,
+        "frequency_buckets": _frequency_buckets(scored, counts),
         "top_tokens": ranked("token"),
         "top_bigrams": ranked("bigram"),
         "top_trigrams": ranked("trigram"),
         # For the heatmap (not written to results.json).
         "_heatmap": {
             "gates_LNT": gates_LNT,
-            "inputs": inputs,
+            "inputs": scored["inputs"],
             "valid": valid,
-            "layer_ids": list(config.model.engram.layer_ids),
+            "layer_ids": list(generator.config.model.engram.layer_ids),
             "tokenizer": tokenizer,
         },
     }
@@ -316,23 +330,11 @@ def _ablation_lines(runs: list[dict[str, Any]], first: dict[str, Any], min_count
 
 
 def report_runs(
-    options: Options,
-    corpus: Corpus,
-    train_documents: list[str],
-    held_out: list[str],
-    specs: list[runner.RunSpec],
-    runs: list[dict[str, Any]],
-    min_count: int,
-    rho: float,
+    outcome: runner.Outcome, train_documents: list[str], min_count: int, rho: float
 ) -> None:
-    lines, extra = report.header(
-        "Engram gate analysis and inference-time ablation",
-        NAME,
-        options,
-        corpus,
-        held_out,
-        specs,
-    )
+    title = "Engram gate analysis and inference-time ablation"
+    lines, extra = report.header(outcome, title, NAME)
+    options, runs, held_out = outcome.options, outcome.runs, outcome.held_out
     analyses = []
     for run in runs:
         analysis = analyze(
@@ -368,13 +370,11 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     del argv
+    rho, min_count = flags.FLAGS.rho, flags.FLAGS.min_count
     options, base, corpus, train_documents, held_out = runner.start(base_config())
-    rho = flags.FLAGS.rho
     specs = build_specs(options, corpus, base, rho)
-    report.print_configs(specs, lambda s: "engram")
-    runs = runner.run_experiment(options.workdir, specs, options.jobs)
-    min_count = flags.FLAGS.min_count
-    report_runs(options, corpus, train_documents, held_out, specs, runs, min_count, rho)
+    outcome = runner.run_all(options, corpus, held_out, specs, lambda s: "engram")
+    report_runs(outcome, train_documents, min_count, rho)
 
 
 if __name__ == "__main__":

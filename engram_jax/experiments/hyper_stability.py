@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from engram_jax import config as config_lib
 from engram_jax.experiments import report, runner
 from engram_jax.experiments.heldout import Corpus
 from engram_jax.experiments.options import Options, shipped_config
@@ -43,18 +44,21 @@ def base_config() -> ml_collections.ConfigDict:
     model (12 layers of width 64, no Engram, no MoE) at a learning rate well above tiny's (so
     that an unconstrained mixing can drift)."""
     c = shipped_config("tiny")
-    c.learning_rate = 1e-2
-    c.warmup_steps = 20
-    c.log_every = 5
-    m = c.model
-    m.num_layers = 12
-    m.hidden_size = 64
-    m.mlp_hidden_size = 192
-    m.num_dense_layers = 12
-    m.attention.num_heads = 2
-    m.attention.num_kv_heads = 1
-    m.moe.num_experts = 0
-    m.engram.layer_ids = ()
+    changes = {
+        "learning_rate": 1e-2,
+        "warmup_steps": 20,
+        "log_every": 5,
+        "model": {
+            "num_layers": 12,
+            "hidden_size": 64,
+            "mlp_hidden_size": 192,
+            "num_dense_layers": 12,
+            "attention": {"num_heads": 2, "num_kv_heads": 1},
+            "moe": {"num_experts": 0},
+            "engram": {"layer_ids": ()},
+        },
+    }
+    config_lib.apply_values(c, changes, "hyper_stability.base_config")
     return c
 
 
@@ -131,21 +135,10 @@ def _largest(values: list[float | None], spec: str = ".3g") -> str:
     return "-" if not values else format(max(values), spec)
 
 
-def report_runs(
-    options: Options,
-    corpus: Corpus,
-    held_out: list[str],
-    specs: list[runner.RunSpec],
-    runs: list[dict[str, Any]],
-) -> None:
-    lines, extra = report.header(
-        "Hyper-connection stability: residual, HC, mHC, mHC-lite",
-        NAME,
-        options,
-        corpus,
-        held_out,
-        specs,
-    )
+def report_runs(outcome: runner.Outcome) -> None:
+    title = "Hyper-connection stability: residual, HC, mHC, mHC-lite"
+    lines, extra = report.header(outcome, title, NAME)
+    options, specs, runs = outcome.options, outcome.specs, outcome.runs
     _diagnostics(options.workdir, runs)
     by_kind = report.group(runs, "kind")
     lr = specs[0].config.learning_rate
@@ -186,9 +179,10 @@ def main(argv: list[str]) -> None:
     options, base, corpus, _, held_out = runner.start(base)
     kinds = [k.strip() for k in flags.FLAGS.kinds.split(",") if k.strip()]
     specs = build_specs(options, corpus, base, kinds)
-    report.print_configs(specs, lambda s: s.labels["kind"])
-    runs = runner.run_experiment(options.workdir, specs, options.jobs, allow_divergence=True)
-    report_runs(options, corpus, held_out, specs, runs)
+    outcome = runner.run_all(
+        options, corpus, held_out, specs, lambda s: s.labels["kind"], allow_divergence=True
+    )
+    report_runs(outcome)
 
 
 if __name__ == "__main__":

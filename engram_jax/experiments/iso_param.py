@@ -11,8 +11,6 @@ Engram paper's Dense-4B / MoE-27B / Engram-27B comparison at a scale that fits o
 
 from __future__ import annotations
 
-from typing import Any
-
 import ml_collections
 
 from engram_jax.experiments import budget, report, runner, sizing
@@ -100,19 +98,13 @@ def _plots(options: Options, by_variant: dict[str, list[dict]], floor: dict) -> 
     return curves_png, plots.save(fig, workdir, "final_bits_per_byte.png")
 
 
-def report_runs(
-    options: Options,
-    corpus: Corpus,
-    held_out: list[str],
-    specs: list[runner.RunSpec],
-    runs: list[dict[str, Any]],
-    rho: float,
-) -> None:
-    lines, extra = report.header(
-        "Engram + MoE vs MoE vs dense at matched parameters", NAME, options, corpus, held_out, specs
-    )
+def report_runs(outcome: runner.Outcome, rho: float) -> None:
+    title = "Engram + MoE vs MoE vs dense at matched parameters"
+    lines, extra = report.header(outcome, title, NAME)
+    runs = outcome.runs
     by_variant = report.group(runs, "variant")
-    curves_png, bpb_png = _plots(options, by_variant, extra["compression_floors"]["evaluated"])
+    floor = extra["compression_floors"]["evaluated"]
+    curves_png, bpb_png = _plots(outcome.options, by_variant, floor)
     lines += [
         f"MoE and Engram + MoE (rho = {rho}) have equal total and activated parameters; the "
         "dense model matches the activated count only. Engram's activated projections are paid "
@@ -126,7 +118,7 @@ def report_runs(
         "wall time per run |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    config_by_name = {s.name: s.config for s in specs}
+    config_by_name = {s.name: s.config for s in outcome.specs}
     for variant, members in by_variant.items():
         cfg = config_by_name[members[0]["name"]]
         walls = [r["wall_seconds"] for r in members if r["wall_seconds"]]
@@ -144,19 +136,18 @@ def report_runs(
         f"![final bits per byte]({bpb_png})",
         "",
     ]
-    report.finish(options.workdir, NAME, lines, runs, rho=rho, **extra)
+    report.finish(outcome.options.workdir, NAME, lines, runs, rho=rho, **extra)
 
 
 def main(argv: list[str]) -> None:
     from absl import flags
 
     del argv
-    options, base, corpus, _, held_out = runner.start(base_config())
     rho = flags.FLAGS.rho
+    options, base, corpus, _, held_out = runner.start(base_config())
     specs = build_specs(options, corpus, base, rho)
-    report.print_configs(specs, lambda s: s.labels["variant"])
-    runs = runner.run_experiment(options.workdir, specs, options.jobs)
-    report_runs(options, corpus, held_out, specs, runs, rho)
+    outcome = runner.run_all(options, corpus, held_out, specs, lambda s: s.labels["variant"])
+    report_runs(outcome, rho)
 
 
 if __name__ == "__main__":

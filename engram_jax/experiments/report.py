@@ -1,23 +1,20 @@
-"""What every experiment writes: `results.json`, the shared parts of `summary.md` (the command,
-corpus, compression floors, parameter and budget tables, paired differences) and the accounting
-printed before training."""
+"""What every experiment writes: `results.json` and the shared parts of `summary.md` (the command,
+corpus, compression floors, parameter and budget tables, paired differences)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 
-from engram_jax import config as config_lib
-from engram_jax.accounting import account
 from engram_jax.experiments import floors, stats
 from engram_jax.experiments.heldout import Corpus, evaluated_text
 from engram_jax.experiments.options import Options
-from engram_jax.experiments.runner import RunSpec
+from engram_jax.experiments.runner import Outcome
 
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "summary.md"
@@ -126,23 +123,6 @@ def accounting_table(runs: Sequence[dict[str, Any]], label: str) -> list[str]:
     return lines
 
 
-def print_configs(specs: Sequence[RunSpec], describe: Callable[[RunSpec], str]) -> None:
-    """Prints each distinct configuration's accounting once (seed 0) before training."""
-    for spec in specs:
-        if spec.seed != specs[0].seed:
-            continue
-        cfg = config_lib.validate(spec.config)
-        acc = account(cfg.model, cfg.train.seq_len)
-        rho = "-" if acc.allocation_ratio is None else f"{acc.allocation_ratio:.3f}"
-        print(
-            f"{describe(spec)}: total {acc.total_params:,} | activated {acc.activated_params:,} | "
-            f"excl. embeddings {acc.total_params_excl_embeddings:,} / "
-            f"{acc.activated_params_excl_embeddings:,} | Engram tables "
-            f"{acc.engram_table_params:,} | rho {rho}",
-            flush=True,
-        )
-
-
 def evaluated_tokens(config: ml_collections.ConfigDict) -> int:
     """Tokens one evaluation of this config scores."""
     return config.eval_batches * config.batch_size * config.seq_len
@@ -228,19 +208,14 @@ def finish(
     print(f"wrote {workdir}/{RESULTS_FILE} and {SUMMARY_FILE}", flush=True)
 
 
-def header(
-    title: str,
-    experiment: str,
-    options: Options,
-    corpus: Corpus,
-    held_out: Sequence[str],
-    specs: Sequence[RunSpec],
-) -> tuple[list[str], dict[str, Any]]:
+def header(outcome: Outcome, title: str, experiment: str) -> tuple[list[str], dict[str, Any]]:
     """summary.md's first lines and the results.json keys every experiment writes
     (`eval_tokens`, `compression_floors`)."""
-    eval_tokens = evaluated_tokens(specs[0].config)
-    compression = floors_for(held_out, corpus, eval_tokens)
-    lines = summary_header(title, experiment, options, corpus, eval_tokens, compression)
+    eval_tokens = evaluated_tokens(outcome.specs[0].config)
+    compression = floors_for(outcome.held_out, outcome.corpus, eval_tokens)
+    lines = summary_header(
+        title, experiment, outcome.options, outcome.corpus, eval_tokens, compression
+    )
     return lines, {"eval_tokens": eval_tokens, "compression_floors": compression}
 
 

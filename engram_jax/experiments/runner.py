@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
@@ -329,3 +329,47 @@ def start(
     apply_overrides(base, options.overrides)
     corpus, train, held_out = setup(options, base)
     return options, base, corpus, train, held_out
+
+
+@dataclasses.dataclass
+class Outcome:
+    """A finished experiment: what its report reads."""
+
+    options: Options
+    corpus: Corpus
+    held_out: list[str]
+    specs: list[RunSpec]
+    runs: list[dict[str, Any]]
+
+
+def run_all(
+    options: Options,
+    corpus: Corpus,
+    held_out: list[str],
+    specs: list[RunSpec],
+    describe: Callable[[RunSpec], str],
+    allow_divergence: bool = False,
+) -> Outcome:
+    """Prints each configuration's accounting, then trains every run (`run_experiment`)."""
+    print_configs(specs, describe)
+    runs = run_experiment(options.workdir, specs, options.jobs, allow_divergence)
+    return Outcome(options, corpus, held_out, specs, runs)
+
+
+def print_configs(specs: Sequence[RunSpec], describe: Callable[[RunSpec], str]) -> None:
+    """Prints each distinct configuration's accounting once (the first seed) before training;
+    runs that `describe` names "" are left out (e.g. the same model at another budget)."""
+    for spec in specs:
+        label = describe(spec)
+        if spec.seed != specs[0].seed or not label:
+            continue
+        cfg = config_lib.validate(spec.config)
+        acc = account(cfg.model, cfg.train.seq_len)
+        rho = "-" if acc.allocation_ratio is None else f"{acc.allocation_ratio:.3f}"
+        print(
+            f"{label}: total {acc.total_params:,} | activated {acc.activated_params:,} | "
+            f"excl. embeddings {acc.total_params_excl_embeddings:,} / "
+            f"{acc.activated_params_excl_embeddings:,} | Engram tables "
+            f"{acc.engram_table_params:,} | rho {rho}",
+            flush=True,
+        )
