@@ -34,12 +34,11 @@ class PairedDifference:
 
     def verdict(self) -> str:
         if len(self.differences) < 2:
-            return (
-                f"{len(self.differences)} pair(s): no interval (undecided; needs 2 or more seeds)"
-            )
+            return "no interval from fewer than 2 pairs (undecided)"
         if not self.decided:
-            return "the interval contains zero: undecided at this budget"
-        return "the interval excludes zero: " + ("higher" if self.low > 0 else "lower")
+            return "the interval contains zero (undecided at this budget)"
+        side = "higher" if self.low > 0 else "lower"
+        return f"the interval excludes zero ({self.treatment} {side})"
 
 
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
