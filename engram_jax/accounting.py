@@ -220,22 +220,9 @@ def slice_counts(
     return total, activated
 
 
-def account(model_config: ModelConfig, seq_len: int) -> Accounting:
-    """Counts parameters and training FLOPs of `Transformer(model_config)` at `seq_len` tokens.
-
-    Pure arithmetic (plus the host-side prime search of the Engram table sizes).
-
-    Args:
-      model_config: the validated model config.
-      seq_len: T, the training sequence length (enters the attention FLOPs only).
-
-    Raises:
-      ValueError: seq_len < 1.
-    """
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"account: seq_len={seq_len!r}; expected an integer >= 1")
-    cfg = model_config
-    d, v, num_layers = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
+def _component_counts(cfg: ModelConfig) -> dict[str, list[int]]:
+    """`{component: [params, activated params, matmul MACs per token]}`, in model order."""
+    d, v = cfg.hidden_size, cfg.vocab_size
     parts: dict[str, list[int]] = {}
 
     def add(name: str, params: int, activated: int, macs: int) -> None:
@@ -251,7 +238,7 @@ def account(model_config: ModelConfig, seq_len: int) -> Accounting:
     else:
         add("lm_head", d * v, d * v, d * v)
 
-    attn_params, d_qk, d_v = _attention_counts(cfg)
+    attn_params, _, _ = _attention_counts(cfg)
     attn_macs = attn_params - _attention_norm_params(cfg)
     hc_params, hc_macs = _hc_site_counts(cfg.hc, d)
     e = cfg.moe
@@ -267,7 +254,7 @@ def account(model_config: ModelConfig, seq_len: int) -> Accounting:
     streams, stream_macs = _altup_stream_counts(cfg.hc, d)
     if streams:
         add("altup_streams", streams, streams, stream_macs)
-    for layer in range(num_layers):
+    for layer in range(cfg.num_layers):
         add("attention", attn_params, attn_params, attn_macs)
         add("hyper_connections", 2 * hc_params, 2 * hc_params, 2 * hc_macs)
         if cfg.hc.kind == "altup":
@@ -288,6 +275,27 @@ def account(model_config: ModelConfig, seq_len: int) -> Accounting:
             add("engram_tables", table, 0, 0)
             add("engram_other", other, other, macs)
     add("final_norm", d, d, 0)
+    return parts
+
+
+def account(model_config: ModelConfig, seq_len: int) -> Accounting:
+    """Counts parameters and training FLOPs of `Transformer(model_config)` at `seq_len` tokens.
+
+    Pure arithmetic (plus the host-side prime search of the Engram table sizes).
+
+    Args:
+      model_config: the validated model config.
+      seq_len: T, the training sequence length (enters the attention FLOPs only).
+
+    Raises:
+      ValueError: seq_len < 1.
+    """
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"account: seq_len={seq_len!r}; expected an integer >= 1")
+    cfg = model_config
+    d, v, num_layers = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
+    parts = _component_counts(cfg)
+    _, d_qk, d_v = _attention_counts(cfg)
 
     def get(name: str, field: int) -> int:
         return parts.get(name, [0, 0, 0])[field]

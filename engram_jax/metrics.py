@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 import jax
@@ -336,6 +336,14 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
             raise ValueError(f"{path}:{line_number}: not a JSON object: {e}") from e
         rows.append({k: (math.nan if v is None else v) for k, v in row.items()})
     return rows
+
+
+def last_by_step(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key` in `read_metrics` rows, one value per step in step order (a
+    resumed run logs some steps twice: the later row wins)."""
+    by_step = {int(r["step"]): float(r[key]) for r in rows if key in r}
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
 
 
 # (metric key, shown name) of the evaluation line, in order.

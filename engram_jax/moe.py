@@ -614,71 +614,27 @@ class MoE(nn.Module):
         """
         self._validate(x_BTD, mask_BT)
         b, t, d = x_BTD.shape
-        e, k, f = self.num_experts, self.top_k, self.expert_hidden_size
-
-        router_kernel = self.param(
-            "router_kernel",
-            nn.with_logical_partitioning(self.kernel_init, (axes.EMBED, None)),
-            (d, e),
-            self.param_dtype,
-        )
-        expert_init = _stacked(self.kernel_init)
-        in_axes = (axes.EXPERTS, axes.EMBED, axes.MLP)
-        out_axes = (axes.EXPERTS, axes.MLP, axes.EMBED)
-        w_gate = self.param(
-            "w_gate",
-            nn.with_logical_partitioning(expert_init, in_axes),
-            (e, d, f),
-            self.param_dtype,
-        )
-        w_up = self.param(
-            "w_up", nn.with_logical_partitioning(expert_init, in_axes), (e, d, f), self.param_dtype
-        )
-        w_down = self.param(
-            "w_down",
-            nn.with_logical_partitioning(expert_init, out_axes),
-            (e, f, d),
-            self.param_dtype,
-        )
-        bias_var = self.variable(
-            BIAS_COLLECTION,
-            "bias",
-            nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.EXPERTS,)),
-            jax.random.PRNGKey(0),  # unused by zeros; no draw from the "params" stream
-            (e,),
-            jnp.float32,
-        )
+        router_kernel, w_gate, w_up, w_down, bias_var = self._variables(d)
         bias_E = bias_var.value
 
         # Routing in float32 from the input as given (before any cast to a bf16 compute dtype).
         x_XD32 = x_BTD.reshape(b * t, d).astype(jnp.float32)
         logits_XE = x_XD32 @ router_kernel.astype(jnp.float32)  # [X, D] @ [D, E]
         scores_XE, gates_XK, experts_XK = route(
-            logits_XE, jax.lax.stop_gradient(bias_E), k, self.routed_scaling_factor
-        )
-
-        x_XD, w_gate, w_up, w_down = nn.dtypes.promote_dtype(
-            x_BTD.reshape(b * t, d), w_gate, w_up, w_down, dtype=self.dtype
+            logits_XE, jax.lax.stop_gradient(bias_E), self.top_k, self.routed_scaling_factor
         )
         valid_X = None if mask_BT is None else mask_BT.reshape(b * t) > 0
 
         def routed(m: int | None) -> tuple[jax.Array, jax.Array]:
             # MatFormer: every expert's first m hidden units ([:None] keeps them all).
-            wg, wu, wd = w_gate[:, :, :m], w_up[:, :, :m], w_down[:, :m]
-            if self.dispatch == "dropless":
-                y = expert_ffn_dropless(x_XD, experts_XK, gates_XK, wg, wu, wd, self.block_size)
-                return y, jnp.zeros((), jnp.float32)
-            if self.dispatch == "ragged":
-                y = expert_ffn_ragged(x_XD, experts_XK, gates_XK, wg, wu, wd)
-                return y, jnp.zeros((), jnp.float32)
-            capacity = expert_capacity(b * t, k, e, self.capacity_factor)
-            return expert_ffn_capacity(x_XD, experts_XK, gates_XK, wg, wu, wd, capacity, valid_X)
+            weights = (w_gate[:, :, :m], w_up[:, :, :m], w_down[:, :m])
+            return self._dispatch(x_BTD.reshape(b * t, d), experts_XK, gates_XK, weights, valid_X)
 
         routed_XD, dropped_fraction = at_width(routed, self.nested_widths, self.granularity)
         y_BTD = routed_XD.reshape(b, t, d)  # [X, D] -> [B, T, D]
         if self.num_shared_experts > 0:
             shared = MLP(
-                hidden_size=self.num_shared_experts * f,
+                hidden_size=self.num_shared_experts * self.expert_hidden_size,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 kernel_init=self.kernel_init,
@@ -689,6 +645,84 @@ class MoE(nn.Module):
             y_BTD = y_BTD + shared(x_BTD)
         y_BTD = nn.with_logical_constraint(y_BTD, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
 
+        stats = self._routing_stats(scores_XE, experts_XK, valid_X, mask_BT, (b, t))
+        stats["dropped_fraction"] = dropped_fraction
+        if (
+            self.bias_update_rate > 0
+            and self.is_mutable_collection(BIAS_COLLECTION)
+            and not self.is_initializing()
+        ):
+            bias_var.value = update_router_bias(
+                bias_E, jax.lax.stop_gradient(stats["load"]), self.bias_update_rate
+            )
+        return y_BTD.astype(self.dtype), stats
+
+    def _variables(self, d: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, Any]:
+        """The router, the stacked routed experts and the balancing-bias variable, declared in
+        this order (the order fixes each parameter's init draw)."""
+        e, f = self.num_experts, self.expert_hidden_size
+        router_kernel = self.param(
+            "router_kernel",
+            nn.with_logical_partitioning(self.kernel_init, (axes.EMBED, None)),
+            (d, e),
+            self.param_dtype,
+        )
+        expert_init = _stacked(self.kernel_init)
+
+        def expert_weights(name: str, logical_axes: tuple, shape: tuple[int, ...]) -> jax.Array:
+            init = nn.with_logical_partitioning(expert_init, logical_axes)
+            return self.param(name, init, shape, self.param_dtype)
+
+        w_gate = expert_weights("w_gate", (axes.EXPERTS, axes.EMBED, axes.MLP), (e, d, f))
+        w_up = expert_weights("w_up", (axes.EXPERTS, axes.EMBED, axes.MLP), (e, d, f))
+        w_down = expert_weights("w_down", (axes.EXPERTS, axes.MLP, axes.EMBED), (e, f, d))
+        bias_var = self.variable(
+            BIAS_COLLECTION,
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.EXPERTS,)),
+            jax.random.PRNGKey(0),  # unused by zeros; no draw from the "params" stream
+            (e,),
+            jnp.float32,
+        )
+        return router_kernel, w_gate, w_up, w_down, bias_var
+
+    def _dispatch(
+        self,
+        x_XD: jax.Array,
+        experts_XK: jax.Array,
+        gates_XK: jax.Array,
+        weights: tuple[jax.Array, jax.Array, jax.Array],
+        valid_X: jax.Array | None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """`(routed_XD, dropped_fraction)`: the gated routed experts' sum per token, in `dtype`,
+        by the configured dispatch."""
+        x_XD, w_gate, w_up, w_down = nn.dtypes.promote_dtype(x_XD, *weights, dtype=self.dtype)
+        if self.dispatch == "dropless":
+            routed_XD = expert_ffn_dropless(
+                x_XD, experts_XK, gates_XK, w_gate, w_up, w_down, self.block_size
+            )
+            return routed_XD, jnp.zeros((), jnp.float32)
+        if self.dispatch == "ragged":
+            routed_XD = expert_ffn_ragged(x_XD, experts_XK, gates_XK, w_gate, w_up, w_down)
+            return routed_XD, jnp.zeros((), jnp.float32)
+        capacity = expert_capacity(
+            x_XD.shape[0], self.top_k, self.num_experts, self.capacity_factor
+        )
+        return expert_ffn_capacity(
+            x_XD, experts_XK, gates_XK, w_gate, w_up, w_down, capacity, valid_X
+        )
+
+    def _routing_stats(
+        self,
+        scores_XE: jax.Array,
+        experts_XK: jax.Array,
+        valid_X: jax.Array | None,
+        mask_BT: jax.Array | None,
+        batch_shape: tuple[int, int],
+    ) -> dict[str, jax.Array]:
+        """Load, slot counts, violation and the weighted balance loss of the unmasked tokens."""
+        b, t = batch_shape
+        e, k = self.num_experts, self.top_k
         if valid_X is None:
             tokens_per_expert_E = jnp.bincount(experts_XK.reshape(-1), length=e)
             num_slots = jnp.asarray(b * t * k, jnp.float32)
@@ -706,19 +740,9 @@ class MoE(nn.Module):
             )
         else:
             balance_loss = jnp.zeros((), jnp.float32)
-        if (
-            self.bias_update_rate > 0
-            and self.is_mutable_collection(BIAS_COLLECTION)
-            and not self.is_initializing()
-        ):
-            bias_var.value = update_router_bias(
-                bias_E, jax.lax.stop_gradient(load_E), self.bias_update_rate
-            )
-        stats = {
+        return {
             "load": load_E,
             "tokens_per_expert": tokens_per_expert_E,
             "max_violation": jnp.max(load_E) * e - 1.0,
             "balance_loss": balance_loss,
-            "dropped_fraction": dropped_fraction,
         }
-        return y_BTD.astype(self.dtype), stats

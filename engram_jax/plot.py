@@ -53,6 +53,19 @@ def _new_figure(panels: int = 1):
     return figure, axes
 
 
+def _finish(
+    figure, axes: Sequence, out_dir: str, name: str, *, legend: bool = True, grid_which="major"
+) -> str:
+    """Grids (and legends) the panels, writes `<out_dir>/<name>` and returns its path."""
+    for ax in axes:
+        ax.grid(alpha=0.3, which=grid_which)
+        if legend:
+            ax.legend(fontsize="small")
+    path = os.path.join(out_dir, name)
+    _save(figure, path)
+    return path
+
+
 def _save(figure, path: str) -> None:
     """Writes the PNG so that no reader sees half a file: a local file under a temporary name,
     then renamed; a URL (gs://, through etils.epath) as one object write."""
@@ -94,12 +107,7 @@ def _plot_loss(runs: dict[str, list[dict]], out_dir: str) -> str | None:
     loss_ax.set_ylabel("cross-entropy (nats / token)")
     bpb_ax.set_ylabel("eval bits per byte")
     bpb_ax.set_xlabel("step")
-    for ax in (loss_ax, bpb_ax):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    path = os.path.join(out_dir, "loss.png")
-    _save(figure, path)
-    return path
+    return _finish(figure, (loss_ax, bpb_ax), out_dir, "loss.png")
 
 
 def _plot_gates(runs: dict[str, list[dict]], out_dir: str) -> str | None:
@@ -125,11 +133,7 @@ def _plot_gates(runs: dict[str, list[dict]], out_dir: str) -> str | None:
     ax.set_xlabel("step")
     ax.set_ylabel("mean gate (training batch)")
     ax.set_title("Engram gate per Engram layer (#i = i-th entry of engram.layer_ids)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    path = os.path.join(out_dir, "engram_gate.png")
-    _save(figure, path)
-    return path
+    return _finish(figure, (ax,), out_dir, "engram_gate.png")
 
 
 def _plot_hc(runs: dict[str, list[dict]], out_dir: str) -> str | None:
@@ -158,11 +162,7 @@ def _plot_hc(runs: dict[str, list[dict]], out_dir: str) -> str | None:
     ax.set_xlabel("step")
     ax.set_ylabel("composite Amax gain")
     ax.set_title("Residual mixing, bottom to top (1 = no amplification)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize="small")
-    path = os.path.join(out_dir, "hc_amax_gain.png")
-    _save(figure, path)
-    return path
+    return _finish(figure, (ax,), out_dir, "hc_amax_gain.png", grid_which="both")
 
 
 def _plot_moe(runs: dict[str, list[dict]], out_dir: str) -> str | None:
@@ -176,12 +176,7 @@ def _plot_moe(runs: dict[str, list[dict]], out_dir: str) -> str | None:
     ax.set_xlabel("step")
     ax.set_ylabel("max load x experts - 1")
     ax.set_title("MoE load violation (0 = perfectly balanced), mean over MoE layers")
-    ax.grid(alpha=0.3)
-    if many:
-        ax.legend(fontsize="small")
-    path = os.path.join(out_dir, "moe_load.png")
-    _save(figure, path)
-    return path
+    return _finish(figure, (ax,), out_dir, "moe_load.png", legend=many)
 
 
 def draw_plots(workdirs: str | Sequence[str], out_dir: str | None = None) -> list[str]:

@@ -153,3 +153,33 @@ def test_saved_config_round_trips_and_fills_keys_it_predates():
         config_lib.ConfigError, match=r"checkpoint config\.model\.engram\.table_sise"
     ):
         config_lib.from_saved(saved)
+
+
+def test_every_declared_key_reaches_a_dataclass_field_and_back():
+    """The per-section declarers and the frozen dataclasses name the same keys: a key declared
+    without a field (or a field without a key) would be dropped or fail at validate()."""
+    import dataclasses
+
+    def declared(section) -> set[str]:
+        return {k for k, v in section.items() if not isinstance(v, type(section))}
+
+    def fields(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    c = config_lib.base_config()
+    nested = {"attention", "moe", "engram", "hc"}
+    assert declared(c) == fields(config_lib.TrainConfig)
+    assert declared(c.model) == fields(config_lib.ModelConfig) - nested
+    assert declared(c.mesh) == fields(config_lib.MeshConfig)
+    for name, cls in (
+        ("attention", config_lib.AttentionConfig),
+        ("moe", config_lib.MoeConfig),
+        ("engram", config_lib.EngramConfig),
+        ("hc", config_lib.HyperConfig),
+    ):
+        assert declared(c.model[name]) == fields(cls), name
+    # The loading and saving helpers are the same objects under both module names.
+    from engram_jax import config_dicts
+
+    assert config_lib.load_config_file is config_dicts.load_config_file
+    assert config_lib.ConfigError is config_dicts.ConfigError

@@ -28,6 +28,18 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5) -> fl
     return statistics.median(samples)
 
 
+def interleaved_samples(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Wall-clock seconds of each `fn()` (waiting for the device), timed in turn, round after
+    round, so that a change of machine load hits every variant alike."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            _block(fn())
+            samples[name].append(time.perf_counter() - start)
+    return samples
+
+
 def machine_description() -> str:
     """One line naming the CPU model, core count and JAX backend devices."""
     cpu = platform.processor() or platform.machine()

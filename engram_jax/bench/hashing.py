@@ -27,7 +27,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from engram_jax import hashing  # noqa: E402
-from engram_jax.bench._timing import machine_description  # noqa: E402
+from engram_jax.bench._timing import interleaved_samples, machine_description  # noqa: E402
 from engram_jax.hashing import NgramHasher  # noqa: E402
 
 
@@ -114,12 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             ids_BT, num_threads=args.threads
         ),
     }
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
+    samples = interleaved_samples(runs, args.repeats)
     med_ref, min_ref = statistics.median(samples["reference"]), min(samples["reference"])
     print("| variant | tokens/s (median) | ms (median) | ms (min) | x ref (median) | x ref (min) |")
     print("|---|---:|---:|---:|---:|---:|")

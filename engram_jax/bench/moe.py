@@ -14,15 +14,15 @@ only to show what "no dense compute" saves.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from engram_jax import moe
-from engram_jax.bench._timing import machine_description, print_table
+from engram_jax.bench._timing import interleaved_samples, machine_description, print_table
 
 
 def _dense_routed(x_XD, experts_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD):
@@ -36,7 +36,7 @@ def _dense_routed(x_XD, experts_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD):
     return jnp.einsum("xe,xed->xd", gates_XE, y_XED.astype(jnp.float32)).astype(x_XD.dtype)
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=1024)
@@ -52,8 +52,87 @@ def main() -> None:
     parser.add_argument(
         "--skip_ragged", action="store_true", help="leave out ragged (slow on CPU: ~30x)"
     )
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def _names(args: argparse.Namespace) -> dict[str, str]:
+    """The variants' printed names by role."""
+    e, k = args.experts, args.top_k
+    return {
+        "dropless": f"dropless, block {args.block_size} (default)",
+        "capacity": f"capacity cf={args.capacity_factor:g} (old default)",
+        "never_drops": f"capacity cf=E/K={e / k:g} (never drops)",
+        "ragged": "ragged (lax.ragged_dot)",
+    }
+
+
+def _routed_outputs(args, params, bias_vars, x_BTD) -> tuple[dict[str, tuple], jax.Array]:
+    """Routed outputs (and dropped slots) of each dispatch function, and the dense all-experts
+    reference they are compared with."""
+    b, t, d = x_BTD.shape
+    names = _names(args)
+    x_XD = x_BTD.reshape(b * t, d).astype(args.dtype)
+    logits_XE = x_BTD.reshape(b * t, d) @ params["router_kernel"]
+    _, gates_XK, experts_XK = moe.route(logits_XE, bias_vars["bias"], args.top_k)
+    w = [params[n].astype(args.dtype) for n in ("w_gate", "w_up", "w_down")]
+    reference_XD = jax.jit(_dense_routed)(x_XD, experts_XK, gates_XK, *w)
+    capacity = moe.expert_capacity(b * t, args.top_k, args.experts, args.capacity_factor)
+    no_drops = jnp.zeros(())
+    routed = {
+        names["dropless"]: (
+            moe.expert_ffn_dropless(x_XD, experts_XK, gates_XK, *w, args.block_size),
+            no_drops,
+        ),
+        names["capacity"]: moe.expert_ffn_capacity(x_XD, experts_XK, gates_XK, *w, capacity),
+        names["never_drops"]: moe.expert_ffn_capacity(x_XD, experts_XK, gates_XK, *w, b * t),
+    }
+    if not args.skip_ragged:
+        routed[names["ragged"]] = (
+            moe.expert_ffn_ragged(x_XD, experts_XK, gates_XK, *w),
+            no_drops,
+        )
+    return routed, reference_XD
+
+
+def _timed_steps(args, base: moe.MoE, bias_vars, shape: tuple[int, int, int]) -> dict:
+    """`jit(value_and_grad)` of `sum(y**2)` (plus the balance loss) for every dispatch and for
+    the dense all-experts computation."""
+    b, t, d = shape
+    names = _names(args)
+    variants = {
+        names["dropless"]: base.clone(dispatch="dropless", block_size=args.block_size),
+        names["capacity"]: base.clone(dispatch="capacity", capacity_factor=args.capacity_factor),
+        names["never_drops"]: base.clone(
+            dispatch="capacity", capacity_factor=args.experts / args.top_k
+        ),
+    }
+    if not args.skip_ragged:
+        variants[names["ragged"]] = base.clone(dispatch="ragged")
+
+    def loss(p, x, module):
+        y, stats = module.apply({"params": p, "moe_bias": bias_vars}, x)
+        return jnp.sum(jnp.square(y.astype(jnp.float32))) + stats["balance_loss"]
+
+    def dense_loss(p, x):
+        x_XD = x.reshape(b * t, d).astype(args.dtype)
+        _, gates_XK, experts_XK = moe.route(
+            x.reshape(b * t, d) @ p["router_kernel"], bias_vars["bias"], args.top_k
+        )
+        ws = [p[n].astype(args.dtype) for n in ("w_gate", "w_up", "w_down")]
+        return jnp.sum(
+            jnp.square(_dense_routed(x_XD, experts_XK, gates_XK, *ws).astype(jnp.float32))
+        )
+
+    timed = {
+        name: jax.jit(jax.value_and_grad(lambda p, x, m=m: loss(p, x, m), argnums=(0, 1)))
+        for name, m in variants.items()
+    }
+    timed["dense all-experts (reference)"] = jax.jit(jax.value_and_grad(dense_loss, argnums=(0, 1)))
+    return timed
+
+
+def main() -> None:
+    args = _parse_args()
     b, t, d, e, k, f = args.batch, args.seq, args.d, args.experts, args.top_k, args.ffn
     x_BTD = jax.random.normal(jax.random.PRNGKey(1), (b, t, d), jnp.float32)
     base = moe.MoE(
@@ -66,70 +145,15 @@ def main() -> None:
     variables = nn.meta.unbox(base.init(jax.random.PRNGKey(0), x_BTD))
     params, bias_vars = variables["params"], variables["moe_bias"]
 
-    capacity_name = f"capacity cf={args.capacity_factor:g} (old default)"
-    dropless_name = f"dropless, block {args.block_size} (default)"
-    variants = {
-        dropless_name: base.clone(dispatch="dropless", block_size=args.block_size),
-        capacity_name: base.clone(dispatch="capacity", capacity_factor=args.capacity_factor),
-        f"capacity cf=E/K={e / k:g} (never drops)": base.clone(
-            dispatch="capacity", capacity_factor=e / k
-        ),
-    }
-    if not args.skip_ragged:
-        variants["ragged (lax.ragged_dot)"] = base.clone(dispatch="ragged")
-
     # Correctness: routed outputs of each dispatch against the dense all-experts reference.
-    x_XD = x_BTD.reshape(b * t, d).astype(args.dtype)
-    logits_XE = x_BTD.reshape(b * t, d) @ params["router_kernel"]
-    _, gates_XK, experts_XK = moe.route(logits_XE, bias_vars["bias"], k)
-    w = [params[n].astype(args.dtype) for n in ("w_gate", "w_up", "w_down")]
-    reference_XD = jax.jit(_dense_routed)(x_XD, experts_XK, gates_XK, *w)
-    capacity = moe.expert_capacity(b * t, k, e, args.capacity_factor)
-    no_drops = jnp.zeros(())
-    routed = {
-        dropless_name: (
-            moe.expert_ffn_dropless(x_XD, experts_XK, gates_XK, *w, args.block_size),
-            no_drops,
-        ),
-        capacity_name: moe.expert_ffn_capacity(x_XD, experts_XK, gates_XK, *w, capacity),
-        f"capacity cf=E/K={e / k:g} (never drops)": moe.expert_ffn_capacity(
-            x_XD, experts_XK, gates_XK, *w, b * t
-        ),
-    }
-    if not args.skip_ragged:
-        routed["ragged (lax.ragged_dot)"] = (
-            moe.expert_ffn_ragged(x_XD, experts_XK, gates_XK, *w),
-            no_drops,
-        )
+    routed, reference_XD = _routed_outputs(args, params, bias_vars, x_BTD)
     scale = float(jnp.abs(reference_XD.astype(jnp.float32)).max())
-
-    def loss(p, x, module):
-        y, stats = module.apply({"params": p, "moe_bias": bias_vars}, x)
-        return jnp.sum(jnp.square(y.astype(jnp.float32))) + stats["balance_loss"]
-
-    def dense_loss(p, x):
-        x_XD = x.reshape(b * t, d).astype(args.dtype)
-        _, gates_XK, experts_XK = moe.route(
-            x.reshape(b * t, d) @ p["router_kernel"], bias_vars["bias"], k
-        )
-        ws = [p[n].astype(args.dtype) for n in ("w_gate", "w_up", "w_down")]
-        return jnp.sum(
-            jnp.square(_dense_routed(x_XD, experts_XK, gates_XK, *ws).astype(jnp.float32))
-        )
-
-    timed = {
-        name: jax.jit(jax.value_and_grad(lambda p, x, m=m: loss(p, x, m), argnums=(0, 1)))
-        for name, m in variants.items()
-    }
-    timed["dense all-experts (reference)"] = jax.jit(jax.value_and_grad(dense_loss, argnums=(0, 1)))
-    samples: dict[str, list[float]] = {name: [] for name in timed}
+    timed = _timed_steps(args, base, bias_vars, (b, t, d))
     for fn in timed.values():
         jax.block_until_ready(fn(params, x_BTD))  # compile and warm up
-    for _ in range(args.repeats):
-        for name, fn in timed.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(params, x_BTD))
-            samples[name].append(time.perf_counter() - start)
+    samples = interleaved_samples(
+        {name: functools.partial(fn, params, x_BTD) for name, fn in timed.items()}, args.repeats
+    )
 
     rows = []
     for name, times in samples.items():
@@ -141,6 +165,7 @@ def main() -> None:
             row["rel. err vs dense"] = diff / scale
             row["dropped slots"] = float(dropped)
         rows.append(row)
+    capacity_name = _names(args)["capacity"]
     capacity_tokens = next(r["tokens/s"] for r in rows if r["variant"] == capacity_name)
     for row in rows:
         row["vs capacity"] = row["tokens/s"] / capacity_tokens
@@ -148,20 +173,12 @@ def main() -> None:
     print(machine_description())
     print(
         f"MoE fwd+bwd: B={b} T={t} D={d} E={e} K={k} F={f} shared={args.shared} "
-        f"dtype={args.dtype}; capacity C={capacity}; dropless block "
-        f"{moe.dropless_block_size(b * t * k, e, args.block_size)}; {args.repeats} rounds"
+        f"dtype={args.dtype}; capacity C={moe.expert_capacity(b * t, k, e, args.capacity_factor)}"
+        f"; dropless block {moe.dropless_block_size(b * t * k, e, args.block_size)}; "
+        f"{args.repeats} rounds"
     )
-    print_table(
-        rows,
-        [
-            "variant",
-            "ms",
-            "tokens/s",
-            "vs capacity",
-            "rel. err vs dense",
-            "dropped slots",
-        ],
-    )
+    columns = ["variant", "ms", "tokens/s", "vs capacity", "rel. err vs dense", "dropped slots"]
+    print_table(rows, columns)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ uniform). The last two lines are the summary.
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import os
 import statistics
@@ -69,7 +68,7 @@ from engram_jax.bench._timing import machine_description, print_table
 from engram_jax.engram import head_offsets
 from engram_jax.generate import DecodeStep
 from engram_jax.model import Transformer, engram_table_sizes
-from engram_jax.tables import device_step, host_tables, row_files
+from engram_jax.tables import device_step, host_tables, initializers, row_files
 from engram_jax.tables.row_optim import RowOptimizer
 
 # Backbones around the Engram layer. The offload penalty is the host's per-step cost over the
@@ -157,33 +156,14 @@ def _table_shape(cfg: config_lib.Config) -> tuple[int, int]:
     return int(sum(sizes)), cfg.model.engram.row_width
 
 
-def _device_table(shape: tuple[int, int], block_rows: int = 1 << 20) -> jax.Array:
-    """N(0, 1) rows drawn block by block into one donated buffer: peak is the table plus a block
-    (one `jax.random.normal` of the whole table held its random bits and temporaries too, ~4x the
-    table at 1B parameters, which a shared 24 GiB machine cannot spare)."""
-    rows, width = shape
-    block_rows = min(block_rows, rows)
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def fill(table_RW, key, start):
-        block_BW = jax.random.normal(key, (block_rows, width), jnp.float32)
-        # The last block is clamped to end at the table's end (it overlaps the one before).
-        return jax.lax.dynamic_update_slice(table_RW, block_BW, (start, 0))
-
-    table_RW = jnp.zeros(shape, jnp.float32)
-    key = jax.random.PRNGKey(1)
-    for start in range(0, rows, block_rows):
-        table_RW = fill(table_RW, jax.random.fold_in(key, start), jnp.int32(start))
-    return table_RW
-
-
-def _host_table(shape: tuple[int, int], block_rows: int = 1 << 20) -> np.ndarray:
-    """N(0, 1) rows filled block by block (no table-sized temporaries)."""
-    table = np.empty(shape, np.float32)
-    rng = np.random.default_rng(1)
-    for start in range(0, shape[0], block_rows):
-        rng.standard_normal(out=table[start : start + block_rows], dtype=np.float32)
-    return table
+def _table(path: tuple[str, ...], shape: tuple[int, int], *, on_host: bool = False) -> Any:
+    """The trainer's own N(0, 1) table (`tables.initializers`, keyed by the table's path): built
+    in row chunks, so the peak is the table plus a chunk (one `jax.random.normal` of the whole
+    table would hold ~4x the table at 1B parameters); on the host, the same values in numpy."""
+    key = initializers.table_key(jax.random.PRNGKey(0), "/".join(path))
+    if on_host:
+        return initializers.init_host_table(key, shape)
+    return initializers.init_table(key, shape)
 
 
 def table_scaling(rows_base: int, steps: int, warmup: int) -> list[dict[str, Any]]:
@@ -208,7 +188,7 @@ def table_scaling(rows_base: int, steps: int, warmup: int) -> list[dict[str, Any
         schedule = optax.constant_schedule(1e-3)
         for kind in ("sparse", "dense"):
             state = _dense_state(cfg, dense_tx)
-            memory = device_step.set_path({}, path, _device_table(shape))
+            memory = device_step.set_path({}, path, _table(path, shape))
             if kind == "sparse":
                 table_opt = RowOptimizer(kind="adam", learning_rate=5e-3)
                 fn = device_step.make_sparse_train_step(model, dense_tx, table_opt, schedule)
@@ -376,7 +356,7 @@ def offload(
 
     # Both placements' tables coexist here (2 x 4.3 GB at 1B parameters): the interleaving
     # needs both, and each is drawn block by block.
-    memory = device_step.set_path({}, path, _device_table(shape))
+    memory = device_step.set_path({}, path, _table(path, shape))
     device = {
         "state": _dense_state(cfg, dense_tx).replace(
             memory=memory, memory_opt_state=table_opt.init(memory)
@@ -390,7 +370,7 @@ def offload(
     host = {
         "state": _dense_state(cfg, dense_tx),
         "trainer": host_tables.HostTableTrainer(
-            host_tables.HostTables({path: _host_table(shape)}, table_opt),
+            host_tables.HostTables({path: _table(path, shape, on_host=True)}, table_opt),
             jax.jit(device_step.make_row_grad_step(model, dense_tx, schedule)),
         ),
     }

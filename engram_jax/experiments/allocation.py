@@ -2,23 +2,26 @@
 parameters, at two compute budgets.
 
     python -m engram_jax.experiments.allocation --data_path=PATH --workdir=DIR --steps=N \
-        --seeds=K [--jobs=J] [--rhos=1.0,0.9,0.8,0.7,0.6,0.4] [--budgets=1,3]
+        --seeds=K [--jobs=J] [--rhos=1.0,0.9,0.8,0.7,0.6,0.4] [--budgets=1,3] \
+        [--updates_per_row=U]
 
 rho is the share of the sparse budget (the routed experts a token does not use, plus the Engram
 tables) kept in routed experts; the rest becomes Engram table rows (docs/design.md §1.9). Every
 point has the same total and activated parameters (`sizing.with_allocation`); the realised rho
 differs slightly from the requested one because experts come whole. A budget multiplier m trains
 for m x --steps steps (m x the compute of the same model). Mirrors the Engram paper's allocation
-figure (a U-shaped loss with its minimum near rho = 75-80% at 2e20 and 6e20 FLOPs).
+figure (a U-shaped loss with its minimum near rho = 75-80% at 2e20 and 6e20 FLOPs). With
+`--updates_per_row`, table rows are sized for that target at the base budget (--steps) and every
+budget trains the same models.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import ml_collections
 
-from engram_jax.experiments import common, iso_param, sizing
+from engram_jax.experiments import budget, iso_param, report, runner, sizing
+from engram_jax.experiments.heldout import Corpus
+from engram_jax.experiments.options import Options
 
 NAME = "allocation"
 
@@ -38,49 +41,54 @@ def parse_floats(text: str, flag: str) -> list[float]:
     return values
 
 
+def config_label(multiple: float, rho: float) -> str:
+    return f"b{multiple:g}-rho{rho:g}"
+
+
 def build_specs(
-    options: common.Options,
-    corpus: common.Corpus,
+    options: Options,
+    corpus: Corpus,
     base: ml_collections.ConfigDict,
     rhos: list[float],
     budgets: list[float],
-) -> list[common.RunSpec]:
+) -> list[runner.RunSpec]:
+    probe = runner.training_config(sizing.with_allocation(base, min(rhos)), options, corpus)
+    rows = budget.planned_rows(probe, options.updates_per_row) if min(rhos) < 1 else None
     specs = []
-    for budget in budgets:
-        steps = max(1, round(budget * options.steps))
+    for multiple in budgets:
+        steps = max(1, round(multiple * options.steps))
         for rho in rhos:
-            model = sizing.with_allocation(base, rho)
+            model = sizing.with_allocation(base, rho, rows)
             for seed in range(options.seeds):
-                config = common.training_config(model, options, corpus, steps=steps, seed=seed)
-                labels = {"budget": budget, "rho_target": rho, "config": f"b{budget:g}-rho{rho:g}"}
-                specs.append(
-                    common.RunSpec(f"b{budget:g}x-rho{rho:.2f}-s{seed}", seed, config, labels)
-                )
+                config = runner.training_config(model, options, corpus, steps=steps, seed=seed)
+                labels = {
+                    "budget": multiple,
+                    "rho_target": rho,
+                    "config": config_label(multiple, rho),
+                }
+                name = f"b{multiple:g}x-rho{rho:.2f}-s{seed}"
+                specs.append(runner.RunSpec(name, seed, config, labels, f"b{multiple:g}-s{seed}"))
     return specs
 
 
-def report(
-    options: common.Options,
-    corpus: common.Corpus,
-    held_out: list[str],
-    specs: list[common.RunSpec],
-    runs: list[dict[str, Any]],
-) -> None:
+def comparisons(rhos: list[float], budgets: list[float]) -> list[tuple[str, str]]:
+    """Every rho against the MoE baseline (rho = 1, else the largest rho) of its budget."""
+    reference = 1.0 if 1.0 in rhos else max(rhos)
+    return [
+        (config_label(b, rho), config_label(b, reference))
+        for b in budgets
+        for rho in rhos
+        if rho != reference
+    ]
+
+
+def _plot(options: Options, points: dict[float, list[tuple[float, float, float]]]) -> str:
+    """Loss against realised rho per budget, each budget's minimum starred."""
     from engram_jax.experiments import plots
 
-    workdir = options.workdir
-    eval_tokens = common.evaluated_tokens(specs[0].config)
-    compression = common.floors_for(held_out, corpus, eval_tokens)
-    points: dict[float, list[tuple[float, float, float]]] = {}
-    for budget, members in common.group(runs, "budget").items():
-        for _, same in common.group(members, "rho_target").items():
-            loss = common.mean_std([r["final_eval_loss"] for r in same])
-            points.setdefault(budget, []).append((same[0]["allocation_ratio"], *loss))
     fig, axes = plots.new_figure()
     ax = axes[0, 0]
-    minima = {}
-    for i, (budget, pts) in enumerate(points.items()):
-        pts.sort()
+    for i, (multiple, pts) in enumerate(points.items()):
         rho = [100 * p[0] for p in pts]
         ax.errorbar(
             rho,
@@ -89,10 +97,9 @@ def report(
             marker="o",
             capsize=4,
             color=f"C{i}",
-            label=f"{budget:g} x {options.steps} steps",
+            label=f"{multiple:g} x {options.steps} steps",
         )
         best = min(pts, key=lambda p: p[1])
-        minima[budget] = best
         ax.plot(
             [100 * best[0]],
             [best[1]],
@@ -107,78 +114,74 @@ def report(
     ax.set_title("Sparsity allocation at fixed total and activated parameters (* = minimum)")
     ax.invert_xaxis()
     ax.legend()
-    png = plots.save(fig, workdir, "allocation.png")
+    return plots.save(fig, options.workdir, "allocation.png")
 
-    lines = common.summary_header(
-        "Sparsity allocation: validation loss against rho",
-        NAME,
-        options,
-        corpus,
-        eval_tokens,
-        compression,
-    )
+
+def report_runs(outcome: runner.Outcome, pairs: list[tuple[str, str]]) -> None:
+    title = "Sparsity allocation: validation loss against rho"
+    lines, extra = report.header(outcome, title, NAME)
+    options, runs = outcome.options, outcome.runs
+    points: dict[float, list[tuple[float, float, float]]] = {}
+    for multiple, members in report.group(runs, "budget").items():
+        for _, same in report.group(members, "rho_target").items():
+            loss = report.mean_std([r["final_eval_loss"] for r in same])
+            points.setdefault(multiple, []).append((same[0]["allocation_ratio"], *loss))
+    for pts in points.values():
+        pts.sort()
+    minima = {b: min(pts, key=lambda p: p[1]) for b, pts in points.items()}
+    png = _plot(options, points)
+    first_budget = [r for r in runs if r["budget"] == runs[0]["budget"]]
     lines += [
         "Every point has the same total and activated parameters (the routed experts a token "
         "does not use move into Engram table rows; Engram's activated projections are paid for "
         "by a narrower dense FFN layer). rho below is the realised ratio from the accounting.",
         "",
-        *common.accounting_table([r for r in runs if r["budget"] == runs[0]["budget"]], "config"),
+        *report.accounting_table(first_budget, "config"),
+        "",
+        *report.budget_table(runs, "config"),
         "",
         "| budget | rho (realised) | routed experts | seeds | final eval loss | bits/byte |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    config_by_name = {s.name: s.config for s in specs}
-    for budget, members in common.group(runs, "budget").items():
-        for _, same in common.group(members, "rho_target").items():
+    config_by_name = {s.name: s.config for s in outcome.specs}
+    for multiple, members in report.group(runs, "budget").items():
+        for _, same in report.group(members, "rho_target").items():
             cfg = config_by_name[same[0]["name"]]
-            loss = common.mean_std([r["final_eval_loss"] for r in same])
-            bpb = common.mean_std([r["eval_bits_per_byte"] for r in same])
             lines.append(
-                f"| {budget:g} x {options.steps} steps | {same[0]['allocation_ratio']:.3f} | "
-                f"{cfg.model.moe.num_experts} | {len(same)} | {loss[0]:.4f} ± {loss[1]:.4f} | "
-                f"{bpb[0]:.4f} ± {bpb[1]:.4f} |"
+                f"| {multiple:g} x {options.steps} steps | {same[0]['allocation_ratio']:.3f} | "
+                f"{cfg.model.moe.num_experts} | {report.loss_columns(same)} |"
             )
     lines.append("")
-    for budget, best in minima.items():
-        lines.append(f"- budget {budget:g}x: lowest loss {best[1]:.4f} at rho = {best[0]:.3f}")
-    lines += ["", f"![allocation]({png})", ""]
-    common.write_summary(workdir, lines)
-    common.write_results(
-        workdir,
-        NAME,
-        runs,
-        eval_tokens=eval_tokens,
-        compression_floors=compression,
-        minima={f"{b:g}": {"rho": p[0], "loss": p[1]} for b, p in minima.items()},
-    )
+    for multiple, best in minima.items():
+        lines.append(f"- budget {multiple:g}x: lowest loss {best[1]:.4f} at rho = {best[0]:.3f}")
+    lines += ["", *report.paired_lines(runs, "config", pairs), "", f"![allocation]({png})", ""]
+    minima_json = {f"{b:g}": {"rho": p[0], "loss": p[1]} for b, p in minima.items()}
+    report.finish(options.workdir, NAME, lines, runs, minima=minima_json, **extra)
 
 
 def main(argv: list[str]) -> None:
     from absl import flags
 
     del argv
-    options = common.Options.from_flags()
     rhos = parse_floats(flags.FLAGS.rhos, "rhos")
     budgets = parse_floats(flags.FLAGS.budgets, "budgets")
-    base = base_config()
-    common.apply_overrides(base, options.overrides)
-    corpus, _, held_out = common.setup(options, base)
+    options, base, corpus, _, held_out = runner.start(base_config())
     specs = build_specs(options, corpus, base, rhos, budgets)
-    common.print_configs(
-        [s for s in specs if s.labels["budget"] == budgets[0]],
-        lambda s: f"rho {s.labels['rho_target']:g}",
-    )
-    runs = common.run_experiment(options.workdir, specs, options.jobs)
-    report(options, corpus, held_out, specs, runs)
-    print(f"wrote {options.workdir}/{common.RESULTS_FILE} and {common.SUMMARY_FILE}", flush=True)
+
+    def describe(spec: runner.RunSpec) -> str:  # printed once per rho (the first budget)
+        return f"rho {spec.labels['rho_target']:g}" if spec.labels["budget"] == budgets[0] else ""
+
+    outcome = runner.run_all(options, corpus, held_out, specs, describe)
+    report_runs(outcome, comparisons(rhos, budgets))
 
 
 if __name__ == "__main__":
     from absl import flags
 
     from engram_jax import cli
+    from engram_jax.experiments.options import define_flags
 
-    common.define_flags(default_steps=300, default_seeds=1)
+    define_flags(default_steps=300, default_seeds=1, tables=True)
     flags.DEFINE_string("rhos", "1.0,0.9,0.8,0.7,0.6,0.4", "Requested allocation ratios.")
     flags.DEFINE_string("budgets", "1,3", "Compute budgets as multiples of --steps.")
     cli.run(main)

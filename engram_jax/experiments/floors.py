@@ -27,7 +27,7 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     from engram_jax import data as data_lib
-    from engram_jax.experiments.common import split_text
+    from engram_jax.experiments.heldout import split_text
 
     del argv
     f = flags.FLAGS

@@ -1,7 +1,7 @@
 """What a trained Engram model's gate does, and what switching the memory off costs.
 
     python -m engram_jax.experiments.gate_analysis --data_path=PATH --workdir=DIR --steps=N \
-        --seeds=K [--jobs=J] [--rho=0.75]
+        --seeds=K [--jobs=J] [--rho=0.75] [--updates_per_row=U]
 
 Trains the iso-parameter experiment's Engram + MoE model (one run per seed), then, on exactly the
 held-out tokens an evaluation scores:
@@ -22,6 +22,7 @@ comprehension mostly survives).
 from __future__ import annotations
 
 import collections
+import math
 import os
 from typing import Any
 
@@ -31,7 +32,9 @@ import ml_collections
 import numpy as np
 
 from engram_jax import data as data_lib
-from engram_jax.experiments import common, iso_param, sizing
+from engram_jax.experiments import budget, iso_param, report, runner, sizing, stats
+from engram_jax.experiments.heldout import Corpus
+from engram_jax.experiments.options import Options
 
 NAME = "gate_analysis"
 NUM_BUCKETS = 4
@@ -42,14 +45,15 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def build_specs(
-    options: common.Options, corpus: common.Corpus, base: ml_collections.ConfigDict, rho: float
-) -> list[common.RunSpec]:
-    model = sizing.with_allocation(base, rho)
+    options: Options, corpus: Corpus, base: ml_collections.ConfigDict, rho: float
+) -> list[runner.RunSpec]:
+    probe = runner.training_config(sizing.with_allocation(base, rho), options, corpus)
+    model = sizing.with_allocation(base, rho, budget.planned_rows(probe, options.updates_per_row))
     return [
-        common.RunSpec(
+        runner.RunSpec(
             f"engram-s{seed}",
             seed,
-            common.training_config(model, options, corpus, seed=seed),
+            runner.training_config(model, options, corpus, seed=seed),
             {"variant": "engram"},
         )
         for seed in range(options.seeds)
@@ -91,66 +95,52 @@ def token_counts(documents: list[str], tokenizer, vocab_size: int) -> np.ndarray
     return counts
 
 
-def analyze(
-    run_path: str,
-    train_documents: list[str],
-    held_out: list[str],
-    *,
-    min_count: int,
-    top: int = 15,
-) -> dict[str, Any]:
-    """Gates and the Engram-off ablation of the trained model in `run_path` (its latest
-    checkpoint) on the held-out tokens its evaluation scores."""
-    from engram_jax.generate import Generator
+def _score(generator, held_out: list[str]) -> dict[str, np.ndarray]:
+    """Per-token NLL with Engram on and off, the gates and the batch fields of the held-out
+    batches one evaluation scores, concatenated over batches (N rows)."""
     from engram_jax.model import Transformer
 
-    generator = Generator(run_path)
-    config = generator.config
-    tokenizer = generator.tokenizer
-    spec, engram = generator.spec, generator.engram
+    config, spec = generator.config, generator.spec
     stream = data_lib.make_pipeline(
         held_out,
-        tokenizer,
+        generator.tokenizer,
         spec,
         seq_len=config.seq_len,
         batch_size=config.batch_size,
         seed=config.seed,
         shuffle=False,
         add_eos=spec.eos_id is not None,
-        engram=engram,
+        engram=generator.engram,
     )
     batches = [next(stream) for _ in range(config.eval_batches)]
     forward = _forward_fn(Transformer(generator.model_config))
     variables_on = generator.variables
     variables_off = {**variables_on, "params": engram_off(variables_on["params"])}
-
-    nll_on, nll_off, gates, inputs, targets, masks, segments = [], [], [], [], [], [], []
+    parts: dict[str, list[np.ndarray]] = collections.defaultdict(list)
     for batch in batches:
         device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
         on, gate = jax.device_get(forward(variables_on, device_batch))
         off, _ = jax.device_get(forward(variables_off, device_batch))
-        nll_on.append(on)
-        nll_off.append(off)
-        gates.append(gate.mean(axis=-1))  # [L_e, B, T, G] -> [L_e, B, T]: mean over streams
-        inputs.append(batch["inputs"])
-        targets.append(batch["targets"])
-        masks.append(batch["loss_mask"])
-        segments.append(batch["segment_ids"])
-    nll_on, nll_off = np.concatenate(nll_on), np.concatenate(nll_off)  # [N, T]
-    gates_LNT = np.concatenate(gates, axis=1)  # [L_e, N, T]
-    inputs, targets = np.concatenate(inputs), np.concatenate(targets)
-    mask = np.concatenate(masks) > 0
-    segments = np.concatenate(segments)
+        parts["nll_on"].append(on)
+        parts["nll_off"].append(off)
+        parts["gates_LNT"].append(gate.mean(axis=-1))  # [L_e, B, T, G] -> [L_e, B, T]
+        for key in ("inputs", "targets", "loss_mask", "segment_ids"):
+            parts[key].append(batch[key])
+    out = {k: np.concatenate(v, axis=1 if k == "gates_LNT" else 0) for k, v in parts.items()}
+    out["mask"] = out.pop("loss_mask") > 0
+    return out  # nll_* [N, T], gates_LNT [L_e, N, T], the rest [N, T]
 
-    # Frequency buckets of equal token count, by the target token's training frequency.
-    counts = token_counts(train_documents, tokenizer, spec.vocab_size)
-    freq = counts[targets[mask]]
+
+def _frequency_buckets(scored: dict[str, np.ndarray], counts: np.ndarray) -> list[dict[str, Any]]:
+    """The loss on and off in buckets of equal token count, by the target's training count."""
+    mask = scored["mask"]
+    freq = counts[scored["targets"][mask]]
     order = np.argsort(freq, kind="stable")[::-1]  # most frequent first
     buckets = []
     for i, part in enumerate(np.array_split(order, NUM_BUCKETS)):
         if part.size == 0:
             continue
-        on, off = nll_on[mask][part], nll_off[mask][part]
+        on, off = scored["nll_on"][mask][part], scored["nll_off"][mask][part]
         buckets.append(
             {
                 "bucket": i,
@@ -162,17 +152,21 @@ def analyze(
                 "loss_increase": float(off.mean() - on.mean()),
             }
         )
+    return buckets
 
-    # Mean gate per token and per n-gram ending at each position (inside one document).
-    gate_NT = gates_LNT.mean(axis=0)  # [N, T]: mean over Engram layers
-    valid = segments > 0
+
+def _gate_by_ngram(
+    gate_NT: np.ndarray, inputs: np.ndarray, segments: np.ndarray
+) -> dict[str, dict[tuple[int, ...], list]]:
+    """`{"token" | "bigram" | "trigram": {ids: [gate sum, count]}}` over the n-grams ending at
+    each real position (inside one document)."""
     stats: dict[str, collections.defaultdict] = {
         name: collections.defaultdict(lambda: [0.0, 0]) for name in ("token", "bigram", "trigram")
     }
     n, t = inputs.shape
     for row in range(n):
         for pos in range(t):
-            if not valid[row, pos]:
+            if segments[row, pos] <= 0:
                 continue
             g = float(gate_NT[row, pos])
             keys = {"token": (int(inputs[row, pos]),)}
@@ -184,6 +178,30 @@ def analyze(
                 entry = stats[name][key]
                 entry[0] += g
                 entry[1] += 1
+    return stats
+
+
+def analyze(
+    run_path: str,
+    train_documents: list[str],
+    held_out: list[str],
+    *,
+    min_count: int,
+    top: int = 15,
+) -> dict[str, Any]:
+    """Gates and the Engram-off ablation of the trained model in `run_path` (its latest
+    checkpoint) on the held-out tokens its evaluation scores."""
+    from engram_jax.generate import Generator
+
+    generator = Generator(run_path)
+    tokenizer = generator.tokenizer
+    scored = _score(generator, held_out)
+    mask, segments = scored["mask"], scored["segment_ids"]
+    counts = token_counts(train_documents, tokenizer, generator.spec.vocab_size)
+    gates_LNT = scored["gates_LNT"]
+    gate_NT = gates_LNT.mean(axis=0)  # [N, T]: mean over Engram layers
+    valid = segments > 0
+    stats = _gate_by_ngram(gate_NT, scored["inputs"], segments)
 
     def ranked(name: str) -> list[dict[str, Any]]:
         items = [(s / c, c, k) for k, (s, c) in stats[name].items() if c >= min_count]
@@ -194,21 +212,21 @@ def analyze(
         ]
 
     return {
-        "engram_on_loss": float(nll_on[mask].mean()),
-        "engram_off_loss": float(nll_off[mask].mean()),
+        "engram_on_loss": float(scored["nll_on"][mask].mean()),
+        "engram_off_loss": float(scored["nll_off"][mask].mean()),
         "analysed_tokens": int(mask.sum()),
         "mean_gate": float(gate_NT[valid].mean()),
         "mean_gate_per_layer": [float(g[valid].mean()) for g in gates_LNT],
-        "frequency_buckets": buckets,
+        "frequency_buckets": _frequency_buckets(scored, counts),
         "top_tokens": ranked("token"),
         "top_bigrams": ranked("bigram"),
         "top_trigrams": ranked("trigram"),
         # For the heatmap (not written to results.json).
         "_heatmap": {
             "gates_LNT": gates_LNT,
-            "inputs": inputs,
+            "inputs": scored["inputs"],
             "valid": valid,
-            "layer_ids": list(config.model.engram.layer_ids),
+            "layer_ids": list(generator.config.model.engram.layer_ids),
             "tokenizer": tokenizer,
         },
     }
@@ -272,44 +290,8 @@ def plot_ablation(workdir: str, analysis: dict[str, Any]) -> str:
     return plots.save(fig, workdir, "engram_ablation_and_top_gates.png")
 
 
-def report(
-    options: common.Options,
-    corpus: common.Corpus,
-    train_documents: list[str],
-    held_out: list[str],
-    specs: list[common.RunSpec],
-    runs: list[dict[str, Any]],
-    min_count: int,
-    rho: float,
-) -> None:
-    workdir = options.workdir
-    eval_tokens = common.evaluated_tokens(specs[0].config)
-    compression = common.floors_for(held_out, corpus, eval_tokens)
-    analyses = []
-    for run in runs:
-        analysis = analyze(
-            os.path.join(workdir, run["run_dir"]), train_documents, held_out, min_count=min_count
-        )
-        heat = analysis.pop("_heatmap")
-        run["analysis"] = analysis
-        analyses.append((analysis, heat))
-    first, heat = analyses[0]
-    heatmap_png = plot_heatmap(workdir, heat, rows=4, length=40)
-    ablation_png = plot_ablation(workdir, first)
-
-    lines = common.summary_header(
-        "Engram gate analysis and inference-time ablation",
-        NAME,
-        options,
-        corpus,
-        eval_tokens,
-        compression,
-    )
-    lines += [
-        f"Model: the iso-parameter Engram + MoE model (rho = {rho}).",
-        "",
-        *common.accounting_table(runs, "variant"),
-        "",
+def _ablation_lines(runs: list[dict[str, Any]], first: dict[str, Any], min_count: int) -> list[str]:
+    lines = [
         "| seed | final eval loss | Engram on (analysed tokens) | Engram off | increase |",
         "|---:|---:|---:|---:|---:|",
     ]
@@ -319,7 +301,15 @@ def report(
             f"| {run['seed']} | {run['final_eval_loss']:.4f} | {a['engram_on_loss']:.4f} | "
             f"{a['engram_off_loss']:.4f} | {a['engram_off_loss'] - a['engram_on_loss']:+.4f} |"
         )
+    increases = [r["analysis"]["engram_off_loss"] - r["analysis"]["engram_on_loss"] for r in runs]
+    mean, low, high = stats.t_interval(increases)
+    interval = (
+        "no interval (one seed)" if math.isnan(low) else f"95% interval [{low:+.4f}, {high:+.4f}]"
+    )
     lines += [
+        "",
+        f"- Engram off - on (paired: the same model and tokens): {mean:+.4f} nats/token over "
+        f"{len(runs)} seed(s), {interval}.",
         "",
         f"By target-token frequency (seed {runs[0]['seed']}; four buckets of equal token count):",
         "",
@@ -336,35 +326,64 @@ def report(
         lines += [
             f"- `{e['text']!r}`: {e['mean_gate']:.3f} ({e['count']} times)" for e in first[name]
         ]
-    lines += ["", f"![gate heatmap]({heatmap_png})", "", f"![ablation]({ablation_png})", ""]
-    common.write_summary(workdir, lines)
-    common.write_results(
-        workdir, NAME, runs, rho=rho, eval_tokens=eval_tokens, compression_floors=compression
-    )
+    return lines
+
+
+def report_runs(
+    outcome: runner.Outcome, train_documents: list[str], min_count: int, rho: float
+) -> None:
+    title = "Engram gate analysis and inference-time ablation"
+    lines, extra = report.header(outcome, title, NAME)
+    options, runs, held_out = outcome.options, outcome.runs, outcome.held_out
+    analyses = []
+    for run in runs:
+        analysis = analyze(
+            os.path.join(options.workdir, run["run_dir"]),
+            train_documents,
+            held_out,
+            min_count=min_count,
+        )
+        heat = analysis.pop("_heatmap")
+        run["analysis"] = analysis
+        analyses.append((analysis, heat))
+    first, heat = analyses[0]
+    heatmap_png = plot_heatmap(options.workdir, heat, rows=4, length=40)
+    ablation_png = plot_ablation(options.workdir, first)
+    lines += [
+        f"Model: the iso-parameter Engram + MoE model (rho = {rho}).",
+        "",
+        *report.accounting_table(runs, "variant"),
+        "",
+        *report.budget_table(runs, "variant"),
+        "",
+        *_ablation_lines(runs, first, min_count),
+        "",
+        f"![gate heatmap]({heatmap_png})",
+        "",
+        f"![ablation]({ablation_png})",
+        "",
+    ]
+    report.finish(options.workdir, NAME, lines, runs, rho=rho, **extra)
 
 
 def main(argv: list[str]) -> None:
     from absl import flags
 
     del argv
-    options = common.Options.from_flags()
-    rho = flags.FLAGS.rho
-    base = base_config()
-    common.apply_overrides(base, options.overrides)
-    corpus, train_documents, held_out = common.setup(options, base)
+    rho, min_count = flags.FLAGS.rho, flags.FLAGS.min_count
+    options, base, corpus, train_documents, held_out = runner.start(base_config())
     specs = build_specs(options, corpus, base, rho)
-    common.print_configs(specs, lambda s: "engram")
-    runs = common.run_experiment(options.workdir, specs, options.jobs)
-    report(options, corpus, train_documents, held_out, specs, runs, flags.FLAGS.min_count, rho)
-    print(f"wrote {options.workdir}/{common.RESULTS_FILE} and {common.SUMMARY_FILE}", flush=True)
+    outcome = runner.run_all(options, corpus, held_out, specs, lambda s: "engram")
+    report_runs(outcome, train_documents, min_count, rho)
 
 
 if __name__ == "__main__":
     from absl import flags
 
     from engram_jax import cli
+    from engram_jax.experiments.options import define_flags
 
-    common.define_flags(default_steps=600, default_seeds=1)
+    define_flags(default_steps=600, default_seeds=1, tables=True)
     flags.DEFINE_float("rho", 0.75, "Routed-expert share of the sparse budget.")
     flags.DEFINE_integer("min_count", 5, "Occurrences a token or n-gram needs to be ranked.")
     cli.run(main)

@@ -21,8 +21,10 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from engram_jax.config import base_config as schema_base
-from engram_jax.experiments import common
+from engram_jax import config as config_lib
+from engram_jax.experiments import report, runner
+from engram_jax.experiments.heldout import Corpus
+from engram_jax.experiments.options import Options, shipped_config
 
 NAME = "hyper_stability"
 KINDS = ("residual", "hc", "mhc", "mhc_lite")
@@ -38,26 +40,25 @@ PANELS = (
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """A deep, narrow dense model (12 layers of width 64, 4 streams, no Engram, no MoE) at a
-    learning rate well above the tiny config's (so that an unconstrained mixing can drift)."""
-    c = schema_base()
-    c.batch_size = 16
-    c.seq_len = 128
-    c.learning_rate = 1e-2
-    c.warmup_steps = 20
-    c.log_every = 5
-    m = c.model
-    m.vocab_size = 4096
-    m.num_layers = 12
-    m.hidden_size = 64
-    m.mlp_hidden_size = 192
-    m.num_dense_layers = 12
-    m.attention.num_heads = 2
-    m.attention.num_kv_heads = 1
-    m.attention.head_dim = 32
-    m.moe.num_experts = 0
-    m.engram.layer_ids = ()
-    m.hc.n_streams = 4
+    """The shipped `tiny` config's data, batch and mHC (4 streams), made a deep, narrow dense
+    model (12 layers of width 64, no Engram, no MoE) at a learning rate well above tiny's (so
+    that an unconstrained mixing can drift)."""
+    c = shipped_config("tiny")
+    changes = {
+        "learning_rate": 1e-2,
+        "warmup_steps": 20,
+        "log_every": 5,
+        "model": {
+            "num_layers": 12,
+            "hidden_size": 64,
+            "mlp_hidden_size": 192,
+            "num_dense_layers": 12,
+            "attention": {"num_heads": 2, "num_kv_heads": 1},
+            "moe": {"num_experts": 0},
+            "engram": {"layer_ids": ()},
+        },
+    }
+    config_lib.apply_values(c, changes, "hyper_stability.base_config")
     return c
 
 
@@ -72,16 +73,16 @@ def kind_config(base: ml_collections.ConfigDict, kind: str) -> ml_collections.Co
 
 
 def build_specs(
-    options: common.Options,
-    corpus: common.Corpus,
+    options: Options,
+    corpus: Corpus,
     base: ml_collections.ConfigDict,
     kinds: list[str],
-) -> list[common.RunSpec]:
+) -> list[runner.RunSpec]:
     specs = []
     for seed in range(options.seeds):
         for kind in kinds:
-            config = common.training_config(kind_config(base, kind), options, corpus, seed=seed)
-            specs.append(common.RunSpec(f"{kind}-s{seed}", seed, config, {"kind": kind}))
+            config = runner.training_config(kind_config(base, kind), options, corpus, seed=seed)
+            specs.append(runner.RunSpec(f"{kind}-s{seed}", seed, config, {"kind": kind}))
     return specs
 
 
@@ -93,19 +94,10 @@ def _final(workdir: str, run: dict[str, Any], key: str) -> float | None:
     return float(finite[-1]) if finite.size else None
 
 
-def report(
-    options: common.Options,
-    corpus: common.Corpus,
-    held_out: list[str],
-    specs: list[common.RunSpec],
-    runs: list[dict[str, Any]],
-) -> None:
+def _diagnostics(workdir: str, runs: list[dict[str, Any]]) -> None:
+    """Adds each run's largest gradient norm and final mixing diagnostics to its record."""
     from engram_jax.experiments import plots
 
-    workdir = options.workdir
-    eval_tokens = common.evaluated_tokens(specs[0].config)
-    compression = common.floors_for(held_out, corpus, eval_tokens)
-    by_kind = common.group(runs, "kind")
     for run in runs:
         grad_norms = plots.metric_curve(workdir, run, "grad_norm")[1]
         run["max_grad_norm"] = float(grad_norms.max()) if grad_norms.size else None
@@ -116,6 +108,10 @@ def report(
             "hc_res_logit_spread",
         ):
             run[f"final_{key}"] = _final(workdir, run, key)
+
+
+def _plot(workdir: str, by_kind: dict[str, list[dict[str, Any]]], lr: float) -> str:
+    from engram_jax.experiments import plots
 
     fig, axes = plots.new_figure(5.2, 3.6, ncols=3, nrows=2)
     for ax, (key, label, log) in zip(axes.flat, PANELS, strict=True):
@@ -130,81 +126,72 @@ def report(
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "not logged by these kinds", ha="center", transform=ax.transAxes)
-    lr = specs[0].config.learning_rate
     fig.suptitle(f"Hyper-connection stability at learning rate {lr:g}")
-    png = plots.save(fig, workdir, "hyper_stability.png")
+    return plots.save(fig, workdir, "hyper_stability.png")
 
-    lines = common.summary_header(
-        "Hyper-connection stability: residual, HC, mHC, mHC-lite",
-        NAME,
-        options,
-        corpus,
-        eval_tokens,
-        compression,
-    )
+
+def _largest(values: list[float | None], spec: str = ".3g") -> str:
+    values = [v for v in values if v is not None]
+    return "-" if not values else format(max(values), spec)
+
+
+def report_runs(outcome: runner.Outcome) -> None:
+    title = "Hyper-connection stability: residual, HC, mHC, mHC-lite"
+    lines, extra = report.header(outcome, title, NAME)
+    options, specs, runs = outcome.options, outcome.specs, outcome.runs
+    _diagnostics(options.workdir, runs)
+    by_kind = report.group(runs, "kind")
+    lr = specs[0].config.learning_rate
+    png = _plot(options.workdir, by_kind, lr)
     cfg = specs[0].config.model
     lines += [
         f"Model: {cfg.num_layers} layers of width {cfg.hidden_size}, learning rate {lr:g}, "
         f"gradient clip {specs[0].config.clip_norm:g}. Diagnostics are measured on the first "
         "evaluation batch at every evaluation (`hc_*` keys of metrics.jsonl).",
         "",
-        *common.accounting_table(runs, "kind"),
+        *report.accounting_table(runs, "kind"),
         "",
-        "| kind | seeds | diverged | final eval loss | bits/byte | max grad norm | composite gain "
+        "| kind | seeds | final eval loss | bits/byte | diverged | max grad norm | composite gain "
         "fwd / bwd (final) | column error (final) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-
-    def fmt(values: list[float | None], spec: str = ".3g") -> str:
-        values = [v for v in values if v is not None]
-        return "-" if not values else format(max(values), spec)
-
     for kind, members in by_kind.items():
-        loss = common.mean_std([r["final_eval_loss"] for r in members])
-        bpb = common.mean_std([r["eval_bits_per_byte"] for r in members])
         lines.append(
-            f"| {kind} | {len(members)} | {sum(bool(r['diverged']) for r in members)} | "
-            f"{loss[0]:.4f} ± {loss[1]:.4f} | "
-            f"{bpb[0]:.4f} ± {bpb[1]:.4f} | {fmt([r['max_grad_norm'] for r in members])} | "
-            f"{fmt([r['final_hc_max_composite_forward_gain'] for r in members])} / "
-            f"{fmt([r['final_hc_max_composite_backward_gain'] for r in members])} | "
-            f"{fmt([r['final_hc_col_sum_err'] for r in members])} |"
+            f"| {kind} | {report.loss_columns(members)} | "
+            f"{sum(bool(r['diverged']) for r in members)} | "
+            f"{_largest([r['max_grad_norm'] for r in members])} | "
+            f"{_largest([r['final_hc_max_composite_forward_gain'] for r in members])} / "
+            f"{_largest([r['final_hc_max_composite_backward_gain'] for r in members])} | "
+            f"{_largest([r['final_hc_col_sum_err'] for r in members])} |"
         )
-    lines += ["", f"![stability]({png})", ""]
-    common.write_summary(workdir, lines)
-    common.write_results(
-        workdir,
-        NAME,
-        runs,
-        learning_rate=lr,
-        eval_tokens=eval_tokens,
-        compression_floors=compression,
-    )
+    kinds = list(by_kind)
+    pairs = [(kind, kinds[0]) for kind in kinds[1:]]
+    lines += ["", *report.paired_lines(runs, "kind", pairs), "", f"![stability]({png})", ""]
+    report.finish(options.workdir, NAME, lines, runs, learning_rate=lr, **extra)
 
 
 def main(argv: list[str]) -> None:
     from absl import flags
 
     del argv
-    options = common.Options.from_flags()
-    kinds = [k.strip() for k in flags.FLAGS.kinds.split(",") if k.strip()]
     base = base_config()
     base.learning_rate = flags.FLAGS.learning_rate
-    common.apply_overrides(base, options.overrides)
-    corpus, _, held_out = common.setup(options, base)
+    options, base, corpus, _, held_out = runner.start(base)
+    kinds = [k.strip() for k in flags.FLAGS.kinds.split(",") if k.strip()]
     specs = build_specs(options, corpus, base, kinds)
-    common.print_configs(specs, lambda s: s.labels["kind"])
-    runs = common.run_experiment(options.workdir, specs, options.jobs, allow_divergence=True)
-    report(options, corpus, held_out, specs, runs)
-    print(f"wrote {options.workdir}/{common.RESULTS_FILE} and {common.SUMMARY_FILE}", flush=True)
+    outcome = runner.run_all(
+        options, corpus, held_out, specs, lambda s: s.labels["kind"], allow_divergence=True
+    )
+    report_runs(outcome)
 
 
 if __name__ == "__main__":
     from absl import flags
 
     from engram_jax import cli
+    from engram_jax.experiments.options import define_flags
 
-    common.define_flags(default_steps=400, default_seeds=1)
+    define_flags(default_steps=400, default_seeds=1)
     flags.DEFINE_float("learning_rate", 1e-2, "Peak learning rate of every run.")
     flags.DEFINE_string("kinds", ",".join(KINDS), "Hyper-connection kinds to compare.")
     cli.run(main)

@@ -12,8 +12,7 @@ matplotlib.use("Agg")  # no display: experiments run on servers and in tests
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from engram_jax.experiments.common import last_by_step  # noqa: E402
-from engram_jax.metrics import read_metrics  # noqa: E402
+from engram_jax.metrics import last_by_step, read_metrics  # noqa: E402
 
 
 def new_figure(width: float = 6.4, height: float = 4.2, ncols: int = 1, nrows: int = 1):

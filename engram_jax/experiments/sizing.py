@@ -17,6 +17,7 @@ experts a token does not use plus the Engram tables; rho is the routed-expert sh
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import ml_collections
 
@@ -65,17 +66,47 @@ def routed_experts_for(num_experts: int, top_k: int, rho: float) -> int:
     return top_k + max(keep, 1 if rho > 0 else 0)
 
 
-def with_allocation(base: ml_collections.ConfigDict, rho: float) -> ml_collections.ConfigDict:
+def with_allocation(
+    base: ml_collections.ConfigDict,
+    rho: float,
+    rows_per_head: Sequence[int] | None = None,
+) -> ml_collections.ConfigDict:
     """The base model with `rho` of its sparse budget in routed experts and the rest in Engram
     tables, at the MoE baseline's total and activated parameters.
 
     `base.model.engram` gives the Engram layout (layer_ids, orders, heads, row width); its
-    `table_rows_per_head` is replaced by the solved size. rho = 1 returns the MoE baseline.
+    `table_rows_per_head` is replaced by the solved size. With `rows_per_head` (one count per
+    order, e.g. from `budget.rows_for_updates`) the tables keep those proportions and about
+    that size: the row width (`embed_per_ngram`) is solved to hold the sparse budget, then the
+    rows are scaled (by less than one width step) to match the total. rho = 1 returns the MoE
+    baseline.
 
     Raises:
       ValueError: rho outside (0, 1], a base without MoE or without Engram layers, or a budget
         too small for the Engram layout.
     """
+    _check_allocation(base, rho, rows_per_head)
+    moe = moe_baseline(base)
+    if rho == 1:
+        return moe
+    target = accounting(moe)
+    c = copy.deepcopy(base)
+    e = c.model.moe
+    e.num_experts = routed_experts_for(e.num_experts, e.top_k, rho)
+    orders = c.model.engram.max_ngram - 1
+    shape = tuple(rows_per_head) if rows_per_head is not None else (1,) * orders
+    c.model.engram.table_rows_per_head = (2,) * orders  # provisional; tables are not activated
+    _give_back_activated(c, target, rho)
+    if rows_per_head is not None:
+        _solve_row_width(c, target, shape)
+        _give_back_activated(c, target, rho)
+    _fill_tables(c, target, shape)
+    return c
+
+
+def _check_allocation(
+    base: ml_collections.ConfigDict, rho: float, rows_per_head: Sequence[int] | None
+) -> None:
     if not 0 < rho <= 1:
         raise ValueError(f"rho: got {rho}; expected a value in (0, 1]")
     e = base.model.moe
@@ -89,37 +120,67 @@ def with_allocation(base: ml_collections.ConfigDict, rho: float) -> ml_collectio
             "with_allocation: base.model.engram.layer_ids is empty; expected the "
             "Engram layout to allocate into"
         )
-    moe = moe_baseline(base)
-    if rho == 1:
-        return moe
-    target = accounting(moe)
-    c = copy.deepcopy(base)
-    c.model.moe.num_experts = routed_experts_for(e.num_experts, e.top_k, rho)
-    orders = c.model.engram.max_ngram - 1
-    c.model.engram.table_rows_per_head = (2,) * orders  # provisional; tables are not activated
+    orders = base.model.engram.max_ngram - 1
+    if rows_per_head is not None and (len(rows_per_head) != orders or min(rows_per_head) < 2):
+        raise ValueError(
+            f"with_allocation: rows_per_head={tuple(rows_per_head)}; expected {orders} counts "
+            ">= 2 (one per order)"
+        )
+
+
+def _give_back_activated(c: ml_collections.ConfigDict, target: Accounting, rho: float) -> None:
+    """Narrows the dense FFN layers by Engram's activated parameters (less the dropped experts'
+    router columns), so activated parameters match `target` to within 3 x D x dense layers."""
     dense_layers = min(c.model.num_dense_layers, c.model.num_layers)
-    if dense_layers:
-        extra = accounting(c).activated_params - target.activated_params
-        width = c.model.mlp_hidden_size - round(extra / (3 * c.model.hidden_size * dense_layers))
-        if width < 1:
-            raise ValueError(
-                f"with_allocation(rho={rho}): Engram's activated parameters exceed what the dense "
-                f"FFN layers can give back (width would be {width}); use a smaller Engram layout"
-            )
-        c.model.mlp_hidden_size = width
+    if not dense_layers:
+        return
+    extra = accounting(c).activated_params - target.activated_params
+    width = c.model.mlp_hidden_size - round(extra / (3 * c.model.hidden_size * dense_layers))
+    if width < 1:
+        raise ValueError(
+            f"with_allocation(rho={rho}): Engram's activated parameters exceed what the dense "
+            f"FFN layers can give back (width would be {width}); use a smaller Engram layout"
+        )
+    c.model.mlp_hidden_size = width
+
+
+def _table_budget(c: ml_collections.ConfigDict, target: Accounting) -> int:
+    """Table parameters that bring `c` to the target's total."""
     acc = accounting(c)
-    want_tables = target.total_params - (acc.total_params - acc.engram_table_params)
+    return target.total_params - (acc.total_params - acc.engram_table_params)
+
+
+def _solve_row_width(
+    c: ml_collections.ConfigDict, target: Accounting, rows_per_head: Sequence[int]
+) -> None:
+    """Sets the row width per head (`embed_per_ngram / heads_per_ngram`) whose tables of
+    `rows_per_head` rows hold the sparse budget best (at least 1)."""
     e_cfg = c.model.engram
-    heads = len(tuple(e_cfg.layer_ids)) * orders * e_cfg.heads_per_ngram
+    heads = e_cfg.heads_per_ngram
+    rows = len(tuple(e_cfg.layer_ids)) * heads * sum(rows_per_head)  # rows of all heads
+    width = max(1, round(_table_budget(c, target) / rows))
+    e_cfg.embed_per_ngram = width * heads
+
+
+def _fill_tables(c: ml_collections.ConfigDict, target: Accounting, shape: Sequence[int]) -> None:
+    """Sets `table_rows_per_head` to `unit x shape / shape[0]` rows with the integer `unit` that
+    brings total parameters to the target's (to within a few rows: the sizes are primes)."""
+    e_cfg = c.model.engram
+    want_tables = _table_budget(c, target)
+    ratios = [r / shape[0] for r in shape]
+    heads = len(tuple(e_cfg.layer_ids)) * e_cfg.heads_per_ngram
     width = e_cfg.embed_per_ngram // e_cfg.heads_per_ngram
-    per_base_row = heads * width  # table parameters per unit of the base row count
-    rows = max(2, round(want_tables / per_base_row))
+    per_unit = heads * width * sum(ratios)  # table parameters per unit of the base row count
+
+    def rows_for(unit: int) -> tuple[int, ...]:
+        return tuple(max(2, round(unit * ratio)) for ratio in ratios)
+
+    unit = max(2, round(want_tables / per_unit))
     for _ in range(4):  # primes sit a little above the base: correct the base by the excess
-        e_cfg.table_rows_per_head = (rows,) * orders
+        e_cfg.table_rows_per_head = rows_for(unit)
         got = accounting(c).engram_table_params
-        step = round((want_tables - got) / per_base_row)
+        step = round((want_tables - got) / per_unit)
         if step == 0:
             break
-        rows = max(2, rows + step)
-    e_cfg.table_rows_per_head = (rows,) * orders
-    return c
+        unit = max(2, unit + step)
+    e_cfg.table_rows_per_head = rows_for(unit)
