@@ -651,17 +651,23 @@ def _validate_mesh(p: _Problems, d: ml_collections.ConfigDict) -> None:
     _check_choice(p, "mesh.axis_types", d.axis_types, _AXIS_TYPES)
 
 
+# Float keys where +inf means "no limit" and trains normally (clip_norm=inf never clips).
+_INFINITY_MEANS_NO_LIMIT = ("clip_norm",)
+
+
 def _check_finite(p: _Problems, config: ml_collections.ConfigDict, prefix: str = "") -> None:
     """Every float value (also inside tuples) is finite: inf or NaN in a learning rate, an eps or
-    a scale trains to NaN instead of failing here."""
+    a scale trains to NaN instead of failing here. NaN is refused everywhere; +inf only where
+    it means no limit (`_INFINITY_MEANS_NO_LIMIT`)."""
     for key, value in config.items():
         field = f"{prefix}{key}"
         if isinstance(value, ml_collections.ConfigDict):
             _check_finite(p, value, field + ".")
             continue
+        allowed = (math.inf,) if field in _INFINITY_MEANS_NO_LIMIT else ()
         values = value if isinstance(value, (tuple, list)) else (value,)
-        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-            p.check(False, field, value, "a finite number")
+        if any(isinstance(v, float) and not math.isfinite(v) and v not in allowed for v in values):
+            p.check(False, field, value, "a finite number" + (" or inf" if allowed else ""))
 
 
 # Upper bounds of sizes whose products index int32 arrays or that no device can hold: beyond

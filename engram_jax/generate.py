@@ -516,6 +516,8 @@ def main(argv: list[str]) -> None:
         )
     if f.top_k < 0:
         raise app.UsageError(f"--top_k: got {f.top_k}; expected >= 0 (0 keeps all)")
+    # The sampling settings too (NaN or inf temperature, top_p outside (0, 1]).
+    SamplingConfig(f.max_tokens, f.temperature, f.top_k, f.top_p, f.seed)
     with Generator(
         f.workdir, step=f.step, table_placement=f.table_placement, row_cache_mib=f.row_cache_mib
     ) as generator:
