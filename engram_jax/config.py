@@ -687,7 +687,7 @@ def _check_sizes(p: _Problems, config: ml_collections.ConfigDict) -> None:
         for part in field.split("."):
             value = value.get(part) if isinstance(value, ml_collections.ConfigDict) else None
         if isinstance(value, int) and not isinstance(value, bool):
-            p.check(value <= limit, field, value, f"<= {limit:,} (see docs/design.md §10.4)")
+            p.check(value <= limit, field, value, f"<= {limit:,} (docs/design.md §14)")
 
 
 def validate(config: ml_collections.ConfigDict) -> Config:
