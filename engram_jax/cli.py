@@ -120,8 +120,10 @@ def load_config_file(path: str):
             f"config file {path!r} line {e.lineno}: syntax error ({e.msg}); fix the file"
         ) from e
     except Exception as e:
+        line, function = _where_in(path, e)
         raise config_lib.ConfigError(
-            f"config file {path!r}{_line_in(path, e)}: loading it raised {one_line(e)}"
+            f"config file {path!r}{line}: "
+            f"{'get_config()' if function == 'get_config' else 'loading it'} raised {one_line(e)}"
         ) from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise config_lib.ConfigError(
@@ -132,14 +134,15 @@ def load_config_file(path: str):
     return config
 
 
-def _line_in(path: str, error: BaseException) -> str:
-    """' line N' of the innermost traceback frame in `path`, or ''."""
+def _where_in(path: str, error: BaseException) -> tuple[str, str | None]:
+    """(' line N', function) of the innermost traceback frame in `path`, or ('', None)."""
     target = os.path.abspath(path)
-    line = None
+    line, function = "", None
     for frame in traceback.extract_tb(error.__traceback__):
         if os.path.abspath(frame.filename) == target:
-            line = frame.lineno
-    return f" line {line}" if line else ""
+            line = f" line {frame.lineno}"
+            function = function if function == "get_config" else frame.name
+    return line, function
 
 
 def describe_path(path: str) -> str:

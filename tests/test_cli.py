@@ -63,10 +63,14 @@ def bad_config_files(tmp_path_factory) -> dict[str, Path]:
     "kind, expected",
     [
         ("syntax", "line 1: syntax error"),
-        ("no_get_config", "defines no get_config()"),
-        ("returns_none", "returned NoneType"),
-        ("returns_dict", "returned dict"),
-        ("raises", "get_config() raised RuntimeError: no such preset"),
+        pytest.param("no_get_config", "defines no get_config()", marks=pytest.mark.slow),
+        pytest.param("returns_none", "returned NoneType", marks=pytest.mark.slow),
+        pytest.param("returns_dict", "returned dict", marks=pytest.mark.slow),
+        pytest.param(
+            "raises",
+            "line 2: get_config() raised RuntimeError: no such preset",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_config_file_that_does_not_load_is_one_line(bad_config_files, tmp_path, kind, expected):
@@ -83,14 +87,19 @@ def test_config_file_that_does_not_load_is_one_line(bad_config_files, tmp_path, 
 def test_other_config_tools_name_the_config_file(bad_config_files, tmp_path, tool):
     path = str(bad_config_files["raises"])
     result = _run("-m", tool, f"--config={path}", f"--workdir={tmp_path}")
-    _error_line(result, path, "RuntimeError: no such preset")
+    _error_line(result, path, "get_config() raised RuntimeError: no such preset")
 
 
-def test_bad_config_value_is_one_line_and_traceback_on_request(tmp_path):
+def test_bad_config_value_is_one_line(tmp_path):
     args = ("-m", "engram_jax.train", f"--config={TINY}", f"--workdir={tmp_path}")
     result = _run(*args, "--config.learning_rate=nan")
     line = _error_line(result, "ConfigError", "config.learning_rate: got nan", "finite")
     assert cli.TRACEBACK_ENV in line
+
+
+@pytest.mark.slow
+def test_traceback_on_request(tmp_path):
+    args = ("-m", "engram_jax.train", f"--config={TINY}", f"--workdir={tmp_path}")
     for extra_args, env in ((("--traceback",), None), ((), {cli.TRACEBACK_ENV: "1"})):
         shown = _run(*args, "--config.learning_rate=nan", *extra_args, env=env)
         assert shown.returncode != 0
@@ -168,8 +177,10 @@ def test_plot_preflight_experiment_and_bench_are_one_line(tmp_path, bad_config_f
 
 
 @pytest.mark.slow
-def test_resume_with_another_model_is_one_checkpoint_line(tmp_path):
-    """A checkpoint that does not fit the config (CheckpointMismatchError) names the key."""
+def test_resume_with_another_model_and_a_huge_generation_are_one_line(tmp_path):
+    """A checkpoint that does not fit the config (CheckpointMismatchError) names the key; a
+    generation whose decode cache cannot fit names --max_tokens (the warning past seq_len is
+    a log line, not an error)."""
     common = (
         "-m",
         "engram_jax.train",
@@ -183,3 +194,6 @@ def test_resume_with_another_model_is_one_checkpoint_line(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     result = _run(*common, "--config.model.hidden_size=64", timeout=600)
     _error_line(result, "CheckpointMismatchError", "config.model.hidden_size")
+    generate = ("-m", "engram_jax.generate", f"--workdir={tmp_path}", "--prompt=hello")
+    result = _run(*generate, "--max_tokens=1000000000", timeout=600)
+    _error_line(result, "max_tokens: got 1000000000", "decode cache", "lower max_tokens")
