@@ -9,16 +9,20 @@ the dataclasses (`ModelConfig`, `EngramConfig`, `HyperConfig`, `AttentionConfig`
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
-import os
-import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import ml_collections
-from ml_collections import config_dict
+
+# Loading files and the saved JSON form need no schema; they live beside it and stay importable
+# from here, where callers have always found them.
+from engram_jax.config_dicts import (  # noqa: F401
+    ConfigError,
+    apply_values,
+    load_config_file,
+    to_dict,
+)
 
 HcKind = Literal["residual", "hc", "mhc", "mhc_lite"]
 AttentionKind = Literal["gqa", "mla"]
@@ -37,17 +41,30 @@ MHC_LITE_MAX_STREAMS = 6
 HC_COEFF_INIT_STD = 0.02
 
 
-class ConfigError(ValueError):
-    """A config value is missing, out of range or inconsistent; the message lists every problem."""
-
-
 def base_config() -> ml_collections.ConfigDict:
     """Every configuration key, with its default and meaning. Config files set values, add none."""
     c = ml_collections.ConfigDict()
     # Seeds parameter init, data order and dropout-free sampling; one seed for the whole run.
     c.seed = 0
+    _declare_training(c)
+    _declare_data(c)
+    _declare_table_training(c)
+    m = c.model = _declare_model()
+    m.attention = _declare_attention()
+    m.moe = _declare_moe()
+    m.engram = _declare_engram()
+    m.hc = _declare_hc()
+    c.mesh = _declare_mesh()
+    # Config files and overrides set values, never add keys: a misspelt key fails where it is set.
+    c.lock()
+    return c
 
-    # ---------------------------------------------------------------- training program
+
+# ---------------------------------------------------------------- training program
+
+
+def _declare_training(c: ml_collections.ConfigDict) -> None:
+    """The optimizer, its schedule and the loop's cadence."""
     c.num_train_steps = 1000  # Optimizer steps.
     c.batch_size = 8  # Global batch in sequences (all processes together).
     c.seq_len = 256  # Tokens per packed sequence.
@@ -68,6 +85,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 200
     c.max_to_keep = 3  # Checkpoints kept on disk.
     c.log_every = 10  # Steps between metric lines.
+    # (start, stop): write a jax.profiler trace of steps start..stop-1 to
+    # <workdir>/tensorboard/plugins/profile/ (TensorBoard's profile tab); () disables.
+    c.profile_steps = ()
+    c.generate_max_tokens = 64  # Tokens sampled by `engram_jax.generate` unless overridden.
+
+
+def _declare_data(c: ml_collections.ConfigDict) -> None:
+    """The corpus, the tokenizer and the host input pipeline."""
     c.data_path = ""  # Text/JSONL/Parquet file, glob or directory; "" is the bundled corpus.
     # tokenizer.json; "" trains a byte-level BPE on the corpus (cached in the workdir).
     c.tokenizer_path = ""
@@ -88,10 +113,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Bytes of training text the BPE tokenizer is trained on (a sample spread over up to 64
     # files; 0 reads the whole training split).
     c.tokenizer_train_bytes = 100_000_000
-    # (start, stop): write a jax.profiler trace of steps start..stop-1 to
-    # <workdir>/tensorboard/plugins/profile/ (TensorBoard's profile tab); () disables.
-    c.profile_steps = ()
-    c.generate_max_tokens = 64  # Tokens sampled by `engram_jax.generate` unless overridden.
+
+
+def _declare_table_training(c: ml_collections.ConfigDict) -> None:
+    """How the Engram tables are updated and where they live while training."""
     # Engram tables: "sparse" updates only the step's unique rows (row-wise optimizers); "dense"
     # keeps the whole-table optax Adam (its gradient and moments are table-sized; for comparison).
     c.table_update = "sparse"
@@ -107,8 +132,13 @@ def base_config() -> ml_collections.ConfigDict:
     # memory (host RAM on CPU); a negative value disables the check.
     c.memory_limit_gib = 0.0
 
-    # ---------------------------------------------------------------- model
-    m = c.model = ml_collections.ConfigDict()
+
+# ---------------------------------------------------------------- model
+
+
+def _declare_model() -> ml_collections.ConfigDict:
+    """The backbone's shape and numerics; its sub-sections are declared below."""
+    m = ml_collections.ConfigDict()
     m.vocab_size = 4096  # Token vocabulary (also the size a trained BPE tokenizer aims for).
     # Raw pad token id; Engram hashes with its compressed id (docs/design.md §1.2). -1 takes the
     # tokenizer's pad token (<pad>, [PAD], <|pad|>, DeepSeek's <｜▁pad▁｜>, ...), else its eos
@@ -125,8 +155,11 @@ def base_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"  # Storage dtype of dense parameters.
     m.scan_layers = False  # nn.scan over the repeated blocks (faster compiles at depth).
     m.remat = False  # Rematerialise each block in the backward pass.
+    return m
 
-    a = m.attention = ml_collections.ConfigDict()
+
+def _declare_attention() -> ml_collections.ConfigDict:
+    a = ml_collections.ConfigDict()
     a.kind = "gqa"  # "gqa" (grouped-query) or "mla" (DeepSeek-V2/V3 multi-head latent attention).
     a.num_heads = 4
     a.num_kv_heads = 2  # gqa only.
@@ -138,8 +171,11 @@ def base_config() -> ml_collections.ConfigDict:
     a.qk_nope_head_dim = 32  # mla: per-head query/key dims without RoPE.
     a.qk_rope_head_dim = 16  # mla: decoupled RoPE dims (key part shared by all heads).
     a.v_head_dim = 32  # mla: per-head value dims.
+    return a
 
-    e = m.moe = ml_collections.ConfigDict()
+
+def _declare_moe() -> ml_collections.ConfigDict:
+    e = ml_collections.ConfigDict()
     e.num_experts = 0  # Routed experts; 0 keeps every layer dense.
     e.num_shared_experts = 1
     e.top_k = 2
@@ -157,8 +193,11 @@ def base_config() -> ml_collections.ConfigDict:
     e.dispatch = "dropless"
     e.capacity_factor = 1.25  # capacity dispatch only.
     e.block_size = 128  # dropless dispatch only: rows per expert block (fewer for small calls).
+    return e
 
-    g = m.engram = ml_collections.ConfigDict()
+
+def _declare_engram() -> ml_collections.ConfigDict:
+    g = ml_collections.ConfigDict()
     # Blocks that carry an Engram module (0-based, as the reference demo); () disables.
     g.layer_ids = ()
     g.max_ngram = 3  # N: orders 2..N are hashed.
@@ -182,8 +221,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Tables train with Adam at 5x the base LR (docs/design.md 1.11, 9.2).
     g.table_lr_multiplier = 5.0
     g.table_weight_decay = 0.0
+    return g
 
-    h = m.hc = ml_collections.ConfigDict()
+
+def _declare_hc() -> ml_collections.ConfigDict:
+    h = ml_collections.ConfigDict()
     h.kind = "mhc"  # "residual", "hc", "mhc" or "mhc_lite".
     h.n_streams = 4
     h.sinkhorn_iters = 20
@@ -200,18 +242,21 @@ def base_config() -> ml_collections.ConfigDict:
     # symmetry; a small random phi moves H at init by < 1e-2. HyperConnection's own default is
     # the same value (HC_COEFF_INIT_STD).
     h.coeff_init_std = HC_COEFF_INIT_STD
+    return h
 
-    # ---------------------------------------------------------------- devices
-    d = c.mesh = ml_collections.ConfigDict()
+
+# ---------------------------------------------------------------- devices
+
+
+def _declare_mesh() -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
     d.data = -1  # Data-parallel axis size; -1 takes the devices the other axes leave.
     d.fsdp = 1  # Parameter sharding axis.
     d.tensor = 1  # Tensor-parallel axis (heads, MLP width, table rows).
     d.axis_types = "auto"  # "auto" or "explicit" sharding-in-types axes.
     d.coordinator_address = ""  # Multi-process: host:port of process 0 ("" = from the environment).
     d.initialization_timeout = 600  # Seconds jax.distributed waits for every process.
-    # Config files and overrides set values, never add keys: a misspelt key fails where it is set.
-    c.lock()
-    return c
+    return d
 
 
 # ---------------------------------------------------------------------------- dataclasses
@@ -428,8 +473,13 @@ def _validate_model(p: _Problems, m: ml_collections.ConfigDict) -> None:
     p.check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "> 0")
     _check_choice(p, "model.dtype", m.dtype, _DTYPES)
     _check_choice(p, "model.param_dtype", m.param_dtype, _DTYPES)
+    _validate_attention(p, m.attention)
+    _validate_moe(p, m)
+    _validate_engram(p, m)
+    _validate_hc(p, m.hc)
 
-    a = m.attention
+
+def _validate_attention(p: _Problems, a: ml_collections.ConfigDict) -> None:
     _check_choice(p, "model.attention.kind", a.kind, _ATTENTION_KINDS)
     _check_positive(p, "model.attention.num_heads", a.num_heads)
     if a.kind == "gqa":
@@ -454,6 +504,8 @@ def _validate_model(p: _Problems, m: ml_collections.ConfigDict) -> None:
         "an even number (RoPE rotates pairs)",
     )
 
+
+def _validate_moe(p: _Problems, m: ml_collections.ConfigDict) -> None:
     e = m.moe
     _check_positive(p, "model.moe.num_experts", e.num_experts, allow_zero=True)
     if e.num_experts > 0:
@@ -476,6 +528,8 @@ def _validate_model(p: _Problems, m: ml_collections.ConfigDict) -> None:
             f"< num_layers={m.num_layers} when moe.num_experts > 0 (otherwise no layer is MoE)",
         )
 
+
+def _validate_engram(p: _Problems, m: ml_collections.ConfigDict) -> None:
     g = m.engram
     layer_ids = tuple(g.layer_ids)
     p.check(
@@ -543,7 +597,8 @@ def _validate_model(p: _Problems, m: ml_collections.ConfigDict) -> None:
             "> 0",
         )
 
-    h = m.hc
+
+def _validate_hc(p: _Problems, h: ml_collections.ConfigDict) -> None:
     _check_choice(p, "model.hc.kind", h.kind, _HC_KINDS)
     _check_positive(p, "model.hc.n_streams", h.n_streams)
     if h.kind == "residual":
@@ -728,55 +783,6 @@ def validate(config: ml_collections.ConfigDict) -> Config:
     )
 
 
-def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
-    """`get_config()` of a config file (`configs/<name>.py`) loaded by path.
-
-    Config files that extend another one (engram_27b extends moe_27b) use it with a path beside
-    themselves, so `configs/` needs no package `__init__`.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    spec = importlib.util.spec_from_file_location(f"engram_jax_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {str(path)!r} defines no get_config()")
-    try:
-        return module.get_config()
-    except AttributeError as e:
-        unknown = _UNKNOWN_KEY.search(str(e))
-        if unknown is None:
-            raise
-        hint = _KEY_HINT.search(str(e))
-        raise ConfigError(
-            f"config file {str(path)!r}: sets key {unknown.group(1)!r}, which base_config() does "
-            "not declare" + (f"; did you mean {hint.group(1)!r}?" if hint else "")
-        ) from e
-
-
-def apply_values(
-    config: ml_collections.ConfigDict, values: Mapping[str, Any], where: str = "config"
-) -> None:
-    """Sets nested `values` (JSON-like: lists for tuples, "inf" for infinite floats) onto `config`
-    in place; a key `config` does not declare raises ConfigError naming it."""
-    for key, value in values.items():
-        if key not in config:
-            raise ConfigError(
-                f"{where}.{key}: not a config key (declared: {', '.join(sorted(config.keys()))})"
-            )
-        if isinstance(config[key], ml_collections.ConfigDict):
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{where}.{key}: got {value!r}; expected a mapping")
-            apply_values(config[key], value, f"{where}.{key}")
-        elif isinstance(value, list):
-            config[key] = tuple(value)
-        elif isinstance(config[key], float) and isinstance(value, str):
-            config[key] = float(value)  # to_dict writes infinities as "inf"
-        else:
-            config[key] = value
-
-
 # Keys added after checkpoints were first written, with the value that reproduces how such a
 # checkpoint was trained when it differs from today's default. Before `table_update` existed the
 # tables were trained by whole-table optax Adam, whose optimizer state the checkpoint holds.
@@ -798,23 +804,3 @@ def from_saved(values: Mapping[str, Any]) -> ml_collections.ConfigDict:
     except ConfigError as e:
         raise ConfigError(f"{e}; was the checkpoint written by a newer engram_jax?") from e
     return config
-
-
-# ml_collections' message for a key added to a locked ConfigDict (it also lists every field).
-_UNKNOWN_KEY = re.compile(r'Key "([^"]+)" does not exist and cannot be added')
-_KEY_HINT = re.compile(r'Did you mean "([^"]+)"')
-
-
-def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """A JSON-friendly nested dict of the config, for checkpoint metadata."""
-
-    def convert(value: Any) -> Any:
-        if isinstance(value, config_dict.ConfigDict):
-            return {k: convert(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [convert(v) for v in value]
-        if isinstance(value, float) and math.isinf(value):
-            return str(value)
-        return value
-
-    return convert(config)

@@ -428,7 +428,7 @@ def test_checkpoint_of_an_earlier_version_resumes_and_generates(
     config.num_train_steps = NUM_STEPS + 1
     # A BPE trained on this smaller sample would be another tokenizer.
     config.tokenizer_train_bytes = 2000
-    with caplog.at_level("INFO", logger="engram_jax.train"):
+    with caplog.at_level("INFO", logger="engram_jax"):
         train_lib.train_and_evaluate(config, workdir)
     assert "resuming with the checkpoint's tokenizer" in caplog.text
     assert sorted(_losses(workdir)) == list(range(1, NUM_STEPS + 2))
@@ -456,7 +456,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_is_kept(uninterrupted, corpus,
                 with open(os.path.join(root, name), "wb") as f:
                     f.write(b"garbage")
     corrupt = _snapshot(os.path.join(workdir, "checkpoints", str(NUM_STEPS)))
-    with caplog.at_level("WARNING", logger="engram_jax.train"):
+    with caplog.at_level("WARNING", logger="engram_jax"):
         train_lib.train_and_evaluate(_small_config(corpus), workdir)
     assert f"checkpoint step {NUM_STEPS} cannot be restored" in caplog.text
     # The unreadable step is moved aside byte for byte, and training redoes it from step 3.
@@ -533,7 +533,7 @@ def test_resume_with_new_data_settings_restarts_the_stream(uninterrupted, corpus
     config = _small_config(corpus)
     config.num_train_steps = NUM_STEPS + 2
     config.batch_size = 2
-    with caplog.at_level("WARNING", logger="engram_jax.train"):
+    with caplog.at_level("WARNING", logger="engram_jax"):
         train_lib.train_and_evaluate(config, workdir)
     assert "data settings differ" in caplog.text
     losses = _losses(workdir)
@@ -951,7 +951,7 @@ def test_two_process_job_shares_one_tokenizer_and_resumes_on_one_process(
     config = _small_config(corpus)
     config.eval_every = 0
     config.model.remat = True
-    with caplog.at_level("INFO", logger="engram_jax.train"):
+    with caplog.at_level("INFO", logger="engram_jax"):
         train_lib.train_and_evaluate(config, one)
     assert "model.remat: checkpoint False, config True" in caplog.text
     assert "resuming a data stream of 2 shards on 1 processes" in caplog.text

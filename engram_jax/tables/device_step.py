@@ -172,7 +172,7 @@ def make_row_grad_step(
     Updates the dense parameters (and the step counter and MoE biases) like the dense step and
     returns the gradients of the gathered rows; `state.memory` is left as it is.
     """
-    from engram_jax.train import _gate_and_load_metrics  # the trainer's metric names
+    from engram_jax.training.steps import gate_and_load_metrics  # the trainer's metric names
 
     def loss_fn(params, rows_SLUW, moe_bias, batch):
         rows_BLTMW = expand_rows(rows_SLUW, batch["memory_inverse"])
@@ -202,7 +202,7 @@ def make_row_grad_step(
             "train_loss": loss,
             "grad_norm": optax.tree.norm(dense_grads),
             "learning_rate": schedule(state.step),
-            **_gate_and_load_metrics(aux),
+            **gate_and_load_metrics(aux),
         }
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, moe_bias=moe_bias
