@@ -66,8 +66,22 @@ def _tool_name() -> str:
     return name.removesuffix(".__main__")
 
 
+def _let_checkpoint_threads_finish(timeout_s: float = 30.0) -> None:
+    """Joins orbax's background threads (a checkpoint store's cleanup or save): left running
+    into interpreter shutdown they print a traceback of their own ("cannot schedule new
+    futures after interpreter shutdown") under the one line."""
+    import threading
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax"):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
 def exit_with(error: BaseException, code: int = 1) -> None:
     """Prints `error` as one line (plus where to get the traceback) and exits with `code`."""
+    _let_checkpoint_threads_finish()
     print(
         f"{_tool_name()}: error: {one_line(error)} "
         f"[{TRACEBACK_ENV}=1 or {TRACEBACK_FLAG} shows the traceback]",

@@ -106,6 +106,7 @@ def test_traceback_on_request(tmp_path):
         assert "Traceback" in shown.stderr and "config.learning_rate" in shown.stderr
 
 
+@pytest.mark.slow
 def test_hopeless_memory_is_refused_before_compiling(tmp_path):
     """seq_len=65536 at the tiny config's batch: attention alone needs terabytes."""
     result = _run(
@@ -148,6 +149,7 @@ def test_tokenizer_fifo_and_missing_eval_data_name_their_keys(tmp_path):
     assert "data_path=" not in line.replace("eval_data_path=", "")
 
 
+@pytest.mark.slow
 def test_generate_sampling_and_checkpoint_errors(tmp_path):
     common = ("-m", "engram_jax.generate", f"--workdir={tmp_path / 'none'}", "--prompt=hi")
     result = _run(*common, "--temperature=nan")
@@ -187,6 +189,7 @@ def test_resume_with_another_model_and_a_huge_generation_are_one_line(tmp_path):
         f"--config={TINY}",
         f"--workdir={tmp_path}",
         "--config.num_train_steps=1",
+        "--config.warmup_steps=0",
         "--config.eval_every=0",
         "--config.tokenizer_train_bytes=200000",
     )
