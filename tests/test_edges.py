@@ -201,6 +201,7 @@ def tiny_model():
     return cfg, model, variables, hash_ids, tokens, apply
 
 
+@pytest.mark.slow
 def test_token_ids_outside_the_vocabulary(tiny_model):
     """Eager: ValueError naming the value. Under jit: NaN logits in the whole sequence that holds
     the bad id (attention multiplies its NaN value by the zero weights of earlier queries), for
@@ -277,9 +278,9 @@ def test_router_bias_rates_and_loads():
         error.throw()
 
 
-def test_decode_cache_bytes_match_the_allocated_cache(tiny_model):
+def test_decode_cache_bytes_match_the_allocated_cache():
     """`generate` refuses prompt + max_tokens by this number before allocating anything."""
-    cfg = tiny_model[0]
+    cfg = config_lib.validate(_tiny()).model
     step = DecodeStep(cfg, num_tokens=cfg.vocab_size)
     for total in (3, 17):
         cache = step.empty_cache(total)
