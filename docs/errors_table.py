@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -189,6 +190,31 @@ def _extra_rows() -> list[tuple[str, str, str, str]]:
             "python -m engram_jax.generate ... --max_tokens=-3",
             f"exit {generate.returncode}, stderr",
             last[0] if last else generate.stderr[-300:],
+        )
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        bad_config = os.path.join(folder, "BAD.py")
+        with open(bad_config, "w", encoding="utf-8") as f:
+            f.write("def get_config():\n    return None\n")
+        loaded = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "engram_jax.train",
+                f"--config={bad_config}",
+                f"--workdir={folder}",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
+        )
+    rows.append(
+        (
+            "tests/test_cli.py::test_config_file_that_does_not_load_is_one_line",
+            "python -m engram_jax.train --config=BAD.py (get_config() returns None)",
+            f"exit {loaded.returncode}, stderr",
+            loaded.stderr.strip().replace(folder + "/", "")[-MAX_MESSAGE:],
         )
     )
     return rows

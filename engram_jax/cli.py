@@ -66,8 +66,22 @@ def _tool_name() -> str:
     return name.removesuffix(".__main__")
 
 
+def _let_checkpoint_threads_finish(timeout_s: float = 30.0) -> None:
+    """Joins orbax's background threads (a checkpoint store's cleanup or save): left running
+    into interpreter shutdown they print a traceback of their own ("cannot schedule new
+    futures after interpreter shutdown") under the one line."""
+    import threading
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax"):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
 def exit_with(error: BaseException, code: int = 1) -> None:
     """Prints `error` as one line (plus where to get the traceback) and exits with `code`."""
+    _let_checkpoint_threads_finish()
     print(
         f"{_tool_name()}: error: {one_line(error)} "
         f"[{TRACEBACK_ENV}=1 or {TRACEBACK_FLAG} shows the traceback]",
@@ -120,8 +134,10 @@ def load_config_file(path: str):
             f"config file {path!r} line {e.lineno}: syntax error ({e.msg}); fix the file"
         ) from e
     except Exception as e:
+        line, function = _where_in(path, e)
         raise config_lib.ConfigError(
-            f"config file {path!r}{_line_in(path, e)}: loading it raised {one_line(e)}"
+            f"config file {path!r}{line}: "
+            f"{'get_config()' if function == 'get_config' else 'loading it'} raised {one_line(e)}"
         ) from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise config_lib.ConfigError(
@@ -132,14 +148,15 @@ def load_config_file(path: str):
     return config
 
 
-def _line_in(path: str, error: BaseException) -> str:
-    """' line N' of the innermost traceback frame in `path`, or ''."""
+def _where_in(path: str, error: BaseException) -> tuple[str, str | None]:
+    """(' line N', function) of the innermost traceback frame in `path`, or ('', None)."""
     target = os.path.abspath(path)
-    line = None
+    line, function = "", None
     for frame in traceback.extract_tb(error.__traceback__):
         if os.path.abspath(frame.filename) == target:
-            line = frame.lineno
-    return f" line {line}" if line else ""
+            line = f" line {frame.lineno}"
+            function = function if function == "get_config" else frame.name
+    return line, function
 
 
 def describe_path(path: str) -> str:

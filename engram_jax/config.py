@@ -9,11 +9,12 @@ the dataclasses (`ModelConfig`, `EngramConfig`, `HyperConfig`, `AttentionConfig`
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import ml_collections
+
+from engram_jax import config_limits
 
 # Loading files and the saved JSON form need no schema; they live beside it and stay importable
 # from here, where callers have always found them.
@@ -844,39 +845,6 @@ def _validate_mesh(p: _Problems, d: ml_collections.ConfigDict) -> None:
     _check_choice(p, "mesh.axis_types", d.axis_types, _AXIS_TYPES)
 
 
-def _check_finite(p: _Problems, config: ml_collections.ConfigDict, prefix: str = "") -> None:
-    """Every float value (also inside tuples) is finite: inf or NaN in a learning rate, an eps or
-    a scale trains to NaN instead of failing here."""
-    for key, value in config.items():
-        field = f"{prefix}{key}"
-        if isinstance(value, ml_collections.ConfigDict):
-            _check_finite(p, value, field + ".")
-            continue
-        values = value if isinstance(value, (tuple, list)) else (value,)
-        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-            p.check(False, field, value, "a finite number")
-
-
-# Upper bounds of sizes whose products index int32 arrays or that no device can hold: beyond
-# them a run fails late (an overflow, or memory running out while compiling) instead of here.
-_SIZE_LIMITS = {
-    "seq_len": 2**20,
-    "batch_size": 2**24,
-    "model.vocab_size": 2**31 - 1,
-    "model.hc.n_streams": 64,
-    "model.hc.sinkhorn_iters": 10_000,
-}
-
-
-def _check_sizes(p: _Problems, config: ml_collections.ConfigDict) -> None:
-    for field, limit in _SIZE_LIMITS.items():
-        value = config
-        for part in field.split("."):
-            value = value.get(part) if isinstance(value, ml_collections.ConfigDict) else None
-        if isinstance(value, int) and not isinstance(value, bool):
-            p.check(value <= limit, field, value, f"<= {limit:,} (see docs/design.md §10.4)")
-
-
 def validate(config: ml_collections.ConfigDict) -> Config:
     """Checks every value and returns the frozen form.
 
@@ -884,8 +852,8 @@ def validate(config: ml_collections.ConfigDict) -> Config:
       ConfigError: listing every problem, each naming the field, the value and the expectation.
     """
     p = _Problems()
-    _check_finite(p, config)
-    _check_sizes(p, config)
+    config_limits.check_finite(p, config)
+    config_limits.check_sizes(p, config)
     try:
         _validate_train(p, config)
         _validate_model(p, config.model)

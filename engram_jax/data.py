@@ -167,10 +167,11 @@ def tokenizer_cache_key(documents: Sequence[str], vocab_size: int) -> str:
 
 def load_tokenizer(tokenizer_path: str) -> tokenizers.Tokenizer:
     """Reads a Hugging Face `tokenizer.json` (a local path or a URL); errors name the path."""
-    if not storage.isfile(tokenizer_path):
-        # Says what a local path is instead (a FIFO, a device, a directory, a link loop):
-        # opening a FIFO would block.
-        what = "no such file" if "://" in tokenizer_path else describe_path(tokenizer_path)
+    local = "://" not in tokenizer_path
+    # os.path.isfile for local paths: epath calls a FIFO a file, and reading one blocks.
+    if not (os.path.isfile(tokenizer_path) if local else storage.isfile(tokenizer_path)):
+        # Says what a local path is instead (a FIFO, a device, a directory, a link loop).
+        what = describe_path(tokenizer_path) if local else "no such file"
         raise FileNotFoundError(
             f"tokenizer_path={tokenizer_path!r}: {what}; expected a tokenizer.json file"
         )

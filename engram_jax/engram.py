@@ -375,7 +375,7 @@ class Engram(nn.Module):
         `table_row_multiple`; created only when called with `hash_ids` (the host-offload path passes
         `rows` and keeps the table elsewhere).
       key_kernel `[M*W, G, D]`, key_bias `[G, D]`: G per-stream key projections (one fused kernel,
-        equivalent to G separate `nn.Linear`s, §8.1.9).
+        equivalent to G separate `nn.Linear`s, §8.1).
       value_kernel `[M*W, D]`, value_bias `[D]`: one value projection shared by all streams.
       key_norm_scale, query_norm_scale, conv_norm_scale `[G, D]`: per-stream RMSNorm gains.
       conv_kernel `[K, G, D]`: depthwise taps; channel `g*D + d` is stream-major (§1.6).

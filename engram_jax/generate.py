@@ -615,6 +615,8 @@ def main(argv: list[str]) -> None:
                 f"--ffn_granularity: got {f.ffn_granularity!r}; expected one index or one per "
                 "layer, comma-separated (e.g. 0 or 0,1,1,2)"
             ) from None
+    # The sampling settings too (NaN or inf temperature, top_p outside (0, 1]).
+    SamplingConfig(f.max_tokens, f.temperature, f.top_k, f.top_p, f.seed)
     with Generator(
         f.workdir,
         step=f.step,

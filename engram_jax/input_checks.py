@@ -13,8 +13,10 @@ ids). To check under `jit` too, turn on debug checks and run the function throug
         err, out = checked(state, batch)
     err.throw()  # ValueError-like JaxRuntimeError naming the argument, or nothing
 
-With debug checks on, a traced function that is NOT wrapped in `checkify` fails to trace
-("checkify.check ... not functionalized"): the flag is for debugging runs only.
+The flag is read while tracing: a function jitted and traced before it was turned on keeps its
+unchecked compiled form (wrap a fresh function). With debug checks on, a traced function that is
+NOT wrapped in `checkify` fails to trace ("checkify.check ... not functionalized"): the flag is
+for debugging runs only.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Orientation, stated once for the whole module (docs/design.md §2.1): every `h_r
 returns or sows is the operator APPLIED to the streams, `out[i] = sum_j h_res[i, j] x[j]` — row
 index = output stream. HC stores `A_r` and applies `A_r^T` (§3.1), so its `h_res` is `A_r^T`;
 `transpose_res=True` applies a Sinkhorn matrix transposed, as DeepSeek-V4 ports and MaxText do
-(§8.2.2, §8.3), and `h_res` is then that transpose.
+(§8.2, §8.3), and `h_res` is then that transpose.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _check_sinkhorn_args(shape: tuple[int, ...], num_iters: int, eps: float, ord
 
 def _axes_in_order(order: str) -> tuple[int, int]:
     # Axis reduced by each half-step: -2 sums a column (T_c), -1 sums a row (T_r).
-    # row_last: M <- T_r(T_c(M)) (paper, §2.3); col_last: M <- T_c(T_r(M)) (§8.2.1, §8.3).
+    # row_last: M <- T_r(T_c(M)) (paper, §2.3); col_last: M <- T_c(T_r(M)) (§8.2, §8.3).
     return (-2, -1) if order == "row_last" else (-1, -2)
 
 
@@ -143,7 +143,7 @@ def sinkhorn(
       eps: added to every denominator, `M / (sum + eps)`. Paper: none (0.0); DeepSeek-V4 / MaxText:
         1e-6.
       order: "row_last" (paper: column then row normalisation, rows exact) or "col_last" (row then
-        column, columns exact: the MaxText / DeepSeek-V4 order, §8.2.1; their softmax start with
+        column, columns exact: the MaxText / DeepSeek-V4 order, §8.2; their softmax start with
         `+eps` is not reproduced bit for bit).
       recompute_grad: use the custom VJP that stores only `logits` and recomputes the iterates in
         the backward pass (default; see BENCHMARKS.md "Hyper-connections"). False gives plain
@@ -366,7 +366,7 @@ class HyperConnection(nn.Module):
       coeff_kernel_init: initialiser of phi (mhc, mhc_lite) and of the dynamic weights (hc);
         default `normal(HC_COEFF_INIT_STD)` = N(0, 0.02^2), as the trainer.
       transpose_res: apply the Sinkhorn / permutation matrix transposed (checkpoint compatibility
-        with §8.2.2 / §8.3 ports); the returned `h_res` is the applied operator either way.
+        with §8.2 / §8.3 ports); the returned `h_res` is the applied operator either way.
       norm_eps: eps of the pre-norm and of the coefficient RMS statistics.
       sow_mixing: sow `h_pre`, `h_post`, `h_res` (and `res_logits`) into "intermediates" in `read`.
       dtype: dtype of the pre-norm output and of the returned state (the mixing itself runs in

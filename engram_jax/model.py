@@ -352,6 +352,9 @@ class Transformer(nn.Module):
     corrects them around its layer, which runs as a plain residual on the active block.
     MatFormer (`config.matformer`): `ffn_granularity` (a traced int32 index, the training step's
     draw) runs every FFN at that nested width; None takes `matformer.inference_granularity`.
+    Token ids must lie in `[0, vocab_size)`. Concrete ids outside raise ValueError; under `jit`
+    such an id (negative ones too) makes the logits of its whole sequence NaN, or a checkify
+    error with debug checks on (`engram_jax.input_checks`).
     """
 
     config: ModelConfig
@@ -577,8 +580,9 @@ class Transformer(nn.Module):
 
 def _outside_vocab_to_nan(tokens_BT: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Ids outside [0, vocab_size) (negative ones too, which `take` would wrap) become
-    vocab_size, whose embedding `take` fills with NaN: a bad id under `jit` gives NaN logits at
-    its position and after it, never a finite guess."""
+    vocab_size, whose embedding `take` fills with NaN: a bad id under `jit` gives NaN logits for
+    its whole sequence (attention weighs the NaN value by zero for earlier queries, and 0 * NaN
+    is NaN), never a finite guess; the batch's other sequences are unaffected."""
     inside_BT = (tokens_BT >= 0) & (tokens_BT < cfg.vocab_size)
     return jnp.where(inside_BT, tokens_BT, cfg.vocab_size)  # [B, T]
 

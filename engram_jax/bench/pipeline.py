@@ -25,7 +25,7 @@ import time
 
 from absl import flags
 
-from engram_jax import accounting
+from engram_jax import accounting, cli
 from engram_jax import config as config_lib
 from engram_jax import corpus as corpus_lib
 from engram_jax import data as data_lib
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
 
-    config = config_lib.load_config_file(args.config)
+    config = cli.load_config_file(args.config)
     config.data_path = args.corpus
     config.model.vocab_size = 8192
     cfg = config_lib.validate(config)

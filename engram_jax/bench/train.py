@@ -44,7 +44,7 @@ from typing import Any
 
 import ml_collections
 
-from engram_jax import accounting
+from engram_jax import accounting, cli
 from engram_jax import config as config_lib
 from engram_jax import data as data_lib
 from engram_jax import metrics as metrics_lib
@@ -77,7 +77,7 @@ def _load_config(configs_dir: pathlib.Path, name: str) -> ml_collections.ConfigD
     path = configs_dir / f"{name}.py"
     if not path.is_file():
         raise FileNotFoundError(f"--configs: {name!r} has no config file {path}")
-    return config_lib.load_config_file(path)
+    return cli.load_config_file(str(path))
 
 
 def _uptime() -> str:
