@@ -11,12 +11,13 @@ import sys
 import ml_dtypes
 import numpy as np
 import pytest
+from etils import epath
 from safetensors.numpy import save_file
 
 from engram_jax import config as config_lib
 from engram_jax import convert
 from engram_jax.model import engram_table_sizes
-from engram_jax.tables import fp8, row_files
+from engram_jax.tables import fp8, memory_item, row_files
 
 CONFIG_FILE = """
 from engram_jax.configs.tiny import get_config as tiny
@@ -127,6 +128,15 @@ def test_tables_and_params_equal_the_release(release, converted):
         np.testing.assert_array_equal(
             params["q_weight"], tensors[f"layers.{layer}.engram.q_weight"]
         )
+
+
+def test_training_restore_of_fp8_tables_is_refused(release, converted):
+    """Packed FP8 tables serve inference; restoring them as a trainable float table says so."""
+    out, summary = converted
+    rows = summary["layers"][1]["rows"]
+    target = {"tables": {"layer_1": {"engram": {"table": np.zeros((rows, 32), np.float32)}}}}
+    with pytest.raises(ValueError, match="packed FP8 table rows, which serve inference"):
+        memory_item.restore_memory(epath.Path(out) / "memory", target, partial=True)
 
 
 def _shards_with(release, tmp_path, change) -> str:

@@ -249,20 +249,19 @@ def _measure_placement(placement: str, path: str, args, table_dtype) -> tuple[di
 
 def fp8_summary(workdir: str, outputs: dict[str, list[int]]) -> str:
     """The closing line of an FP8 run, from the workdir's config and the greedy outputs of the
-    device, host and disk placements (all that ran must agree; the three must have run)."""
+    device, host and disk placements (every one of them that ran, disk-cold too, must agree)."""
     config = config_lib.from_saved(
         checkpoint_lib.CheckpointStore(
             os.path.join(workdir, "checkpoints"), create=False, cleanup_partial=False
         ).read_metadata(None)["config"]
     )
     width = config_lib.validate(config).model.engram.row_width
+    sizes = f"fp8 tables: {fp8.packed_width(width)} bytes per row of {width} (f32: {4 * width})"
+    if not all(p in outputs for p in ("device", "host", "disk")):
+        return f"# {sizes}; greedy outputs not compared (needs the device, host and disk runs)"
     compared = [outputs[p] for p in ("device", "host", "disk", "disk-cold") if p in outputs]
-    ran_all = all(p in outputs for p in ("device", "host", "disk"))
-    same = ran_all and all(o == compared[0] for o in compared)
-    return (
-        f"fp8 tables: {fp8.packed_width(width)} bytes per row of {width} (f32: {4 * width}); "
-        f"device, host and disk greedy outputs identical: {'yes' if same else 'no'}"
-    )
+    same = all(o == compared[0] for o in compared)
+    return f"{sizes}; device, host and disk greedy outputs identical: {'yes' if same else 'no'}"
 
 
 def _reset_peak_rss() -> None:
@@ -292,7 +291,7 @@ def make_big_workdir(small_workdir: str, big_dir: str, gib: float, args) -> str:
     rows_per_head = int(gib * 2**30 / fp8.packed_width(width) / heads / len(e.layer_ids))
     e.table_rows_per_head = (rows_per_head,) * (e.max_ngram - 1)
     # The small workdir's tokenizer, so both serve the same token ids.
-    config.train.tokenizer_path = os.path.join(small_workdir, train_lib.TOKENIZER_FILE)
+    config.tokenizer_path = os.path.join(small_workdir, train_lib.TOKENIZER_FILE)
     cfg = config_lib.validate(config)
     os.makedirs(big_dir, exist_ok=True)
     setup = train_lib.build_data(cfg, big_dir)

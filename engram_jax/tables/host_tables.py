@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from engram_jax.tables.device_step import get_path, set_path
+from engram_jax.tables.row_files import take_rows
 from engram_jax.tables.row_optim import RowOptimizer
 from engram_jax.tables.unique_rows import sum_rows
 
@@ -110,13 +111,9 @@ class HostTables:
 
     def gather(self, ids_SLU: np.ndarray) -> np.ndarray:
         """`[S, L, U, W]` float32 rows at flat ids `[S, L, U]` (-1 padding reads zeros)."""
-        s, num_layers, u = ids_SLU.shape
-        out = np.zeros((s, num_layers, u, self.width), np.float32)
-        for li, p in enumerate(self.paths):
-            ids = ids_SLU[:, li]
-            valid = ids >= 0
-            out[:, li][valid] = self.tables[p][ids[valid]]
-        return out
+        return np.stack(
+            [take_rows(self.tables[p], ids_SLU[:, i]) for i, p in enumerate(self.paths)], 1
+        )
 
     def patch(self, rows_SLUW: np.ndarray, ids_SLU: np.ndarray, stale: list[np.ndarray]) -> None:
         """Re-reads, in place, the rows of `rows_SLUW` whose ids are in `stale[layer]`."""

@@ -241,6 +241,13 @@ def restore_memory(
     saved = meta["leaves"]
     leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
     names = [leaf_name(path) for path, _ in leaves]
+    for name, (_, leaf) in zip(names, leaves, strict=True):
+        # Packed FP8 rows (uint8, tables/fp8.py; e.g. a converted release) are inference-only.
+        if saved.get(name, {}).get("dtype") == "uint8" and jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise ValueError(
+                f"{directory}: leaf {name!r} holds packed FP8 table rows, which serve inference "
+                "(generate) only; training needs float32 or bfloat16 tables"
+            )
     if set(names) - set(saved) or (not partial and set(saved) - set(names)):
         missing, extra = sorted(set(saved) - set(names)), sorted(set(names) - set(saved))
         raise ValueError(

@@ -316,6 +316,18 @@ def write_row_file(
     return writer.commit()
 
 
+def take_rows(table_RP: np.ndarray, rows_X: np.ndarray) -> np.ndarray:
+    """`table[rows]` for row ids `[...]` of any shape -> `[..., P]`; negative ids (padding) read
+    zero rows. The host row gather of both training (`HostTables`) and inference (`HostRows`)."""
+    rows_X = np.asarray(rows_X)
+    valid_X = rows_X >= 0
+    if valid_X.all():
+        return table_RP[rows_X]  # fancy indexing copies only those rows
+    out_XP = np.zeros((*rows_X.shape, *table_RP.shape[1:]), table_RP.dtype)
+    out_XP[valid_X] = table_RP[rows_X[valid_X]]
+    return out_XP
+
+
 class _Rows:
     """What the row sources share: the stored layout and the decode of gathered stored rows."""
 
@@ -353,8 +365,8 @@ class HostRows(_Rows):
         self.encoding = "fp8" if fp8.is_packed(table_RP.dtype) else "float"
 
     def read(self, rows_X: np.ndarray) -> np.ndarray:
-        """`[X, P]` stored rows (numpy fancy indexing copies only those rows)."""
-        return self.table_RW[rows_X]
+        """`[X, P]` stored rows."""
+        return take_rows(self.table_RW, rows_X)
 
 
 class RowFile(_Rows):
@@ -565,7 +577,7 @@ class RowCache:
             # Rows in RAM, no cache: one fancy index reads a duplicate as cheaply as `np.unique`
             # finds it (which would triple the cost of a decode step's gather), and there are no
             # storage reads to count: the counters stay untouched.
-            return source.decode(source.table_RW[rows_X])
+            return source.decode(take_rows(source.table_RW, rows_X))
         unique_U, inverse_X = np.unique(rows_X.reshape(-1), return_inverse=True)
         if self._sets == 0:
             # No cache: every unique row is read once, without bookkeeping.
