@@ -93,19 +93,10 @@ def _final(workdir: str, run: dict[str, Any], key: str) -> float | None:
     return float(finite[-1]) if finite.size else None
 
 
-def report(
-    options: common.Options,
-    corpus: common.Corpus,
-    held_out: list[str],
-    specs: list[common.RunSpec],
-    runs: list[dict[str, Any]],
-) -> None:
+def add_stability_finals(workdir: str, runs: list[dict[str, Any]]) -> None:
+    """Adds each run's largest gradient norm and final diagnostics (`final_hc_*`) to its record."""
     from engram_jax.experiments import plots
 
-    workdir = options.workdir
-    eval_tokens = common.evaluated_tokens(specs[0].config)
-    compression = common.floors_for(held_out, corpus, eval_tokens)
-    by_kind = common.group(runs, "kind")
     for run in runs:
         grad_norms = plots.metric_curve(workdir, run, "grad_norm")[1]
         run["max_grad_norm"] = float(grad_norms.max()) if grad_norms.size else None
@@ -116,6 +107,13 @@ def report(
             "hc_res_logit_spread",
         ):
             run[f"final_{key}"] = _final(workdir, run, key)
+
+
+def stability_figure(
+    workdir: str, by_kind: dict[str, list[dict[str, Any]]], title: str, filename: str
+) -> str:
+    """The six PANELS, one seed band per kind; returns the PNG's name."""
+    from engram_jax.experiments import plots
 
     fig, axes = plots.new_figure(5.2, 3.6, ncols=3, nrows=2)
     for ax, (key, label, log) in zip(axes.flat, PANELS, strict=True):
@@ -130,26 +128,13 @@ def report(
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "not logged by these kinds", ha="center", transform=ax.transAxes)
-    lr = specs[0].config.learning_rate
-    fig.suptitle(f"Hyper-connection stability at learning rate {lr:g}")
-    png = plots.save(fig, workdir, "hyper_stability.png")
+    fig.suptitle(title)
+    return plots.save(fig, workdir, filename)
 
-    lines = common.summary_header(
-        "Hyper-connection stability: residual, HC, mHC, mHC-lite",
-        NAME,
-        options,
-        corpus,
-        eval_tokens,
-        compression,
-    )
-    cfg = specs[0].config.model
-    lines += [
-        f"Model: {cfg.num_layers} layers of width {cfg.hidden_size}, learning rate {lr:g}, "
-        f"gradient clip {specs[0].config.clip_norm:g}. Diagnostics are measured on the first "
-        "evaluation batch at every evaluation (`hc_*` keys of metrics.jsonl).",
-        "",
-        *common.accounting_table(runs, "kind"),
-        "",
+
+def stability_table(by_kind: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Markdown rows per kind: loss, bits/byte, divergences, gradient norm, final gains."""
+    lines = [
         "| kind | seeds | diverged | final eval loss | bits/byte | max grad norm | composite gain "
         "fwd / bwd (final) | column error (final) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -170,6 +155,43 @@ def report(
             f"{fmt([r['final_hc_max_composite_backward_gain'] for r in members])} | "
             f"{fmt([r['final_hc_col_sum_err'] for r in members])} |"
         )
+    return lines
+
+
+def report(
+    options: common.Options,
+    corpus: common.Corpus,
+    held_out: list[str],
+    specs: list[common.RunSpec],
+    runs: list[dict[str, Any]],
+) -> None:
+    workdir = options.workdir
+    eval_tokens = common.evaluated_tokens(specs[0].config)
+    compression = common.floors_for(held_out, corpus, eval_tokens)
+    by_kind = common.group(runs, "kind")
+    add_stability_finals(workdir, runs)
+    lr = specs[0].config.learning_rate
+    title = f"Hyper-connection stability at learning rate {lr:g}"
+    png = stability_figure(workdir, by_kind, title, "hyper_stability.png")
+
+    lines = common.summary_header(
+        "Hyper-connection stability: residual, HC, mHC, mHC-lite",
+        NAME,
+        options,
+        corpus,
+        eval_tokens,
+        compression,
+    )
+    cfg = specs[0].config.model
+    lines += [
+        f"Model: {cfg.num_layers} layers of width {cfg.hidden_size}, learning rate {lr:g}, "
+        f"gradient clip {specs[0].config.clip_norm:g}. Diagnostics are measured on the first "
+        "evaluation batch at every evaluation (`hc_*` keys of metrics.jsonl).",
+        "",
+        *common.accounting_table(runs, "kind"),
+        "",
+        *stability_table(by_kind),
+    ]
     lines += ["", f"![stability]({png})", ""]
     common.write_summary(workdir, lines)
     common.write_results(

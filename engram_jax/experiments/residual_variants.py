@@ -18,7 +18,6 @@ import copy
 from typing import Any
 
 import ml_collections
-import numpy as np
 
 from engram_jax.accounting import account
 from engram_jax.config import validate
@@ -84,15 +83,6 @@ def build_specs(
     return specs
 
 
-def _final(workdir: str, run: dict[str, Any], key: str) -> float | None:
-    """The last finite value of a metric of a run (None when never logged)."""
-    from engram_jax.experiments import plots
-
-    values = plots.metric_curve(workdir, run, key)[1]
-    finite = values[np.isfinite(values)]
-    return float(finite[-1]) if finite.size else None
-
-
 def report(
     options: common.Options,
     corpus: common.Corpus,
@@ -100,34 +90,14 @@ def report(
     specs: list[common.RunSpec],
     runs: list[dict[str, Any]],
 ) -> None:
-    from engram_jax.experiments import plots
-
     workdir = options.workdir
     eval_tokens = common.evaluated_tokens(specs[0].config)
     compression = common.floors_for(held_out, corpus, eval_tokens)
     by_kind = common.group(runs, "kind")
-    for run in runs:
-        grad_norms = plots.metric_curve(workdir, run, "grad_norm")[1]
-        run["max_grad_norm"] = float(grad_norms.max()) if grad_norms.size else None
-        for key, _, _ in hyper_stability.PANELS[2:]:
-            run[f"final_{key}"] = _final(workdir, run, key)
-
-    fig, axes = plots.new_figure(5.2, 3.6, ncols=3, nrows=2)
-    for ax, (key, label, log) in zip(axes.flat, hyper_stability.PANELS, strict=True):
-        drawn = False
-        for i, (kind, members) in enumerate(by_kind.items()):
-            drawn |= plots.seed_band(ax, workdir, members, key, kind, color=f"C{i}")
-        ax.set_title(label, fontsize=10)
-        ax.set_xlabel("step")
-        if log and drawn:
-            ax.set_yscale("log")
-        if drawn:
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "not logged by these kinds", ha="center", transform=ax.transAxes)
+    hyper_stability.add_stability_finals(workdir, runs)
     lr = specs[0].config.learning_rate
-    fig.suptitle(f"Residual variants at equal parameters, learning rate {lr:g}")
-    png = plots.save(fig, workdir, "residual_variants.png")
+    title = f"Residual variants at equal parameters, learning rate {lr:g}"
+    png = hyper_stability.stability_figure(workdir, by_kind, title, "residual_variants.png")
 
     lines = common.summary_header(
         "Residual variants: residual, HC, mHC, mHC-lite, AltUp at equal parameters",
@@ -147,27 +117,11 @@ def report(
         "",
         *common.accounting_table(runs, "kind"),
         "",
-        "| kind | seeds | diverged | final eval loss | bits/byte | max grad norm | composite gain "
-        "fwd / bwd (final) | column error (final) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *hyper_stability.stability_table(by_kind),
+        "",
+        f"![stability]({png})",
+        "",
     ]
-
-    def fmt(values: list[float | None]) -> str:
-        values = [v for v in values if v is not None]
-        return "-" if not values else format(max(values), ".3g")
-
-    for kind, members in by_kind.items():
-        loss = common.mean_std([r["final_eval_loss"] for r in members])
-        bpb = common.mean_std([r["eval_bits_per_byte"] for r in members])
-        lines.append(
-            f"| {kind} | {len(members)} | {sum(bool(r['diverged']) for r in members)} | "
-            f"{loss[0]:.4f} ± {loss[1]:.4f} | {bpb[0]:.4f} ± {bpb[1]:.4f} | "
-            f"{fmt([r['max_grad_norm'] for r in members])} | "
-            f"{fmt([r['final_hc_max_composite_forward_gain'] for r in members])} / "
-            f"{fmt([r['final_hc_max_composite_backward_gain'] for r in members])} | "
-            f"{fmt([r['final_hc_col_sum_err'] for r in members])} |"
-        )
-    lines += ["", f"![stability]({png})", ""]
     common.write_summary(workdir, lines)
     common.write_results(
         workdir,
