@@ -46,6 +46,7 @@ for name in ${EXPERIMENTS:-iso_param allocation hyper_stability gate_analysis}; 
     iso_param) run iso_param --steps=300 --seeds="${ISO_SEEDS:-3}" ;;
     allocation) run allocation --steps=120 --seeds=1 --budgets="${ALLOCATION_BUDGETS:-1,3}" --evals=4 ;;
     hyper_stability) run hyper_stability --steps=300 --seeds=1 --learning_rate=0.01 ;;
+    residual_variants) run residual_variants --steps=300 --seeds=3 --learning_rate=0.01 ;;
     gate_analysis) run gate_analysis --steps=300 --seeds=1 ;;
     *) echo "EXPERIMENTS: unknown experiment '$name'" >&2; exit 2 ;;
   esac

@@ -94,8 +94,8 @@ def _final(workdir: str, run: dict[str, Any], key: str) -> float | None:
     return float(finite[-1]) if finite.size else None
 
 
-def _diagnostics(workdir: str, runs: list[dict[str, Any]]) -> None:
-    """Adds each run's largest gradient norm and final mixing diagnostics to its record."""
+def add_stability_finals(workdir: str, runs: list[dict[str, Any]]) -> None:
+    """Adds each run's largest gradient norm and final diagnostics (`final_hc_*`) to its record."""
     from engram_jax.experiments import plots
 
     for run in runs:
@@ -110,7 +110,10 @@ def _diagnostics(workdir: str, runs: list[dict[str, Any]]) -> None:
             run[f"final_{key}"] = _final(workdir, run, key)
 
 
-def _plot(workdir: str, by_kind: dict[str, list[dict[str, Any]]], lr: float) -> str:
+def stability_figure(
+    workdir: str, by_kind: dict[str, list[dict[str, Any]]], title: str, filename: str
+) -> str:
+    """The six PANELS, one seed band per kind; returns the PNG's name."""
     from engram_jax.experiments import plots
 
     fig, axes = plots.new_figure(5.2, 3.6, ncols=3, nrows=2)
@@ -126,8 +129,8 @@ def _plot(workdir: str, by_kind: dict[str, list[dict[str, Any]]], lr: float) -> 
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "not logged by these kinds", ha="center", transform=ax.transAxes)
-    fig.suptitle(f"Hyper-connection stability at learning rate {lr:g}")
-    return plots.save(fig, workdir, "hyper_stability.png")
+    fig.suptitle(title)
+    return plots.save(fig, workdir, filename)
 
 
 def _largest(values: list[float | None], spec: str = ".3g") -> str:
@@ -135,22 +138,9 @@ def _largest(values: list[float | None], spec: str = ".3g") -> str:
     return "-" if not values else format(max(values), spec)
 
 
-def report_runs(outcome: runner.Outcome) -> None:
-    title = "Hyper-connection stability: residual, HC, mHC, mHC-lite"
-    lines, extra = report.header(outcome, title, NAME)
-    options, specs, runs = outcome.options, outcome.specs, outcome.runs
-    _diagnostics(options.workdir, runs)
-    by_kind = report.group(runs, "kind")
-    lr = specs[0].config.learning_rate
-    png = _plot(options.workdir, by_kind, lr)
-    cfg = specs[0].config.model
-    lines += [
-        f"Model: {cfg.num_layers} layers of width {cfg.hidden_size}, learning rate {lr:g}, "
-        f"gradient clip {specs[0].config.clip_norm:g}. Diagnostics are measured on the first "
-        "evaluation batch at every evaluation (`hc_*` keys of metrics.jsonl).",
-        "",
-        *report.accounting_table(runs, "kind"),
-        "",
+def stability_table(by_kind: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Markdown rows per kind: loss, bits/byte, divergences, gradient norm, final gains."""
+    lines = [
         "| kind | seeds | final eval loss | bits/byte | diverged | max grad norm | composite gain "
         "fwd / bwd (final) | column error (final) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -164,6 +154,28 @@ def report_runs(outcome: runner.Outcome) -> None:
             f"{_largest([r['final_hc_max_composite_backward_gain'] for r in members])} | "
             f"{_largest([r['final_hc_col_sum_err'] for r in members])} |"
         )
+    return lines
+
+
+def report_runs(outcome: runner.Outcome) -> None:
+    title = "Hyper-connection stability: residual, HC, mHC, mHC-lite"
+    lines, extra = report.header(outcome, title, NAME)
+    options, specs, runs = outcome.options, outcome.specs, outcome.runs
+    add_stability_finals(options.workdir, runs)
+    by_kind = report.group(runs, "kind")
+    lr = specs[0].config.learning_rate
+    title = f"Hyper-connection stability at learning rate {lr:g}"
+    png = stability_figure(options.workdir, by_kind, title, "hyper_stability.png")
+    cfg = specs[0].config.model
+    lines += [
+        f"Model: {cfg.num_layers} layers of width {cfg.hidden_size}, learning rate {lr:g}, "
+        f"gradient clip {specs[0].config.clip_norm:g}. Diagnostics are measured on the first "
+        "evaluation batch at every evaluation (`hc_*` keys of metrics.jsonl).",
+        "",
+        *report.accounting_table(runs, "kind"),
+        "",
+        *stability_table(by_kind),
+    ]
     kinds = list(by_kind)
     pairs = [(kind, kinds[0]) for kind in kinds[1:]]
     lines += ["", *report.paired_lines(runs, "kind", pairs), "", f"![stability]({png})", ""]

@@ -15,14 +15,14 @@ residual, so the same composite Amax gains are drawn for it (docs/design.md "Alt
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import ml_collections
-import numpy as np
 
 from engram_jax.accounting import account
 from engram_jax.config import validate
-from engram_jax.experiments import common, hyper_stability
+from engram_jax.experiments import hyper_stability, report, runner
+from engram_jax.experiments.heldout import Corpus
+from engram_jax.experiments.options import Options
 
 NAME = "residual_variants"
 KINDS = ("residual", "hc", "mhc", "mhc_lite", "altup")
@@ -68,138 +68,82 @@ def match_parameters(configs: dict[str, ml_collections.ConfigDict]) -> dict[str,
 
 
 def build_specs(
-    options: common.Options,
-    corpus: common.Corpus,
+    options: Options,
+    corpus: Corpus,
     base: ml_collections.ConfigDict,
     kinds: list[str],
-) -> list[common.RunSpec]:
+) -> list[runner.RunSpec]:
     configs = {kind: kind_config(base, kind) for kind in kinds}
     match_parameters(configs)
     specs = []
     for seed in range(options.seeds):
         for kind in kinds:
-            config = common.training_config(configs[kind], options, corpus, seed=seed)
+            config = runner.training_config(configs[kind], options, corpus, seed=seed)
             labels = {"kind": kind, "mlp_hidden_size": config.model.mlp_hidden_size}
-            specs.append(common.RunSpec(f"{kind}-s{seed}", seed, config, labels))
+            specs.append(runner.RunSpec(f"{kind}-s{seed}", seed, config, labels))
     return specs
 
 
-def _final(workdir: str, run: dict[str, Any], key: str) -> float | None:
-    """The last finite value of a metric of a run (None when never logged)."""
-    from engram_jax.experiments import plots
-
-    values = plots.metric_curve(workdir, run, key)[1]
-    finite = values[np.isfinite(values)]
-    return float(finite[-1]) if finite.size else None
-
-
-def report(
-    options: common.Options,
-    corpus: common.Corpus,
-    held_out: list[str],
-    specs: list[common.RunSpec],
-    runs: list[dict[str, Any]],
-) -> None:
-    from engram_jax.experiments import plots
-
-    workdir = options.workdir
-    eval_tokens = common.evaluated_tokens(specs[0].config)
-    compression = common.floors_for(held_out, corpus, eval_tokens)
-    by_kind = common.group(runs, "kind")
-    for run in runs:
-        grad_norms = plots.metric_curve(workdir, run, "grad_norm")[1]
-        run["max_grad_norm"] = float(grad_norms.max()) if grad_norms.size else None
-        for key, _, _ in hyper_stability.PANELS[2:]:
-            run[f"final_{key}"] = _final(workdir, run, key)
-
-    fig, axes = plots.new_figure(5.2, 3.6, ncols=3, nrows=2)
-    for ax, (key, label, log) in zip(axes.flat, hyper_stability.PANELS, strict=True):
-        drawn = False
-        for i, (kind, members) in enumerate(by_kind.items()):
-            drawn |= plots.seed_band(ax, workdir, members, key, kind, color=f"C{i}")
-        ax.set_title(label, fontsize=10)
-        ax.set_xlabel("step")
-        if log and drawn:
-            ax.set_yscale("log")
-        if drawn:
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "not logged by these kinds", ha="center", transform=ax.transAxes)
+def report_runs(outcome: runner.Outcome) -> None:
+    title = "Residual variants: residual, HC, mHC, mHC-lite, AltUp at equal parameters"
+    lines, extra = report.header(outcome, title, NAME)
+    options, specs, runs = outcome.options, outcome.specs, outcome.runs
+    hyper_stability.add_stability_finals(options.workdir, runs)
+    by_kind = report.group(runs, "kind")
     lr = specs[0].config.learning_rate
-    fig.suptitle(f"Residual variants at equal parameters, learning rate {lr:g}")
-    png = plots.save(fig, workdir, "residual_variants.png")
-
-    lines = common.summary_header(
-        "Residual variants: residual, HC, mHC, mHC-lite, AltUp at equal parameters",
-        NAME,
-        options,
-        corpus,
-        eval_tokens,
-        compression,
+    figure_title = f"Residual variants at equal parameters, learning rate {lr:g}"
+    png = hyper_stability.stability_figure(
+        options.workdir, by_kind, figure_title, "residual_variants.png"
     )
     cfg = specs[0].config.model
     widths = ", ".join(f"{k} {m[0]['mlp_hidden_size']}" for k, m in by_kind.items())
+    kinds = list(by_kind)
+    pairs = [(kind, kinds[0]) for kind in kinds[1:]]
     lines += [
         f"Model: {cfg.num_layers} layers of width {cfg.hidden_size}, {cfg.hc.n_streams} streams "
         f"(AltUp: blocks), learning rate {lr:g}, gradient clip {specs[0].config.clip_norm:g}. "
         f"Dense FFN width per kind, chosen to equalise total parameters: {widths}. AltUp's "
         "diagnostics are those of its prediction operators (one site per layer).",
         "",
-        *common.accounting_table(runs, "kind"),
+        *report.accounting_table(runs, "kind"),
         "",
-        "| kind | seeds | diverged | final eval loss | bits/byte | max grad norm | composite gain "
-        "fwd / bwd (final) | column error (final) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *hyper_stability.stability_table(by_kind),
+        "",
+        *report.paired_lines(runs, "kind", pairs),
+        "",
+        f"![stability]({png})",
+        "",
     ]
-
-    def fmt(values: list[float | None]) -> str:
-        values = [v for v in values if v is not None]
-        return "-" if not values else format(max(values), ".3g")
-
-    for kind, members in by_kind.items():
-        loss = common.mean_std([r["final_eval_loss"] for r in members])
-        bpb = common.mean_std([r["eval_bits_per_byte"] for r in members])
-        lines.append(
-            f"| {kind} | {len(members)} | {sum(bool(r['diverged']) for r in members)} | "
-            f"{loss[0]:.4f} ± {loss[1]:.4f} | {bpb[0]:.4f} ± {bpb[1]:.4f} | "
-            f"{fmt([r['max_grad_norm'] for r in members])} | "
-            f"{fmt([r['final_hc_max_composite_forward_gain'] for r in members])} / "
-            f"{fmt([r['final_hc_max_composite_backward_gain'] for r in members])} | "
-            f"{fmt([r['final_hc_col_sum_err'] for r in members])} |"
-        )
-    lines += ["", f"![stability]({png})", ""]
-    common.write_summary(workdir, lines)
-    common.write_results(
-        workdir,
-        NAME,
-        runs,
-        learning_rate=lr,
-        eval_tokens=eval_tokens,
-        compression_floors=compression,
-    )
+    report.finish(options.workdir, NAME, lines, runs, learning_rate=lr, **extra)
 
 
 def main(argv: list[str]) -> None:
     from absl import flags
 
     del argv
-    options = common.Options.from_flags()
-    kinds = [k.strip() for k in flags.FLAGS.kinds.split(",") if k.strip()]
     base = base_config()
     base.learning_rate = flags.FLAGS.learning_rate
-    common.apply_overrides(base, options.overrides)
-    corpus, _, held_out = common.setup(options, base)
+    options, base, corpus, _, held_out = runner.start(base)
+    kinds = [k.strip() for k in flags.FLAGS.kinds.split(",") if k.strip()]
     specs = build_specs(options, corpus, base, kinds)
-    common.print_configs(specs, lambda s: f"{s.labels['kind']} (FFN {s.labels['mlp_hidden_size']})")
-    runs = common.run_experiment(options.workdir, specs, options.jobs, allow_divergence=True)
-    report(options, corpus, held_out, specs, runs)
-    print(f"wrote {options.workdir}/{common.RESULTS_FILE} and {common.SUMMARY_FILE}", flush=True)
+    outcome = runner.run_all(
+        options,
+        corpus,
+        held_out,
+        specs,
+        lambda s: f"{s.labels['kind']} (FFN {s.labels['mlp_hidden_size']})",
+        allow_divergence=True,
+    )
+    report_runs(outcome)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
 
-    common.define_flags(default_steps=400, default_seeds=1)
+    from engram_jax import cli
+    from engram_jax.experiments.options import define_flags
+
+    define_flags(default_steps=400, default_seeds=1)
     flags.DEFINE_float("learning_rate", 1e-2, "Peak learning rate of every run.")
     flags.DEFINE_string("kinds", ",".join(KINDS), "Residual kinds to compare.")
-    app.run(main)
+    cli.run(main)
