@@ -24,6 +24,9 @@ from engram_jax.hashing import table_primes
 from engram_jax.layers import RMSNorm
 from engram_jax.mhc import HyperConnection, expand_streams, merge_streams
 from engram_jax.moe import MLP, MoE
+from engram_jax.overencoding import OverEncoding, overencoding_moduli
+from engram_jax.ple import PerLayerInputs, PleInjection
+from engram_jax.ultramem import UltraMem
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -38,6 +41,16 @@ def engram_table_sizes(config: ModelConfig) -> dict[int, tuple[int, ...]]:
         return {}
     primes = table_primes(e.table_rows_per_head, e.heads_per_ngram, e.layer_ids)
     return {layer: tuple(p) for layer, p in primes.items()}
+
+
+def overencoding_table_sizes(config: ModelConfig) -> tuple[int, ...]:
+    """Rows (moduli) of every OverEncoding sub-table, order-major; empty when it is off."""
+    o = config.overencoding
+    if not o.active:
+        return ()
+    return overencoding_moduli(
+        o.base_rows, o.max_ngram, o.tables_per_ngram, o.modulus_step, o.modulus_offset
+    )
 
 
 def first_engram_layer(config: ModelConfig) -> int | None:
@@ -55,6 +68,7 @@ class _Run:
     stop: int
     use_moe: bool
     has_engram: bool
+    has_ultramem: bool = False
 
     @property
     def name(self) -> str:
@@ -76,17 +90,19 @@ def layer_runs(config: ModelConfig) -> list[_Run]:
     for layer in range(config.num_layers):
         use_moe = config.is_moe_layer(layer)
         has_engram = layer in engram_layers
+        has_ultramem = layer in config.ultramem.layer_ids
+        alone = has_engram or has_ultramem  # memory layers are runs of their own
         previous = runs[-1] if runs else None
         if (
             scan
             and previous is not None
-            and not has_engram
-            and not previous.has_engram
+            and not alone
+            and not (previous.has_engram or previous.has_ultramem)
             and previous.use_moe == use_moe
         ):
             runs[-1] = dataclasses.replace(previous, stop=layer + 1)
         else:
-            runs.append(_Run(layer, layer + 1, use_moe, has_engram))
+            runs.append(_Run(layer, layer + 1, use_moe, has_engram, has_ultramem))
     return runs
 
 
@@ -104,6 +120,7 @@ class Block(nn.Module):
     decode: bool = False
     lookup_fn: Callable | None = None
     sow_mixing: bool = False
+    has_ultramem: bool = False
 
     def _hyper(self, site: int, name: str) -> HyperConnection:
         hc = self.config.hc
@@ -157,6 +174,23 @@ class Block(nn.Module):
             **common,
         )
 
+    def _ultramem(self) -> UltraMem:
+        u, cfg = self.config.ultramem, self.config
+        return UltraMem(
+            grid_size=u.grid_size,
+            key_dim=u.key_dim,
+            tucker_rank=u.tucker_rank,
+            num_cores=u.num_cores,
+            top_k=u.top_k,
+            candidates=u.candidates,
+            value_expansion=u.value_expansion,
+            value_width=u.value_width,
+            norm_eps=cfg.norm_eps,
+            dtype=_DTYPES[cfg.dtype],
+            param_dtype=_DTYPES[cfg.param_dtype],
+            name="ultramem",
+        )
+
     def _ffn(self) -> nn.Module:
         cfg = self.config
         dtype, param_dtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
@@ -191,6 +225,7 @@ class Block(nn.Module):
         hash_ids_BTM: jax.Array | None,
         engram_rows_BTMW: jax.Array | None = None,
         token_mask_BT: jax.Array | None = None,
+        ple_BTP: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.config
         stats: dict[str, jax.Array] = {}
@@ -226,6 +261,9 @@ class Block(nn.Module):
             # §1.7: Engram reads every stream directly and its output joins each stream.
             x_BTGD = x_BTGD + memory_BTGD.astype(x_BTGD.dtype)
             stats["engram_gates"] = gates_BTG
+        if self.has_ultramem:
+            # Like Engram's output, the memory read joins every stream (docs/design.md §17).
+            x_BTGD = x_BTGD + self._ultramem()(x_BTGD)[:, :, None].astype(x_BTGD.dtype)
 
         attn_hc = self._hyper(2 * self.layer, "attention_hc")
         h_BTD, mixing = attn_hc.read(x_BTGD)
@@ -241,6 +279,17 @@ class Block(nn.Module):
         else:
             y_BTD = self._ffn()(h_BTD)
         x_BTGD = ffn_hc.write(x_BTGD, y_BTD, mixing)
+        if ple_BTP is not None:
+            # §16: the block's output (the streams' mean) gates the layer's vector; the update
+            # joins every stream, as no stream of our residual kinds is inactive.
+            u_BTD = PleInjection(
+                width=cfg.ple.width,
+                norm_eps=cfg.norm_eps,
+                dtype=_DTYPES[cfg.dtype],
+                param_dtype=_DTYPES[cfg.param_dtype],
+                name="ple",
+            )(jnp.mean(x_BTGD, axis=2), ple_BTP)
+            x_BTGD = x_BTGD + u_BTD[:, :, None].astype(x_BTGD.dtype)
         x_BTGD = nn.with_logical_constraint(
             x_BTGD, (axes.BATCH, axes.LENGTH, axes.ACT_STREAMS, axes.ACT_EMBED)
         )
@@ -281,6 +330,23 @@ class Transformer(nn.Module):
     decode: bool = False
     lookup_fn: Callable | None = None
     sow_mixing: bool = False
+
+    def _overencoding(self) -> OverEncoding:
+        cfg = self.config
+        o = cfg.overencoding
+        return OverEncoding(
+            vocab_size=cfg.vocab_size,
+            max_ngram=o.max_ngram,
+            tables_per_ngram=o.tables_per_ngram,
+            moduli=overencoding_table_sizes(cfg),
+            row_width=o.width(cfg.hidden_size),
+            average=o.combine == "mean",
+            table_init=nn.initializers.normal(cfg.engram.table_init_std),
+            dtype=_DTYPES[cfg.dtype],
+            param_dtype=_DTYPES[cfg.param_dtype],
+            decode=self.decode,
+            name="overencoding",
+        )
 
     def _check_range(self, layer_range, hidden_BTGD, tokens_BT) -> tuple[int, int]:
         """`layer_range` as `(start, stop)` (None: all layers), checked against the runs."""
@@ -362,6 +428,8 @@ class Transformer(nn.Module):
         *,
         hidden_BTGD: jax.Array | None = None,
         layer_range: tuple[int, int] | None = None,
+        overencoding_ids: jax.Array | None = None,
+        memory_rows: dict[str, jax.Array] | None = None,
     ) -> tuple[jax.Array, dict[str, Any]]:
         cfg = self.config
         start, stop = self._check_range(layer_range, hidden_BTGD, tokens_BT)
@@ -393,9 +461,32 @@ class Transformer(nn.Module):
             name="embed",
         )
         # [B, T, G, D]: the streams an earlier layer range returned, or the embedded tokens.
+        memory_rows = memory_rows or {}
         if hidden_BTGD is None:
-            hidden_BTGD = expand_streams(embed(tokens_BT), cfg.hc.n_streams)
+            embedded_BTD = embed(tokens_BT)
+            if cfg.overencoding.active:
+                embedded_BTD = self._overencoding()(
+                    embedded_BTD,
+                    tokens_BT,
+                    segment_ids_BT,
+                    overencoding_ids,
+                    memory_rows.get("overencoding"),
+                )
+            hidden_BTGD = expand_streams(embedded_BTD, cfg.hc.n_streams)
         x_BTGD = hidden_BTGD
+        ple_LBTP = None
+        if cfg.ple.enabled:
+            ple_BTLP = PerLayerInputs(
+                num_layers=cfg.num_layers,
+                width=cfg.ple.width,
+                table_rows=cfg.ple.rows(cfg.vocab_size),
+                norm_eps=cfg.norm_eps,
+                table_init=nn.initializers.normal(cfg.engram.table_init_std),
+                dtype=dtype,
+                param_dtype=param_dtype,
+                name="ple",
+            )(embed(tokens_BT), tokens_BT, memory_rows.get("ple"))
+            ple_LBTP = jnp.moveaxis(ple_BTLP, 2, 0)  # [B, T, L, p] -> [L, B, T, p]
 
         sizes = engram_table_sizes(cfg)
         engram_index = {layer: i for i, layer in enumerate(cfg.engram.layer_ids)}
@@ -408,7 +499,9 @@ class Transformer(nn.Module):
                 decode=self.decode,
                 lookup_fn=self.lookup_fn,
                 sow_mixing=self.sow_mixing,
+                has_ultramem=run.has_ultramem,
             )
+            ple_run = None if ple_LBTP is None else ple_LBTP[run.start : run.stop]  # [L_run,B,T,p]
             block_cls = nn.remat(Block, static_argnums=()) if cfg.remat else Block
             if run.stop - run.start == 1:
                 hash_ids_BTM = rows_BTMW = None
@@ -419,7 +512,13 @@ class Transformer(nn.Module):
                     else:
                         hash_ids_BTM = hash_ids[:, engram_index[run.start]]  # [B, T, M]
                 x_BTGD, stats = block_cls(**block_kwargs, name=run.name)(
-                    x_BTGD, positions_BT, segment_ids_BT, hash_ids_BTM, rows_BTMW, token_mask_BT
+                    x_BTGD,
+                    positions_BT,
+                    segment_ids_BT,
+                    hash_ids_BTM,
+                    rows_BTMW,
+                    token_mask_BT,
+                    None if ple_run is None else ple_run[0],
                 )
                 stats = {k: v[None] for k, v in stats.items()}  # [1, ...] like a scan
             else:
@@ -427,13 +526,14 @@ class Transformer(nn.Module):
                     block_cls,
                     variable_axes={"params": 0, "cache": 0, MOE_BIAS: 0, "intermediates": 0},
                     split_rngs={"params": True},
-                    # positions, segment ids, hash ids (None), engram rows (None), token mask.
-                    in_axes=(nn.broadcast,) * 5,
+                    # positions, segment ids, hash ids (None), engram rows (None), token mask;
+                    # the per-layer PLE inputs are scanned over their layer axis.
+                    in_axes=(nn.broadcast,) * 5 + (0,),
                     length=run.stop - run.start,
                     metadata_params={nn.PARTITION_NAME: axes.LAYERS},
                 )
                 x_BTGD, stats = scanned(**block_kwargs, name=run.name)(
-                    x_BTGD, positions_BT, segment_ids_BT, None, None, token_mask_BT
+                    x_BTGD, positions_BT, segment_ids_BT, None, None, token_mask_BT, ple_run
                 )
             stats_per_run.append((run, stats))
         if stop < cfg.num_layers:
