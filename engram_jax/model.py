@@ -24,7 +24,8 @@ from engram_jax.hashing import table_primes
 from engram_jax.layers import RMSNorm
 from engram_jax.mhc import HyperConnection, expand_streams, merge_streams
 from engram_jax.moe import MLP, MoE
-from engram_jax.overencoding import OverEncoding, overencoding_moduli
+from engram_jax.overencoding import OverEncoding
+from engram_jax.overencoding_ids import overencoding_moduli
 from engram_jax.ple import PerLayerInputs, PleInjection
 from engram_jax.ultramem import UltraMem
 

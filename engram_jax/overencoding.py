@@ -7,8 +7,8 @@ distinct moduli, all concatenated in one memory table (`overencoding/table`), ea
 own projection to the model width. Window positions before the document's first token read the
 digit 0.
 
-- `overencoding_moduli`, `ngram_ids_host`: the host side (numpy, exact int64), as the input
-  pipeline computes the batch field `overencoding_ids`.
+- `overencoding_ids` (numpy only): the moduli and the host ids (exact int64) that the input
+  pipeline adds to each batch as the field `overencoding_ids`.
 - `ngram_ids_device`: the same ids in jax (uint32, exact for moduli below 2**31), used by the
   decode step and when a caller passes no host ids.
 - `OverEncoding`: the Linen module combining the embedded tokens with the projected rows.
@@ -24,63 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax import axes
-
-
-def overencoding_moduli(
-    base_rows: int, max_ngram: int, tables_per_ngram: int, step: int, offset: int
-) -> tuple[int, ...]:
-    """Sizes of the `(max_ngram - 1) * tables_per_ngram` sub-tables, order-major:
-    `m_idx = base_rows + step * idx + offset` over the global sub-table index idx."""
-    count = (max_ngram - 1) * tables_per_ngram
-    return tuple(base_rows + step * idx + offset for idx in range(count))
-
-
-def table_offsets(moduli: Sequence[int]) -> np.ndarray:
-    """`[K]` first row of every sub-table in the concatenated table."""
-    return np.concatenate([[0], np.cumsum(np.asarray(moduli, np.int64))[:-1]]).astype(np.int64)
-
-
-def _orders(max_ngram: int, tables_per_ngram: int) -> list[int]:
-    """The n-gram order of every sub-table, order-major (`[2]*k + [3]*k + ...`)."""
-    return [n for n in range(2, max_ngram + 1) for _ in range(tables_per_ngram)]
-
-
-def _windows_host(tokens_BT: np.ndarray, segment_ids_BT: np.ndarray | None, span: int) -> list:
-    """`span` arrays `[B, T]`: the token j places back (digit 0 before the document start)."""
-    b, t = tokens_BT.shape
-    out = [tokens_BT.astype(np.int64)]
-    for j in range(1, span):
-        shifted = np.zeros((b, t), np.int64)
-        shifted[:, j:] = tokens_BT[:, :-j]
-        if segment_ids_BT is not None:
-            same = np.zeros((b, t), bool)
-            same[:, j:] = segment_ids_BT[:, j:] == segment_ids_BT[:, :-j]
-            shifted = np.where(same, shifted, 0)
-        out.append(shifted)
-    return out
-
-
-def ngram_ids_host(
-    tokens_BT: np.ndarray,
-    segment_ids_BT: np.ndarray | None,
-    vocab_size: int,
-    max_ngram: int,
-    tables_per_ngram: int,
-    moduli: Sequence[int],
-) -> np.ndarray:
-    """Flat row ids `[B, T, K]` int32 (sub-table id + its offset) of every sub-table, computed
-    exactly in int64 with the precomputed `V^j mod m` (Python integers)."""
-    orders = _orders(max_ngram, tables_per_ngram)
-    windows = _windows_host(np.asarray(tokens_BT), segment_ids_BT, max_ngram)
-    offsets = table_offsets(moduli)
-    per_table = []
-    for k, (order, m) in enumerate(zip(orders, moduli, strict=True)):
-        ids = np.zeros(tokens_BT.shape, np.int64)
-        for j in range(order):
-            # x < V <= 2**31 and V^j mod m < 2**31: the product fits int64.
-            ids = (ids + windows[j] * (pow(vocab_size, j, m))) % m
-        per_table.append(ids + offsets[k])
-    return np.stack(per_table, axis=-1).astype(np.int32)  # K x [B, T] -> [B, T, K]
+from engram_jax.overencoding_ids import _orders, table_offsets
 
 
 def _mulmod(x: jax.Array, c: jax.Array, m: jax.Array, bits: int) -> jax.Array:
@@ -102,14 +46,15 @@ def ngram_ids_device(
     tables_per_ngram: int,
     moduli: Sequence[int],
 ) -> jax.Array:
-    """`ngram_ids_host` in jax: flat row ids `[B, T, K]` int32, bit-equal to the host ids."""
+    """`overencoding_ids.ngram_ids_host` in jax: flat row ids `[B, T, K]` int32, bit-equal to
+    the host ids."""
     orders = _orders(max_ngram, tables_per_ngram)
     m_K = jnp.asarray(moduli, jnp.uint32)
     offsets_K = jnp.asarray(table_offsets(moduli), jnp.int32)
     # [N, K]: V^j mod m_k, exact Python integers (zero where order_k <= j).
     powers_NK = np.array(
         [
-            [pow(vocab_size, j, m) if j < n else 0 for n, m in zip(orders, moduli)]
+            [pow(vocab_size, j, m) if j < n else 0 for n, m in zip(orders, moduli, strict=True)]
             for j in range(max_ngram)
         ],
         np.uint32,
@@ -141,9 +86,9 @@ def combine(
 class OverEncoding(nn.Module):
     """n-gram input embeddings: `(embedded [B, T, D], tokens [B, T], ...) -> [B, T, D]`.
 
-    With `ids [B, T, K]` (host ids, `ngram_ids_host`) the rows are read at them; without, the
-    ids are computed on the device. `rows [B, T, K, W]` (already gathered, sparse table training)
-    replace the table, which is then not created. With `decode=True` the `cache` collection holds
+    With `ids [B, T, K]` (host ids, `overencoding_ids.ngram_ids_host`) the rows are read at
+    them; without, the ids are computed on the device. `rows [B, T, K, W]` (already gathered,
+    sparse table training) replace the table, which is then not created. With `decode=True` the `cache` collection holds
     the last `max_ngram - 1` tokens of each row (digit 0 before the first).
     """
 

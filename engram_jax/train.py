@@ -47,6 +47,7 @@ from engram_jax.accounting import account, format_accounting
 from engram_jax.hashing import tokenizer_fingerprint
 from engram_jax.mhc import amax_gain, mixing_stats
 from engram_jax.model import MOE_BIAS, Transformer, cross_entropy_loss, mixing_matrices
+from engram_jax.overencoding_ids import OverEncodingIds
 from engram_jax.tables import device_step, host_tables, initializers, row_optim
 from engram_jax.workdir_lock import WorkdirLock
 
@@ -338,6 +339,7 @@ def make_batches(
                 prefetch=t.data_prefetch,
                 shuffle_window=t.shuffle_window,
                 memory_shards=memory_shards,
+                overencoding=OverEncodingIds.from_model_config(cfg.model),
             )
             for shard in mine
         }
@@ -417,7 +419,7 @@ def make_optimizers(cfg: config_lib.Config) -> tuple[optax.GradientTransformatio
         eps=t.adam_eps,
         clip_norm=t.clip_norm or None,
     )
-    if t.table_update == "sparse" and cfg.model.engram.enabled:
+    if t.table_update == "sparse" and device_step.has_memory_tables(cfg.model):
         return dense, row_optim.from_config(cfg, schedule), schedule
     memory = optim.memory_optimizer(
         schedule,
