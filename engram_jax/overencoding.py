@@ -88,8 +88,9 @@ class OverEncoding(nn.Module):
 
     With `ids [B, T, K]` (host ids, `overencoding_ids.ngram_ids_host`) the rows are read at
     them; without, the ids are computed on the device. `rows [B, T, K, W]` (already gathered,
-    sparse table training) replace the table, which is then not created. With `decode=True` the `cache` collection holds
-    the last `max_ngram - 1` tokens of each row (digit 0 before the first).
+    sparse table training) replace the table, which is then not created. With `decode=True` the
+    `cache` collection holds the last `max_ngram - 1` tokens of each row (digit 0 before the
+    first).
     """
 
     vocab_size: int
