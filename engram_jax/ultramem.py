@@ -48,7 +48,7 @@ def tucker_top_k(
     _, cols_BTM = jax.lax.top_k(col_proxy_BTN, candidates)
     s_row_BTRM = jnp.take_along_axis(s_row_BTRN, rows_BTM[:, :, None, :], axis=-1)  # [B,T,r,m]
     s_col_BTRM = jnp.take_along_axis(s_col_BTRN, cols_BTM[:, :, None, :], axis=-1)
-    grid_BTHMM = jnp.einsum("btam,hab,btbn->bthmn", s_row_BTRM, cores_HRR, s_col_BTRM)
+    grid_BTHMM = jnp.einsum("btam,hac,btcn->bthmn", s_row_BTRM, cores_HRR, s_col_BTRM)
     b, t, h, m, _ = grid_BTHMM.shape
     mean_BTX = jnp.mean(grid_BTHMM, axis=2).reshape(b, t, m * m)  # [B, T, m, m] -> [B, T, m*m]
     _, flat_BTK = jax.lax.top_k(jax.lax.stop_gradient(mean_BTX), top_k)  # [B, T, k]
