@@ -49,8 +49,8 @@ def ngram_ids_device(
     """`overencoding_ids.ngram_ids_host` in jax: flat row ids `[B, T, K]` int32, bit-equal to
     the host ids."""
     orders = _orders(max_ngram, tables_per_ngram)
-    m_K = jnp.asarray(moduli, jnp.uint32)
-    offsets_K = jnp.asarray(table_offsets(moduli), jnp.int32)
+    m_11K = jnp.asarray(moduli, jnp.uint32)[None, None, :]  # [1, 1, K]
+    offsets_11K = jnp.asarray(table_offsets(moduli), jnp.int32)[None, None, :]
     # [N, K]: V^j mod m_k, exact Python integers (zero where order_k <= j).
     powers_NK = np.array(
         [
@@ -69,9 +69,10 @@ def ngram_ids_device(
             seg_BT = jnp.asarray(segment_ids_BT)
             same_BT = jnp.pad(seg_BT, ((0, 0), (j, 0)), constant_values=-1)[:, :t] == seg_BT
             shifted_BT = jnp.where(same_BT, shifted_BT, 0)
-        term_BTK = _mulmod(shifted_BT[..., None], jnp.asarray(powers_NK[j]), m_K, bits)
-        ids_BTK = (ids_BTK + term_BTK) % m_K
-    return ids_BTK.astype(jnp.int32) + offsets_K  # [B, T, K]
+        powers_11K = jnp.asarray(powers_NK[j])[None, None, :]
+        term_BTK = _mulmod(shifted_BT[..., None], powers_11K, m_11K, bits)  # [B, T, K]
+        ids_BTK = (ids_BTK + term_BTK) % m_11K
+    return ids_BTK.astype(jnp.int32) + offsets_11K  # [B, T, K]
 
 
 def combine(
@@ -128,6 +129,8 @@ class OverEncoding(nn.Module):
         rows_BTKW: jax.Array | None = None,
     ) -> jax.Array:
         k, w, d = len(self.moduli), self.row_width, embedded_BTD.shape[-1]
+        if k == 0:
+            return embedded_BTD  # N = 1: the 1-gram alone, which is the token embedding
         projection_KWD = self.param(
             "projection",
             nn.with_logical_partitioning(

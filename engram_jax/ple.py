@@ -124,7 +124,7 @@ class PleInjection(nn.Module):
             (self.width, d),
             self.param_dtype,
         )
-        y = y_BTD.astype(self.dtype) * scale_D.astype(self.dtype)
+        y = y_BTD.astype(self.dtype) * scale_D.astype(self.dtype)[None, None, :]
         g_BTP = jax.nn.gelu(y @ gate_DP.astype(self.dtype), approximate=True)  # [B, T, p]
         up_BTD = (g_BTP * ple_BTP.astype(self.dtype)) @ up_PD.astype(self.dtype)  # [B, T, D]
         return RMSNorm(
