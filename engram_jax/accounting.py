@@ -156,7 +156,7 @@ def _engram_layer_counts(config: ModelConfig, sizes: tuple[int, ...]) -> tuple[i
 
 def _memory_variant_counts(config: ModelConfig) -> list[tuple[str, int, int, int]]:
     """`(component, params, activated, MACs)` of OverEncoding, per-layer embeddings and UltraMem
-    (docs/design.md §15-17). Their tables are lookups (not activated); UltraMem's top_k value
+    (docs/design.md §5-7). Their tables are lookups (not activated); UltraMem's top_k value
     rows per token count as activated, like a routed expert's weights."""
     d, num_layers = config.hidden_size, config.num_layers
     out = []

@@ -179,7 +179,7 @@ def base_config() -> ml_collections.ConfigDict:
     g.table_lr_multiplier = 5.0
     g.table_weight_decay = 0.0
 
-    # ------------------------------------------------ memory variants (docs/design.md §15-17)
+    # ------------------------------------------------ memory variants (docs/design.md §5-7)
     # OverEncoding: hashed-free n-gram input embeddings added to the token embedding.
     o = m.overencoding = ml_collections.ConfigDict()
     o.enabled = False
@@ -654,7 +654,7 @@ def _validate_model(p: _Problems, m: ml_collections.ConfigDict) -> None:
 
 
 def _validate_memory_variants(p: _Problems, m: ml_collections.ConfigDict) -> None:
-    """OverEncoding, per-layer embeddings and UltraMem (docs/design.md §15-17)."""
+    """OverEncoding, per-layer embeddings and UltraMem (docs/design.md §5-7)."""
     o = m.overencoding
     if o.enabled:
         p.check(

@@ -665,7 +665,7 @@ def unique_table_rows(
 
 
 class _AddOverEncodingIds(grain.transforms.Map):
-    """Adds `overencoding_ids` [B, T, K] (docs/design.md §15), windows cut at segment starts."""
+    """Adds `overencoding_ids` [B, T, K] (docs/design.md §5), windows cut at segment starts."""
 
     def __init__(self, ids: OverEncodingIds):
         self._ids = ids

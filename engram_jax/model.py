@@ -263,7 +263,7 @@ class Block(nn.Module):
             x_BTGD = x_BTGD + memory_BTGD.astype(x_BTGD.dtype)
             stats["engram_gates"] = gates_BTG
         if self.has_ultramem:
-            # Like Engram's output, the memory read joins every stream (docs/design.md §17).
+            # Like Engram's output, the memory read joins every stream (docs/design.md §6).
             x_BTGD = x_BTGD + self._ultramem()(x_BTGD)[:, :, None].astype(x_BTGD.dtype)
 
         attn_hc = self._hyper(2 * self.layer, "attention_hc")
@@ -281,7 +281,7 @@ class Block(nn.Module):
             y_BTD = self._ffn()(h_BTD)
         x_BTGD = ffn_hc.write(x_BTGD, y_BTD, mixing)
         if ple_BTP is not None:
-            # §16: the block's output (the streams' mean) gates the layer's vector; the update
+            # §7.1: the block's output (the streams' mean) gates the layer's vector; the update
             # joins every stream, as no stream of our residual kinds is inactive.
             u_BTD = PleInjection(
                 width=cfg.ple.width,

@@ -1,4 +1,4 @@
-"""OverEncoding (Over-Tokenized Transformer, docs/design.md §15): hierarchical n-gram input
+"""OverEncoding (Over-Tokenized Transformer, docs/design.md §5): hierarchical n-gram input
 embeddings added to the token embedding at the input.
 
 The n-gram id of order n at position i is the base-V number of the window reduced modulo the

@@ -1,4 +1,4 @@
-"""Per-layer embeddings (Gemma 3n, docs/design.md §16): a second token-indexed table gives every
+"""Per-layer embeddings (Gemma 3n, docs/design.md §7.1): a second token-indexed table gives every
 layer a small vector, which each block injects through a gated up-projection.
 
     P   = E_ple[token'] * sqrt(p)                   [B, T, L, p]  (token' = 0 outside the table)

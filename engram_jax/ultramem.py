@@ -1,4 +1,4 @@
-"""UltraMem (Ultra-Sparse Memory Network, docs/design.md §17) at small scale: a memory layer whose
+"""UltraMem (Ultra-Sparse Memory Network, docs/design.md §6) at small scale: a memory layer whose
 value rows are addressed by the hidden state.
 
 Per token, with `h = RMSNorm(mean of the streams)`:

@@ -1,5 +1,5 @@
 """configs/tiny.py with OverEncoding in place of Engram: n-gram input embeddings (orders 2 and 3,
-two sub-tables each) added to the token embedding (docs/design.md §15).
+two sub-tables each) added to the token embedding (docs/design.md §5).
 
 python -m engram_jax.train --config=configs/tiny_overencoding.py --workdir=/tmp/tiny_oe
 

@@ -1,5 +1,5 @@
 """configs/tiny.py with Gemma 3n's per-layer embeddings in place of Engram: a token table of
-4 layers x 32 values per token feeding every block (docs/design.md §16).
+4 layers x 32 values per token feeding every block (docs/design.md §7.1).
 
 python -m engram_jax.train --config=configs/tiny_ple.py --workdir=/tmp/tiny_ple
 """

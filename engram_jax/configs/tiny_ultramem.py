@@ -1,6 +1,6 @@
 """configs/tiny.py with UltraMem memory layers in place of Engram, at the same layers (1, 3):
 a 64 x 64 key grid, 16 value rows per token, 4 virtual blocks per physical row
-(docs/design.md §17).
+(docs/design.md §6).
 
 python -m engram_jax.train --config=configs/tiny_ultramem.py --workdir=/tmp/tiny_ultramem
 """
