@@ -771,11 +771,11 @@ def _validate_train(p: _Problems, c: ml_collections.ConfigDict) -> None:
         )
     if c.table_placement == "host":
         p.check(
-            not (c.model.overencoding.enabled or c.model.ple.enabled),
+            not (c.model.overencoding.enabled or c.model.ple.enabled or c.model.ultramem.layer_ids),
             "table_placement",
             c.table_placement,
-            "'device' with model.overencoding or model.ple enabled (host tables hold Engram's "
-            "tables only)",
+            "'device' with model.overencoding, model.ple or model.ultramem enabled (host tables "
+            "hold Engram's tables only)",
         )
     if c.table_update == "sparse" and c.table_optimizer == "adagrad":
         p.check(

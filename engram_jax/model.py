@@ -227,6 +227,7 @@ class Block(nn.Module):
         engram_rows_BTMW: jax.Array | None = None,
         token_mask_BT: jax.Array | None = None,
         ple_BTP: jax.Array | None = None,
+        ultramem_rows: dict[str, jax.Array] | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.config
         stats: dict[str, jax.Array] = {}
@@ -264,7 +265,13 @@ class Block(nn.Module):
             stats["engram_gates"] = gates_BTG
         if self.has_ultramem:
             # Like Engram's output, the memory read joins every stream (docs/design.md §6).
-            x_BTGD = x_BTGD + self._ultramem()(x_BTGD)[:, :, None].astype(x_BTGD.dtype)
+            # `ultramem_rows` ({"values", "delta"}): the sparse step's table and zero delta.
+            rows = ultramem_rows or {}
+            memory_BTD, slots_BTK = self._ultramem()(
+                x_BTGD, True, rows.get("values"), rows.get("delta")
+            )
+            x_BTGD = x_BTGD + memory_BTD[:, :, None].astype(x_BTGD.dtype)
+            stats["ultramem_slots"] = slots_BTK
 
         attn_hc = self._hyper(2 * self.layer, "attention_hc")
         h_BTD, mixing = attn_hc.read(x_BTGD)
@@ -520,6 +527,7 @@ class Transformer(nn.Module):
                     rows_BTMW,
                     token_mask_BT,
                     None if ple_run is None else ple_run[0],
+                    memory_rows.get(f"ultramem/{run.name}"),
                 )
                 stats = {k: v[None] for k, v in stats.items()}  # [1, ...] like a scan
             else:
@@ -595,7 +603,7 @@ def mixing_matrices(
 def _collect_stats(stats_per_run: list[tuple[_Run, dict[str, jax.Array]]]) -> dict[str, Any]:
     """Concatenates per-run statistics along the layer axis, in layer order."""
     aux: dict[str, Any] = {}
-    for key in ("moe_load", "moe_balance_loss", "engram_gates"):
+    for key in ("moe_load", "moe_balance_loss", "engram_gates", "ultramem_slots"):
         parts = [stats[key] for _, stats in stats_per_run if key in stats]
         if parts:
             aux[key] = jnp.concatenate(parts, axis=0)

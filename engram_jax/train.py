@@ -867,8 +867,9 @@ def _table_training(config: Mapping[str, Any]) -> dict[str, Any]:
     whole-table optax Adam (`config_lib.LEGACY_VALUES`)."""
     model = config.get("model", {})
     token_tables = any(model.get(k, {}).get("enabled") for k in ("overencoding", "ple"))
-    if not model.get("engram", {}).get("layer_ids") and not token_tables:
-        return {}  # no Engram layer, OverEncoding or PLE table: no tables
+    hidden_addressed = bool(model.get("ultramem", {}).get("layer_ids"))
+    if not model.get("engram", {}).get("layer_ids") and not token_tables and not hidden_addressed:
+        return {}  # no Engram, OverEncoding, PLE or UltraMem table: no tables
     update = config.get("table_update", config_lib.LEGACY_VALUES["table_update"])
     settings = {"table_update": update}
     if update == "sparse":

@@ -64,12 +64,16 @@ def expanded_values(
     expansion_EVD: jax.Array,
     slots_BTK: jax.Array,
     scores_BTKH: jax.Array,
+    delta_BTKV: jax.Array | None = None,
 ) -> jax.Array:
-    """IVE with multi-core weights: `[B, T, D]` from the selected virtual slots."""
+    """IVE with multi-core weights: `[B, T, D]` from the selected virtual slots. `delta` (zeros)
+    is added to the read rows: its gradient is the gradient of the rows read (sparse updates)."""
     p, dv = values_PV.shape
     e = expansion_EVD.shape[0]
     b, t, k, h = scores_BTKH.shape
     rows_BTKV = jnp.take(values_PV, slots_BTK % p, axis=0)  # [P, dv] take [B, T, k] -> [B,T,k,dv]
+    if delta_BTKV is not None:
+        rows_BTKV = rows_BTKV + delta_BTKV.astype(rows_BTKV.dtype)
     chunks_BTKHC = rows_BTKV.reshape(b, t, k, h, dv // h)  # [B, T, k, dv] -> [B, T, k, H, dv/H]
     weighted_BTKV = (chunks_BTKHC * scores_BTKH[..., None]).reshape(b, t, k, dv)
     blocks_BTKE = jax.nn.one_hot(slots_BTK // p, e, dtype=weighted_BTKV.dtype)
@@ -100,7 +104,16 @@ class UltraMem(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BTGD: jax.Array, return_slots: bool = False):
+    def __call__(
+        self,
+        x_BTGD: jax.Array,
+        return_slots: bool = False,
+        values_PV: jax.Array | None = None,
+        delta_BTKV: jax.Array | None = None,
+    ):
+        """`values` (the table, given by the sparse step) replaces the `values` parameter, which
+        is then not created; it is read outside the gradient, whose row part flows to `delta`
+        `[B, T, k, d_v]` (zeros). With `return_slots` also the read slots `[B, T, k]`."""
         d = x_BTGD.shape[-1]
         n, r, c = self.grid_size, self.tucker_rank, self.key_dim
         p = n * n // self.value_expansion
@@ -130,15 +143,18 @@ class UltraMem(nn.Module):
             (self.num_cores, r, r),
             self.param_dtype,
         )
-        values_PV = self.param(
-            "values",
-            nn.with_logical_partitioning(
-                nn.initializers.normal(self.value_width**-0.5),
-                (axes.TABLE_ROWS, axes.MEMORY_WIDTH),
-            ),
-            (p, self.value_width),
-            self.param_dtype,
-        )
+        if values_PV is None:
+            values_PV = self.param(
+                "values",
+                nn.with_logical_partitioning(
+                    nn.initializers.normal(self.value_width**-0.5),
+                    (axes.TABLE_ROWS, axes.MEMORY_WIDTH),
+                ),
+                (p, self.value_width),
+                self.param_dtype,
+            )
+        else:
+            values_PV = jax.lax.stop_gradient(values_PV)
         expansion_EVD = self.param(
             "expansion",
             nn.with_logical_partitioning(
@@ -159,6 +175,10 @@ class UltraMem(nn.Module):
         )
         slots_BTK = rows_BTK * n + cols_BTK
         out_BTD = expanded_values(
-            values_PV.astype(self.dtype), expansion_EVD.astype(self.dtype), slots_BTK, scores_BTKH
+            values_PV.astype(self.dtype),
+            expansion_EVD.astype(self.dtype),
+            slots_BTK,
+            scores_BTKH,
+            delta_BTKV,
         )
         return (out_BTD, slots_BTK) if return_slots else out_BTD

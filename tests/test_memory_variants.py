@@ -336,8 +336,11 @@ def test_every_new_path_is_causal(all_three):
 def test_tables_are_memory_and_accounting_matches_the_tree(all_three):
     cfg, _, _, variables, _ = all_three
     _, memory = partition_params(variables["params"])
-    assert set(memory) == {"overencoding", "ple"}
+    assert set(memory) == {"overencoding", "ple", "layer_2"}
     assert set(memory["overencoding"]) == {"table"} and set(memory["ple"]) == {"table"}
+    assert jax.tree_util.tree_structure(memory["layer_2"]) == jax.tree_util.tree_structure(
+        {"ultramem": {"values": 0}}
+    )
     counted = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
     acc = accounting.account(cfg, T)
     assert acc.total_params == counted
@@ -399,3 +402,41 @@ def test_host_placement_refuses_overencoding():
     c.table_placement = "host"
     with pytest.raises(config_lib.ConfigError, match="table_placement"):
         config_lib.validate(c)
+
+
+def test_ultramem_delta_gradient_is_the_value_table_gradient(all_three):
+    """The sparse step's route: the table read outside the gradient plus a zero delta on the rows
+    read gives, scattered to the reported rows, the dense gradient of the value table."""
+    cfg, model, _, variables, tokens = all_three
+    params = variables["params"]
+    table = params["layer_2"]["ultramem"]["values"]
+    without = {**params, "layer_2": {**params["layer_2"]}}
+    without["layer_2"]["ultramem"] = {
+        k: v for k, v in params["layer_2"]["ultramem"].items() if k != "values"
+    }
+    u = cfg.ultramem
+
+    def dense_loss(values):
+        layer = {
+            **params["layer_2"],
+            "ultramem": {**params["layer_2"]["ultramem"], "values": values},
+        }
+        logits, _ = model.apply({**variables, "params": {**params, "layer_2": layer}}, tokens)
+        return jnp.mean(logits**2)
+
+    def delta_loss(delta):
+        rows = {"ultramem/layer_2": {"values": table, "delta": delta}}
+        logits, aux = model.apply({**variables, "params": without}, tokens, memory_rows=rows)
+        return jnp.mean(logits**2), aux["ultramem_slots"][0]
+
+    delta = jnp.zeros((B, T, u.top_k, u.value_width))
+    dense = np.asarray(jax.grad(dense_loss)(table))
+    grads, slots = jax.grad(delta_loss, has_aux=True)(delta)
+    scattered = np.zeros_like(dense)
+    np.add.at(
+        scattered,
+        np.asarray(slots).reshape(-1) % u.value_rows,
+        np.asarray(grads).reshape(-1, u.value_width),
+    )
+    np.testing.assert_allclose(scattered, dense, rtol=1e-5, atol=1e-8)
+    assert np.count_nonzero(np.abs(dense).sum(-1)) < u.value_rows  # rows never read stay at 0

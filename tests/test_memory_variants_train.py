@@ -98,7 +98,7 @@ def test_trains_and_resumes_exactly(trained):
     expected = {
         "tiny_overencoding": {"overencoding"},
         "tiny_ple": {"ple"},
-        "tiny_ultramem": set(),  # its value rows are found in the forward pass: dense parameters
+        "tiny_ultramem": {"layer_1"},  # layer_1/ultramem/values
     }[name]
     assert set(memory) == expected
 

@@ -52,9 +52,19 @@ def token_tables(config: Any) -> list[tuple[str, tuple[str, ...]]]:
     return out
 
 
+def ultramem_tables(config: Any) -> list[tuple[str, tuple[str, ...]]]:
+    """`(memory_rows key, path)` of every UltraMem value table, in layer order. Their rows are
+    found inside the forward pass (addressed by the hidden state)."""
+    return [
+        (f"ultramem/{run.name}", (run.name, "ultramem", "values"))
+        for run in layer_runs(config)
+        if run.has_ultramem
+    ]
+
+
 def has_memory_tables(config: Any) -> bool:
     """Whether the model has tables that the table optimizer trains."""
-    return config.engram.enabled or bool(token_tables(config))
+    return config.engram.enabled or bool(token_tables(config)) or config.ultramem.enabled
 
 
 def token_table_ids(config: Any, name: str, batch: dict[str, jax.Array]) -> jax.Array:
@@ -214,7 +224,7 @@ def make_row_grad_step(
     step = _make_rows_grad_step(model, dense_tx, schedule)
 
     def engram_only(state, batch, rows_SLUW):
-        new_state, metrics, row_grads, _ = step(state, batch, rows_SLUW, None)
+        new_state, metrics, row_grads, _, _ = step(state, batch, rows_SLUW, None)
         return new_state, metrics, row_grads
 
     return engram_only
@@ -223,12 +233,14 @@ def make_row_grad_step(
 def _make_rows_grad_step(
     model: Transformer, dense_tx: optax.GradientTransformation, schedule: optax.Schedule
 ) -> Callable:
-    """`step(state, batch, rows [S, L_e, U, W] | None, memory_rows {name: [B, T, M, W]} | None)
-    -> (state, metrics, row_grads, memory_row_grads)`: `make_row_grad_step` with the rows of the
-    token tables (`token_tables`) as a second differentiated input."""
+    """`step(state, batch, rows [S, L_e, U, W] | None, memory_rows {name: [B, T, M, W]} | None,
+    fixed_rows {name: {...}} | None) -> (state, metrics, row_grads, memory_row_grads, aux)`:
+    `make_row_grad_step` with the rows of the token tables (`token_tables`) and UltraMem's zero
+    deltas (`{"delta": [B, T, k, d_v]}`) as a differentiated input; `fixed_rows` (UltraMem's
+    value tables, `{"values": [P, d_v]}`) join them outside the gradient."""
     from engram_jax.train import _gate_and_load_metrics  # the trainer's metric names
 
-    def loss_fn(params, rows_SLUW, memory_rows, moe_bias, batch):
+    def loss_fn(params, rows_SLUW, memory_rows, moe_bias, batch, fixed_rows):
         rows_BLTMW = None
         if rows_SLUW is not None:
             rows_BLTMW = expand_rows(rows_SLUW, batch["memory_inverse"])
@@ -239,6 +251,8 @@ def _make_rows_grad_step(
             model_rows = {
                 k: (v.reshape(b, t, -1) if k == "ple" else v) for k, v in memory_rows.items()
             }
+            for k, v in (fixed_rows or {}).items():
+                model_rows[k] = {**model_rows.get(k, {}), **v}
         (logits, aux), updated = model.apply(
             {"params": params, MOE_BIAS: moe_bias},
             batch["inputs"],
@@ -255,10 +269,10 @@ def _make_rows_grad_step(
         total = loss + aux.get("moe_balance_loss", 0.0)
         return total, (loss, aux, updated.get(MOE_BIAS, {}))
 
-    def step(state, batch, rows_SLUW, memory_rows):
+    def step(state, batch, rows_SLUW, memory_rows, fixed_rows=None):
         grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True)
         (_, (loss, aux, moe_bias)), (dense_grads, row_grads, memory_grads) = grad_fn(
-            state.params, rows_SLUW, memory_rows, state.moe_bias, batch
+            state.params, rows_SLUW, memory_rows, state.moe_bias, batch, fixed_rows
         )
         updates, opt_state = dense_tx.update(dense_grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -271,7 +285,7 @@ def _make_rows_grad_step(
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, moe_bias=moe_bias
         )
-        return new_state, metrics, row_grads, memory_grads
+        return new_state, metrics, row_grads, memory_grads, aux
 
     return step
 
@@ -289,6 +303,7 @@ def make_sparse_train_step(
     """
     paths = table_paths(model.config)
     tokens = token_tables(model.config)
+    hidden_addressed = ultramem_tables(model.config)
     row_grad_step = _make_rows_grad_step(model, dense_tx, schedule)
 
     def step(state, batch):
@@ -311,12 +326,23 @@ def make_sparse_train_step(
                 get_path(state.memory, p), ids_BTM.reshape(b * t, m), model.lookup_fn
             )
             memory_rows[name] = rows_XMW.reshape(b, t, m, -1)  # [B*T, M, W] -> [B, T, M, W]
+        # UltraMem: the value rows a token reads are chosen inside the layer. The step passes
+        # the table (read outside the gradient) and a zero delta added to the rows read; the
+        # delta's gradient is theirs, and the layer reports which rows they were.
+        u, (b, t) = model.config.ultramem, batch["inputs"].shape
+        fixed_rows = {}
+        for name, p in hidden_addressed:
+            fixed_rows[name] = {"values": get_path(state.memory, p)}
+            memory_rows[name] = {"delta": jnp.zeros((b, t, u.top_k, u.value_width), jnp.float32)}
         lr = table_opt.lr(state.step)
-        new_state, metrics, grads_SLUW, token_grads = row_grad_step(
-            state, batch, rows_SLUW, memory_rows or None
+        new_state, metrics, grads_SLUW, token_grads, aux = row_grad_step(
+            state, batch, rows_SLUW, memory_rows or None, fixed_rows or None
         )
+        for i, (name, _) in enumerate(hidden_addressed):
+            token_ids[name] = aux["ultramem_slots"][i] % u.value_rows  # [B, T, k] physical rows
+            token_grads[name] = token_grads[name]["delta"]
         memory, memory_opt_state, sq = state.memory, state.memory_opt_state, 0.0
-        for name, p in tokens:
+        for name, p in tokens + hidden_addressed:
             grads_BTMW = token_grads[name]
             w = grads_BTMW.shape[-1]
             table, table_state, sq_i = update_table(
