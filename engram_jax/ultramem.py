@@ -13,8 +13,10 @@ Per token, with `h = RMSNorm(mean of the streams)`:
    `e = v // P`. Multi-core scoring splits the row into h chunks, chunk c weighted by `S_c`:
    `out = sum_e W_e^T sum_{slots in block e} concat_c(S_c * value_c)`.
 
-Only the k selected value rows receive gradients. The output joins every residual stream, like
-Engram's. Every step is per token, so the layer is causal and needs no decode cache.
+Only the k selected value rows receive gradients. The value table is a memory table: the sparse
+training step passes it as `values` (outside the gradient) with a zero `delta` on the rows read, and
+updates the rows the layer reports (`tables/device_step.py`). The output joins every residual
+stream, like Engram's. Every step is per token, so the layer is causal and needs no decode cache.
 """
 
 from __future__ import annotations
