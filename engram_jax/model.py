@@ -330,6 +330,13 @@ class Transformer(nn.Module):
     layer need neither `hash_ids` nor `engram_rows`. `generate` splits a decode step at the first
     Engram layer this way, so the layers before it run while the host reads the table rows.
 
+    Memory variants (docs/design.md §5-7): `overencoding_ids [B, T, K]` are OverEncoding's host
+    ids (computed on the device when None). `memory_rows` replaces tables by rows the sparse step
+    gathered: `"overencoding"` `[B, T, K, W]`, `"ple"` `[B, T, L*p]`, and per UltraMem run
+    `"ultramem/<run name>"` `{"values": [P, d_v] (read outside the gradient), "delta": [B, T, k,
+    d_v] (zeros)}`; `aux["ultramem_slots"] [L_u, B, T, k]` are the value slots each UltraMem layer
+    read.
+
     With `sow_mixing=True` every hyper-connection sows its mixing matrices into "intermediates";
     `mixing_matrices` orders them by depth for the mHC diagnostics.
     """

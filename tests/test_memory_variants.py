@@ -242,18 +242,19 @@ def _ultramem_reference(params, x, u, eps=1e-6):
     return out, slots
 
 
-def test_ultramem_retrieval_and_output_equal_float64_reference(um_cfg):
-    u = um_cfg.ultramem
-    module = UltraMem(
-        grid_size=u.grid_size,
-        key_dim=u.key_dim,
-        tucker_rank=u.tucker_rank,
-        num_cores=u.num_cores,
-        top_k=u.top_k,
-        candidates=u.candidates,
+def _ultramem_module(u) -> UltraMem:
+    """The module at the config section's values (`model._ultramem` builds the same)."""
+    fields = ("grid_size", "key_dim", "tucker_rank", "num_cores", "top_k", "candidates")
+    return UltraMem(
+        **{f: getattr(u, f) for f in fields},
         value_expansion=u.value_expansion,
         value_width=u.value_width,
     )
+
+
+def test_ultramem_retrieval_and_output_equal_float64_reference(um_cfg):
+    u = um_cfg.ultramem
+    module = _ultramem_module(u)
     rng = np.random.default_rng(6)
     x = rng.normal(size=(B, 3, 2, um_cfg.hidden_size)).astype(np.float32)
     v = module.init(jax.random.key(0), x)
@@ -266,16 +267,7 @@ def test_ultramem_retrieval_and_output_equal_float64_reference(um_cfg):
 
 def test_ultramem_values_get_gradients_only_on_selected_rows(um_cfg):
     u = um_cfg.ultramem
-    module = UltraMem(
-        grid_size=u.grid_size,
-        key_dim=u.key_dim,
-        tucker_rank=u.tucker_rank,
-        num_cores=u.num_cores,
-        top_k=u.top_k,
-        candidates=u.candidates,
-        value_expansion=u.value_expansion,
-        value_width=u.value_width,
-    )
+    module = _ultramem_module(u)
     x = np.random.default_rng(7).normal(size=(1, 2, 1, um_cfg.hidden_size)).astype(np.float32)
     params = nn.meta.unbox(module.init(jax.random.key(0), x))["params"]
     _, slots = module.apply({"params": params}, x, return_slots=True)
