@@ -20,8 +20,9 @@ Conventions (the paper leaves several implicit; each is a choice documented here
   "total params (no token emb.)" matches that reading to 0.1% (26.7B, 39.5B, Dense-4B 4.1B), while
   its "3.8B activated" matches `activated_params_excl_embeddings`.
 - P_sparse = P_tot - P_act (both excluding embeddings) is exactly the unrouted routed-expert weights
-  plus the Engram tables; the allocation ratio rho (§1.9) is the routed-expert share of it (None
-  when the model has no sparse parameters).
+  plus the Engram tables (and the OverEncoding / per-layer-embedding tables and the unread
+  UltraMem value rows, when those are configured); the allocation ratio rho (§1.9) is the
+  routed-expert share of it (None when the model has no sparse parameters).
 - FLOPs per token (training, forward + backward = 3 x forward):
     `flops_per_token = 6 * matmul_macs_per_token + attention_flops_per_token`,
   where `matmul_macs_per_token` counts one multiply-add per weight entry a token passes through
@@ -49,6 +50,7 @@ from typing import Any
 
 from engram_jax.config import HyperConfig, ModelConfig
 from engram_jax.hashing import table_primes
+from engram_jax.overencoding_ids import overencoding_moduli
 
 __all__ = [
     "Accounting",
@@ -186,6 +188,43 @@ def _engram_layer_counts(config: ModelConfig, sizes: tuple[int, ...]) -> tuple[i
     return table, projections + norms + conv, macs
 
 
+def _memory_variant_counts(config: ModelConfig) -> list[tuple[str, int, int, int]]:
+    """`(component, params, activated, MACs)` of OverEncoding, per-layer embeddings and UltraMem
+    (docs/design.md §5-7). Their tables are lookups (not activated); UltraMem's top_k value
+    rows per token count as activated, like a routed expert's weights."""
+    d, num_layers = config.hidden_size, config.num_layers
+    out = []
+    o = config.overencoding
+    if o.active:
+        moduli = overencoding_moduli(
+            o.base_rows, o.max_ngram, o.tables_per_ngram, o.modulus_step, o.modulus_offset
+        )
+        w = o.width(d)
+        projections = len(moduli) * w * d
+        out.append(("overencoding_tables", sum(moduli) * w, 0, 0))
+        out.append(("overencoding_other", projections, projections, projections))
+    pl = config.ple
+    if pl.enabled:
+        x = num_layers * pl.width
+        out.append(("ple_table", pl.rows(config.vocab_size) * x, 0, 0))
+        # Projection [D, L p] and its norm gain [p]; per block: input scale [D], gate [D, p],
+        # up [p, D], post-norm gain [D].
+        other = d * x + pl.width + num_layers * (2 * d + 2 * d * pl.width)
+        out.append(("ple_other", other, other, d * x + num_layers * 2 * d * pl.width))
+    u = config.ultramem
+    for _ in u.layer_ids:
+        n, r, c, h = u.grid_size, u.tucker_rank, u.key_dim, u.num_cores
+        read = u.top_k * u.value_width
+        out.append(("ultramem_values", u.value_rows * u.value_width, read, read))
+        # Norm gain [D], queries [D, 2, r, c], keys [2, r, n, c] (every key scores every token),
+        # cores [h, r, r], block projectors [E, d_v, D].
+        expansion = u.value_expansion * u.value_width * d
+        other = d + d * 2 * r * c + 2 * r * n * c + h * r * r + expansion
+        macs = d * 2 * r * c + 2 * r * n * c + h * r * r + expansion
+        out.append(("ultramem_other", other, other, macs))
+    return out
+
+
 # ---------------------------------------------------------------------------- account
 
 
@@ -274,6 +313,8 @@ def _component_counts(cfg: ModelConfig) -> dict[str, list[int]]:
             table, other, macs = _engram_layer_counts(cfg, sizes[layer])
             add("engram_tables", table, 0, 0)
             add("engram_other", other, other, macs)
+    for name, params, activated, macs in _memory_variant_counts(cfg):
+        add(name, params, activated, macs)
     add("final_norm", d, d, 0)
     return parts
 

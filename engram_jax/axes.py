@@ -36,3 +36,5 @@ LAYERS = "layers"
 TABLE_ROWS = "table_rows"
 MEMORY_WIDTH = "memory_width"
 MEMORY_IN = "memory_in"
+# OverEncoding sub-tables and UltraMem value blocks: few, never sharded.
+MEMORY_TABLES = "memory_tables"

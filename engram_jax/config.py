@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.engram = _declare_engram()
     m.hc = _declare_hc()
     m.matformer = _declare_matformer()
+    _declare_memory_variants(m)
     c.mesh = _declare_mesh()
     # Config files and overrides set values, never add keys: a misspelt key fails where it is set.
     c.lock()
@@ -257,6 +258,43 @@ def _declare_engram() -> ml_collections.ConfigDict:
     return g
 
 
+def _declare_memory_variants(m: ml_collections.ConfigDict) -> None:
+    """The memory methods Engram is compared with (docs/design.md §5-7); all off by default."""
+    # OverEncoding: hashed-free n-gram input embeddings added to the token embedding.
+    o = m.overencoding = ml_collections.ConfigDict()
+    o.enabled = False
+    o.max_ngram = 3  # N: orders 2..N get sub-tables; N = 1 is the plain token embedding.
+    o.tables_per_ngram = 2  # k sub-tables per order, each with its own modulus and projection.
+    # Sub-table idx (order-major over all orders) has base_rows + modulus_step * idx +
+    # modulus_offset rows: the serving implementation's m + 2 idx + 1 (unverified, §9.10).
+    o.base_rows = 16384
+    o.modulus_step = 2
+    o.modulus_offset = 1
+    # Row width of one sub-table; 0 takes hidden_size // (k (N - 1)) as the paper's d / (k (N-1)).
+    o.row_width = 0
+    # "mean" divides E1 + the k (N - 1) projected rows by their count (the serving
+    # implementation, unverified); "sum" adds them.
+    o.combine = "mean"
+
+    # Per-layer embeddings (Gemma 3n): a token table giving every layer a small vector.
+    p = m.ple = ml_collections.ConfigDict()
+    p.enabled = False
+    p.width = 32  # Per-layer vector width (Gemma 3n: 256, unverified §9.12).
+    p.table_rows = 0  # Rows of the PLE table; ids at or beyond it read row 0. 0 = vocab_size.
+
+    # UltraMem: memory layers addressed by the hidden state (Tucker query-key retrieval).
+    u = m.ultramem = ml_collections.ConfigDict()
+    u.layer_ids = ()  # Blocks that carry a memory layer (0-based); () disables.
+    u.grid_size = 64  # n: keys per grid axis; n * n virtual slots.
+    u.key_dim = 32  # Width of one row/column query and key.
+    u.tucker_rank = 2  # r: queries per axis and size of each Tucker core.
+    u.num_cores = 2  # h: cores (multi-core scoring); each weights one chunk of a value row.
+    u.top_k = 16  # Value rows read per token.
+    u.candidates = 16  # Rows and columns kept by the rank-1 preselection (>= sqrt(top_k)).
+    u.value_expansion = 4  # E virtual blocks per physical row (implicit value expansion).
+    u.value_width = 64  # Physical value row width (a multiple of num_cores).
+
+
 def _declare_hc() -> ml_collections.ConfigDict:
     h = ml_collections.ConfigDict()
     # "residual", "hc", "mhc", "mhc_lite" "mhc_v41" (DeepSeek-V4.1's single-pass mHC: softmax-
@@ -383,6 +421,63 @@ class EngramConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class OverEncodingConfig:
+    enabled: bool
+    max_ngram: int
+    tables_per_ngram: int
+    base_rows: int
+    modulus_step: int
+    modulus_offset: int
+    row_width: int
+    combine: str
+
+    @property
+    def num_tables(self) -> int:
+        """K: sub-tables over all orders."""
+        return (self.max_ngram - 1) * self.tables_per_ngram
+
+    @property
+    def active(self) -> bool:
+        """Enabled with at least one n-gram order (N = 1 is the plain token embedding)."""
+        return self.enabled and self.num_tables > 0
+
+    def width(self, hidden_size: int) -> int:
+        return self.row_width or hidden_size // max(1, self.num_tables)
+
+
+@dataclasses.dataclass(frozen=True)
+class PleConfig:
+    enabled: bool
+    width: int
+    table_rows: int
+
+    def rows(self, vocab_size: int) -> int:
+        return self.table_rows or vocab_size
+
+
+@dataclasses.dataclass(frozen=True)
+class UltraMemConfig:
+    layer_ids: tuple[int, ...]
+    grid_size: int
+    key_dim: int
+    tucker_rank: int
+    num_cores: int
+    top_k: int
+    candidates: int
+    value_expansion: int
+    value_width: int
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.layer_ids)
+
+    @property
+    def value_rows(self) -> int:
+        """P: physical value rows, n^2 / E."""
+        return self.grid_size * self.grid_size // self.value_expansion
+
+
+@dataclasses.dataclass(frozen=True)
 class HyperConfig:
     kind: HcKind
     n_streams: int
@@ -432,6 +527,9 @@ class ModelConfig:
     engram: EngramConfig
     hc: HyperConfig
     matformer: MatformerConfig
+    overencoding: OverEncodingConfig
+    ple: PleConfig
+    ultramem: UltraMemConfig
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe.num_experts > 0 and layer >= self.num_dense_layers
@@ -549,6 +647,7 @@ def _validate_model(p: _Problems, m: ml_collections.ConfigDict) -> None:
     _validate_engram(p, m)
     _validate_hc(p, m.hc)
     _validate_matformer(p, m)
+    _validate_memory_variants(p, m)
 
 
 def _validate_attention(p: _Problems, a: ml_collections.ConfigDict) -> None:
@@ -755,6 +854,99 @@ def _validate_matformer(p: _Problems, m: ml_collections.ConfigDict) -> None:
             )
 
 
+def _validate_memory_variants(p: _Problems, m: ml_collections.ConfigDict) -> None:
+    """OverEncoding, per-layer embeddings and UltraMem (docs/design.md §5-7)."""
+    o = m.overencoding
+    if o.enabled:
+        p.check(
+            isinstance(o.max_ngram, int) and o.max_ngram >= 1,
+            "model.overencoding.max_ngram",
+            o.max_ngram,
+            "an integer >= 1 (1 adds no n-gram table)",
+        )
+        _check_positive(p, "model.overencoding.tables_per_ngram", o.tables_per_ngram)
+        _check_positive(p, "model.overencoding.base_rows", o.base_rows)
+        _check_positive(p, "model.overencoding.modulus_step", o.modulus_step, allow_zero=True)
+        _check_positive(p, "model.overencoding.modulus_offset", o.modulus_offset, allow_zero=True)
+        _check_positive(p, "model.overencoding.row_width", o.row_width, allow_zero=True)
+        _check_choice(p, "model.overencoding.combine", o.combine, ("mean", "sum"))
+        k = (o.max_ngram - 1) * o.tables_per_ngram if isinstance(o.max_ngram, int) else 0
+        if k > 0 and isinstance(o.base_rows, int) and isinstance(o.modulus_step, int):
+            largest = o.base_rows + o.modulus_step * (k - 1) + o.modulus_offset
+            total = k * o.base_rows + o.modulus_step * k * (k - 1) // 2 + k * o.modulus_offset
+            p.check(
+                total < 2**31,
+                "model.overencoding.base_rows",
+                o.base_rows,
+                f"all {k} sub-tables together below 2**31 rows (int32 row ids; got {total})",
+            )
+            p.check(
+                largest <= 2**31,
+                "model.overencoding.base_rows",
+                o.base_rows,
+                "moduli <= 2**31 (the device ids are exact in uint32 below that)",
+            )
+            if not o.row_width and isinstance(m.hidden_size, int):
+                p.check(
+                    m.hidden_size // k > 0,
+                    "model.overencoding.row_width",
+                    o.row_width,
+                    f"> 0, or hidden_size={m.hidden_size} >= k (N - 1) = {k}",
+                )
+    pl = m.ple
+    if pl.enabled:
+        _check_positive(p, "model.ple.width", pl.width)
+        _check_positive(p, "model.ple.table_rows", pl.table_rows, allow_zero=True)
+    u = m.ultramem
+    layer_ids = tuple(u.layer_ids)
+    p.check(
+        all(isinstance(i, int) and 0 <= i < m.num_layers for i in layer_ids)
+        and len(set(layer_ids)) == len(layer_ids),
+        "model.ultramem.layer_ids",
+        layer_ids,
+        f"distinct indices in [0, num_layers={m.num_layers})",
+    )
+    p.check(
+        not set(layer_ids) & set(m.engram.layer_ids),
+        "model.ultramem.layer_ids",
+        layer_ids,
+        f"no layer shared with engram.layer_ids={tuple(m.engram.layer_ids)}",
+    )
+    if not layer_ids:
+        return
+    for key in ("grid_size", "key_dim", "tucker_rank", "num_cores", "top_k", "candidates"):
+        _check_positive(p, f"model.ultramem.{key}", u[key])
+    for key in ("value_expansion", "value_width"):
+        _check_positive(p, f"model.ultramem.{key}", u[key])
+    if all(isinstance(u[k], int) and u[k] > 0 for k in ("grid_size", "candidates", "top_k")):
+        p.check(
+            u.candidates <= u.grid_size,
+            "model.ultramem.candidates",
+            u.candidates,
+            f"<= grid_size={u.grid_size}",
+        )
+        p.check(
+            u.top_k <= u.candidates * u.candidates,
+            "model.ultramem.top_k",
+            u.top_k,
+            f"<= candidates^2 = {u.candidates**2} (slots of the candidate grid)",
+        )
+    if isinstance(u.value_expansion, int) and u.value_expansion > 0:
+        p.check(
+            (u.grid_size * u.grid_size) % u.value_expansion == 0,
+            "model.ultramem.value_expansion",
+            u.value_expansion,
+            f"a divisor of grid_size^2 = {u.grid_size**2}",
+        )
+    if isinstance(u.num_cores, int) and u.num_cores > 0:
+        p.check(
+            u.value_width % u.num_cores == 0,
+            "model.ultramem.value_width",
+            u.value_width,
+            f"a multiple of num_cores={u.num_cores} (one chunk per core)",
+        )
+
+
 def _validate_train(p: _Problems, c: ml_collections.ConfigDict) -> None:
     for key in ("num_train_steps", "batch_size", "seq_len", "max_to_keep", "log_every"):
         _check_positive(p, key, c[key])
@@ -777,6 +969,14 @@ def _validate_train(p: _Problems, c: ml_collections.ConfigDict) -> None:
             "table_update",
             c.table_update,
             "'sparse' when table_placement='host' (the host applies row updates)",
+        )
+    if c.table_placement == "host":
+        p.check(
+            not (c.model.overencoding.enabled or c.model.ple.enabled or c.model.ultramem.layer_ids),
+            "table_placement",
+            c.table_placement,
+            "'device' with model.overencoding, model.ple or model.ultramem enabled (host tables "
+            "hold Engram's tables only)",
         )
     if c.table_update == "sparse" and c.table_optimizer == "adagrad":
         p.check(
@@ -875,6 +1075,9 @@ def validate(config: ml_collections.ConfigDict) -> Config:
             engram=EngramConfig(**_fields(EngramConfig, m.engram)),
             hc=HyperConfig(**_fields(HyperConfig, m.hc)),
             matformer=MatformerConfig(**_fields(MatformerConfig, m.matformer)),
+            overencoding=OverEncodingConfig(**_fields(OverEncodingConfig, m.overencoding)),
+            ple=PleConfig(**_fields(PleConfig, m.ple)),
+            ultramem=UltraMemConfig(**_fields(UltraMemConfig, m.ultramem)),
         )
     )
     return Config(

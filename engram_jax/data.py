@@ -29,6 +29,7 @@ from engram_jax.hashing import (
     check_compressed_vocab_size,
     tokenizer_fingerprint,
 )
+from engram_jax.overencoding_ids import OverEncodingIds
 from engram_jax.tables.unique_rows import unique_rows
 
 # What token ids mean (pad, eos, bos, byte lengths), importable from here as before.
@@ -456,6 +457,16 @@ def unique_table_rows(
     return ids_SLU, inverse_BLTM
 
 
+class _AddOverEncodingIds(grain.transforms.Map):
+    """Adds `overencoding_ids` [B, T, K] (docs/design.md §5), windows cut at segment starts."""
+
+    def __init__(self, ids: OverEncodingIds):
+        self._ids = ids
+
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**batch, "overencoding_ids": self._ids(batch["inputs"], batch["segment_ids"])}
+
+
 class _AddHashIds(grain.transforms.Map):
     """Adds `hash_ids` [B, L_e, T, M] and the deduplicated rows (`unique_table_rows`)."""
 
@@ -548,6 +559,7 @@ def make_dataset(
     prefetch: int = 0,
     shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
     memory_shards: int = 1,
+    overencoding: OverEncodingIds | None = None,
 ) -> grain.IterDataset:
     """The grain dataset behind `make_pipeline` (same arguments); iterate it for batches."""
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
@@ -588,6 +600,8 @@ def make_dataset(
                 f"memory_shards: got {memory_shards}; expected a divisor of batch_size={batch_size}"
             )
         batches = batches.map(_AddHashIds(engram, memory_shards))
+    if overencoding is not None:
+        batches = batches.map(_AddOverEncodingIds(overencoding))
     if worker_count > 0:
         if not flags.FLAGS.is_parsed():
             raise ValueError(
@@ -627,6 +641,7 @@ def make_pipeline(
     prefetch: int = 0,
     shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
     memory_shards: int = 1,
+    overencoding: OverEncodingIds | None = None,
 ) -> grain.DatasetIterator:
     """A checkpointable iterator of packed, per-process batches.
 
@@ -650,6 +665,8 @@ def make_pipeline(
       * memory_ids int32 [S, L_e, U] and memory_inverse int32 [B, L_e, T, M] (only with `engram`):
         the distinct table rows of each of the S = `memory_shards` batch groups
         (`unique_table_rows`), for sparse table updates.
+      * overencoding_ids int32 [B, T, K] (only with `overencoding`): OverEncoding's flat n-gram
+        rows of `inputs`, windows cut at segment starts (`overencoding_ids.ngram_ids_host`).
 
     Padding only appears in the last rows of a finite (num_epochs) stream.
 
@@ -679,6 +696,7 @@ def make_pipeline(
       shuffle_window: documents of a DocumentStream shuffled together (1: file order).
       memory_shards: groups the batch's rows are split into before deduplicating table rows (the
         step's data-parallel shards on this process); must divide batch_size.
+      overencoding: adds `overencoding_ids` when given.
 
     Returns:
       A grain DatasetIterator; `get_state()` is a JSON-serialisable dict and `set_state(state)`
@@ -707,5 +725,6 @@ def make_pipeline(
             prefetch=prefetch,
             shuffle_window=shuffle_window,
             memory_shards=memory_shards,
+            overencoding=overencoding,
         )
     )

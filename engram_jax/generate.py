@@ -399,7 +399,7 @@ class Generator:
         memory = memory["tables"] if memory else {}
         if offloaded:
             self._open_tables(workdir, memory_dir, metadata, row_cache_mib)
-        elif tables_only and self.engram is not None:
+        elif tables_only and abstract_memory["tables"]:  # Engram, OverEncoding or PLE tables
             memory = memory_item.restore_memory(
                 memory_dir, {"tables": abstract_memory["tables"]}, partial=True
             )["tables"]

@@ -32,6 +32,10 @@ from engram_jax.mhc import (
     merge_streams,
 )
 from engram_jax.moe import MLP, MoE
+from engram_jax.overencoding import OverEncoding
+from engram_jax.overencoding_ids import overencoding_moduli
+from engram_jax.ple import PerLayerInputs, PleInjection
+from engram_jax.ultramem import UltraMem
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -46,6 +50,16 @@ def engram_table_sizes(config: ModelConfig) -> dict[int, tuple[int, ...]]:
         return {}
     primes = table_primes(e.table_rows_per_head, e.heads_per_ngram, e.layer_ids)
     return {layer: tuple(p) for layer, p in primes.items()}
+
+
+def overencoding_table_sizes(config: ModelConfig) -> tuple[int, ...]:
+    """Rows (moduli) of every OverEncoding sub-table, order-major; empty when it is off."""
+    o = config.overencoding
+    if not o.active:
+        return ()
+    return overencoding_moduli(
+        o.base_rows, o.max_ngram, o.tables_per_ngram, o.modulus_step, o.modulus_offset
+    )
 
 
 def first_engram_layer(config: ModelConfig) -> int | None:
@@ -63,6 +77,7 @@ class _Run:
     stop: int
     use_moe: bool
     has_engram: bool
+    has_ultramem: bool = False
 
     @property
     def name(self) -> str:
@@ -86,17 +101,19 @@ def layer_runs(config: ModelConfig) -> list[_Run]:
     for layer in range(config.num_layers):
         use_moe = config.is_moe_layer(layer)
         has_engram = layer in engram_layers
+        has_ultramem = layer in config.ultramem.layer_ids
+        alone = has_engram or has_ultramem  # memory layers are runs of their own
         previous = runs[-1] if runs else None
         if (
             scan
             and previous is not None
-            and not has_engram
-            and not previous.has_engram
+            and not alone
+            and not (previous.has_engram or previous.has_ultramem)
             and previous.use_moe == use_moe
         ):
             runs[-1] = dataclasses.replace(previous, stop=layer + 1)
         else:
-            runs.append(_Run(layer, layer + 1, use_moe, has_engram))
+            runs.append(_Run(layer, layer + 1, use_moe, has_engram, has_ultramem))
     return runs
 
 
@@ -124,6 +141,7 @@ class Block(nn.Module):
     sow_mixing: bool = False
     # MatFormer: the FFN's granularity (None: full width; an int, or a traced index in training).
     ffn_granularity: Any = None
+    has_ultramem: bool = False
 
     def _hyper(self, site: int, name: str) -> HyperConnection:
         hc = self.config.hc
@@ -201,6 +219,23 @@ class Block(nn.Module):
             **common,
         )
 
+    def _ultramem(self) -> UltraMem:
+        u, cfg = self.config.ultramem, self.config
+        return UltraMem(
+            grid_size=u.grid_size,
+            key_dim=u.key_dim,
+            tucker_rank=u.tucker_rank,
+            num_cores=u.num_cores,
+            top_k=u.top_k,
+            candidates=u.candidates,
+            value_expansion=u.value_expansion,
+            value_width=u.value_width,
+            norm_eps=cfg.norm_eps,
+            dtype=_DTYPES[cfg.dtype],
+            param_dtype=_DTYPES[cfg.param_dtype],
+            name="ultramem",
+        )
+
     def _ffn(self) -> nn.Module:
         cfg = self.config
         dtype, param_dtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
@@ -245,6 +280,8 @@ class Block(nn.Module):
         hash_ids_BTM: jax.Array | None,
         engram_rows_BTMW: jax.Array | None = None,
         token_mask_BT: jax.Array | None = None,
+        ple_BTP: jax.Array | None = None,
+        ultramem_rows: dict[str, jax.Array] | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.config
         stats: dict[str, jax.Array] = {}
@@ -285,6 +322,15 @@ class Block(nn.Module):
             # §1.7: Engram reads every stream directly and its output joins each stream.
             x_BTGD = x_BTGD + memory_BTGD.astype(x_BTGD.dtype)
             stats["engram_gates"] = gates_BTG
+        if self.has_ultramem:
+            # Like Engram's output, the memory read joins every stream (docs/design.md §6).
+            # `ultramem_rows` ({"values", "delta"}): the sparse step's table and zero delta.
+            rows = ultramem_rows or {}
+            memory_BTD, slots_BTK = self._ultramem()(
+                x_BTGD, True, rows.get("values"), rows.get("delta")
+            )
+            x_BTGD = x_BTGD + memory_BTD[:, :, None].astype(x_BTGD.dtype)
+            stats["ultramem_slots"] = slots_BTK
 
         altup = self._altup()
         if altup is not None:
@@ -308,6 +354,17 @@ class Block(nn.Module):
         pre_BTG = _next_pre(pre_BTG, mixing)
         if altup is not None:
             x_BTGD = altup.correct(x_hat_BTKD, x_BTGD[:, :, 0])
+        if ple_BTP is not None:
+            # §7.1: the block's output (the streams' mean) gates the layer's vector; the update
+            # joins every stream, as no stream of our residual kinds is inactive.
+            u_BTD = PleInjection(
+                width=cfg.ple.width,
+                norm_eps=cfg.norm_eps,
+                dtype=_DTYPES[cfg.dtype],
+                param_dtype=_DTYPES[cfg.param_dtype],
+                name="ple",
+            )(jnp.mean(x_BTGD, axis=2), ple_BTP)
+            x_BTGD = x_BTGD + u_BTD[:, :, None].astype(x_BTGD.dtype)
         x_BTGD = nn.with_logical_constraint(
             x_BTGD, (axes.BATCH, axes.LENGTH, axes.ACT_STREAMS, axes.ACT_EMBED)
         )
@@ -345,6 +402,13 @@ class Transformer(nn.Module):
     `(streams [B, T, G, D], pre [B, T, G])`, the first site reads with `mhc.initial_pre`, and the
     last site's `pre` collapses the streams before the final norm (instead of their sum).
 
+    Memory variants (docs/design.md §5-7): `overencoding_ids [B, T, K]` are OverEncoding's host
+    ids (computed on the device when None). `memory_rows` replaces tables by rows the sparse step
+    gathered: `"overencoding"` `[B, T, K, W]`, `"ple"` `[B, T, L*p]`, and per UltraMem run
+    `"ultramem/<run name>"` `{"values": [P, d_v] (read outside the gradient), "delta": [B, T, k,
+    d_v] (zeros)}`; `aux["ultramem_slots"] [L_u, B, T, k]` are the value slots each UltraMem layer
+    read.
+
     With `sow_mixing=True` every hyper-connection sows its mixing matrices into "intermediates";
     `mixing_matrices` orders them by depth for the mHC diagnostics.
 
@@ -361,6 +425,23 @@ class Transformer(nn.Module):
     decode: bool = False
     lookup_fn: Callable | None = None
     sow_mixing: bool = False
+
+    def _overencoding(self) -> OverEncoding:
+        cfg = self.config
+        o = cfg.overencoding
+        return OverEncoding(
+            vocab_size=cfg.vocab_size,
+            max_ngram=o.max_ngram,
+            tables_per_ngram=o.tables_per_ngram,
+            moduli=overencoding_table_sizes(cfg),
+            row_width=o.width(cfg.hidden_size),
+            average=o.combine == "mean",
+            table_init=nn.initializers.normal(cfg.engram.table_init_std),
+            dtype=_DTYPES[cfg.dtype],
+            param_dtype=_DTYPES[cfg.param_dtype],
+            decode=self.decode,
+            name="overencoding",
+        )
 
     def _check_range(self, layer_range, hidden_BTGD, tokens_BT) -> tuple[int, int]:
         """`layer_range` as `(start, stop)` (None: all layers), checked against the runs."""
@@ -450,6 +531,8 @@ class Transformer(nn.Module):
         hidden_BTGD: jax.Array | None = None,
         layer_range: tuple[int, int] | None = None,
         ffn_granularity: jax.Array | None = None,
+        overencoding_ids: jax.Array | None = None,
+        memory_rows: dict[str, jax.Array] | None = None,
     ) -> tuple[jax.Array, dict[str, Any]]:
         cfg = self.config
         start, stop = self._check_range(layer_range, hidden_BTGD, tokens_BT)
@@ -491,8 +574,17 @@ class Transformer(nn.Module):
                 name="altup_streams",
             )
         # [B, T, G, D]: the streams an earlier layer range returned, or the embedded tokens.
+        memory_rows = memory_rows or {}
         if hidden_BTGD is None:
             embedded_BTD = embed(_outside_vocab_to_nan(tokens_BT, cfg))
+            if cfg.overencoding.active:
+                embedded_BTD = self._overencoding()(
+                    embedded_BTD,
+                    tokens_BT,
+                    segment_ids_BT,
+                    overencoding_ids,
+                    memory_rows.get("overencoding"),
+                )
             if altup_streams is not None:
                 hidden_BTGD = altup_streams.expand(embedded_BTD)
             else:
@@ -501,6 +593,19 @@ class Transformer(nn.Module):
                 # The identity start: the first site reads the embedding (mhc.initial_pre).
                 hidden_BTGD = (hidden_BTGD, initial_pre(b, t, cfg.hc.n_streams))
         x_BTGD = hidden_BTGD
+        ple_LBTP = None
+        if cfg.ple.enabled:
+            ple_BTLP = PerLayerInputs(
+                num_layers=cfg.num_layers,
+                width=cfg.ple.width,
+                table_rows=cfg.ple.rows(cfg.vocab_size),
+                norm_eps=cfg.norm_eps,
+                table_init=nn.initializers.normal(cfg.engram.table_init_std),
+                dtype=dtype,
+                param_dtype=param_dtype,
+                name="ple",
+            )(embed(tokens_BT), tokens_BT, memory_rows.get("ple"))
+            ple_LBTP = jnp.moveaxis(ple_BTLP, 2, 0)  # [B, T, L, p] -> [L, B, T, p]
 
         sizes = engram_table_sizes(cfg)
         engram_index = {layer: i for i, layer in enumerate(cfg.engram.layer_ids)}
@@ -517,7 +622,9 @@ class Transformer(nn.Module):
                 decode=self.decode,
                 lookup_fn=self.lookup_fn,
                 sow_mixing=self.sow_mixing,
+                has_ultramem=run.has_ultramem,
             )
+            ple_run = None if ple_LBTP is None else ple_LBTP[run.start : run.stop]  # [L_run,B,T,p]
             block_cls = nn.remat(Block, static_argnums=()) if cfg.remat else Block
             if run.stop - run.start == 1:
                 hash_ids_BTM = rows_BTMW = None
@@ -528,7 +635,14 @@ class Transformer(nn.Module):
                     else:
                         hash_ids_BTM = hash_ids[:, engram_index[run.start]]  # [B, T, M]
                 x_BTGD, stats = block_cls(**block_kwargs, name=run.name)(
-                    x_BTGD, positions_BT, segment_ids_BT, hash_ids_BTM, rows_BTMW, token_mask_BT
+                    x_BTGD,
+                    positions_BT,
+                    segment_ids_BT,
+                    hash_ids_BTM,
+                    rows_BTMW,
+                    token_mask_BT,
+                    None if ple_run is None else ple_run[0],
+                    memory_rows.get(f"ultramem/{run.name}"),
                 )
                 stats = {k: v[None] for k, v in stats.items()}  # [1, ...] like a scan
             else:
@@ -536,13 +650,14 @@ class Transformer(nn.Module):
                     block_cls,
                     variable_axes={"params": 0, "cache": 0, MOE_BIAS: 0, "intermediates": 0},
                     split_rngs={"params": True},
-                    # positions, segment ids, hash ids (None), engram rows (None), token mask.
-                    in_axes=(nn.broadcast,) * 5,
+                    # positions, segment ids, hash ids (None), engram rows (None), token mask;
+                    # the per-layer PLE inputs are scanned over their layer axis.
+                    in_axes=(nn.broadcast,) * 5 + (0,),
                     length=run.stop - run.start,
                     metadata_params={nn.PARTITION_NAME: axes.LAYERS},
                 )
                 x_BTGD, stats = scanned(**block_kwargs, name=run.name)(
-                    x_BTGD, positions_BT, segment_ids_BT, None, None, token_mask_BT
+                    x_BTGD, positions_BT, segment_ids_BT, None, None, token_mask_BT, ple_run
                 )
             stats_per_run.append((run, stats))
         if stop < cfg.num_layers:
@@ -644,7 +759,7 @@ def _altup_mixing(config: ModelConfig, intermediates: dict[str, Any]) -> jax.Arr
 def _collect_stats(stats_per_run: list[tuple[_Run, dict[str, jax.Array]]]) -> dict[str, Any]:
     """Concatenates per-run statistics along the layer axis, in layer order."""
     aux: dict[str, Any] = {}
-    for key in ("moe_load", "moe_balance_loss", "engram_gates"):
+    for key in ("moe_load", "moe_balance_loss", "engram_gates", "ultramem_slots"):
         parts = [stats[key] for _, stats in stats_per_run if key in stats]
         if parts:
             aux[key] = jnp.concatenate(parts, axis=0)

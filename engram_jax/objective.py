@@ -33,6 +33,7 @@ def _apply(
         batch["segment_ids"],
         None if engram_rows is not None else batch.get("hash_ids"),
         engram_rows=engram_rows,
+        overencoding_ids=batch.get("overencoding_ids"),
         **kwargs,
     )
 
@@ -42,6 +43,7 @@ def training_loss(
     variables: dict[str, Any],
     batch: dict[str, jax.Array],
     engram_rows: jax.Array | None = None,
+    memory_rows: dict[str, Any] | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array], Any]]:
     """The loss a step differentiates: mean token cross-entropy plus the MoE balance loss.
 
@@ -54,6 +56,7 @@ def training_loss(
         variables,
         batch,
         engram_rows,
+        memory_rows=memory_rows,
         # Padding stays out of the MoE load, balance loss and bias update.
         token_mask_BT=batch["loss_mask"],
         ffn_granularity=batch.get("ffn_granularity"),  # MatFormer: per_step_loss sets it

@@ -18,10 +18,11 @@ logger = logging.getLogger(__name__)
 
 ScheduleKind = Literal["cosine", "wsd", "constant"]
 
-# Engram tables are parameters named `table` inside a module whose name starts with `engram`
-# (`.../engram/table`, `.../engram_3/table`); the optimizer split keys on this (docs/design.md
-# §1.11: the tables get their own optimizer).
-DEFAULT_MEMORY_PATTERN = r"(^|/)engram[^/]*/table$"
+# Memory tables are parameters named `table` inside a module whose name starts with `engram`
+# (`.../engram/table`, `.../engram_3/table`) or of the OverEncoding and per-layer-embedding
+# modules (`overencoding/table`, `ple/table`), and UltraMem's value tables (`.../ultramem/values`);
+# the optimizer split keys on this (docs/design.md §1.11: the tables get their own optimizer).
+DEFAULT_MEMORY_PATTERN = r"(^|/)((engram[^/]*|overencoding|ple)/table|ultramem/values)$"
 
 _SEP = "/"
 

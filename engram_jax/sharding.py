@@ -212,6 +212,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (axes.TABLE_ROWS, TABLE_ROW_AXES),
     (axes.MEMORY_WIDTH, None),
     (axes.MEMORY_IN, None),
+    (axes.MEMORY_TABLES, None),
 )
 
 

@@ -42,6 +42,55 @@ def table_paths(config: Any) -> list[tuple[str, ...]]:
     return [(names[layer], "engram", "table") for layer in config.engram.layer_ids]
 
 
+def token_tables(config: Any) -> list[tuple[str, tuple[str, ...]]]:
+    """`(name, path)` of the memory tables whose rows a batch names by token (OverEncoding's
+    n-gram sub-tables, the per-layer-embedding table); `name` keys `Transformer`'s
+    `memory_rows`."""
+    out = []
+    if config.overencoding.active:
+        out.append(("overencoding", ("overencoding", "table")))
+    if config.ple.enabled:
+        out.append(("ple", ("ple", "table")))
+    return out
+
+
+def ultramem_tables(config: Any) -> list[tuple[str, tuple[str, ...]]]:
+    """`(memory_rows key, path)` of every UltraMem value table, in layer order. Their rows are
+    found inside the forward pass (addressed by the hidden state)."""
+    return [
+        (f"ultramem/{run.name}", (run.name, "ultramem", "values"))
+        for run in layer_runs(config)
+        if run.has_ultramem
+    ]
+
+
+def has_memory_tables(config: Any) -> bool:
+    """Whether the model has tables that the table optimizer trains."""
+    return config.engram.enabled or bool(token_tables(config)) or config.ultramem.enabled
+
+
+def token_table_ids(config: Any, name: str, batch: dict[str, jax.Array]) -> jax.Array:
+    """`[B, T, M]` flat row ids of token table `name` for a batch: OverEncoding's host ids
+    (`overencoding_ids`, else the same ids computed here), the PLE row of every token."""
+    from engram_jax.model import overencoding_table_sizes
+    from engram_jax.overencoding import ngram_ids_device
+    from engram_jax.ple import ple_token_ids
+
+    if name == "ple":
+        return ple_token_ids(batch["inputs"], config.ple.rows(config.vocab_size))[..., None]
+    if "overencoding_ids" in batch:
+        return batch["overencoding_ids"]
+    o = config.overencoding
+    return ngram_ids_device(
+        batch["inputs"],
+        batch["segment_ids"],
+        config.vocab_size,
+        o.max_ngram,
+        o.tables_per_ngram,
+        overencoding_table_sizes(config),
+    )
+
+
 def get_path(tree: Any, path: Sequence[str]) -> Any:
     for key in path:
         tree = tree[key]
@@ -174,17 +223,56 @@ def make_row_grad_step(
     Updates the dense parameters (and the step counter and MoE biases) like the dense step and
     returns the gradients of the gathered rows; `state.memory` is left as it is.
     """
+    step = _make_rows_grad_step(model, dense_tx, schedule)
 
-    def loss_fn(params, rows_SLUW, moe_bias, batch):
-        rows_BLTMW = expand_rows(rows_SLUW, batch["memory_inverse"])
-        variables = {"params": params, MOE_BIAS: moe_bias}
-        return objective.training_loss(model, variables, batch, engram_rows=rows_BLTMW)
+    def engram_only(state, batch, rows_SLUW):
+        new_state, metrics, row_grads, _, _ = step(state, batch, rows_SLUW, None)
+        return new_state, metrics, row_grads
 
-    def step(state, batch, rows_SLUW):
+    return engram_only
+
+
+def _model_rows(batch, memory_rows, fixed_rows) -> dict[str, Any] | None:
+    """The `memory_rows` argument of `Transformer` from the step's gathered token-table rows
+    (differentiated) and UltraMem's value tables (`fixed_rows`, outside the gradient)."""
+    if not memory_rows:
+        return None
+    b, t = batch["inputs"].shape
+    # PLE reads one [L*p] row per token; OverEncoding K rows [K, W].
+    rows = {k: (v.reshape(b, t, -1) if k == "ple" else v) for k, v in memory_rows.items()}
+    for k, v in (fixed_rows or {}).items():
+        rows[k] = {**rows.get(k, {}), **v}
+    return rows
+
+
+def _make_rows_grad_step(
+    model: Transformer, dense_tx: optax.GradientTransformation, schedule: optax.Schedule
+) -> Callable:
+    """`step(state, batch, rows [S, L_e, U, W] | None, memory_rows {name: [B, T, M, W]} | None,
+    fixed_rows {name: {...}} | None) -> (state, metrics, row_grads, memory_row_grads, aux)`:
+    `make_row_grad_step` with the rows of the token tables (`token_tables`) and UltraMem's zero
+    deltas (`{"delta": [B, T, k, d_v]}`) as a differentiated input; `fixed_rows` (UltraMem's
+    value tables, `{"values": [P, d_v]}`) join them outside the gradient."""
+
+    def step(state, batch, rows_SLUW, memory_rows, fixed_rows=None):
+        def loss_fn(params, rows, moe_bias, batch):
+            engram_rows_SLUW, token_rows = rows
+            rows_BLTMW = None
+            if engram_rows_SLUW is not None:
+                rows_BLTMW = expand_rows(engram_rows_SLUW, batch["memory_inverse"])
+            variables = {"params": params, MOE_BIAS: moe_bias}
+            return objective.training_loss(
+                model,
+                variables,
+                batch,
+                engram_rows=rows_BLTMW,
+                memory_rows=_model_rows(batch, token_rows, fixed_rows),
+            )
+
         step_loss = matformer.per_step_loss(loss_fn, model.config, state.step)
         grad_fn = jax.value_and_grad(step_loss, argnums=(0, 1), has_aux=True)
-        (_, (loss, aux, moe_bias)), (dense_grads, row_grads) = grad_fn(
-            state.params, rows_SLUW, state.moe_bias, batch
+        (_, (loss, aux, moe_bias)), (dense_grads, (row_grads, memory_grads)) = grad_fn(
+            state.params, (rows_SLUW, memory_rows), state.moe_bias, batch
         )
         updates, opt_state = dense_tx.update(dense_grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -192,7 +280,7 @@ def make_row_grad_step(
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, moe_bias=moe_bias
         )
-        return new_state, metrics, row_grads
+        return new_state, metrics, row_grads, memory_grads, aux
 
     return step
 
@@ -209,18 +297,60 @@ def make_sparse_train_step(
     equals the dense table gradient's norm.
     """
     paths = table_paths(model.config)
-    row_grad_step = make_row_grad_step(model, dense_tx, schedule)
+    tokens = token_tables(model.config)
+    hidden_addressed = ultramem_tables(model.config)
+    row_grad_step = _make_rows_grad_step(model, dense_tx, schedule)
 
     def step(state, batch):
-        ids_SLU = batch["memory_ids"]
-        rows = [
-            gather_rows(get_path(state.memory, p), ids_SLU[:, i], model.lookup_fn)
-            for i, p in enumerate(paths)
-        ]
-        rows_SLUW = jnp.stack(rows, axis=1)  # L x [S, U, W] -> [S, L, U, W]
+        rows_SLUW = None
+        if paths:
+            ids_SLU = batch["memory_ids"]
+            rows = [
+                gather_rows(get_path(state.memory, p), ids_SLU[:, i], model.lookup_fn)
+                for i, p in enumerate(paths)
+            ]
+            rows_SLUW = jnp.stack(rows, axis=1)  # L x [S, U, W] -> [S, L, U, W]
+        # Token tables: every token's rows [B, T, M, W], gathered here; a row read twice is
+        # summed once by the update's dedup.
+        token_ids = {name: token_table_ids(model.config, name, batch) for name, _ in tokens}
+        memory_rows = {}
+        for name, p in tokens:
+            ids_BTM = token_ids[name]
+            b, t, m = ids_BTM.shape
+            rows_XMW = gather_rows(
+                get_path(state.memory, p), ids_BTM.reshape(b * t, m), model.lookup_fn
+            )
+            memory_rows[name] = rows_XMW.reshape(b, t, m, -1)  # [B*T, M, W] -> [B, T, M, W]
+        # UltraMem: the value rows a token reads are chosen inside the layer. The step passes
+        # the table (read outside the gradient) and a zero delta added to the rows read; the
+        # delta's gradient is theirs, and the layer reports which rows they were.
+        u, (b, t) = model.config.ultramem, batch["inputs"].shape
+        fixed_rows = {}
+        for name, p in hidden_addressed:
+            fixed_rows[name] = {"values": get_path(state.memory, p)}
+            memory_rows[name] = {"delta": jnp.zeros((b, t, u.top_k, u.value_width), jnp.float32)}
         lr = table_opt.lr(state.step)
-        new_state, metrics, grads_SLUW = row_grad_step(state, batch, rows_SLUW)
+        new_state, metrics, grads_SLUW, token_grads, aux = row_grad_step(
+            state, batch, rows_SLUW, memory_rows or None, fixed_rows or None
+        )
+        for i, (name, _) in enumerate(hidden_addressed):
+            token_ids[name] = aux["ultramem_slots"][i] % u.value_rows  # [B, T, k] physical rows
+            token_grads[name] = token_grads[name]["delta"]
         memory, memory_opt_state, sq = state.memory, state.memory_opt_state, 0.0
+        for name, p in tokens + hidden_addressed:
+            grads_BTMW = token_grads[name]
+            w = grads_BTMW.shape[-1]
+            table, table_state, sq_i = update_table(
+                table_opt,
+                get_path(memory, p),
+                get_path(memory_opt_state, p),
+                token_ids[name].reshape(-1, 1),  # [B*T*M, 1]: S > 1 groups, deduplicated
+                grads_BTMW.reshape(-1, 1, w),
+                lr,
+            )
+            memory = set_path(memory, p, table)
+            memory_opt_state = set_path(memory_opt_state, p, table_state)
+            sq = sq + sq_i
         for i, p in enumerate(paths):
             table, table_state, sq_i = update_table(
                 table_opt,

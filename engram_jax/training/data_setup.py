@@ -22,6 +22,7 @@ from engram_jax import (
     storage,
 )
 from engram_jax.hashing import tokenizer_fingerprint
+from engram_jax.overencoding_ids import OverEncodingIds
 from engram_jax.training.processes import check_processes_agree, run_on_process_zero
 
 logger = logging.getLogger(__name__)
@@ -257,6 +258,7 @@ def make_batches(
                 prefetch=t.data_prefetch,
                 shuffle_window=t.shuffle_window,
                 memory_shards=memory_shards,
+                overencoding=OverEncodingIds.from_model_config(cfg.model),
             )
             for shard in mine
         }

@@ -224,8 +224,11 @@ def _table_training(config: Mapping[str, Any]) -> dict[str, Any]:
     """The settings that decide the structure of the tables' optimizer state in a checkpoint
     (none without Engram); a checkpoint written before `table_update` existed was trained with
     whole-table optax Adam (`config_lib.LEGACY_VALUES`)."""
-    if not config.get("model", {}).get("engram", {}).get("layer_ids"):
-        return {}  # no Engram layer, no tables
+    model = config.get("model", {})
+    token_tables = any(model.get(k, {}).get("enabled") for k in ("overencoding", "ple"))
+    hidden_addressed = bool(model.get("ultramem", {}).get("layer_ids"))
+    if not model.get("engram", {}).get("layer_ids") and not token_tables and not hidden_addressed:
+        return {}  # no Engram, OverEncoding, PLE or UltraMem table: no tables
     update = config.get("table_update", config_lib.LEGACY_VALUES["table_update"])
     settings = {"table_update": update}
     if update == "sparse":

@@ -20,7 +20,7 @@ from engram_jax import (
     sharding,
 )
 from engram_jax.model import MOE_BIAS, Transformer
-from engram_jax.tables import initializers, row_optim
+from engram_jax.tables import device_step, initializers, row_optim
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def make_optimizers(cfg: config_lib.Config) -> tuple[optax.GradientTransformatio
         eps=t.adam_eps,
         clip_norm=t.clip_norm or None,
     )
-    if t.table_update == "sparse" and cfg.model.engram.enabled:
+    if t.table_update == "sparse" and device_step.has_memory_tables(cfg.model):
         return dense, row_optim.from_config(cfg, schedule), schedule
     memory = optim.memory_optimizer(
         schedule,
