@@ -69,7 +69,8 @@ def build_specs(
     return specs
 
 
-def _plots(options: Options, by_variant: dict[str, list[dict]], floor: dict) -> tuple[str, str]:
+def loss_plots(options: Options, by_variant: dict[str, list[dict]], floor: dict) -> tuple[str, str]:
+    """Validation curves per variant and final bits per byte against the compressors' floors."""
     from engram_jax.experiments import plots
 
     workdir = options.workdir
@@ -104,7 +105,7 @@ def report_runs(outcome: runner.Outcome, rho: float) -> None:
     runs = outcome.runs
     by_variant = report.group(runs, "variant")
     floor = extra["compression_floors"]["evaluated"]
-    curves_png, bpb_png = _plots(outcome.options, by_variant, floor)
+    curves_png, bpb_png = loss_plots(outcome.options, by_variant, floor)
     lines += [
         f"MoE and Engram + MoE (rho = {rho}) have equal total and activated parameters; the "
         "dense model matches the activated count only. Engram's activated projections are paid "

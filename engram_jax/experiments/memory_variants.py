@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
 
 import ml_collections
 
-from engram_jax.experiments import common, iso_param, sizing
+from engram_jax.experiments import iso_param, report, runner, sizing
+from engram_jax.experiments.heldout import Corpus
+from engram_jax.experiments.options import Options
 
 NAME = "memory_variants"
 VARIANTS = ("moe", "engram", "overencoding", "ple", "ultramem")
@@ -154,15 +155,15 @@ def memory_params(acc) -> int:
 
 
 def build_specs(
-    options: common.Options, corpus: common.Corpus, base: ml_collections.ConfigDict, rho: float
-) -> list[common.RunSpec]:
+    options: Options, corpus: Corpus, base: ml_collections.ConfigDict, rho: float
+) -> list[runner.RunSpec]:
     models = {variant: variant_config(base, variant, rho) for variant in VARIANTS}
     specs = []
     for seed in range(options.seeds):
         for variant, model in models.items():
-            config = common.training_config(model, options, corpus, seed=seed)
+            config = runner.training_config(model, options, corpus, seed=seed)
             labels = {"variant": variant, "memory_params": memory_params(sizing.accounting(model))}
-            specs.append(common.RunSpec(f"{variant}-s{seed}", seed, config, labels))
+            specs.append(runner.RunSpec(f"{variant}-s{seed}", seed, config, labels))
     return specs
 
 
@@ -177,100 +178,66 @@ def _knob(config: ml_collections.ConfigDict, variant: str) -> str:
     }[variant]
 
 
-def report(options, corpus, held_out, specs, runs: list[dict[str, Any]], rho: float) -> None:
-    from engram_jax.experiments import plots
-
-    workdir = options.workdir
-    eval_tokens = common.evaluated_tokens(specs[0].config)
-    compression = common.floors_for(held_out, corpus, eval_tokens)
-    by_variant = common.group(runs, "variant")
-
-    fig, axes = plots.new_figure()
-    ax = axes[0, 0]
-    for variant, members in by_variant.items():
-        plots.seed_band(ax, workdir, members, "eval_loss", variant)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"Validation loss, mean and range over {options.seeds} seed(s)")
-    ax.legend()
-    curves_png = plots.save(fig, workdir, "validation_curves.png")
-
-    fig, axes = plots.new_figure()
-    ax = axes[0, 0]
-    names = list(by_variant)
-    stats = [common.mean_std([r["eval_bits_per_byte"] for r in by_variant[n]]) for n in names]
-    ax.bar(names, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=6, color="C0")
-    ev = compression["evaluated"]
-    ax.axhline(ev["xz_9e"], color="C3", linestyle="--", label=f"xz -9e {ev['xz_9e']:.3f}")
-    ax.axhline(ev["bzip2_9"], color="C2", linestyle=":", label=f"bzip2 -9 {ev['bzip2_9']:.3f}")
-    ax.set_ylabel("validation bits per byte")
-    ax.set_title("Final bits per byte (mean, sample std over seeds)")
-    ax.legend()
-    bpb_png = plots.save(fig, workdir, "final_bits_per_byte.png")
-
-    lines = common.summary_header(
-        "MoE vs Engram, OverEncoding, PLE and UltraMem on MoE at matched parameters",
-        NAME,
-        options,
-        corpus,
-        eval_tokens,
-        compression,
-    )
+def report_runs(outcome: runner.Outcome, rho: float) -> None:
+    title = "MoE vs Engram, OverEncoding, PLE and UltraMem on MoE at matched parameters"
+    lines, extra = report.header(outcome, title, NAME)
+    runs = outcome.runs
+    by_variant = report.group(runs, "variant")
+    floor = extra["compression_floors"]["evaluated"]
+    curves_png, bpb_png = iso_param.loss_plots(outcome.options, by_variant, floor)
     lines += [
         f"Every memory keeps the MoE baseline's total and activated parameters: routed experts "
         f"shrink to rho = {rho} of the unused ones, the memory's activated parameters come out "
         "of the dense FFN width, its unread parameters are sized to the freed budget.",
         "",
-        *common.accounting_table(runs, "variant"),
+        *report.accounting_table(runs, "variant"),
+        "",
+        *report.budget_table(runs, "variant"),
         "",
         "| variant | sized by | memory params | mlp_hidden_size | routed experts | seeds | "
         "final eval loss | bits/byte | wall time per run |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    config_by_name = {s.name: s.config for s in specs}
+    config_by_name = {s.name: s.config for s in outcome.specs}
     for variant, members in by_variant.items():
         cfg = config_by_name[members[0]["name"]]
-        loss = common.mean_std([r["final_eval_loss"] for r in members])
-        bpb = common.mean_std([r["eval_bits_per_byte"] for r in members])
         walls = [r["wall_seconds"] for r in members if r["wall_seconds"]]
         wall = f"{sum(walls) / len(walls):.0f} s" if walls else "-"
         lines.append(
             f"| {variant} | {_knob(cfg, variant)} | {members[0]['memory_params']:,} | "
-            f"{cfg.model.mlp_hidden_size} | {cfg.model.moe.num_experts} | {len(members)} | "
-            f"{loss[0]:.4f} ± {loss[1]:.4f} | {bpb[0]:.4f} ± {bpb[1]:.4f} | {wall} |"
+            f"{cfg.model.mlp_hidden_size} | {cfg.model.moe.num_experts} | "
+            f"{report.loss_columns(members)} | {wall} |"
         )
+    comparisons = [(variant, "moe") for variant in by_variant if variant != "moe"]
     lines += [
+        "",
+        *report.paired_lines(runs, "variant", comparisons),
         "",
         f"![validation curves]({curves_png})",
         "",
         f"![final bits per byte]({bpb_png})",
         "",
     ]
-    common.write_summary(workdir, lines)
-    common.write_results(
-        workdir, NAME, runs, rho=rho, eval_tokens=eval_tokens, compression_floors=compression
-    )
+    report.finish(outcome.options.workdir, NAME, lines, runs, rho=rho, **extra)
 
 
 def main(argv: list[str]) -> None:
     from absl import flags
 
     del argv
-    options = common.Options.from_flags()
     rho = flags.FLAGS.rho
-    base = base_config()
-    common.apply_overrides(base, options.overrides)
-    corpus, _, held_out = common.setup(options, base)
+    options, base, corpus, _, held_out = runner.start(base_config())
     specs = build_specs(options, corpus, base, rho)
-    common.print_configs(specs, lambda s: s.labels["variant"])
-    runs = common.run_experiment(options.workdir, specs, options.jobs)
-    report(options, corpus, held_out, specs, runs, rho)
-    print(f"wrote {options.workdir}/{common.RESULTS_FILE} and {common.SUMMARY_FILE}", flush=True)
+    outcome = runner.run_all(options, corpus, held_out, specs, lambda s: s.labels["variant"])
+    report_runs(outcome, rho)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
 
-    common.define_flags(default_steps=600, default_seeds=3)
+    from engram_jax import cli
+    from engram_jax.experiments.options import define_flags
+
+    define_flags(default_steps=600, default_seeds=3)
     flags.DEFINE_float("rho", 0.75, "Routed-expert share of the sparse budget for every memory.")
-    app.run(main)
+    cli.run(main)
