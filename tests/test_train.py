@@ -597,6 +597,12 @@ def test_a_run_says_when_it_compiles_and_closes_with_a_summary(uninterrupted):
     compiling = _line_index(lines, "compiling the training step (step 1) ...")
     compiled = _line_index(lines, "compiled the training step and ran step 1 in ")
     assert compiling < compiled < _line_index(lines, f"step 1/{NUM_STEPS} | ")
+    # The first evaluation (step 3) compiles the eval step: said once, before its result.
+    assert [line for line in lines if line.startswith("compiling the evaluation step")] == [
+        "compiling the evaluation step (step 3) ..."
+    ]
+    evaluated = _line_index(lines, "compiled the evaluation step and evaluated step 3 in ")
+    assert evaluated < _line_index(lines, "eval step 3 | ")
     # The ETA counts from the compiled step: none on step 1 (no rate yet), one on every later line.
     progress = [line for line in lines if re.match(rf"step \d+/{NUM_STEPS} \| ", line)]
     assert len(progress) == NUM_STEPS

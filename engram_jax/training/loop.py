@@ -72,6 +72,7 @@ class _Services:
         )
         self.pending: tuple[int, dict[str, jax.Array]] | None = None
         self.last: dict[str, float] = {}
+        self.evaluated = False  # the first evaluation compiles the eval step (and diagnostics)
         self.window_start, self.window_steps = time.perf_counter(), 0
 
     def restart_window(self) -> None:
@@ -105,10 +106,21 @@ class _Services:
         batches = [
             sharding.global_batch(next(eval_iter), program.mesh) for _ in range(t.eval_batches)
         ]
+        first = not self.evaluated
+        if first:
+            logger.info("compiling the evaluation step (step %d) ...", step)
+            start = time.perf_counter()
         eval_metrics = evaluate(program.eval_step, state, iter(batches))
         if program.diagnostics is not None:
             diagnostics = jax.device_get(program.diagnostics(state, batches[0]))
             eval_metrics.update({k: float(v) for k, v in diagnostics.items()})
+        if first:
+            self.evaluated = True
+            logger.info(
+                "compiled the evaluation step and evaluated step %d in %.1f s",
+                step,
+                time.perf_counter() - start,
+            )
         self.writer.write(step, eval_metrics)
         self.progress.log_eval(step, eval_metrics)
         self.last.update(eval_metrics)
