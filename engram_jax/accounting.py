@@ -96,7 +96,7 @@ class Accounting:
     flops_per_token: int  # Training (fwd + bwd).
     breakdown: tuple[Component, ...]
     # MatFormer: (width fraction, total params, activated params) of the model sliced to each
-    # granularity (`matformer.slice_params`); () when MatFormer is off.
+    # granularity (`matformer_slice.slice_params`); () when MatFormer is off.
     matformer_slices: tuple[tuple[float, int, int], ...] = ()
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engram_jax import matformer
+from engram_jax import matformer, matformer_slice
 from engram_jax.accounting import account, slice_counts
 from engram_jax.config import ConfigError, load_config_file, validate
 from engram_jax.configs import config_path
@@ -176,10 +176,10 @@ def test_slices_are_standalone_models_counted_by_the_accounting(shipped, shipped
         lambda v, g: Transformer(shipped).apply(v, tokens, hash_ids=hash_ids, ffn_granularity=g)[0]
     )
     for g in range(len(shipped.matformer.granularities)):
-        sliced = matformer.slice_params(variables["params"], shipped, g)
+        sliced = matformer_slice.slice_params(variables["params"], shipped, g)
         assert _count(sliced) == acc.matformer_slices[g][1]
         # The slice runs as a plain model of the smaller widths, without MatFormer...
-        small = matformer.slice_config(shipped, g)
+        small = matformer_slice.slice_config(shipped, g)
         assert account(small, 8).total_params == acc.matformer_slices[g][1]
         small_logits, _ = Transformer(small).apply(
             {**variables, "params": sliced}, tokens, hash_ids=hash_ids
@@ -194,7 +194,7 @@ def test_slices_are_standalone_models_counted_by_the_accounting(shipped, shipped
 
     mix = (0, 3, 1, 2)  # Mix'n'Match: one granularity per layer
     assert (
-        _count(matformer.slice_params(variables["params"], shipped, mix))
+        _count(matformer_slice.slice_params(variables["params"], shipped, mix))
         == slice_counts(shipped, mix)[0]
     )
 
