@@ -39,7 +39,9 @@ SLOW_MODULES = (
     "test_train.py",
 )
 SLOW_TESTS = (
+    "test_checkpoint.py::test_two_processes_save_one_restores",
     "test_configs.py::test_config_builds_abstractly",
+    "test_corpus.py::test_stream_pipeline_resumes_exactly[{'worker_count': 2}]",
     "test_data.py::test_iterator_state_roundtrip_with_workers",
     "test_engram.py::test_row_sharded_lookup_on_8_devices",
     "test_mhc.py::test_amax_gain_over_depth_hc_grows_mhc_stays_at_one",

@@ -196,7 +196,7 @@ def test_resume_with_another_model_and_a_huge_generation_are_one_line(tmp_path):
     first = _run(*common, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     result = _run(*common, "--config.model.hidden_size=64", timeout=600)
-    _error_line(result, "CheckpointMismatchError", "config.model.hidden_size")
+    _error_line(result, "CheckpointMismatchError", "model.hidden_size: checkpoint 128, config 64")
     generate = ("-m", "engram_jax.generate", f"--workdir={tmp_path}", "--prompt=hello")
     result = _run(*generate, "--max_tokens=1000000000", timeout=600)
     _error_line(result, "max_tokens: got 1000000000", "decode cache", "lower max_tokens")
