@@ -286,7 +286,7 @@ def test_disk_reads_equal_unique_rows_minus_cache_hits(workdir):
     tables = [s.read(np.arange(s.shape[0])) for s in sources]
     # Rows spread over threads land in request order, as read on the calling thread.
     serial = row_files.RowFile(os.path.join(rows_dir, "layer_0.rows"), read_threads=1)
-    ids = np.random.default_rng(5).integers(0, serial.shape[0], 37)
+    ids = np.random.default_rng(5).integers(0, serial.shape[0], row_files.THREADED_READ_ROWS + 37)
     np.testing.assert_array_equal(sources[0].read(ids), serial.read(ids))
     np.testing.assert_array_equal(serial.read(ids), tables[0][ids])
     serial.close()
