@@ -219,7 +219,10 @@ class RowFileWriter:
         self._pending = bytes(view[whole:])
 
     def commit(self) -> str:
-        """Finishes the file; returns the `.rows` path."""
+        """Finishes the file (flushed to the storage device, so the page cache can drop it and a
+        crash cannot leave a JSON beside unwritten rows); returns the `.rows` path."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
         self._file.close()
         if self.rows_written != self.shape[0]:
             os.remove(self._tmp)
