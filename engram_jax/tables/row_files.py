@@ -47,6 +47,9 @@ BLOCK_ROWS = 1 << 16
 # Rows per checksummed block of a row file: 16 KiB at 256 float32 bytes or 264 FP8 bytes per row,
 # so verifying the block of one cold row reads a few pages, not megabytes.
 CHECK_ROWS = 64
+# Reads of at least this many rows are split over the reader's threads (page faults of cold rows
+# overlap); smaller ones gather on the calling thread, where a thread hop costs more than the read.
+THREADED_READ_ROWS = 256
 ROW_FILE_FORMAT = "engram_jax.row_file"
 ROW_FILE_VERSION = 2
 ENCODINGS = ("float", "fp8")
@@ -216,7 +219,10 @@ class RowFileWriter:
         self._pending = bytes(view[whole:])
 
     def commit(self) -> str:
-        """Finishes the file; returns the `.rows` path."""
+        """Finishes the file (flushed to the storage device, so the page cache can drop it and a
+        crash cannot leave a JSON beside unwritten rows); returns the `.rows` path."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
         self._file.close()
         if self.rows_written != self.shape[0]:
             os.remove(self._tmp)
@@ -373,10 +379,11 @@ class RowFile(_Rows):
     """Rows of a row file, memory-mapped; `reads` counts rows read, `verified_blocks` the
     checksum blocks verified so far.
 
-    A read of several rows is one numpy gather from the mapping (no system call per row), split
-    over up to `read_threads` threads for larger batches: a row not in the OS page cache faults in
-    from the storage device with the GIL released, and a device serves concurrent random reads
-    largely in parallel, where one thread pays every read's latency in turn (`BENCHMARKS.md`).
+    A read of several rows is one numpy gather from the mapping (no system call per row); reads of
+    `THREADED_READ_ROWS` rows or more are split over up to `read_threads` threads: a row not in the
+    OS page cache faults in from the storage device with the GIL released, and a device serves
+    concurrent random reads largely in parallel. A decode step's few rows per layer are gathered on
+    the calling thread (the layers themselves are read concurrently by `RowGatherer`).
     Mapped pages belong to the OS page cache and are reclaimable at any time; the row cache above
     bounds what this process itself holds. The mapping is advised random access, so a fault reads
     the pages it needs, not a readahead window.
@@ -447,7 +454,9 @@ class RowFile(_Rows):
         if rows_X.size and (rows_X.min() < 0 or rows_X.max() >= self.shape[0]):
             raise IndexError(f"{self.path}: row ids outside [0, {self.shape[0]})")
         self._verify(np.unique(rows_X // self._check_rows))
-        if self._pool is None or len(rows_X) < 2 * self._threads:
+        if self._pool is None or len(rows_X) < THREADED_READ_ROWS:
+            # A decode step's few rows: one gather on this thread (about 11 us for 16 warm rows,
+            # against 100-180 us through the pool: BENCHMARKS.md).
             out_XP = self._rows_RP[rows_X]
         else:
             # Contiguous slices of the request, one gather per thread (their page faults overlap).
