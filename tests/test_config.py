@@ -167,7 +167,7 @@ def test_every_declared_key_reaches_a_dataclass_field_and_back():
         return {f.name for f in dataclasses.fields(cls)}
 
     c = config_lib.base_config()
-    nested = {"attention", "moe", "engram", "hc"}
+    nested = {"attention", "moe", "engram", "hc", "matformer", "overencoding", "ple", "ultramem"}
     assert declared(c) == fields(config_lib.TrainConfig)
     assert declared(c.model) == fields(config_lib.ModelConfig) - nested
     assert declared(c.mesh) == fields(config_lib.MeshConfig)
@@ -176,6 +176,10 @@ def test_every_declared_key_reaches_a_dataclass_field_and_back():
         ("moe", config_lib.MoeConfig),
         ("engram", config_lib.EngramConfig),
         ("hc", config_lib.HyperConfig),
+        ("matformer", config_lib.MatformerConfig),
+        ("overencoding", config_lib.OverEncodingConfig),
+        ("ple", config_lib.PleConfig),
+        ("ultramem", config_lib.UltraMemConfig),
     ):
         assert declared(c.model[name]) == fields(cls), name
     # The loading and saving helpers are the same objects under both module names.
