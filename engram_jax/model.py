@@ -123,6 +123,16 @@ def _next_pre(pre_BTG: jax.Array | None, mixing: Any) -> jax.Array | None:
     return None if pre_BTG is None else mixing.h_pre
 
 
+def _coeff_init(std: float) -> nn.initializers.Initializer:
+    """N(0, std) for the mixing coefficients' projections; zeros when std is 0."""
+    return nn.initializers.normal(std) if std > 0 else nn.initializers.zeros_init()
+
+
+def _dtypes(cfg: ModelConfig) -> dict[str, Any]:
+    """The compute and parameter dtypes every submodule takes."""
+    return dict(dtype=_DTYPES[cfg.dtype], param_dtype=_DTYPES[cfg.param_dtype])
+
+
 class Block(nn.Module):
     """One decoder block: [Engram] -> hyper-connected attention -> hyper-connected FFN.
 
@@ -157,13 +167,10 @@ class Block(nn.Module):
             alpha_init=hc.alpha_init,
             res_offdiag_bias=hc.res_offdiag_bias,
             lite_other_bias=hc.lite_offperm_bias,
-            coeff_kernel_init=nn.initializers.normal(hc.coeff_init_std)
-            if hc.coeff_init_std > 0
-            else nn.initializers.zeros_init(),
+            coeff_kernel_init=_coeff_init(hc.coeff_init_std),
             norm_eps=self.config.norm_eps,
             sow_mixing=self.sow_mixing,
-            dtype=_DTYPES[self.config.dtype],
-            param_dtype=_DTYPES[self.config.param_dtype],
+            **_dtypes(self.config),
             name=name,
         )
 
@@ -179,13 +186,10 @@ class Block(nn.Module):
             active=hc.altup_active_block,
             coefficients=hc.altup_coefficients,
             coef_clip=hc.altup_coef_clip,
-            router_init=nn.initializers.normal(hc.coeff_init_std)
-            if hc.coeff_init_std > 0
-            else nn.initializers.zeros_init(),
+            router_init=_coeff_init(hc.coeff_init_std),
             norm_eps=self.config.norm_eps,
             sow_mixing=self.sow_mixing,
-            dtype=_DTYPES[self.config.dtype],
-            param_dtype=_DTYPES[self.config.param_dtype],
+            **_dtypes(self.config),
             name="altup",
         )
 
@@ -194,8 +198,7 @@ class Block(nn.Module):
         a = cfg.attention
         common = dict(
             rope_theta=a.rope_theta,
-            dtype=_DTYPES[cfg.dtype],
-            param_dtype=_DTYPES[cfg.param_dtype],
+            **_dtypes(cfg),
             decode=self.decode,
             name="attention",
         )
@@ -219,6 +222,31 @@ class Block(nn.Module):
             **common,
         )
 
+    def _engram(self) -> Engram:
+        cfg = self.config
+        e = cfg.engram
+        return Engram(
+            head_vocab_sizes=self.engram_sizes,
+            max_ngram=e.max_ngram,
+            row_width=e.row_width,
+            conv_kernel_size=e.conv_kernel_size,
+            conv_dilation=e.dilation,
+            qk_norm_eps=e.qk_norm_eps,
+            conv_norm_eps=e.conv_norm_eps,
+            gate_clamp=e.gate_clamp,
+            conv_zero_init=e.conv_zero_init,
+            table_init=nn.initializers.normal(e.table_init_std),
+            **_dtypes(cfg),
+            table_dtype=_DTYPES[e.table_dtype],
+            table_row_multiple=e.table_row_multiple,
+            lookup_fn=self.lookup_fn,
+            decode=self.decode,
+            form=e.form,
+            wkv_bias=e.wkv_bias,
+            heads_per_ngram=e.heads_per_ngram,
+            name="engram",
+        )
+
     def _ultramem(self) -> UltraMem:
         u, cfg = self.config.ultramem, self.config
         return UltraMem(
@@ -231,8 +259,7 @@ class Block(nn.Module):
             value_expansion=u.value_expansion,
             value_width=u.value_width,
             norm_eps=cfg.norm_eps,
-            dtype=_DTYPES[cfg.dtype],
-            param_dtype=_DTYPES[cfg.param_dtype],
+            **_dtypes(cfg),
             name="ultramem",
         )
 
@@ -289,30 +316,7 @@ class Block(nn.Module):
         # hc.kind "mhc_v41" carries (streams, read weights of the next site) from block to block.
         x_BTGD, pre_BTG = x_BTGD if isinstance(x_BTGD, tuple) else (x_BTGD, None)
         if self.engram_sizes is not None:
-            e = cfg.engram
-            engram = Engram(
-                head_vocab_sizes=self.engram_sizes,
-                max_ngram=e.max_ngram,
-                row_width=e.row_width,
-                conv_kernel_size=e.conv_kernel_size,
-                conv_dilation=e.dilation,
-                qk_norm_eps=e.qk_norm_eps,
-                conv_norm_eps=e.conv_norm_eps,
-                gate_clamp=e.gate_clamp,
-                conv_zero_init=e.conv_zero_init,
-                table_init=nn.initializers.normal(e.table_init_std),
-                dtype=_DTYPES[cfg.dtype],
-                param_dtype=_DTYPES[cfg.param_dtype],
-                table_dtype=_DTYPES[e.table_dtype],
-                table_row_multiple=e.table_row_multiple,
-                lookup_fn=self.lookup_fn,
-                decode=self.decode,
-                form=e.form,
-                wkv_bias=e.wkv_bias,
-                heads_per_ngram=e.heads_per_ngram,
-                name="engram",
-            )
-            memory_BTGD, gates_BTG = engram(
+            memory_BTGD, gates_BTG = self._engram()(
                 x_BTGD,
                 hash_ids_BTM,
                 rows=engram_rows_BTMW,
@@ -360,8 +364,7 @@ class Block(nn.Module):
             u_BTD = PleInjection(
                 width=cfg.ple.width,
                 norm_eps=cfg.norm_eps,
-                dtype=_DTYPES[cfg.dtype],
-                param_dtype=_DTYPES[cfg.param_dtype],
+                **_dtypes(cfg),
                 name="ple",
             )(jnp.mean(x_BTGD, axis=2), ple_BTP)
             x_BTGD = x_BTGD + u_BTD[:, :, None].astype(x_BTGD.dtype)
@@ -437,8 +440,7 @@ class Transformer(nn.Module):
             row_width=o.width(cfg.hidden_size),
             average=o.combine == "mean",
             table_init=nn.initializers.normal(cfg.engram.table_init_std),
-            dtype=_DTYPES[cfg.dtype],
-            param_dtype=_DTYPES[cfg.param_dtype],
+            **_dtypes(cfg),
             decode=self.decode,
             name="overencoding",
         )
@@ -547,12 +549,36 @@ class Transformer(nn.Module):
                 f"Transformer: token_mask has shape {tuple(token_mask_BT.shape)}; expected "
                 f"{tokens_BT.shape} (the tokens' [B, T])"
             )
-        dtype = _DTYPES[cfg.dtype]
-        param_dtype = _DTYPES[cfg.param_dtype]
         b, t = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
+        memory_rows = memory_rows or {}
+        embed, altup_streams = self._embedders()
+        if hidden_BTGD is None:
+            hidden_BTGD = self._embed_tokens(
+                embed, altup_streams, tokens_BT, segment_ids_BT, overencoding_ids, memory_rows
+            )
+        ple_LBTP = self._per_layer_inputs(embed, tokens_BT, memory_rows)
+        x_BTGD, stats_per_run = self._run_blocks(
+            runs,
+            hidden_BTGD,
+            positions_BT,
+            segment_ids_BT,
+            hash_ids,
+            engram_rows,
+            token_mask_BT,
+            ple_LBTP,
+            ffn_granularity,
+            memory_rows,
+        )
+        if stop < cfg.num_layers:
+            return x_BTGD, _collect_stats(stats_per_run)
+        return self._head(embed, altup_streams, x_BTGD), _collect_stats(stats_per_run)
 
+    def _embedders(self) -> tuple[nn.Embed, AltUpStreams | None]:
+        """The token embedding (also the tied head and PLE's input) and, for AltUp, the module
+        that widens it into the K blocks and merges them back."""
+        cfg = self.config
         embed = nn.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
@@ -560,8 +586,7 @@ class Transformer(nn.Module):
                 nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
                 (axes.VOCAB, axes.EMBED),
             ),
-            dtype=dtype,
-            param_dtype=param_dtype,
+            **_dtypes(cfg),
             name="embed",
         )
         altup_streams = None
@@ -569,44 +594,68 @@ class Transformer(nn.Module):
             altup_streams = AltUpStreams(
                 cfg.hc.n_streams,
                 cfg.hidden_size,
-                dtype=dtype,
-                param_dtype=param_dtype,
+                **_dtypes(cfg),
                 name="altup_streams",
             )
-        # [B, T, G, D]: the streams an earlier layer range returned, or the embedded tokens.
-        memory_rows = memory_rows or {}
-        if hidden_BTGD is None:
-            embedded_BTD = embed(_outside_vocab_to_nan(tokens_BT, cfg))
-            if cfg.overencoding.active:
-                embedded_BTD = self._overencoding()(
-                    embedded_BTD,
-                    tokens_BT,
-                    segment_ids_BT,
-                    overencoding_ids,
-                    memory_rows.get("overencoding"),
-                )
-            if altup_streams is not None:
-                hidden_BTGD = altup_streams.expand(embedded_BTD)
-            else:
-                hidden_BTGD = expand_streams(embedded_BTD, cfg.hc.n_streams)
-            if cfg.hc.kind == "mhc_v41":
-                # The identity start: the first site reads the embedding (mhc.initial_pre).
-                hidden_BTGD = (hidden_BTGD, initial_pre(b, t, cfg.hc.n_streams))
-        x_BTGD = hidden_BTGD
-        ple_LBTP = None
-        if cfg.ple.enabled:
-            ple_BTLP = PerLayerInputs(
-                num_layers=cfg.num_layers,
-                width=cfg.ple.width,
-                table_rows=cfg.ple.rows(cfg.vocab_size),
-                norm_eps=cfg.norm_eps,
-                table_init=nn.initializers.normal(cfg.engram.table_init_std),
-                dtype=dtype,
-                param_dtype=param_dtype,
-                name="ple",
-            )(embed(tokens_BT), tokens_BT, memory_rows.get("ple"))
-            ple_LBTP = jnp.moveaxis(ple_BTLP, 2, 0)  # [B, T, L, p] -> [L, B, T, p]
+        return embed, altup_streams
 
+    def _embed_tokens(
+        self, embed, altup_streams, tokens_BT, segment_ids_BT, overencoding_ids, memory_rows
+    ):
+        """[B, T, G, D]: the embedded tokens (plus OverEncoding's n-gram embeddings) expanded
+        into the residual streams; mhc_v41 also carries the first site's read weights."""
+        cfg = self.config
+        b, t = tokens_BT.shape
+        embedded_BTD = embed(_outside_vocab_to_nan(tokens_BT, cfg))
+        if cfg.overencoding.active:
+            embedded_BTD = self._overencoding()(
+                embedded_BTD,
+                tokens_BT,
+                segment_ids_BT,
+                overencoding_ids,
+                memory_rows.get("overencoding"),
+            )
+        if altup_streams is not None:
+            hidden_BTGD = altup_streams.expand(embedded_BTD)
+        else:
+            hidden_BTGD = expand_streams(embedded_BTD, cfg.hc.n_streams)
+        if cfg.hc.kind == "mhc_v41":
+            # The identity start: the first site reads the embedding (mhc.initial_pre).
+            hidden_BTGD = (hidden_BTGD, initial_pre(b, t, cfg.hc.n_streams))
+        return hidden_BTGD
+
+    def _per_layer_inputs(self, embed, tokens_BT, memory_rows) -> jax.Array | None:
+        """[L, B, T, p]: PLE's vector for every layer, or None when PLE is off."""
+        cfg = self.config
+        if not cfg.ple.enabled:
+            return None
+        ple_BTLP = PerLayerInputs(
+            num_layers=cfg.num_layers,
+            width=cfg.ple.width,
+            table_rows=cfg.ple.rows(cfg.vocab_size),
+            norm_eps=cfg.norm_eps,
+            table_init=nn.initializers.normal(cfg.engram.table_init_std),
+            **_dtypes(cfg),
+            name="ple",
+        )(embed(tokens_BT), tokens_BT, memory_rows.get("ple"))
+        return jnp.moveaxis(ple_BTLP, 2, 0)  # [B, T, L, p] -> [L, B, T, p]
+
+    def _run_blocks(
+        self,
+        runs,
+        x_BTGD,
+        positions_BT,
+        segment_ids_BT,
+        hash_ids,
+        engram_rows,
+        token_mask_BT,
+        ple_LBTP,
+        ffn_granularity,
+        memory_rows,
+    ):
+        """The blocks of `runs`: a run of one layer as one Block, a longer run as one nn.scan.
+        Returns the streams after the last run and each run's stacked statistics."""
+        cfg = self.config
         sizes = engram_table_sizes(cfg)
         engram_index = {layer: i for i, layer in enumerate(cfg.engram.layer_ids)}
         stats_per_run: list[tuple[_Run, dict[str, jax.Array]]] = []
@@ -660,9 +709,13 @@ class Transformer(nn.Module):
                     x_BTGD, positions_BT, segment_ids_BT, None, None, token_mask_BT, ple_run
                 )
             stats_per_run.append((run, stats))
-        if stop < cfg.num_layers:
-            return x_BTGD, _collect_stats(stats_per_run)
+        return x_BTGD, stats_per_run
 
+    def _head(self, embed, altup_streams, x_BTGD) -> jax.Array:
+        """[B, T, V] float32 logits from the last layer's streams."""
+        cfg = self.config
+        dtype = _DTYPES[cfg.dtype]
+        param_dtype = _DTYPES[cfg.param_dtype]
         # mhc_v41: the last site's read weights collapse the streams (no separate head mix).
         if isinstance(x_BTGD, tuple):
             x_BTD = collapse_streams(*x_BTGD)  # [B, T, D]
@@ -687,10 +740,9 @@ class Transformer(nn.Module):
                 name="lm_head",
             )(x_BTD)
         # float32 logits: the softmax cross-entropy over a large vocabulary needs the range.
-        logits_BTV = nn.with_logical_constraint(
+        return nn.with_logical_constraint(
             logits_BTV.astype(jnp.float32), (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB)
         )
-        return logits_BTV, _collect_stats(stats_per_run)
 
 
 def _outside_vocab_to_nan(tokens_BT: jax.Array, cfg: ModelConfig) -> jax.Array:
