@@ -19,7 +19,9 @@ from engram_jax import generate as generate_lib
 from engram_jax import storage
 from engram_jax import train as train_lib
 from engram_jax.configs import config_path
-from tests.test_train import _losses, _small_config
+
+# `_write_corpus` fills conftest's module-scoped `corpus` fixture.
+from tests.test_train import _losses, _small_config, _write_corpus  # noqa: F401
 
 NUM_STEPS = 4
 VARIANTS = ("tiny_overencoding", "tiny_ple", "tiny_ultramem")
@@ -55,15 +57,6 @@ def _variant_config(corpus: str, name: str):
         m.ultramem.layer_ids = (1,)  # the small model has two layers
     config_lib.validate(c)
     return c
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    from tests.test_train import _write_corpus
-
-    path = str(tmp_path_factory.mktemp("corpus") / "corpus.txt")
-    _write_corpus(path)
-    return path
 
 
 @pytest.fixture(scope="module", params=VARIANTS)

@@ -87,13 +87,6 @@ def _small_config(data_path: str):
     return c
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("corpus") / "corpus.txt")
-    _write_corpus(path)
-    return path
-
-
 class _Lines(logging.Handler):
     """Collects the formatted messages of the package's log records."""
 

@@ -16,7 +16,9 @@ from engram_jax import generate as generate_lib
 from engram_jax import train as train_lib
 from engram_jax.config import load_config_file
 from engram_jax.configs import config_path
-from tests.test_train import _final_params, _losses, _write_corpus
+
+# `_write_corpus` fills conftest's module-scoped `corpus` fixture.
+from tests.test_train import _final_params, _losses, _write_corpus  # noqa: F401
 
 NUM_STEPS = 4
 
@@ -41,13 +43,6 @@ def _config(name: str, corpus: str):
     c.eval_fraction = 0.1
     c.model.vocab_size = 320
     return c
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("corpus") / "corpus.txt")
-    _write_corpus(path)
-    return path
 
 
 @pytest.fixture(scope="module", params=["tiny_altup", "tiny_matformer"])
