@@ -51,39 +51,28 @@ def _write_corpus(path: str) -> None:
             f.write(" ".join(rng.choice(_WORDS, size=length)) + "\n\n\n")
 
 
+def _short_program(c, data_path: str, steps: int, every: int, warmup: int) -> None:
+    """A few steps of batch 4 x 32 tokens on the test corpus, evaluating and checkpointing
+    every `every` steps (so that a resume from a middle checkpoint can be checked)."""
+    c.update(num_train_steps=steps, batch_size=4, seq_len=32, warmup_steps=warmup)
+    c.update(eval_every=every, eval_batches=1, checkpoint_every=every, log_every=1)
+    c.update(data_path=data_path, eval_fraction=0.1)
+    c.model.vocab_size = 320
+
+
 def _small_config(data_path: str):
     c = config_lib.base_config()
-    c.num_train_steps = NUM_STEPS
-    c.batch_size = 4
-    c.seq_len = 32
+    _short_program(c, data_path, NUM_STEPS, every=3, warmup=2)
     c.learning_rate = 3e-3
-    c.warmup_steps = 2
-    c.eval_every = 3
-    c.eval_batches = 1
-    c.checkpoint_every = 3
-    c.log_every = 1
-    c.data_path = data_path
-    c.eval_fraction = 0.1
     m = c.model
-    m.vocab_size = 320
-    m.num_layers = 2
-    m.hidden_size = 32
-    m.mlp_hidden_size = 64
-    m.num_dense_layers = 1
-    m.attention.num_heads = 2
-    m.attention.num_kv_heads = 1
-    m.attention.head_dim = 16
-    m.moe.num_experts = 4
-    m.moe.top_k = 2
-    m.moe.expert_hidden_size = 16
-    m.engram.layer_ids = (1,)
-    m.engram.heads_per_ngram = 2
-    m.engram.embed_per_ngram = 16
+    m.update(num_layers=2, hidden_size=32, mlp_hidden_size=64, num_dense_layers=1)
+    m.attention.update(num_heads=2, num_kv_heads=1, head_dim=16)
+    m.moe.update(num_experts=4, top_k=2, expert_hidden_size=16)
+    m.engram.update(layer_ids=(1,), heads_per_ngram=2, embed_per_ngram=16)
     m.engram.table_rows_per_head = (101, 211)
     # 638 rows padded to 640, so the 8-device test can split them over fsdp x tensor = 4.
     m.engram.table_row_multiple = 4
-    m.hc.kind = "mhc"
-    m.hc.n_streams = 2
+    m.hc.update(kind="mhc", n_streams=2)
     return c
 
 
