@@ -290,6 +290,13 @@ def _check_decode_chunk(
 # --------------------------------------------------------------------------------------------------
 
 
+def _module_kernel(module: nn.Module, name: str, shape, names, in_axis, out_axis) -> jax.Array:
+    """A projection kernel of `module`: its `kernel_init`, else fan-in scaled over `in_axis`,
+    partitioned over the logical axes `names`."""
+    init = module.kernel_init or _fan_in_init(in_axis, out_axis)
+    return module.param(name, nn.with_logical_partitioning(init, names), shape, module.param_dtype)
+
+
 class Attention(nn.Module):
     """Causal grouped-query self-attention with RoPE, optional QK-norm and a KV cache.
 
@@ -347,8 +354,7 @@ class Attention(nn.Module):
             )
 
     def _kernel(self, name: str, shape, names, in_axis, out_axis) -> jax.Array:
-        init = self.kernel_init or _fan_in_init(in_axis, out_axis)
-        return self.param(name, nn.with_logical_partitioning(init, names), shape, self.param_dtype)
+        return _module_kernel(self, name, shape, names, in_axis, out_axis)
 
     def _project(self, x_BTD: jax.Array, positions_BT: jax.Array):
         """Queries [B, T, N, H], keys and values [B, T, K, H] (QK-normed and rotated) and the
@@ -533,8 +539,7 @@ class MultiHeadLatentAttention(nn.Module):
             raise ValueError(f"{name}.q_lora_rank={self.q_lora_rank}; expected None, 0 or > 0")
 
     def _kernel(self, name: str, shape, names, in_axis, out_axis) -> jax.Array:
-        init = self.kernel_init or _fan_in_init(in_axis, out_axis)
-        return self.param(name, nn.with_logical_partitioning(init, names), shape, self.param_dtype)
+        return _module_kernel(self, name, shape, names, in_axis, out_axis)
 
     def _norm_scale(self, name: str, width: int) -> jax.Array:
         init = nn.with_logical_partitioning(nn.initializers.ones_init(), (axes.NORM,))

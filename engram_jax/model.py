@@ -562,14 +562,14 @@ class Transformer(nn.Module):
         x_BTGD, stats_per_run = self._run_blocks(
             runs,
             hidden_BTGD,
-            positions_BT,
-            segment_ids_BT,
-            hash_ids,
-            engram_rows,
-            token_mask_BT,
-            ple_LBTP,
-            ffn_granularity,
-            memory_rows,
+            positions_BT=positions_BT,
+            segment_ids_BT=segment_ids_BT,
+            hash_ids=hash_ids,
+            engram_rows=engram_rows,
+            token_mask_BT=token_mask_BT,
+            ple_LBTP=ple_LBTP,
+            ffn_granularity=ffn_granularity,
+            memory_rows=memory_rows,
         )
         if stop < cfg.num_layers:
             return x_BTGD, _collect_stats(stats_per_run)
@@ -644,6 +644,7 @@ class Transformer(nn.Module):
         self,
         runs,
         x_BTGD,
+        *,
         positions_BT,
         segment_ids_BT,
         hash_ids,
