@@ -8,7 +8,6 @@ after), each wrapped by the configured hyper-connection kind, which owns the sub
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -21,9 +20,17 @@ from engram_jax.altup import AltUp, AltUpStreams
 from engram_jax.attention import Attention, MultiHeadLatentAttention
 from engram_jax.config import ModelConfig
 from engram_jax.engram import Engram
-from engram_jax.hashing import table_primes
+
+# The layer plan is read from the config alone; it stays importable from here.
+from engram_jax.layer_plan import (  # noqa: F401
+    Run,
+    engram_table_sizes,
+    first_engram_layer,
+    layer_runs,
+    overencoding_table_sizes,
+    run_granularity,
+)
 from engram_jax.layers import RMSNorm
-from engram_jax.matformer import layer_granularities
 from engram_jax.mhc import (
     HyperConnection,
     collapse_streams,
@@ -33,7 +40,6 @@ from engram_jax.mhc import (
 )
 from engram_jax.moe import MLP, MoE
 from engram_jax.overencoding import OverEncoding
-from engram_jax.overencoding_ids import overencoding_moduli
 from engram_jax.ple import PerLayerInputs, PleInjection
 from engram_jax.ultramem import UltraMem
 
@@ -41,80 +47,6 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # Variable collections a training step must thread through `apply`.
 MOE_BIAS = "moe_bias"
-
-
-def engram_table_sizes(config: ModelConfig) -> dict[int, tuple[int, ...]]:
-    """Rows per hash head (the primes) of every Engram layer; empty when Engram is off."""
-    e = config.engram
-    if not e.enabled:
-        return {}
-    primes = table_primes(e.table_rows_per_head, e.heads_per_ngram, e.layer_ids)
-    return {layer: tuple(p) for layer, p in primes.items()}
-
-
-def overencoding_table_sizes(config: ModelConfig) -> tuple[int, ...]:
-    """Rows (moduli) of every OverEncoding sub-table, order-major; empty when it is off."""
-    o = config.overencoding
-    if not o.active:
-        return ()
-    return overencoding_moduli(
-        o.base_rows, o.max_ngram, o.tables_per_ngram, o.modulus_step, o.modulus_offset
-    )
-
-
-def first_engram_layer(config: ModelConfig) -> int | None:
-    """The lowest Engram layer id (where a decode step first needs table rows); None without
-    Engram."""
-    layer_ids = config.engram.layer_ids if config.engram.enabled else ()
-    return min(layer_ids) if layer_ids else None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Run:
-    """Consecutive layers with the same structure; scanned together when `scan_layers`."""
-
-    start: int
-    stop: int
-    use_moe: bool
-    has_engram: bool
-    has_ultramem: bool = False
-
-    @property
-    def name(self) -> str:
-        if self.stop - self.start == 1:
-            return f"layer_{self.start}"
-        return f"layers_{self.start}_to_{self.stop - 1}"
-
-
-def layer_runs(config: ModelConfig) -> list[_Run]:
-    """Groups layers into runs of identical blocks; an Engram layer is always a run of its own.
-
-    With `scan_layers=False` every run has one layer, and so with `hc.kind="hc"`: HC's static init
-    reads stream `site mod n` at each site (docs/design.md 3.3), so its blocks differ by layer and
-    a scan (one init for the whole run) would give every layer the same read stream.
-    """
-    scan = config.scan_layers and config.hc.kind != "hc"
-    # AltUp alternating its active block (layer mod K) also differs by layer.
-    scan = scan and not (config.hc.kind == "altup" and config.hc.altup_active_block == -1)
-    runs: list[_Run] = []
-    engram_layers = set(config.engram.layer_ids)
-    for layer in range(config.num_layers):
-        use_moe = config.is_moe_layer(layer)
-        has_engram = layer in engram_layers
-        has_ultramem = layer in config.ultramem.layer_ids
-        alone = has_engram or has_ultramem  # memory layers are runs of their own
-        previous = runs[-1] if runs else None
-        if (
-            scan
-            and previous is not None
-            and not alone
-            and not (previous.has_engram or previous.has_ultramem)
-            and previous.use_moe == use_moe
-        ):
-            runs[-1] = dataclasses.replace(previous, stop=layer + 1)
-        else:
-            runs.append(_Run(layer, layer + 1, use_moe, has_engram, has_ultramem))
-    return runs
 
 
 def _next_pre(pre_BTG: jax.Array | None, mixing: Any) -> jax.Array | None:
@@ -659,11 +591,11 @@ class Transformer(nn.Module):
         cfg = self.config
         sizes = engram_table_sizes(cfg)
         engram_index = {layer: i for i, layer in enumerate(cfg.engram.layer_ids)}
-        stats_per_run: list[tuple[_Run, dict[str, jax.Array]]] = []
+        stats_per_run: list[tuple[Run, dict[str, jax.Array]]] = []
         for run in runs:
             granularity = ffn_granularity
             if granularity is None:
-                granularity = _run_granularity(cfg, run)
+                granularity = run_granularity(cfg, run)
             block_kwargs = dict(
                 ffn_granularity=granularity,
                 config=cfg,
@@ -786,18 +718,6 @@ def mixing_matrices(
     return stacked.reshape(layers * 2, b * t, *stacked.shape[4:])  # [2L, X, G, G] or [2L, X, R]
 
 
-def _run_granularity(config: ModelConfig, run: _Run) -> int | None:
-    """The configured inference granularity of a run's layers (one for a whole scanned run)."""
-    picks = set(layer_granularities(config)[run.start : run.stop])
-    if len(picks) > 1:
-        raise ValueError(
-            f"Transformer: matformer.inference_granularity gives layers {run.start}.."
-            f"{run.stop - 1} (one scanned run) granularities {sorted(picks)}; expected one per "
-            "scanned run (or scan_layers=False for a per-layer mix)"
-        )
-    return picks.pop()
-
-
 def _altup_mixing(config: ModelConfig, intermediates: dict[str, Any]) -> jax.Array:
     """AltUp's prediction operators, one site per layer: `[L, X, K, K]`."""
     per_run = []
@@ -809,7 +729,7 @@ def _altup_mixing(config: ModelConfig, intermediates: dict[str, Any]) -> jax.Arr
     return stacked.reshape(layers, b * t, *stacked.shape[3:])  # [L, X, K, K]
 
 
-def _collect_stats(stats_per_run: list[tuple[_Run, dict[str, jax.Array]]]) -> dict[str, Any]:
+def _collect_stats(stats_per_run: list[tuple[Run, dict[str, jax.Array]]]) -> dict[str, Any]:
     """Concatenates per-run statistics along the layer axis, in layer order."""
     aux: dict[str, Any] = {}
     for key in ("moe_load", "moe_balance_loss", "engram_gates", "ultramem_slots"):
