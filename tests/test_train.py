@@ -60,6 +60,28 @@ def _short_program(c, data_path: str, steps: int, every: int, warmup: int) -> No
     c.model.vocab_size = 320
 
 
+def _full_forward_greedy(generator, prompt, steps: int, with_hash_ids: bool) -> list[int]:
+    """Up to `steps` greedy tokens after `prompt` from full forward passes of the generator's
+    model, stopping at eos: the reference its cached decoding must equal. MoE capacity E/K, as
+    decoding uses: the reference must not drop a token either."""
+    cfg = generator.model_config
+    moe = dataclasses.replace(cfg.moe, capacity_factor=cfg.moe.num_experts / cfg.moe.top_k)
+    forward = jax.jit(train_lib.Transformer(dataclasses.replace(cfg, moe=moe)).apply)
+    history, expected = prompt[None, :], []
+    for _ in range(steps):
+        args = ()
+        if with_hash_ids:
+            segments = np.ones_like(history)
+            args = (None, segments, data_lib.compute_hash_ids(history, segments, generator.engram))
+        logits, _ = forward(generator.variables, history, *args)
+        token = int(np.argmax(np.asarray(logits)[0, -1]))
+        if token == generator.spec.eos_id:
+            break
+        expected.append(token)
+        history = np.concatenate([history, [[token]]], axis=1).astype(np.int32)
+    return expected
+
+
 def _small_config(data_path: str):
     c = config_lib.base_config()
     _short_program(c, data_path, NUM_STEPS, every=3, warmup=2)
@@ -329,23 +351,7 @@ def test_greedy_generation_equals_full_forward_argmax(uninterrupted):
     assert tokens == generator.generate_ids(prompt, sampling)
     assert len(tokens) > 0
 
-    # Capacity E/K, as decoding uses: the reference must not drop a token either.
-    cfg = generator.model_config
-    moe = dataclasses.replace(cfg.moe, capacity_factor=cfg.moe.num_experts / cfg.moe.top_k)
-    model = train_lib.Transformer(dataclasses.replace(cfg, moe=moe))
-    forward = jax.jit(model.apply)
-    history = prompt[None, :]
-    expected = []
-    for _ in tokens:
-        segments = np.ones_like(history)
-        hash_ids = data_lib.compute_hash_ids(history, segments, generator.engram)
-        logits, _ = forward(generator.variables, history, None, segments, hash_ids)
-        token = int(np.argmax(np.asarray(logits)[0, -1]))
-        if token == generator.spec.eos_id:
-            break
-        expected.append(token)
-        history = np.concatenate([history, [[token]]], axis=1).astype(np.int32)
-    assert tokens == expected
+    assert tokens == _full_forward_greedy(generator, prompt, len(tokens), with_hash_ids=True)
 
 
 def _snapshot(directory: str) -> dict[str, bytes]:
