@@ -100,10 +100,14 @@ class Block(nn.Module):
             res_offdiag_bias=hc.res_offdiag_bias,
             lite_other_bias=hc.lite_offperm_bias,
             coeff_kernel_init=_coeff_init(hc.coeff_init_std),
-            norm_eps=self.config.norm_eps,
-            sow_mixing=self.sow_mixing,
-            **_dtypes(self.config),
+            **self._mixing_common(),
             name=name,
+        )
+
+    def _mixing_common(self) -> dict[str, Any]:
+        """The settings the residual-stream modules (hyper-connections, AltUp) share."""
+        return dict(
+            norm_eps=self.config.norm_eps, sow_mixing=self.sow_mixing, **_dtypes(self.config)
         )
 
     def _altup(self) -> AltUp | None:
@@ -119,9 +123,7 @@ class Block(nn.Module):
             coefficients=hc.altup_coefficients,
             coef_clip=hc.altup_coef_clip,
             router_init=_coeff_init(hc.coeff_init_std),
-            norm_eps=self.config.norm_eps,
-            sow_mixing=self.sow_mixing,
-            **_dtypes(self.config),
+            **self._mixing_common(),
             name="altup",
         )
 
