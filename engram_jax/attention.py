@@ -290,6 +290,13 @@ def _check_decode_chunk(
 # --------------------------------------------------------------------------------------------------
 
 
+def _module_kernel(module: nn.Module, name: str, shape, names, in_axis, out_axis) -> jax.Array:
+    """A projection kernel of `module`: its `kernel_init`, else fan-in scaled over `in_axis`,
+    partitioned over the logical axes `names`."""
+    init = module.kernel_init or _fan_in_init(in_axis, out_axis)
+    return module.param(name, nn.with_logical_partitioning(init, names), shape, module.param_dtype)
+
+
 class Attention(nn.Module):
     """Causal grouped-query self-attention with RoPE, optional QK-norm and a KV cache.
 
@@ -347,36 +354,13 @@ class Attention(nn.Module):
             )
 
     def _kernel(self, name: str, shape, names, in_axis, out_axis) -> jax.Array:
-        init = self.kernel_init or _fan_in_init(in_axis, out_axis)
-        return self.param(name, nn.with_logical_partitioning(init, names), shape, self.param_dtype)
+        return _module_kernel(self, name, shape, names, in_axis, out_axis)
 
-    @nn.compact
-    def __call__(
-        self,
-        x_BTD: jax.Array,
-        positions_BT: jax.Array,
-        segment_ids_BT: jax.Array | None = None,
-    ) -> jax.Array:
-        """Attend causally over x (or over the cache in decode mode).
-
-        Args:
-          x_BTD: `[B, T, D]` inputs.
-          positions_BT: `[B, T]` integer RoPE positions (restarting at 0 per packed document).
-          segment_ids_BT: optional `[B, T]` integer document ids; tokens attend only within
-            their segment. Must be None in decode steps.
-
-        Returns:
-          `[B, T, D]` in `dtype`.
-
-        Raises:
-          ValueError: bad fields or shapes (the message names the field or argument).
-          TypeError: non-integer positions.
-        """
-        self._validate_fields()
-        _check_inputs("Attention", x_BTD, positions_BT, segment_ids_BT)
-        b, t, d = x_BTD.shape
+    def _project(self, x_BTD: jax.Array, positions_BT: jax.Array):
+        """Queries [B, T, N, H], keys and values [B, T, K, H] (QK-normed and rotated) and the
+        output kernel [N, H, D], in `dtype`."""
+        d = x_BTD.shape[-1]
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
-
         q_kernel_DNH = self._kernel(
             "query", (d, n, h), (axes.EMBED, axes.HEADS, axes.HEAD_DIM), 0, (1, 2)
         )
@@ -414,6 +398,35 @@ class Attention(nn.Module):
         v_BTKH = nn.with_logical_constraint(
             v_BTKH, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None)
         )
+        return q_BTNH, k_BTKH, v_BTKH, out_kernel_NHD
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        segment_ids_BT: jax.Array | None = None,
+    ) -> jax.Array:
+        """Attend causally over x (or over the cache in decode mode).
+
+        Args:
+          x_BTD: `[B, T, D]` inputs.
+          positions_BT: `[B, T]` integer RoPE positions (restarting at 0 per packed document).
+          segment_ids_BT: optional `[B, T]` integer document ids; tokens attend only within
+            their segment. Must be None in decode steps.
+
+        Returns:
+          `[B, T, D]` in `dtype`.
+
+        Raises:
+          ValueError: bad fields or shapes (the message names the field or argument).
+          TypeError: non-integer positions.
+        """
+        self._validate_fields()
+        _check_inputs("Attention", x_BTD, positions_BT, segment_ids_BT)
+        b, t, _ = x_BTD.shape
+        k, h = self.num_kv_heads, self.head_dim
+        q_BTNH, k_BTKH, v_BTKH, out_kernel_NHD = self._project(x_BTD, positions_BT)
 
         scale = 1.0 / math.sqrt(h)
         cache = None
@@ -526,43 +539,18 @@ class MultiHeadLatentAttention(nn.Module):
             raise ValueError(f"{name}.q_lora_rank={self.q_lora_rank}; expected None, 0 or > 0")
 
     def _kernel(self, name: str, shape, names, in_axis, out_axis) -> jax.Array:
-        init = self.kernel_init or _fan_in_init(in_axis, out_axis)
-        return self.param(name, nn.with_logical_partitioning(init, names), shape, self.param_dtype)
+        return _module_kernel(self, name, shape, names, in_axis, out_axis)
 
     def _norm_scale(self, name: str, width: int) -> jax.Array:
         init = nn.with_logical_partitioning(nn.initializers.ones_init(), (axes.NORM,))
         return self.param(name, init, (width,), self.param_dtype)
 
-    @nn.compact
-    def __call__(
-        self,
-        x_BTD: jax.Array,
-        positions_BT: jax.Array,
-        segment_ids_BT: jax.Array | None = None,
-    ) -> jax.Array:
-        """Attend causally over x (or over the latent cache in decode mode).
-
-        Args:
-          x_BTD: `[B, T, D]` inputs.
-          positions_BT: `[B, T]` integer RoPE positions (restarting at 0 per packed document).
-          segment_ids_BT: optional `[B, T]` integer document ids; must be None in decode steps.
-
-        Returns:
-          `[B, T, D]` in `dtype`.
-
-        Raises:
-          ValueError: bad fields or shapes (the message names the field or argument).
-          TypeError: non-integer positions.
-        """
-        self._validate_fields()
-        _check_inputs("MultiHeadLatentAttention", x_BTD, positions_BT, segment_ids_BT)
-        b, t, d = x_BTD.shape
-        n, lkv = self.num_heads, self.kv_lora_rank
-        hn, hr, hv = self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
-        hq = hn + hr
+    def _queries(self, x_BTD: jax.Array) -> jax.Array:
+        """[B, T, N, Hn + Hr] queries, before RoPE: compressed (W_DQ -> RMSNorm -> W_UQ/W_QR)
+        or direct (W_Q)."""
+        d = x_BTD.shape[-1]
+        n, hq = self.num_heads, self.qk_nope_head_dim + self.qk_rope_head_dim
         heads = (axes.HEADS, axes.HEAD_DIM)
-
-        # Queries: compressed (W_DQ -> RMSNorm -> W_UQ/W_QR) or direct (W_Q).
         if self.q_lora_rank:
             lq = self.q_lora_rank
             q_down_DL = self._kernel("q_down", (d, lq), (axes.EMBED, axes.LATENT), 0, 1)
@@ -578,6 +566,49 @@ class MultiHeadLatentAttention(nn.Module):
             q_DNH = self._kernel("q", (d, n, hq), (axes.EMBED, *heads), 0, (1, 2))
             x_BTD, q_DNH = nn.dtypes.promote_dtype(x_BTD, q_DNH, dtype=self.dtype)
             q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, q_DNH)  # [B, T, N, Hn + Hr]
+        return q_BTNH
+
+    def _keys_source(self, latent_BTL, k_rope_BTH, segment_ids_BT):
+        """The latents [B, S, L] and shared rotated keys [B, S, Hr] attended over (the cache
+        after this chunk in decode steps, else this call's, S = T), with their mask."""
+        b, t, lkv = latent_BTL.shape
+        hr = self.qk_rope_head_dim
+        cache = None
+        if self.decode:
+            cache = _Cache(
+                self, {"cached_latent": (b, t, lkv), "cached_key_rope": (b, t, hr)}, self.dtype
+            )
+        if cache is not None and cache.is_initialized:
+            s = cache.length()
+            _check_decode_chunk("MultiHeadLatentAttention", t, s, segment_ids_BT)
+            mask = cache_mask(cache.index.value, t, s)  # [1, 1, T, S]
+            full = cache.write({"cached_latent": latent_BTL, "cached_key_rope": k_rope_BTH})
+            latent_BSL, k_rope_BSH = full["cached_latent"], full["cached_key_rope"]
+            is_causal = False
+        else:
+            latent_BSL, k_rope_BSH = latent_BTL, k_rope_BTH  # S = T
+            mask = None if segment_ids_BT is None else segment_mask(segment_ids_BT)
+            is_causal = True
+        return latent_BSL, k_rope_BSH, mask, is_causal
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        segment_ids_BT: jax.Array | None = None,
+    ) -> jax.Array:
+        """Attend causally over x (or over the latent cache in decode mode); arguments, result
+        and errors as `Attention.__call__`."""
+        self._validate_fields()
+        _check_inputs("MultiHeadLatentAttention", x_BTD, positions_BT, segment_ids_BT)
+        b, t, d = x_BTD.shape
+        n, lkv = self.num_heads, self.kv_lora_rank
+        hn, hr, hv = self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        hq = hn + hr
+        heads = (axes.HEADS, axes.HEAD_DIM)
+
+        q_BTNH = self._queries(x_BTD)  # [B, T, N, Hn + Hr]
 
         kv_down_DL = self._kernel("kv_down", (d, lkv), (axes.EMBED, axes.LATENT), 0, 1)
         kv_norm_L = self._norm_scale("kv_norm", lkv)
@@ -601,23 +632,9 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope_BTH = apply_rope(k_rope_BT1H, positions_BT, self.rope_theta)[:, :, 0, :]
 
         scale = 1.0 / math.sqrt(hq)
-        cache = None
-        if self.decode:
-            cache = _Cache(
-                self, {"cached_latent": (b, t, lkv), "cached_key_rope": (b, t, hr)}, self.dtype
-            )
-        if cache is not None and cache.is_initialized:
-            s = cache.length()
-            _check_decode_chunk("MultiHeadLatentAttention", t, s, segment_ids_BT)
-            mask = cache_mask(cache.index.value, t, s)  # [1, 1, T, S]
-            full = cache.write({"cached_latent": latent_BTL, "cached_key_rope": k_rope_BTH})
-            latent_BSL, k_rope_BSH = full["cached_latent"], full["cached_key_rope"]
-            is_causal = False
-        else:
-            latent_BSL, k_rope_BSH = latent_BTL, k_rope_BTH  # S = T
-            mask = None if segment_ids_BT is None else segment_mask(segment_ids_BT)
-            is_causal = True
-
+        latent_BSL, k_rope_BSH, mask, is_causal = self._keys_source(
+            latent_BTL, k_rope_BTH, segment_ids_BT
+        )
         s = latent_BSL.shape[1]
         k_nope_BSNH = jnp.einsum("bsl,lnh->bsnh", latent_BSL, k_up_LNH)  # k^C, [B, S, N, Hn]
         v_BSNH = jnp.einsum("bsl,lnh->bsnh", latent_BSL, v_up_LNH)  # v^C, [B, S, N, Hv]

@@ -9,12 +9,12 @@ the dataclasses (`ModelConfig`, `EngramConfig`, `HyperConfig`, `AttentionConfig`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import ml_collections
 
-from engram_jax import config_limits
+from engram_jax import config_limits, config_variants
 
 # Loading files and the saved JSON form need no schema; they live beside it and stay importable
 # from here, where callers have always found them.
@@ -24,25 +24,30 @@ from engram_jax.config_dicts import (  # noqa: F401
     load_config_file,
     to_dict,
 )
+from engram_jax.config_limits import check_choice, check_positive
 
-HcKind = Literal["residual", "hc", "mhc", "mhc_lite", "mhc_v41", "altup"]
+# The residual-stream, MatFormer and memory-variant sections live in their own module; their
+# dataclasses and constants stay importable from here.
+from engram_jax.config_variants import (  # noqa: F401
+    HC_COEFF_INIT_STD,
+    MHC_LITE_MAX_STREAMS,
+    HcKind,
+    HyperConfig,
+    MatformerConfig,
+    OverEncodingConfig,
+    PleConfig,
+    UltraMemConfig,
+)
+
 AttentionKind = Literal["gqa", "mla"]
 DType = Literal["float32", "bfloat16"]
 
-_HC_KINDS = ("residual", "hc", "mhc", "mhc_lite", "mhc_v41", "altup")
 _ENGRAM_FORMS = ("demo", "v41")
-_ALTUP_COEFFICIENTS = ("static", "dynamic")
-_MATFORMER_SAMPLING = ("sample", "all")
 _ATTENTION_KINDS = ("gqa", "mla")
 _DTYPES = ("float32", "bfloat16")
 _SCHEDULES = ("cosine", "wsd", "constant")
-_SINKHORN_ORDERS = ("row_last", "col_last")
 _MOE_DISPATCH = ("dropless", "capacity", "ragged")
 _AXIS_TYPES = ("auto", "explicit")
-MHC_LITE_MAX_STREAMS = 6
-# Default std of the hyper-connection coefficient projections, shared by `model.hc.coeff_init_std`
-# and `mhc.HyperConnection.coeff_kernel_init` so that the module and the trainer agree.
-HC_COEFF_INIT_STD = 0.02
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -57,9 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.attention = _declare_attention()
     m.moe = _declare_moe()
     m.engram = _declare_engram()
-    m.hc = _declare_hc()
-    m.matformer = _declare_matformer()
-    _declare_memory_variants(m)
+    m.hc = config_variants.declare_hc()
+    m.matformer = config_variants.declare_matformer()
+    config_variants.declare_memory_variants(m)
     c.mesh = _declare_mesh()
     # Config files and overrides set values, never add keys: a misspelt key fails where it is set.
     c.lock()
@@ -202,21 +207,6 @@ def _declare_moe() -> ml_collections.ConfigDict:
     return e
 
 
-def _declare_matformer() -> ml_collections.ConfigDict:
-    f = ml_collections.ConfigDict()
-    # MatFormer nested FFNs (docs/design.md "MatFormer"): the hidden widths of every FFN (the dense
-    # SwiGLU, routed and shared experts) as ascending fractions of the full width, the last 1.0;
-    # granularity i uses the first round(r_i * F) hidden units. () disables.
-    f.granularities = ()
-    # Training: "sample" one granularity uniformly per step (default; what the MatFormer paper is
-    # read to do, unverified §9.11) or "all": the mean of the losses of every granularity.
-    f.sampling = "sample"
-    # Outside training (eval, generate): the granularity index of every layer; () is the full
-    # width, one index applies to all layers, num_layers indices are a Mix'n'Match per layer.
-    f.inference_granularity = ()
-    return f
-
-
 def _declare_engram() -> ml_collections.ConfigDict:
     g = ml_collections.ConfigDict()
     # Blocks that carry an Engram module (0-based, as the reference demo); () disables.
@@ -256,79 +246,6 @@ def _declare_engram() -> ml_collections.ConfigDict:
     # "v41" only: a bias on `wkv`. The release's `wkv` has none (no `.bias` tensor in its headers).
     g.wkv_bias = False
     return g
-
-
-def _declare_memory_variants(m: ml_collections.ConfigDict) -> None:
-    """The memory methods Engram is compared with (docs/design.md §5-7); all off by default."""
-    # OverEncoding: hashed-free n-gram input embeddings added to the token embedding.
-    o = m.overencoding = ml_collections.ConfigDict()
-    o.enabled = False
-    o.max_ngram = 3  # N: orders 2..N get sub-tables; N = 1 is the plain token embedding.
-    o.tables_per_ngram = 2  # k sub-tables per order, each with its own modulus and projection.
-    # Sub-table idx (order-major over all orders) has base_rows + modulus_step * idx +
-    # modulus_offset rows: the serving implementation's m + 2 idx + 1 (unverified, §9.10).
-    o.base_rows = 16384
-    o.modulus_step = 2
-    o.modulus_offset = 1
-    # Row width of one sub-table; 0 takes hidden_size // (k (N - 1)) as the paper's d / (k (N-1)).
-    o.row_width = 0
-    # "mean" divides E1 + the k (N - 1) projected rows by their count (the serving
-    # implementation, unverified); "sum" adds them.
-    o.combine = "mean"
-
-    # Per-layer embeddings (Gemma 3n): a token table giving every layer a small vector.
-    p = m.ple = ml_collections.ConfigDict()
-    p.enabled = False
-    p.width = 32  # Per-layer vector width (Gemma 3n: 256, unverified §9.12).
-    p.table_rows = 0  # Rows of the PLE table; ids at or beyond it read row 0. 0 = vocab_size.
-
-    # UltraMem: memory layers addressed by the hidden state (Tucker query-key retrieval).
-    u = m.ultramem = ml_collections.ConfigDict()
-    u.layer_ids = ()  # Blocks that carry a memory layer (0-based); () disables.
-    u.grid_size = 64  # n: keys per grid axis; n * n virtual slots.
-    u.key_dim = 32  # Width of one row/column query and key.
-    u.tucker_rank = 2  # r: queries per axis and size of each Tucker core.
-    u.num_cores = 2  # h: cores (multi-core scoring); each weights one chunk of a value row.
-    u.top_k = 16  # Value rows read per token.
-    u.candidates = 16  # Rows and columns kept by the rank-1 preselection (>= sqrt(top_k)).
-    u.value_expansion = 4  # E virtual blocks per physical row (implicit value expansion).
-    u.value_width = 64  # Physical value row width (a multiple of num_cores).
-
-
-def _declare_hc() -> ml_collections.ConfigDict:
-    h = ml_collections.ConfigDict()
-    # "residual", "hc", "mhc", "mhc_lite" "mhc_v41" (DeepSeek-V4.1's single-pass mHC: softmax-
-    # started column-last Sinkhorn, pre = sigmoid + sinkhorn_eps, comb^T applied, and each site's
-    # read weights produced by the site before it; docs/design.md §14) or "altup"
-    # (AltUp, docs/design.md "AltUp": K = n_streams blocks of width D, each layer computes on one of
-    # them; predict / compute / correct).
-    h.kind = "mhc"
-    h.n_streams = 4
-    h.sinkhorn_iters = 20
-    # Denominator floor: the paper states none (0, its preset; the log-domain iteration needs
-    # none); DeepSeek's later code uses 1e-6.
-    h.sinkhorn_eps = 0.0
-    h.sinkhorn_order = "row_last"  # Paper: column then row normalisation, so rows are exact.
-    h.alpha_init = 0.01  # Initial alpha scales (docs/design.md 2.2, 9.1).
-    h.res_offdiag_bias = -8.0  # b_res off-diagonal init: H_res starts near identity (2.5, 9.1).
-    h.lite_offperm_bias = -8.0  # mHC-lite: logit bias of the non-identity permutations (4, 9.13).
-    # Std of the coefficient projections phi (and of HC's dynamic weights); 0 = zeros. The paper
-    # starts from phi = 0 (docs/design.md §2.5, unverified §9.1), but then streams copied from one
-    # embedding stay identical forever unless another part (Engram's per-stream keys) breaks the
-    # symmetry; a small random phi moves H at init by < 1e-2. HyperConnection's own default is
-    # the same value (HC_COEFF_INIT_STD).
-    h.coeff_init_std = HC_COEFF_INIT_STD
-    # AltUp only. "dynamic": Gemma 3n's router-computed prediction / correction coefficients
-    # (router tanh(W . RMSNorm(x_active) / D), C_pred: K -> K*K, C_corr: K -> K); "static": the
-    # AltUp paper's K x K prediction and K correction scalars per layer.
-    h.altup_coefficients = "dynamic"
-    # AltUp only: the block each layer computes on; -1 alternates (layer mod K, the paper's
-    # schedule), 0 is Gemma 3n's fixed block (unverified constants, docs/design.md §9.12).
-    h.altup_active_block = 0
-    # AltUp dynamic only: |C_pred|, |C_corr| weights are clipped to this in the forward pass
-    # (Gemma 3n's 120, unverified); 0 disables.
-    h.altup_coef_clip = 120.0
-    return h
 
 
 # ---------------------------------------------------------------- devices
@@ -418,94 +335,6 @@ class EngramConfig:
     @property
     def dilation(self) -> int:
         return self.conv_dilation or self.max_ngram
-
-
-@dataclasses.dataclass(frozen=True)
-class OverEncodingConfig:
-    enabled: bool
-    max_ngram: int
-    tables_per_ngram: int
-    base_rows: int
-    modulus_step: int
-    modulus_offset: int
-    row_width: int
-    combine: str
-
-    @property
-    def num_tables(self) -> int:
-        """K: sub-tables over all orders."""
-        return (self.max_ngram - 1) * self.tables_per_ngram
-
-    @property
-    def active(self) -> bool:
-        """Enabled with at least one n-gram order (N = 1 is the plain token embedding)."""
-        return self.enabled and self.num_tables > 0
-
-    def width(self, hidden_size: int) -> int:
-        return self.row_width or hidden_size // max(1, self.num_tables)
-
-
-@dataclasses.dataclass(frozen=True)
-class PleConfig:
-    enabled: bool
-    width: int
-    table_rows: int
-
-    def rows(self, vocab_size: int) -> int:
-        return self.table_rows or vocab_size
-
-
-@dataclasses.dataclass(frozen=True)
-class UltraMemConfig:
-    layer_ids: tuple[int, ...]
-    grid_size: int
-    key_dim: int
-    tucker_rank: int
-    num_cores: int
-    top_k: int
-    candidates: int
-    value_expansion: int
-    value_width: int
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.layer_ids)
-
-    @property
-    def value_rows(self) -> int:
-        """P: physical value rows, n^2 / E."""
-        return self.grid_size * self.grid_size // self.value_expansion
-
-
-@dataclasses.dataclass(frozen=True)
-class HyperConfig:
-    kind: HcKind
-    n_streams: int
-    sinkhorn_iters: int
-    sinkhorn_eps: float
-    sinkhorn_order: str
-    alpha_init: float
-    res_offdiag_bias: float
-    lite_offperm_bias: float
-    coeff_init_std: float
-    altup_coefficients: str
-    altup_active_block: int
-    altup_coef_clip: float
-
-
-@dataclasses.dataclass(frozen=True)
-class MatformerConfig:
-    granularities: tuple[float, ...]
-    sampling: str
-    inference_granularity: tuple[int, ...]
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.granularities)
-
-    def widths(self, full: int) -> tuple[int, ...]:
-        """The nested hidden widths m_i of an FFN whose full width is `full` (all >= 1)."""
-        return tuple(max(1, round(r * full)) for r in self.granularities)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -616,23 +445,10 @@ def _fields(cls: type, source: ml_collections.ConfigDict, **overrides: Any) -> d
     return values
 
 
-def _check_choice(p: _Problems, field: str, value: Any, choices: Sequence[str]) -> None:
-    p.check(value in choices, field, value, f"one of {list(choices)}")
-
-
-def _check_positive(p: _Problems, field: str, value: Any, *, allow_zero: bool = False) -> None:
-    ok = (
-        isinstance(value, int)
-        and not isinstance(value, bool)
-        and (value >= 0 if allow_zero else value > 0)
-    )
-    p.check(ok, field, value, "an integer >= 0" if allow_zero else "an integer > 0")
-
-
 def _validate_model(p: _Problems, m: ml_collections.ConfigDict) -> None:
     for key in ("vocab_size", "num_layers", "hidden_size", "mlp_hidden_size"):
-        _check_positive(p, f"model.{key}", m[key])
-    _check_positive(p, "model.num_dense_layers", m.num_dense_layers, allow_zero=True)
+        check_positive(p, f"model.{key}", m[key])
+    check_positive(p, "model.num_dense_layers", m.num_dense_layers, allow_zero=True)
     p.check(
         isinstance(m.pad_id, int) and -1 <= m.pad_id < m.vocab_size,
         "model.pad_id",
@@ -640,22 +456,22 @@ def _validate_model(p: _Problems, m: ml_collections.ConfigDict) -> None:
         f"a token id in [0, vocab_size={m.vocab_size}), or -1 for the tokenizer's pad token",
     )
     p.check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "> 0")
-    _check_choice(p, "model.dtype", m.dtype, _DTYPES)
-    _check_choice(p, "model.param_dtype", m.param_dtype, _DTYPES)
+    check_choice(p, "model.dtype", m.dtype, _DTYPES)
+    check_choice(p, "model.param_dtype", m.param_dtype, _DTYPES)
     _validate_attention(p, m.attention)
     _validate_moe(p, m)
     _validate_engram(p, m)
-    _validate_hc(p, m.hc)
-    _validate_matformer(p, m)
-    _validate_memory_variants(p, m)
+    config_variants.validate_hc(p, m.hc)
+    config_variants.validate_matformer(p, m)
+    config_variants.validate_memory_variants(p, m)
 
 
 def _validate_attention(p: _Problems, a: ml_collections.ConfigDict) -> None:
-    _check_choice(p, "model.attention.kind", a.kind, _ATTENTION_KINDS)
-    _check_positive(p, "model.attention.num_heads", a.num_heads)
+    check_choice(p, "model.attention.kind", a.kind, _ATTENTION_KINDS)
+    check_positive(p, "model.attention.num_heads", a.num_heads)
     if a.kind == "gqa":
-        _check_positive(p, "model.attention.num_kv_heads", a.num_kv_heads)
-        _check_positive(p, "model.attention.head_dim", a.head_dim)
+        check_positive(p, "model.attention.num_kv_heads", a.num_kv_heads)
+        check_positive(p, "model.attention.head_dim", a.head_dim)
         if isinstance(a.num_kv_heads, int) and a.num_kv_heads > 0:
             p.check(
                 a.num_heads % a.num_kv_heads == 0,
@@ -664,9 +480,9 @@ def _validate_attention(p: _Problems, a: ml_collections.ConfigDict) -> None:
                 f"a divisor of num_heads={a.num_heads}",
             )
     else:
-        _check_positive(p, "model.attention.q_lora_rank", a.q_lora_rank, allow_zero=True)
+        check_positive(p, "model.attention.q_lora_rank", a.q_lora_rank, allow_zero=True)
         for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-            _check_positive(p, f"model.attention.{key}", a[key])
+            check_positive(p, f"model.attention.{key}", a[key])
     rope_dim = a.head_dim if a.kind == "gqa" else a.qk_rope_head_dim
     p.check(
         isinstance(rope_dim, int) and rope_dim % 2 == 0,
@@ -678,20 +494,20 @@ def _validate_attention(p: _Problems, a: ml_collections.ConfigDict) -> None:
 
 def _validate_moe(p: _Problems, m: ml_collections.ConfigDict) -> None:
     e = m.moe
-    _check_positive(p, "model.moe.num_experts", e.num_experts, allow_zero=True)
+    check_positive(p, "model.moe.num_experts", e.num_experts, allow_zero=True)
     if e.num_experts > 0:
-        _check_positive(p, "model.moe.top_k", e.top_k)
+        check_positive(p, "model.moe.top_k", e.top_k)
         p.check(
             e.top_k <= e.num_experts,
             "model.moe.top_k",
             e.top_k,
             f"<= num_experts={e.num_experts}",
         )
-        _check_positive(p, "model.moe.num_shared_experts", e.num_shared_experts, allow_zero=True)
-        _check_positive(p, "model.moe.expert_hidden_size", e.expert_hidden_size)
-        _check_choice(p, "model.moe.dispatch", e.dispatch, _MOE_DISPATCH)
+        check_positive(p, "model.moe.num_shared_experts", e.num_shared_experts, allow_zero=True)
+        check_positive(p, "model.moe.expert_hidden_size", e.expert_hidden_size)
+        check_choice(p, "model.moe.dispatch", e.dispatch, _MOE_DISPATCH)
         p.check(e.capacity_factor > 0, "model.moe.capacity_factor", e.capacity_factor, "> 0")
-        _check_positive(p, "model.moe.block_size", e.block_size)
+        check_positive(p, "model.moe.block_size", e.block_size)
         p.check(
             m.num_dense_layers < m.num_layers,
             "model.num_dense_layers",
@@ -722,8 +538,8 @@ def _validate_engram(p: _Problems, m: ml_collections.ConfigDict) -> None:
             g.max_ngram,
             "an integer >= 2 (orders 2..N are hashed)",
         )
-        _check_positive(p, "model.engram.heads_per_ngram", g.heads_per_ngram)
-        _check_positive(p, "model.engram.embed_per_ngram", g.embed_per_ngram)
+        check_positive(p, "model.engram.heads_per_ngram", g.heads_per_ngram)
+        check_positive(p, "model.engram.embed_per_ngram", g.embed_per_ngram)
         if g.heads_per_ngram > 0:
             p.check(
                 g.embed_per_ngram % g.heads_per_ngram == 0,
@@ -731,34 +547,11 @@ def _validate_engram(p: _Problems, m: ml_collections.ConfigDict) -> None:
                 g.embed_per_ngram,
                 f"a multiple of heads_per_ngram={g.heads_per_ngram}",
             )
-        rows = tuple(g.table_rows_per_head)
-        if isinstance(g.max_ngram, int) and g.max_ngram >= 2:
-            p.check(
-                len(rows) == g.max_ngram - 1,
-                "model.engram.table_rows_per_head",
-                rows,
-                f"{g.max_ngram - 1} entries (one per order 2..max_ngram={g.max_ngram})",
-            )
-        p.check(
-            all(isinstance(r, int) and 2 <= r < 2**31 for r in rows),
-            "model.engram.table_rows_per_head",
-            rows,
-            "integers in [2, 2**31)",
-        )
-        if all(isinstance(r, int) for r in rows) and isinstance(g.heads_per_ngram, int):
-            # Each layer's heads share one flat int32-indexed table (primes ~ just above bases).
-            approx_rows = g.heads_per_ngram * sum(rows) + g.table_row_multiple
-            p.check(
-                approx_rows < 2**31,
-                "model.engram.table_rows_per_head",
-                rows,
-                f"heads_per_ngram={g.heads_per_ngram} x sum(rows) < 2**31 (one layer's flat "
-                "table is indexed with int32)",
-            )
-        _check_positive(p, "model.engram.conv_kernel_size", g.conv_kernel_size)
-        _check_positive(p, "model.engram.conv_dilation", g.conv_dilation, allow_zero=True)
-        _check_choice(p, "model.engram.table_dtype", g.table_dtype, _DTYPES)
-        _check_choice(
+        _validate_engram_rows(p, g)
+        check_positive(p, "model.engram.conv_kernel_size", g.conv_kernel_size)
+        check_positive(p, "model.engram.conv_dilation", g.conv_dilation, allow_zero=True)
+        check_choice(p, "model.engram.table_dtype", g.table_dtype, _DTYPES)
+        check_choice(
             p, "model.engram.inference_table_dtype", g.inference_table_dtype, ("stored", "fp8")
         )
         if g.inference_table_dtype == "fp8" and g.heads_per_ngram > 0:
@@ -770,11 +563,11 @@ def _validate_engram(p: _Problems, m: ml_collections.ConfigDict) -> None:
                 f"a row width (embed_per_ngram / heads_per_ngram = {width}) that is a multiple "
                 "of 32 (one FP8 scale per 32 values)",
             )
-        _check_choice(p, "model.engram.form", g.form, _ENGRAM_FORMS)
-        _check_positive(
+        check_choice(p, "model.engram.form", g.form, _ENGRAM_FORMS)
+        check_positive(
             p, "model.engram.compressed_vocab_size", g.compressed_vocab_size, allow_zero=True
         )
-        _check_positive(p, "model.engram.table_row_multiple", g.table_row_multiple)
+        check_positive(p, "model.engram.table_row_multiple", g.table_row_multiple)
         for key in ("qk_norm_eps", "conv_norm_eps", "gate_clamp", "table_init_std"):
             p.check(g[key] > 0, f"model.engram.{key}", g[key], "> 0")
         p.check(
@@ -785,173 +578,40 @@ def _validate_engram(p: _Problems, m: ml_collections.ConfigDict) -> None:
         )
 
 
-def _validate_hc(p: _Problems, h: ml_collections.ConfigDict) -> None:
-    _check_choice(p, "model.hc.kind", h.kind, _HC_KINDS)
-    _check_positive(p, "model.hc.n_streams", h.n_streams)
-    if h.kind == "residual":
-        p.check(h.n_streams == 1, "model.hc.n_streams", h.n_streams, "1 when hc.kind='residual'")
-    if h.kind == "mhc_lite":
+def _validate_engram_rows(p: Any, g: ml_collections.ConfigDict) -> None:
+    """The hashed tables' sizes: one base per order, each a valid prime-search base, and one
+    layer's flat table indexable with int32."""
+    rows = tuple(g.table_rows_per_head)
+    if isinstance(g.max_ngram, int) and g.max_ngram >= 2:
         p.check(
-            isinstance(h.n_streams, int) and h.n_streams <= MHC_LITE_MAX_STREAMS,
-            "model.hc.n_streams",
-            h.n_streams,
-            f"<= {MHC_LITE_MAX_STREAMS} for mhc_lite (it keeps n! permutation logits)",
+            len(rows) == g.max_ngram - 1,
+            "model.engram.table_rows_per_head",
+            rows,
+            f"{g.max_ngram - 1} entries (one per order 2..max_ngram={g.max_ngram})",
         )
-    _check_positive(p, "model.hc.sinkhorn_iters", h.sinkhorn_iters)
-    _check_choice(p, "model.hc.sinkhorn_order", h.sinkhorn_order, _SINKHORN_ORDERS)
-    p.check(h.sinkhorn_eps >= 0, "model.hc.sinkhorn_eps", h.sinkhorn_eps, ">= 0")
-    p.check(h.coeff_init_std >= 0, "model.hc.coeff_init_std", h.coeff_init_std, ">= 0")
-    if h.kind == "altup":
-        _check_choice(p, "model.hc.altup_coefficients", h.altup_coefficients, _ALTUP_COEFFICIENTS)
-        p.check(
-            isinstance(h.altup_active_block, int) and -1 <= h.altup_active_block < h.n_streams,
-            "model.hc.altup_active_block",
-            h.altup_active_block,
-            f"-1 (alternate: layer mod K) or a block in [0, n_streams={h.n_streams})",
-        )
-        p.check(h.altup_coef_clip >= 0, "model.hc.altup_coef_clip", h.altup_coef_clip, ">= 0")
-
-
-def _validate_matformer(p: _Problems, m: ml_collections.ConfigDict) -> None:
-    f = m.matformer
-    ratios = tuple(f.granularities)
-    if not ratios:
-        p.check(
-            not tuple(f.inference_granularity),
-            "model.matformer.inference_granularity",
-            tuple(f.inference_granularity),
-            "() when matformer.granularities is () (MatFormer off)",
-        )
-        return
     p.check(
-        all(isinstance(r, (int, float)) and 0 < r <= 1 for r in ratios)
-        and all(a < b for a, b in zip(ratios, ratios[1:], strict=False))
-        and ratios[-1] == 1,
-        "model.matformer.granularities",
-        ratios,
-        "strictly ascending fractions in (0, 1], the last 1.0 (the full width)",
+        all(isinstance(r, int) and 2 <= r < 2**31 for r in rows),
+        "model.engram.table_rows_per_head",
+        rows,
+        "integers in [2, 2**31)",
     )
-    _check_choice(p, "model.matformer.sampling", f.sampling, _MATFORMER_SAMPLING)
-    picks = tuple(f.inference_granularity)
-    p.check(
-        len(picks) in (0, 1, m.num_layers)
-        and all(isinstance(i, int) and 0 <= i < len(ratios) for i in picks),
-        "model.matformer.inference_granularity",
-        picks,
-        f"(), one index or num_layers={m.num_layers} indices in [0, {len(ratios)})",
-    )
-    for key, full in (
-        ("mlp_hidden_size", m.mlp_hidden_size),
-        ("moe.expert_hidden_size", m.moe.expert_hidden_size),
-    ):
-        if isinstance(full, int):
-            widths = [max(1, round(r * full)) for r in ratios if isinstance(r, (int, float))]
-            p.check(
-                len(set(widths)) == len(widths),
-                f"model.{key}",
-                full,
-                f"a width whose granularities {ratios} give distinct hidden sizes ({widths})",
-            )
-
-
-def _validate_memory_variants(p: _Problems, m: ml_collections.ConfigDict) -> None:
-    """OverEncoding, per-layer embeddings and UltraMem (docs/design.md §5-7)."""
-    o = m.overencoding
-    if o.enabled:
+    if all(isinstance(r, int) for r in rows) and isinstance(g.heads_per_ngram, int):
+        # Each layer's heads share one flat int32-indexed table (primes ~ just above bases).
+        approx_rows = g.heads_per_ngram * sum(rows) + g.table_row_multiple
         p.check(
-            isinstance(o.max_ngram, int) and o.max_ngram >= 1,
-            "model.overencoding.max_ngram",
-            o.max_ngram,
-            "an integer >= 1 (1 adds no n-gram table)",
-        )
-        _check_positive(p, "model.overencoding.tables_per_ngram", o.tables_per_ngram)
-        _check_positive(p, "model.overencoding.base_rows", o.base_rows)
-        _check_positive(p, "model.overencoding.modulus_step", o.modulus_step, allow_zero=True)
-        _check_positive(p, "model.overencoding.modulus_offset", o.modulus_offset, allow_zero=True)
-        _check_positive(p, "model.overencoding.row_width", o.row_width, allow_zero=True)
-        _check_choice(p, "model.overencoding.combine", o.combine, ("mean", "sum"))
-        k = (o.max_ngram - 1) * o.tables_per_ngram if isinstance(o.max_ngram, int) else 0
-        if k > 0 and isinstance(o.base_rows, int) and isinstance(o.modulus_step, int):
-            largest = o.base_rows + o.modulus_step * (k - 1) + o.modulus_offset
-            total = k * o.base_rows + o.modulus_step * k * (k - 1) // 2 + k * o.modulus_offset
-            p.check(
-                total < 2**31,
-                "model.overencoding.base_rows",
-                o.base_rows,
-                f"all {k} sub-tables together below 2**31 rows (int32 row ids; got {total})",
-            )
-            p.check(
-                largest <= 2**31,
-                "model.overencoding.base_rows",
-                o.base_rows,
-                "moduli <= 2**31 (the device ids are exact in uint32 below that)",
-            )
-            if not o.row_width and isinstance(m.hidden_size, int):
-                p.check(
-                    m.hidden_size // k > 0,
-                    "model.overencoding.row_width",
-                    o.row_width,
-                    f"> 0, or hidden_size={m.hidden_size} >= k (N - 1) = {k}",
-                )
-    pl = m.ple
-    if pl.enabled:
-        _check_positive(p, "model.ple.width", pl.width)
-        _check_positive(p, "model.ple.table_rows", pl.table_rows, allow_zero=True)
-    u = m.ultramem
-    layer_ids = tuple(u.layer_ids)
-    p.check(
-        all(isinstance(i, int) and 0 <= i < m.num_layers for i in layer_ids)
-        and len(set(layer_ids)) == len(layer_ids),
-        "model.ultramem.layer_ids",
-        layer_ids,
-        f"distinct indices in [0, num_layers={m.num_layers})",
-    )
-    p.check(
-        not set(layer_ids) & set(m.engram.layer_ids),
-        "model.ultramem.layer_ids",
-        layer_ids,
-        f"no layer shared with engram.layer_ids={tuple(m.engram.layer_ids)}",
-    )
-    if not layer_ids:
-        return
-    for key in ("grid_size", "key_dim", "tucker_rank", "num_cores", "top_k", "candidates"):
-        _check_positive(p, f"model.ultramem.{key}", u[key])
-    for key in ("value_expansion", "value_width"):
-        _check_positive(p, f"model.ultramem.{key}", u[key])
-    if all(isinstance(u[k], int) and u[k] > 0 for k in ("grid_size", "candidates", "top_k")):
-        p.check(
-            u.candidates <= u.grid_size,
-            "model.ultramem.candidates",
-            u.candidates,
-            f"<= grid_size={u.grid_size}",
-        )
-        p.check(
-            u.top_k <= u.candidates * u.candidates,
-            "model.ultramem.top_k",
-            u.top_k,
-            f"<= candidates^2 = {u.candidates**2} (slots of the candidate grid)",
-        )
-    if isinstance(u.value_expansion, int) and u.value_expansion > 0:
-        p.check(
-            (u.grid_size * u.grid_size) % u.value_expansion == 0,
-            "model.ultramem.value_expansion",
-            u.value_expansion,
-            f"a divisor of grid_size^2 = {u.grid_size**2}",
-        )
-    if isinstance(u.num_cores, int) and u.num_cores > 0:
-        p.check(
-            u.value_width % u.num_cores == 0,
-            "model.ultramem.value_width",
-            u.value_width,
-            f"a multiple of num_cores={u.num_cores} (one chunk per core)",
+            approx_rows < 2**31,
+            "model.engram.table_rows_per_head",
+            rows,
+            f"heads_per_ngram={g.heads_per_ngram} x sum(rows) < 2**31 (one layer's flat "
+            "table is indexed with int32)",
         )
 
 
 def _validate_train(p: _Problems, c: ml_collections.ConfigDict) -> None:
     for key in ("num_train_steps", "batch_size", "seq_len", "max_to_keep", "log_every"):
-        _check_positive(p, key, c[key])
+        check_positive(p, key, c[key])
     for key in ("warmup_steps", "eval_every", "checkpoint_every", "eval_batches"):
-        _check_positive(p, key, c[key], allow_zero=True)
+        check_positive(p, key, c[key], allow_zero=True)
     p.check(c.learning_rate > 0, "learning_rate", c.learning_rate, "> 0")
     p.check(
         c.warmup_steps <= c.num_train_steps,
@@ -959,10 +619,10 @@ def _validate_train(p: _Problems, c: ml_collections.ConfigDict) -> None:
         c.warmup_steps,
         f"<= num_train_steps={c.num_train_steps}",
     )
-    _check_choice(p, "schedule", c.schedule, _SCHEDULES)
-    _check_choice(p, "table_update", c.table_update, ("sparse", "dense"))
-    _check_choice(p, "table_optimizer", c.table_optimizer, ("adam", "adagrad", "sgd"))
-    _check_choice(p, "table_placement", c.table_placement, ("device", "host"))
+    check_choice(p, "schedule", c.schedule, _SCHEDULES)
+    check_choice(p, "table_update", c.table_update, ("sparse", "dense"))
+    check_choice(p, "table_optimizer", c.table_optimizer, ("adam", "adagrad", "sgd"))
+    check_choice(p, "table_placement", c.table_placement, ("device", "host"))
     if c.table_placement == "host":
         p.check(
             c.table_update == "sparse",
@@ -997,8 +657,8 @@ def _validate_train(p: _Problems, c: ml_collections.ConfigDict) -> None:
     p.check(0 < c.eval_fraction < 1, "eval_fraction", c.eval_fraction, "in (0, 1)")
     p.check(isinstance(c.eval_data_path, str), "eval_data_path", c.eval_data_path, 'a path or ""')
     for key in ("data_workers", "data_prefetch", "tokenizer_train_bytes"):
-        _check_positive(p, key, c[key], allow_zero=True)
-    _check_positive(p, "shuffle_window", c.shuffle_window)
+        check_positive(p, key, c[key], allow_zero=True)
+    check_positive(p, "shuffle_window", c.shuffle_window)
     _check_profile_steps(p, c.profile_steps, c.num_train_steps)
 
 
@@ -1042,7 +702,7 @@ def _validate_mesh(p: _Problems, d: ml_collections.ConfigDict) -> None:
         sizes,
         "at most one axis set to -1",
     )
-    _check_choice(p, "mesh.axis_types", d.axis_types, _AXIS_TYPES)
+    check_choice(p, "mesh.axis_types", d.axis_types, _AXIS_TYPES)
 
 
 def validate(config: ml_collections.ConfigDict) -> Config:

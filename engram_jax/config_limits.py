@@ -1,11 +1,13 @@
 """Config values no run can use, refused by `config.validate` before the per-section checks:
 non-finite floats anywhere in the tree, and sizes beyond what any device holds or int32 indexes
-(docs/design.md §16). Each check reports through `p.check(ok, field, value, expected)`.
+(docs/design.md §16), and the choice and integer checks every section's validator uses. Each
+check reports through `p.check(ok, field, value, expected)`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
@@ -47,3 +49,16 @@ def check_sizes(p: Any, config: ml_collections.ConfigDict) -> None:
             value = value.get(part) if isinstance(value, ml_collections.ConfigDict) else None
         if isinstance(value, int) and not isinstance(value, bool):
             p.check(value <= limit, field, value, f"<= {limit:,} (docs/design.md §16)")
+
+
+def check_choice(p: Any, field: str, value: Any, choices: Sequence[str]) -> None:
+    p.check(value in choices, field, value, f"one of {list(choices)}")
+
+
+def check_positive(p: Any, field: str, value: Any, *, allow_zero: bool = False) -> None:
+    ok = (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and (value >= 0 if allow_zero else value > 0)
+    )
+    p.check(ok, field, value, "an integer >= 0" if allow_zero else "an integer > 0")

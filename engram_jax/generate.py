@@ -356,22 +356,7 @@ class Generator:
             self.config.model.matformer.inference_granularity = tuple(ffn_granularity)
         cfg = config_lib.validate(self.config)
         self.model_config = cfg.model
-        path = storage.join(workdir, train_lib.TOKENIZER_FILE)
-        self.tokenizer = data_lib.load_tokenizer(path)
-        self._encode = data_lib.make_encoder(self.tokenizer)
-        digest = tokenizer_fingerprint(self.tokenizer)
-        if digest != metadata["tokenizer_fingerprint"]:
-            raise checkpoint_lib.CheckpointMismatchError(
-                f"{path}: tokenizer fingerprint {digest[:12]}... differs from the checkpoint's "
-                f"{metadata['tokenizer_fingerprint'][:12]}...; the checkpoint was trained with "
-                "another tokenizer"
-            )
-        self.spec, self.engram = train_lib.token_specs(cfg, self.tokenizer)
-        if self.engram is not None and self.engram.hasher.fingerprint() != metadata["hasher"]:
-            raise checkpoint_lib.CheckpointMismatchError(
-                "Engram hasher fingerprint differs from the checkpoint's: the hash layout "
-                "(seed, orders, heads, layers, primes, compressed vocabulary) changed"
-            )
+        self._load_tokenizer(workdir, cfg, metadata)
 
         model = Transformer(cfg.model)
         txs = train_lib.make_optimizers(cfg)[:2]
@@ -417,6 +402,25 @@ class Generator:
             self._offsets,
             packed_tables=self.packed_tables,
         )
+
+    def _load_tokenizer(self, workdir: str, cfg: config_lib.Config, metadata: dict) -> None:
+        """The run's tokenizer and token specs, checked against the checkpoint's fingerprints."""
+        path = storage.join(workdir, train_lib.TOKENIZER_FILE)
+        self.tokenizer = data_lib.load_tokenizer(path)
+        self._encode = data_lib.make_encoder(self.tokenizer)
+        digest = tokenizer_fingerprint(self.tokenizer)
+        if digest != metadata["tokenizer_fingerprint"]:
+            raise checkpoint_lib.CheckpointMismatchError(
+                f"{path}: tokenizer fingerprint {digest[:12]}... differs from the checkpoint's "
+                f"{metadata['tokenizer_fingerprint'][:12]}...; the checkpoint was trained with "
+                "another tokenizer"
+            )
+        self.spec, self.engram = train_lib.token_specs(cfg, self.tokenizer)
+        if self.engram is not None and self.engram.hasher.fingerprint() != metadata["hasher"]:
+            raise checkpoint_lib.CheckpointMismatchError(
+                "Engram hasher fingerprint differs from the checkpoint's: the hash layout "
+                "(seed, orders, heads, layers, primes, compressed vocabulary) changed"
+            )
 
     def _table_encoding(self, memory_dir, table_dtype: str | None) -> str:
         """ "fp8" (packed FP8 rows) or "float": the requested dtype, the config's, or packed rows

@@ -8,7 +8,6 @@ after), each wrapped by the configured hyper-connection kind, which owns the sub
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -21,9 +20,17 @@ from engram_jax.altup import AltUp, AltUpStreams
 from engram_jax.attention import Attention, MultiHeadLatentAttention
 from engram_jax.config import ModelConfig
 from engram_jax.engram import Engram
-from engram_jax.hashing import table_primes
+
+# The layer plan is read from the config alone; it stays importable from here.
+from engram_jax.layer_plan import (  # noqa: F401
+    Run,
+    engram_table_sizes,
+    first_engram_layer,
+    layer_runs,
+    overencoding_table_sizes,
+    run_granularity,
+)
 from engram_jax.layers import RMSNorm
-from engram_jax.matformer import layer_granularities
 from engram_jax.mhc import (
     HyperConnection,
     collapse_streams,
@@ -33,7 +40,6 @@ from engram_jax.mhc import (
 )
 from engram_jax.moe import MLP, MoE
 from engram_jax.overencoding import OverEncoding
-from engram_jax.overencoding_ids import overencoding_moduli
 from engram_jax.ple import PerLayerInputs, PleInjection
 from engram_jax.ultramem import UltraMem
 
@@ -43,84 +49,20 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MOE_BIAS = "moe_bias"
 
 
-def engram_table_sizes(config: ModelConfig) -> dict[int, tuple[int, ...]]:
-    """Rows per hash head (the primes) of every Engram layer; empty when Engram is off."""
-    e = config.engram
-    if not e.enabled:
-        return {}
-    primes = table_primes(e.table_rows_per_head, e.heads_per_ngram, e.layer_ids)
-    return {layer: tuple(p) for layer, p in primes.items()}
-
-
-def overencoding_table_sizes(config: ModelConfig) -> tuple[int, ...]:
-    """Rows (moduli) of every OverEncoding sub-table, order-major; empty when it is off."""
-    o = config.overencoding
-    if not o.active:
-        return ()
-    return overencoding_moduli(
-        o.base_rows, o.max_ngram, o.tables_per_ngram, o.modulus_step, o.modulus_offset
-    )
-
-
-def first_engram_layer(config: ModelConfig) -> int | None:
-    """The lowest Engram layer id (where a decode step first needs table rows); None without
-    Engram."""
-    layer_ids = config.engram.layer_ids if config.engram.enabled else ()
-    return min(layer_ids) if layer_ids else None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Run:
-    """Consecutive layers with the same structure; scanned together when `scan_layers`."""
-
-    start: int
-    stop: int
-    use_moe: bool
-    has_engram: bool
-    has_ultramem: bool = False
-
-    @property
-    def name(self) -> str:
-        if self.stop - self.start == 1:
-            return f"layer_{self.start}"
-        return f"layers_{self.start}_to_{self.stop - 1}"
-
-
-def layer_runs(config: ModelConfig) -> list[_Run]:
-    """Groups layers into runs of identical blocks; an Engram layer is always a run of its own.
-
-    With `scan_layers=False` every run has one layer, and so with `hc.kind="hc"`: HC's static init
-    reads stream `site mod n` at each site (docs/design.md 3.3), so its blocks differ by layer and
-    a scan (one init for the whole run) would give every layer the same read stream.
-    """
-    scan = config.scan_layers and config.hc.kind != "hc"
-    # AltUp alternating its active block (layer mod K) also differs by layer.
-    scan = scan and not (config.hc.kind == "altup" and config.hc.altup_active_block == -1)
-    runs: list[_Run] = []
-    engram_layers = set(config.engram.layer_ids)
-    for layer in range(config.num_layers):
-        use_moe = config.is_moe_layer(layer)
-        has_engram = layer in engram_layers
-        has_ultramem = layer in config.ultramem.layer_ids
-        alone = has_engram or has_ultramem  # memory layers are runs of their own
-        previous = runs[-1] if runs else None
-        if (
-            scan
-            and previous is not None
-            and not alone
-            and not (previous.has_engram or previous.has_ultramem)
-            and previous.use_moe == use_moe
-        ):
-            runs[-1] = dataclasses.replace(previous, stop=layer + 1)
-        else:
-            runs.append(_Run(layer, layer + 1, use_moe, has_engram, has_ultramem))
-    return runs
-
-
 def _next_pre(pre_BTG: jax.Array | None, mixing: Any) -> jax.Array | None:
     """hc.kind "mhc_v41": the read weights this site produced for the next one (docs/design.md
     §14.2); other kinds carry none."""
     return None if pre_BTG is None else mixing.h_pre
+
+
+def _coeff_init(std: float) -> nn.initializers.Initializer:
+    """N(0, std) for the mixing coefficients' projections; zeros when std is 0."""
+    return nn.initializers.normal(std) if std > 0 else nn.initializers.zeros_init()
+
+
+def _dtypes(cfg: ModelConfig) -> dict[str, Any]:
+    """The compute and parameter dtypes every submodule takes."""
+    return dict(dtype=_DTYPES[cfg.dtype], param_dtype=_DTYPES[cfg.param_dtype])
 
 
 class Block(nn.Module):
@@ -157,14 +99,15 @@ class Block(nn.Module):
             alpha_init=hc.alpha_init,
             res_offdiag_bias=hc.res_offdiag_bias,
             lite_other_bias=hc.lite_offperm_bias,
-            coeff_kernel_init=nn.initializers.normal(hc.coeff_init_std)
-            if hc.coeff_init_std > 0
-            else nn.initializers.zeros_init(),
-            norm_eps=self.config.norm_eps,
-            sow_mixing=self.sow_mixing,
-            dtype=_DTYPES[self.config.dtype],
-            param_dtype=_DTYPES[self.config.param_dtype],
+            coeff_kernel_init=_coeff_init(hc.coeff_init_std),
+            **self._mixing_common(),
             name=name,
+        )
+
+    def _mixing_common(self) -> dict[str, Any]:
+        """The settings the residual-stream modules (hyper-connections, AltUp) share."""
+        return dict(
+            norm_eps=self.config.norm_eps, sow_mixing=self.sow_mixing, **_dtypes(self.config)
         )
 
     def _altup(self) -> AltUp | None:
@@ -179,13 +122,8 @@ class Block(nn.Module):
             active=hc.altup_active_block,
             coefficients=hc.altup_coefficients,
             coef_clip=hc.altup_coef_clip,
-            router_init=nn.initializers.normal(hc.coeff_init_std)
-            if hc.coeff_init_std > 0
-            else nn.initializers.zeros_init(),
-            norm_eps=self.config.norm_eps,
-            sow_mixing=self.sow_mixing,
-            dtype=_DTYPES[self.config.dtype],
-            param_dtype=_DTYPES[self.config.param_dtype],
+            router_init=_coeff_init(hc.coeff_init_std),
+            **self._mixing_common(),
             name="altup",
         )
 
@@ -194,8 +132,7 @@ class Block(nn.Module):
         a = cfg.attention
         common = dict(
             rope_theta=a.rope_theta,
-            dtype=_DTYPES[cfg.dtype],
-            param_dtype=_DTYPES[cfg.param_dtype],
+            **_dtypes(cfg),
             decode=self.decode,
             name="attention",
         )
@@ -219,6 +156,31 @@ class Block(nn.Module):
             **common,
         )
 
+    def _engram(self) -> Engram:
+        cfg = self.config
+        e = cfg.engram
+        return Engram(
+            head_vocab_sizes=self.engram_sizes,
+            max_ngram=e.max_ngram,
+            row_width=e.row_width,
+            conv_kernel_size=e.conv_kernel_size,
+            conv_dilation=e.dilation,
+            qk_norm_eps=e.qk_norm_eps,
+            conv_norm_eps=e.conv_norm_eps,
+            gate_clamp=e.gate_clamp,
+            conv_zero_init=e.conv_zero_init,
+            table_init=nn.initializers.normal(e.table_init_std),
+            **_dtypes(cfg),
+            table_dtype=_DTYPES[e.table_dtype],
+            table_row_multiple=e.table_row_multiple,
+            lookup_fn=self.lookup_fn,
+            decode=self.decode,
+            form=e.form,
+            wkv_bias=e.wkv_bias,
+            heads_per_ngram=e.heads_per_ngram,
+            name="engram",
+        )
+
     def _ultramem(self) -> UltraMem:
         u, cfg = self.config.ultramem, self.config
         return UltraMem(
@@ -231,8 +193,7 @@ class Block(nn.Module):
             value_expansion=u.value_expansion,
             value_width=u.value_width,
             norm_eps=cfg.norm_eps,
-            dtype=_DTYPES[cfg.dtype],
-            param_dtype=_DTYPES[cfg.param_dtype],
+            **_dtypes(cfg),
             name="ultramem",
         )
 
@@ -289,30 +250,7 @@ class Block(nn.Module):
         # hc.kind "mhc_v41" carries (streams, read weights of the next site) from block to block.
         x_BTGD, pre_BTG = x_BTGD if isinstance(x_BTGD, tuple) else (x_BTGD, None)
         if self.engram_sizes is not None:
-            e = cfg.engram
-            engram = Engram(
-                head_vocab_sizes=self.engram_sizes,
-                max_ngram=e.max_ngram,
-                row_width=e.row_width,
-                conv_kernel_size=e.conv_kernel_size,
-                conv_dilation=e.dilation,
-                qk_norm_eps=e.qk_norm_eps,
-                conv_norm_eps=e.conv_norm_eps,
-                gate_clamp=e.gate_clamp,
-                conv_zero_init=e.conv_zero_init,
-                table_init=nn.initializers.normal(e.table_init_std),
-                dtype=_DTYPES[cfg.dtype],
-                param_dtype=_DTYPES[cfg.param_dtype],
-                table_dtype=_DTYPES[e.table_dtype],
-                table_row_multiple=e.table_row_multiple,
-                lookup_fn=self.lookup_fn,
-                decode=self.decode,
-                form=e.form,
-                wkv_bias=e.wkv_bias,
-                heads_per_ngram=e.heads_per_ngram,
-                name="engram",
-            )
-            memory_BTGD, gates_BTG = engram(
+            memory_BTGD, gates_BTG = self._engram()(
                 x_BTGD,
                 hash_ids_BTM,
                 rows=engram_rows_BTMW,
@@ -360,8 +298,7 @@ class Block(nn.Module):
             u_BTD = PleInjection(
                 width=cfg.ple.width,
                 norm_eps=cfg.norm_eps,
-                dtype=_DTYPES[cfg.dtype],
-                param_dtype=_DTYPES[cfg.param_dtype],
+                **_dtypes(cfg),
                 name="ple",
             )(jnp.mean(x_BTGD, axis=2), ple_BTP)
             x_BTGD = x_BTGD + u_BTD[:, :, None].astype(x_BTGD.dtype)
@@ -437,8 +374,7 @@ class Transformer(nn.Module):
             row_width=o.width(cfg.hidden_size),
             average=o.combine == "mean",
             table_init=nn.initializers.normal(cfg.engram.table_init_std),
-            dtype=_DTYPES[cfg.dtype],
-            param_dtype=_DTYPES[cfg.param_dtype],
+            **_dtypes(cfg),
             decode=self.decode,
             name="overencoding",
         )
@@ -547,12 +483,36 @@ class Transformer(nn.Module):
                 f"Transformer: token_mask has shape {tuple(token_mask_BT.shape)}; expected "
                 f"{tokens_BT.shape} (the tokens' [B, T])"
             )
-        dtype = _DTYPES[cfg.dtype]
-        param_dtype = _DTYPES[cfg.param_dtype]
         b, t = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
+        memory_rows = memory_rows or {}
+        embed, altup_streams = self._embedders()
+        if hidden_BTGD is None:
+            hidden_BTGD = self._embed_tokens(
+                embed, altup_streams, tokens_BT, segment_ids_BT, overencoding_ids, memory_rows
+            )
+        ple_LBTP = self._per_layer_inputs(embed, tokens_BT, memory_rows)
+        x_BTGD, stats_per_run = self._run_blocks(
+            runs,
+            hidden_BTGD,
+            positions_BT=positions_BT,
+            segment_ids_BT=segment_ids_BT,
+            hash_ids=hash_ids,
+            engram_rows=engram_rows,
+            token_mask_BT=token_mask_BT,
+            ple_LBTP=ple_LBTP,
+            ffn_granularity=ffn_granularity,
+            memory_rows=memory_rows,
+        )
+        if stop < cfg.num_layers:
+            return x_BTGD, _collect_stats(stats_per_run)
+        return self._head(embed, altup_streams, x_BTGD), _collect_stats(stats_per_run)
 
+    def _embedders(self) -> tuple[nn.Embed, AltUpStreams | None]:
+        """The token embedding (also the tied head and PLE's input) and, for AltUp, the module
+        that widens it into the K blocks and merges them back."""
+        cfg = self.config
         embed = nn.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
@@ -560,8 +520,7 @@ class Transformer(nn.Module):
                 nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
                 (axes.VOCAB, axes.EMBED),
             ),
-            dtype=dtype,
-            param_dtype=param_dtype,
+            **_dtypes(cfg),
             name="embed",
         )
         altup_streams = None
@@ -569,51 +528,76 @@ class Transformer(nn.Module):
             altup_streams = AltUpStreams(
                 cfg.hc.n_streams,
                 cfg.hidden_size,
-                dtype=dtype,
-                param_dtype=param_dtype,
+                **_dtypes(cfg),
                 name="altup_streams",
             )
-        # [B, T, G, D]: the streams an earlier layer range returned, or the embedded tokens.
-        memory_rows = memory_rows or {}
-        if hidden_BTGD is None:
-            embedded_BTD = embed(_outside_vocab_to_nan(tokens_BT, cfg))
-            if cfg.overencoding.active:
-                embedded_BTD = self._overencoding()(
-                    embedded_BTD,
-                    tokens_BT,
-                    segment_ids_BT,
-                    overencoding_ids,
-                    memory_rows.get("overencoding"),
-                )
-            if altup_streams is not None:
-                hidden_BTGD = altup_streams.expand(embedded_BTD)
-            else:
-                hidden_BTGD = expand_streams(embedded_BTD, cfg.hc.n_streams)
-            if cfg.hc.kind == "mhc_v41":
-                # The identity start: the first site reads the embedding (mhc.initial_pre).
-                hidden_BTGD = (hidden_BTGD, initial_pre(b, t, cfg.hc.n_streams))
-        x_BTGD = hidden_BTGD
-        ple_LBTP = None
-        if cfg.ple.enabled:
-            ple_BTLP = PerLayerInputs(
-                num_layers=cfg.num_layers,
-                width=cfg.ple.width,
-                table_rows=cfg.ple.rows(cfg.vocab_size),
-                norm_eps=cfg.norm_eps,
-                table_init=nn.initializers.normal(cfg.engram.table_init_std),
-                dtype=dtype,
-                param_dtype=param_dtype,
-                name="ple",
-            )(embed(tokens_BT), tokens_BT, memory_rows.get("ple"))
-            ple_LBTP = jnp.moveaxis(ple_BTLP, 2, 0)  # [B, T, L, p] -> [L, B, T, p]
+        return embed, altup_streams
 
+    def _embed_tokens(
+        self, embed, altup_streams, tokens_BT, segment_ids_BT, overencoding_ids, memory_rows
+    ):
+        """[B, T, G, D]: the embedded tokens (plus OverEncoding's n-gram embeddings) expanded
+        into the residual streams; mhc_v41 also carries the first site's read weights."""
+        cfg = self.config
+        b, t = tokens_BT.shape
+        embedded_BTD = embed(_outside_vocab_to_nan(tokens_BT, cfg))
+        if cfg.overencoding.active:
+            embedded_BTD = self._overencoding()(
+                embedded_BTD,
+                tokens_BT,
+                segment_ids_BT,
+                overencoding_ids,
+                memory_rows.get("overencoding"),
+            )
+        if altup_streams is not None:
+            hidden_BTGD = altup_streams.expand(embedded_BTD)
+        else:
+            hidden_BTGD = expand_streams(embedded_BTD, cfg.hc.n_streams)
+        if cfg.hc.kind == "mhc_v41":
+            # The identity start: the first site reads the embedding (mhc.initial_pre).
+            hidden_BTGD = (hidden_BTGD, initial_pre(b, t, cfg.hc.n_streams))
+        return hidden_BTGD
+
+    def _per_layer_inputs(self, embed, tokens_BT, memory_rows) -> jax.Array | None:
+        """[L, B, T, p]: PLE's vector for every layer, or None when PLE is off."""
+        cfg = self.config
+        if not cfg.ple.enabled:
+            return None
+        ple_BTLP = PerLayerInputs(
+            num_layers=cfg.num_layers,
+            width=cfg.ple.width,
+            table_rows=cfg.ple.rows(cfg.vocab_size),
+            norm_eps=cfg.norm_eps,
+            table_init=nn.initializers.normal(cfg.engram.table_init_std),
+            **_dtypes(cfg),
+            name="ple",
+        )(embed(tokens_BT), tokens_BT, memory_rows.get("ple"))
+        return jnp.moveaxis(ple_BTLP, 2, 0)  # [B, T, L, p] -> [L, B, T, p]
+
+    def _run_blocks(
+        self,
+        runs,
+        x_BTGD,
+        *,
+        positions_BT,
+        segment_ids_BT,
+        hash_ids,
+        engram_rows,
+        token_mask_BT,
+        ple_LBTP,
+        ffn_granularity,
+        memory_rows,
+    ):
+        """The blocks of `runs`: a run of one layer as one Block, a longer run as one nn.scan.
+        Returns the streams after the last run and each run's stacked statistics."""
+        cfg = self.config
         sizes = engram_table_sizes(cfg)
         engram_index = {layer: i for i, layer in enumerate(cfg.engram.layer_ids)}
-        stats_per_run: list[tuple[_Run, dict[str, jax.Array]]] = []
+        stats_per_run: list[tuple[Run, dict[str, jax.Array]]] = []
         for run in runs:
             granularity = ffn_granularity
             if granularity is None:
-                granularity = _run_granularity(cfg, run)
+                granularity = run_granularity(cfg, run)
             block_kwargs = dict(
                 ffn_granularity=granularity,
                 config=cfg,
@@ -660,9 +644,13 @@ class Transformer(nn.Module):
                     x_BTGD, positions_BT, segment_ids_BT, None, None, token_mask_BT, ple_run
                 )
             stats_per_run.append((run, stats))
-        if stop < cfg.num_layers:
-            return x_BTGD, _collect_stats(stats_per_run)
+        return x_BTGD, stats_per_run
 
+    def _head(self, embed, altup_streams, x_BTGD) -> jax.Array:
+        """[B, T, V] float32 logits from the last layer's streams."""
+        cfg = self.config
+        dtype = _DTYPES[cfg.dtype]
+        param_dtype = _DTYPES[cfg.param_dtype]
         # mhc_v41: the last site's read weights collapse the streams (no separate head mix).
         if isinstance(x_BTGD, tuple):
             x_BTD = collapse_streams(*x_BTGD)  # [B, T, D]
@@ -687,10 +675,9 @@ class Transformer(nn.Module):
                 name="lm_head",
             )(x_BTD)
         # float32 logits: the softmax cross-entropy over a large vocabulary needs the range.
-        logits_BTV = nn.with_logical_constraint(
+        return nn.with_logical_constraint(
             logits_BTV.astype(jnp.float32), (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB)
         )
-        return logits_BTV, _collect_stats(stats_per_run)
 
 
 def _outside_vocab_to_nan(tokens_BT: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -733,18 +720,6 @@ def mixing_matrices(
     return stacked.reshape(layers * 2, b * t, *stacked.shape[4:])  # [2L, X, G, G] or [2L, X, R]
 
 
-def _run_granularity(config: ModelConfig, run: _Run) -> int | None:
-    """The configured inference granularity of a run's layers (one for a whole scanned run)."""
-    picks = set(layer_granularities(config)[run.start : run.stop])
-    if len(picks) > 1:
-        raise ValueError(
-            f"Transformer: matformer.inference_granularity gives layers {run.start}.."
-            f"{run.stop - 1} (one scanned run) granularities {sorted(picks)}; expected one per "
-            "scanned run (or scan_layers=False for a per-layer mix)"
-        )
-    return picks.pop()
-
-
 def _altup_mixing(config: ModelConfig, intermediates: dict[str, Any]) -> jax.Array:
     """AltUp's prediction operators, one site per layer: `[L, X, K, K]`."""
     per_run = []
@@ -756,7 +731,7 @@ def _altup_mixing(config: ModelConfig, intermediates: dict[str, Any]) -> jax.Arr
     return stacked.reshape(layers, b * t, *stacked.shape[3:])  # [L, X, K, K]
 
 
-def _collect_stats(stats_per_run: list[tuple[_Run, dict[str, jax.Array]]]) -> dict[str, Any]:
+def _collect_stats(stats_per_run: list[tuple[Run, dict[str, jax.Array]]]) -> dict[str, Any]:
     """Concatenates per-run statistics along the layer axis, in layer order."""
     aux: dict[str, Any] = {}
     for key in ("moe_load", "moe_balance_loss", "engram_gates", "ultramem_slots"):

@@ -88,25 +88,7 @@ def learning_rate_schedule(
             return _with_warmup(warmup, optax.constant_schedule(peak), warmup_steps)
         after = optax.cosine_decay_schedule(peak, decay_steps, alpha=final_fraction)
     elif kind == "wsd":
-        if not 0.0 < decay_fraction <= 1.0:
-            raise ValueError(
-                f"learning_rate_schedule: decay_fraction={decay_fraction}; expected in (0, 1]"
-            )
-        decay_steps = round(decay_fraction * total_steps)
-        stable_steps = total_steps - warmup_steps - decay_steps
-        if stable_steps < 0:
-            raise ValueError(
-                f"learning_rate_schedule: warmup_steps={warmup_steps} + decay steps "
-                f"{decay_steps} (decay_fraction={decay_fraction} x total_steps={total_steps}) "
-                f"exceed total_steps={total_steps}"
-            )
-        after = optax.join_schedules(
-            [
-                optax.constant_schedule(peak),
-                optax.linear_schedule(peak, end_value, max(decay_steps, 1)),
-            ],
-            [stable_steps],
-        )
+        after = _stable_then_decay(peak, end_value, warmup_steps, total_steps, decay_fraction)
     elif kind == "constant":
         after = optax.constant_schedule(peak)
     else:
@@ -114,6 +96,32 @@ def learning_rate_schedule(
             f"learning_rate_schedule: kind={kind!r}; expected one of 'cosine', 'wsd', 'constant'"
         )
     return _with_warmup(warmup, after, warmup_steps)
+
+
+def _stable_then_decay(
+    peak: float, end_value: float, warmup_steps: int, total_steps: int, decay_fraction: float
+) -> optax.Schedule:
+    """WSD after warmup: `peak`, then a linear decay to `end_value` over the last
+    `decay_fraction` of `total_steps`."""
+    if not 0.0 < decay_fraction <= 1.0:
+        raise ValueError(
+            f"learning_rate_schedule: decay_fraction={decay_fraction}; expected in (0, 1]"
+        )
+    decay_steps = round(decay_fraction * total_steps)
+    stable_steps = total_steps - warmup_steps - decay_steps
+    if stable_steps < 0:
+        raise ValueError(
+            f"learning_rate_schedule: warmup_steps={warmup_steps} + decay steps "
+            f"{decay_steps} (decay_fraction={decay_fraction} x total_steps={total_steps}) "
+            f"exceed total_steps={total_steps}"
+        )
+    return optax.join_schedules(
+        [
+            optax.constant_schedule(peak),
+            optax.linear_schedule(peak, end_value, max(decay_steps, 1)),
+        ],
+        [stable_steps],
+    )
 
 
 def _with_warmup(

@@ -78,6 +78,36 @@ def _as_axes(names: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _lookup_axes(
+    mesh: Mesh, row_axes: str | Sequence[str], batch_axes: str | Sequence[str] | None
+) -> tuple[tuple[str, ...], tuple[str, ...], int, int]:
+    """`vocab_parallel_lookup`'s axes as tuples, checked against the mesh, and their shard
+    counts."""
+    row_axes = _as_axes(row_axes)
+    batch_axes = _as_axes(batch_axes)
+    for name in row_axes + batch_axes:
+        if name not in mesh.axis_names:
+            raise ValueError(
+                f"vocab_parallel_lookup: axis {name!r}; expected one of mesh.axis_names "
+                f"{mesh.axis_names}"
+            )
+    if not row_axes:
+        raise ValueError(
+            "vocab_parallel_lookup: row_axes is empty; expected at least one mesh axis"
+        )
+    if set(row_axes) & set(batch_axes):
+        raise ValueError(
+            f"vocab_parallel_lookup: row_axes {row_axes} and batch_axes {batch_axes} overlap"
+        )
+    num_row_shards = 1
+    for name in row_axes:
+        num_row_shards *= mesh.shape[name]
+    num_batch_shards = 1
+    for name in batch_axes:
+        num_batch_shards *= mesh.shape[name]
+    return row_axes, batch_axes, num_row_shards, num_batch_shards
+
+
 def vocab_parallel_lookup(
     mesh: Mesh,
     row_axes: str | Sequence[str],
@@ -105,28 +135,9 @@ def vocab_parallel_lookup(
     Raises:
       ValueError: (when called) if R or the leading ids axis is not divisible by its shard count.
     """
-    row_axes = _as_axes(row_axes)
-    batch_axes = _as_axes(batch_axes)
-    for name in row_axes + batch_axes:
-        if name not in mesh.axis_names:
-            raise ValueError(
-                f"vocab_parallel_lookup: axis {name!r}; expected one of mesh.axis_names "
-                f"{mesh.axis_names}"
-            )
-    if not row_axes:
-        raise ValueError(
-            "vocab_parallel_lookup: row_axes is empty; expected at least one mesh axis"
-        )
-    if set(row_axes) & set(batch_axes):
-        raise ValueError(
-            f"vocab_parallel_lookup: row_axes {row_axes} and batch_axes {batch_axes} overlap"
-        )
-    num_row_shards = 1
-    for name in row_axes:
-        num_row_shards *= mesh.shape[name]
-    num_batch_shards = 1
-    for name in batch_axes:
-        num_batch_shards *= mesh.shape[name]
+    row_axes, batch_axes, num_row_shards, num_batch_shards = _lookup_axes(
+        mesh, row_axes, batch_axes
+    )
     table_spec = PartitionSpec(row_axes, None)
     lead = batch_axes if batch_axes else None
 

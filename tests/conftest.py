@@ -74,3 +74,12 @@ def pytest_collection_modifyitems(config, items):
         node = item.nodeid.split("/")[-1]  # "test_x.py::test_y[param]"
         if node.split("::")[0] in SLOW_MODULES or node.startswith(SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="module")
+def corpus(request, tmp_path_factory) -> str:
+    """A small text corpus, once per module, written by the module's own `_write_corpus` (the
+    training tests' random words, the experiment tests' phrases)."""
+    path = str(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+    request.module._write_corpus(path)
+    return path

@@ -82,12 +82,7 @@ def small_config(overrides):
     m.moe.update(num_experts=4, top_k=2, num_shared_experts=1, expert_hidden_size=16)
     m.engram.update(layer_ids=(1,), heads_per_ngram=2, embed_per_ngram=16)
     m.engram.table_rows_per_head = (211, 223)
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = m
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    m.update_from_flattened_dict(overrides)
     return validate(config).model
 
 

@@ -75,6 +75,22 @@ RUN_KEYS = {
 T_975_ONE_DEGREE = 12.706204736174705  # Student t quantile 0.975 with 1 degree of freedom
 
 
+def _micro_overrides(num_layers: int) -> list[str]:
+    """`--set` values of a micro dense model with two streams, for the sweeps' end-to-end runs."""
+    return [
+        "model.vocab_size=320",
+        f"model.num_layers={num_layers}",
+        f"model.num_dense_layers={num_layers}",
+        "model.hidden_size=32",
+        "model.mlp_hidden_size=64",
+        "model.attention.num_heads=2",
+        "model.attention.head_dim=16",
+        "model.hc.n_streams=2",
+        "batch_size=4",
+        "seq_len=32",
+    ]
+
+
 def _write_corpus(path: str) -> None:
     rng = np.random.default_rng(0)
     with open(path, "w", encoding="utf-8") as f:
@@ -82,13 +98,6 @@ def _write_corpus(path: str) -> None:
             picks = rng.choice(len(_PHRASES), size=int(rng.integers(3, 7)))
             # Documents are separated by two blank lines.
             f.write(". ".join(_PHRASES[i] for i in picks) + ".\n\n\n")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("corpus") / "corpus.txt")
-    _write_corpus(path)
-    return path
 
 
 def _run(name: str, corpus: str, workdir: str, *extra: str, jobs: int = 1, seeds: int = 1) -> str:
@@ -229,18 +238,7 @@ def test_allocation_sweep_and_resume(iso_workdir, corpus, tmp_path):
 
 def test_hyper_stability_logs_mixing_diagnostics(corpus, tmp_path):
     workdir = str(tmp_path)
-    hyper = [
-        "model.vocab_size=320",
-        "model.num_layers=1",
-        "model.num_dense_layers=1",
-        "model.hidden_size=32",
-        "model.mlp_hidden_size=64",
-        "model.attention.num_heads=2",
-        "model.attention.head_dim=16",
-        "model.hc.n_streams=2",
-        "batch_size=4",
-        "seq_len=32",
-    ]
+    hyper = _micro_overrides(num_layers=1)
     _run("hyper_stability", corpus, workdir, *[f"--set={h}" for h in hyper], jobs=2)
     results = _results(
         workdir,

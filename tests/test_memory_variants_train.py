@@ -4,12 +4,10 @@ and generates with its decode cache what a full forward pass predicts."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 
 import chex
-import jax
 import numpy as np
 import pytest
 
@@ -19,7 +17,14 @@ from engram_jax import generate as generate_lib
 from engram_jax import storage
 from engram_jax import train as train_lib
 from engram_jax.configs import config_path
-from tests.test_train import _losses, _small_config
+
+# `_write_corpus` fills conftest's module-scoped `corpus` fixture.
+from tests.test_train import (  # noqa: F401
+    _full_forward_greedy,
+    _losses,
+    _small_config,
+    _write_corpus,
+)
 
 NUM_STEPS = 4
 VARIANTS = ("tiny_overencoding", "tiny_ple", "tiny_ultramem")
@@ -55,15 +60,6 @@ def _variant_config(corpus: str, name: str):
         m.ultramem.layer_ids = (1,)  # the small model has two layers
     config_lib.validate(c)
     return c
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    from tests.test_train import _write_corpus
-
-    path = str(tmp_path_factory.mktemp("corpus") / "corpus.txt")
-    _write_corpus(path)
-    return path
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
@@ -111,15 +107,4 @@ def test_greedy_generation_equals_full_forward_argmax(trained):
     tokens = generator.generate_ids(prompt, sampling)
     generator.close()
     assert len(tokens) > 0
-    cfg = generator.model_config
-    moe = dataclasses.replace(cfg.moe, capacity_factor=cfg.moe.num_experts / cfg.moe.top_k)
-    forward = jax.jit(train_lib.Transformer(dataclasses.replace(cfg, moe=moe)).apply)
-    history, expected = prompt[None, :], []
-    for _ in tokens:
-        logits, _ = forward(generator.variables, history)
-        token = int(np.argmax(np.asarray(logits)[0, -1]))
-        if token == generator.spec.eos_id:
-            break
-        expected.append(token)
-        history = np.concatenate([history, [[token]]], axis=1).astype(np.int32)
-    assert tokens == expected
+    assert tokens == _full_forward_greedy(generator, prompt, len(tokens), with_hash_ids=False)

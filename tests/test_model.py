@@ -37,35 +37,30 @@ def _config(**overrides) -> ModelConfig:
     """The small test model; `overrides` maps dotted keys under `model` to values."""
     c = base_config()
     m = c.model
-    m.vocab_size = VOCAB
-    m.num_layers = 4
-    m.hidden_size = 32
-    m.mlp_hidden_size = 64
+    m.update(vocab_size=VOCAB, num_layers=4, hidden_size=32, mlp_hidden_size=64)
     m.num_dense_layers = 1
-    m.attention.num_heads = 4
-    m.attention.num_kv_heads = 2
-    m.attention.head_dim = 8
-    m.attention.kv_lora_rank = 16
-    m.attention.qk_nope_head_dim = 8
-    m.attention.qk_rope_head_dim = 4
-    m.attention.v_head_dim = 8
-    m.moe.num_experts = 4
-    m.moe.top_k = 2
-    m.moe.expert_hidden_size = 16
-    m.engram.layer_ids = (1,)
-    m.engram.max_ngram = 3
-    m.engram.heads_per_ngram = 2
-    m.engram.embed_per_ngram = 16
+    m.attention.update(num_heads=4, num_kv_heads=2, head_dim=8)
+    m.attention.update(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+    m.moe.update(num_experts=4, top_k=2, expert_hidden_size=16)
+    m.engram.update(layer_ids=(1,), max_ngram=3, heads_per_ngram=2, embed_per_ngram=16)
     m.engram.table_rows_per_head = (31, 37)
-    m.hc.kind = "mhc"
-    m.hc.n_streams = 4
-    for key, value in overrides.items():
-        node = m
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
+    m.hc.update(kind="mhc", n_streams=4)
+    m.update_from_flattened_dict(overrides)
     return validate(c).model
+
+
+def _init_decoder(cfg: ModelConfig):
+    """A decode-mode model initialised on random tokens and hash ids: `(model, tokens, hash_ids,
+    full_logits, variables)`. decode=True on a full-length input is the ordinary forward pass
+    plus zero caches of length T."""
+    model = Transformer(cfg, decode=True)
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, VOCAB, size=(B, T)).astype(np.int32)
+    hash_ids = _random_hash_ids(cfg, rng)
+    full_logits, variables = jax.jit(model.init_with_output)(
+        jax.random.key(1), tokens, None, None, hash_ids
+    )
+    return model, tokens, hash_ids, np.asarray(full_logits[0]), nn.meta.unbox(variables)
 
 
 def _random_hash_ids(cfg: ModelConfig, rng: np.random.Generator, t: int = T) -> np.ndarray:
@@ -226,16 +221,7 @@ def test_cached_decoding_matches_full_forward(kind):
         cfg = _config(
             num_layers=1, num_dense_layers=0, **{"attention.kind": kind, "engram.layer_ids": (0,)}
         )
-    model = Transformer(cfg, decode=True)
-    rng = np.random.default_rng(3)
-    tokens = rng.integers(0, VOCAB, size=(B, T)).astype(np.int32)
-    hash_ids = _random_hash_ids(cfg, rng)
-    # decode=True on a full-length input: the ordinary forward pass plus zero caches of length T.
-    full_logits, variables = jax.jit(model.init_with_output)(
-        jax.random.key(1), tokens, None, None, hash_ids
-    )
-    full_logits = np.asarray(full_logits[0])
-    variables = nn.meta.unbox(variables)
+    model, tokens, hash_ids, full_logits, variables = _init_decoder(cfg)
     params = {k: v for k, v in variables.items() if k != "cache"}
     fresh_cache = variables["cache"]
     engram_layer = f"layer_{cfg.engram.layer_ids[0]}"

@@ -3,32 +3,19 @@ matching exactly."""
 
 from __future__ import annotations
 
-import pytest
-
 from engram_jax.accounting import account
 from engram_jax.config import validate
 from engram_jax.experiments import residual_variants
-from tests.test_experiments import _results, _run, _write_corpus
 
-MICRO = [
-    "model.vocab_size=320",
-    "model.num_layers=2",
-    "model.num_dense_layers=2",
-    "model.hidden_size=32",
-    "model.mlp_hidden_size=64",
-    "model.attention.num_heads=2",
-    "model.attention.head_dim=16",
-    "model.hc.n_streams=2",
-    "batch_size=4",
-    "seq_len=32",
-]
+# `_write_corpus` fills conftest's module-scoped `corpus` fixture.
+from tests.test_experiments import (  # noqa: F401
+    _micro_overrides,
+    _results,
+    _run,
+    _write_corpus,
+)
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("corpus") / "corpus.txt")
-    _write_corpus(path)
-    return path
+MICRO = _micro_overrides(num_layers=2)
 
 
 def test_parameters_match_within_one_ffn_unit():

@@ -21,24 +21,14 @@ from engram_jax.tables.unique_rows import sum_rows, unique_rows
 
 def _tiny_model_config():
     c = config_lib.base_config()
-    c.batch_size = 4
-    c.seq_len = 8
+    c.update(batch_size=4, seq_len=8)
     m = c.model
-    m.vocab_size = 64
-    m.num_layers = 2
-    m.hidden_size = 16
-    m.mlp_hidden_size = 32
-    m.num_dense_layers = 2
-    m.attention.num_heads = 2
-    m.attention.num_kv_heads = 1
-    m.attention.head_dim = 8
-    m.engram.layer_ids = (0, 1)
-    m.engram.heads_per_ngram = 2
-    m.engram.embed_per_ngram = 8
+    m.update(vocab_size=64, num_layers=2, hidden_size=16, mlp_hidden_size=32, num_dense_layers=2)
+    m.attention.update(num_heads=2, num_kv_heads=1, head_dim=8)
+    m.engram.update(layer_ids=(0, 1), heads_per_ngram=2, embed_per_ngram=8)
     # Tiny tables: many ids of one batch collide on the same rows.
     m.engram.table_rows_per_head = (5, 7)
-    m.hc.kind = "residual"
-    m.hc.n_streams = 1
+    m.hc.update(kind="residual", n_streams=1)
     return c
 
 

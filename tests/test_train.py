@@ -51,47 +51,51 @@ def _write_corpus(path: str) -> None:
             f.write(" ".join(rng.choice(_WORDS, size=length)) + "\n\n\n")
 
 
+def _short_program(c, data_path: str, steps: int, every: int, warmup: int) -> None:
+    """A few steps of batch 4 x 32 tokens on the test corpus, evaluating and checkpointing
+    every `every` steps (so that a resume from a middle checkpoint can be checked)."""
+    c.update(num_train_steps=steps, batch_size=4, seq_len=32, warmup_steps=warmup)
+    c.update(eval_every=every, eval_batches=1, checkpoint_every=every, log_every=1)
+    c.update(data_path=data_path, eval_fraction=0.1)
+    c.model.vocab_size = 320
+
+
+def _full_forward_greedy(generator, prompt, steps: int, with_hash_ids: bool) -> list[int]:
+    """Up to `steps` greedy tokens after `prompt` from full forward passes of the generator's
+    model, stopping at eos: the reference its cached decoding must equal. MoE capacity E/K, as
+    decoding uses: the reference must not drop a token either."""
+    cfg = generator.model_config
+    moe = dataclasses.replace(cfg.moe, capacity_factor=cfg.moe.num_experts / cfg.moe.top_k)
+    forward = jax.jit(train_lib.Transformer(dataclasses.replace(cfg, moe=moe)).apply)
+    history, expected = prompt[None, :], []
+    for _ in range(steps):
+        args = ()
+        if with_hash_ids:
+            segments = np.ones_like(history)
+            args = (None, segments, data_lib.compute_hash_ids(history, segments, generator.engram))
+        logits, _ = forward(generator.variables, history, *args)
+        token = int(np.argmax(np.asarray(logits)[0, -1]))
+        if token == generator.spec.eos_id:
+            break
+        expected.append(token)
+        history = np.concatenate([history, [[token]]], axis=1).astype(np.int32)
+    return expected
+
+
 def _small_config(data_path: str):
     c = config_lib.base_config()
-    c.num_train_steps = NUM_STEPS
-    c.batch_size = 4
-    c.seq_len = 32
+    _short_program(c, data_path, NUM_STEPS, every=3, warmup=2)
     c.learning_rate = 3e-3
-    c.warmup_steps = 2
-    c.eval_every = 3
-    c.eval_batches = 1
-    c.checkpoint_every = 3
-    c.log_every = 1
-    c.data_path = data_path
-    c.eval_fraction = 0.1
     m = c.model
-    m.vocab_size = 320
-    m.num_layers = 2
-    m.hidden_size = 32
-    m.mlp_hidden_size = 64
-    m.num_dense_layers = 1
-    m.attention.num_heads = 2
-    m.attention.num_kv_heads = 1
-    m.attention.head_dim = 16
-    m.moe.num_experts = 4
-    m.moe.top_k = 2
-    m.moe.expert_hidden_size = 16
-    m.engram.layer_ids = (1,)
-    m.engram.heads_per_ngram = 2
-    m.engram.embed_per_ngram = 16
+    m.update(num_layers=2, hidden_size=32, mlp_hidden_size=64, num_dense_layers=1)
+    m.attention.update(num_heads=2, num_kv_heads=1, head_dim=16)
+    m.moe.update(num_experts=4, top_k=2, expert_hidden_size=16)
+    m.engram.update(layer_ids=(1,), heads_per_ngram=2, embed_per_ngram=16)
     m.engram.table_rows_per_head = (101, 211)
     # 638 rows padded to 640, so the 8-device test can split them over fsdp x tensor = 4.
     m.engram.table_row_multiple = 4
-    m.hc.kind = "mhc"
-    m.hc.n_streams = 2
+    m.hc.update(kind="mhc", n_streams=2)
     return c
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("corpus") / "corpus.txt")
-    _write_corpus(path)
-    return path
 
 
 class _Lines(logging.Handler):
@@ -347,23 +351,7 @@ def test_greedy_generation_equals_full_forward_argmax(uninterrupted):
     assert tokens == generator.generate_ids(prompt, sampling)
     assert len(tokens) > 0
 
-    # Capacity E/K, as decoding uses: the reference must not drop a token either.
-    cfg = generator.model_config
-    moe = dataclasses.replace(cfg.moe, capacity_factor=cfg.moe.num_experts / cfg.moe.top_k)
-    model = train_lib.Transformer(dataclasses.replace(cfg, moe=moe))
-    forward = jax.jit(model.apply)
-    history = prompt[None, :]
-    expected = []
-    for _ in tokens:
-        segments = np.ones_like(history)
-        hash_ids = data_lib.compute_hash_ids(history, segments, generator.engram)
-        logits, _ = forward(generator.variables, history, None, segments, hash_ids)
-        token = int(np.argmax(np.asarray(logits)[0, -1]))
-        if token == generator.spec.eos_id:
-            break
-        expected.append(token)
-        history = np.concatenate([history, [[token]]], axis=1).astype(np.int32)
-    assert tokens == expected
+    assert tokens == _full_forward_greedy(generator, prompt, len(tokens), with_hash_ids=True)
 
 
 def _snapshot(directory: str) -> dict[str, bytes]:

@@ -6,14 +6,13 @@ keeps no decode state.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from engram_jax import generate as generate_lib
 from engram_jax.model import Transformer, engram_table_sizes
-from tests.test_model import VOCAB, B, T, _config, _random_hash_ids
+from tests.test_model import VOCAB, B, T, _config, _init_decoder
 
 V41 = {"engram.form": "v41", "hc.kind": "mhc_v41", "hc.sinkhorn_eps": 1e-6}
 
@@ -22,15 +21,7 @@ V41 = {"engram.form": "v41", "hc.kind": "mhc_v41", "hc.sinkhorn_eps": 1e-6}
 def decoder():
     # Two layers: layer 0 dense, layer 1 Engram + MoE; attention caches in both.
     cfg = _config(num_layers=2, **V41)
-    model = Transformer(cfg, decode=True)
-    rng = np.random.default_rng(3)
-    tokens = rng.integers(0, VOCAB, size=(B, T)).astype(np.int32)
-    hash_ids = _random_hash_ids(cfg, rng)
-    full_logits, variables = jax.jit(model.init_with_output)(
-        jax.random.key(1), tokens, None, None, hash_ids
-    )
-    variables = nn.meta.unbox(variables)
-    return cfg, model, tokens, hash_ids, np.asarray(full_logits[0]), variables
+    return cfg, *_init_decoder(cfg)
 
 
 def test_v41_engram_has_v41_parameters_and_no_decode_state(decoder):

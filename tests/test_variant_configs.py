@@ -16,7 +16,14 @@ from engram_jax import generate as generate_lib
 from engram_jax import train as train_lib
 from engram_jax.config import load_config_file
 from engram_jax.configs import config_path
-from tests.test_train import _final_params, _losses, _write_corpus
+
+# `_write_corpus` fills conftest's module-scoped `corpus` fixture.
+from tests.test_train import (  # noqa: F401
+    _final_params,
+    _losses,
+    _short_program,
+    _write_corpus,
+)
 
 NUM_STEPS = 4
 
@@ -29,25 +36,8 @@ def _config(name: str, corpus: str):
     """The shipped config with a short training program; the model keys stay as shipped (only
     the vocabulary shrinks to what the small corpus' tokenizer has)."""
     c = load_config_file(config_path(name))
-    c.num_train_steps = NUM_STEPS
-    c.batch_size = 4
-    c.seq_len = 32
-    c.warmup_steps = 1
-    c.eval_every = 2
-    c.eval_batches = 1
-    c.checkpoint_every = 2
-    c.log_every = 1
-    c.data_path = corpus
-    c.eval_fraction = 0.1
-    c.model.vocab_size = 320
+    _short_program(c, corpus, NUM_STEPS, every=2, warmup=1)
     return c
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("corpus") / "corpus.txt")
-    _write_corpus(path)
-    return path
 
 
 @pytest.fixture(scope="module", params=["tiny_altup", "tiny_matformer"])

@@ -331,6 +331,25 @@ def decode_tokens_per_second(
 BLOCK_STEPS = 5
 
 
+def _interleaved_samples(
+    runs: dict[str, Callable[[int], None]], warmup: int, num_steps: int, trainer
+) -> dict[str, list[float]]:
+    """Seconds of each step after `warmup` untimed ones, per placement, in alternating blocks of
+    `BLOCK_STEPS` steps; the host trainer's wait is counted from the first timed step."""
+    for i in range(warmup):
+        for run in runs.values():
+            run(i)
+    trainer.wait_seconds = 0.0
+    samples: dict[str, list[float]] = {placement: [] for placement in runs}
+    for first in range(warmup, num_steps, BLOCK_STEPS):
+        for placement, run in runs.items():
+            for i in range(first, min(first + BLOCK_STEPS, num_steps)):
+                start = time.perf_counter()
+                run(i)
+                samples[placement].append(time.perf_counter() - start)
+    return samples
+
+
 def offload(
     rows_base: int,
     steps: int,
@@ -385,17 +404,7 @@ def offload(
         jax.block_until_ready(metrics)
 
     runs = {"device": run_device, "host": run_host}
-    for i in range(warmup):
-        for run in runs.values():
-            run(i)
-    host["trainer"].wait_seconds = 0.0
-    samples: dict[str, list[float]] = {placement: [] for placement in runs}
-    for first in range(warmup, len(batches), BLOCK_STEPS):
-        for placement, run in runs.items():
-            for i in range(first, min(first + BLOCK_STEPS, len(batches))):
-                start = time.perf_counter()
-                run(i)
-                samples[placement].append(time.perf_counter() - start)
+    samples = _interleaved_samples(runs, warmup, len(batches), host["trainer"])
     host["trainer"].close()
     host_wait = host["trainer"].wait_seconds / sum(samples["host"])
     host.clear()  # frees the host table before decoding

@@ -285,6 +285,20 @@ def _make_rows_grad_step(
     return step
 
 
+def _update_tables(table_opt: RowOptimizer, memory, memory_opt_state, updates, lr):
+    """`update_table` for each `(path, ids, grads)` of `updates`; returns the new tables, their
+    optimizer state and the summed squared norm of the touched rows' gradients."""
+    sq = 0.0
+    for p, ids, grads in updates:
+        table, table_state, sq_i = update_table(
+            table_opt, get_path(memory, p), get_path(memory_opt_state, p), ids, grads, lr
+        )
+        memory = set_path(memory, p, table)
+        memory_opt_state = set_path(memory_opt_state, p, table_state)
+        sq = sq + sq_i
+    return memory, memory_opt_state, sq
+
+
 def make_sparse_train_step(
     model: Transformer,
     dense_tx: optax.GradientTransformation,
@@ -336,33 +350,16 @@ def make_sparse_train_step(
         for i, (name, _) in enumerate(hidden_addressed):
             token_ids[name] = aux["ultramem_slots"][i] % u.value_rows  # [B, T, k] physical rows
             token_grads[name] = token_grads[name]["delta"]
-        memory, memory_opt_state, sq = state.memory, state.memory_opt_state, 0.0
+        updates = []  # (path, ids [S, U], grads [S, U, W]) of every table the step touched
         for name, p in tokens + hidden_addressed:
             grads_BTMW = token_grads[name]
-            w = grads_BTMW.shape[-1]
-            table, table_state, sq_i = update_table(
-                table_opt,
-                get_path(memory, p),
-                get_path(memory_opt_state, p),
-                token_ids[name].reshape(-1, 1),  # [B*T*M, 1]: S > 1 groups, deduplicated
-                grads_BTMW.reshape(-1, 1, w),
-                lr,
-            )
-            memory = set_path(memory, p, table)
-            memory_opt_state = set_path(memory_opt_state, p, table_state)
-            sq = sq + sq_i
-        for i, p in enumerate(paths):
-            table, table_state, sq_i = update_table(
-                table_opt,
-                get_path(memory, p),
-                get_path(memory_opt_state, p),
-                ids_SLU[:, i],
-                grads_SLUW[:, i],
-                lr,
-            )
-            memory = set_path(memory, p, table)
-            memory_opt_state = set_path(memory_opt_state, p, table_state)
-            sq = sq + sq_i
+            # [B*T*M, 1]: S > 1 groups, deduplicated
+            ids = token_ids[name].reshape(-1, 1)
+            updates.append((p, ids, grads_BTMW.reshape(-1, 1, grads_BTMW.shape[-1])))
+        updates += [(p, ids_SLU[:, i], grads_SLUW[:, i]) for i, p in enumerate(paths)]
+        memory, memory_opt_state, sq = _update_tables(
+            table_opt, state.memory, state.memory_opt_state, updates, lr
+        )
         metrics["memory_grad_norm"] = jnp.sqrt(sq)
         return new_state.replace(memory=memory, memory_opt_state=memory_opt_state), metrics
 
