@@ -108,4 +108,4 @@ def test_wheel_install_resolves_config_names_from_another_directory(tmp_path):
     assert trained.returncode != 0
     assert "config.num_train_steps: got 0" in trained.stderr, trained.stderr[-2000:]
     unknown = run("-m", "engram_jax.train", "--config=tinny", f"--workdir={tmp_path / 'w'}")
-    assert unknown.returncode == 2 and "one of dense_4b" in unknown.stderr
+    assert unknown.returncode == 2 and "one of deepseek_v41, dense_4b" in unknown.stderr

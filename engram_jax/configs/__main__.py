@@ -27,7 +27,7 @@ def _summary(name: str) -> str:
 def _millions(n: int) -> str:
     if n == 0:
         return "-"
-    return f"{n / 1e6:,.1f}M" if n < 1e9 else f"{n / 1e9:,.2f}B"
+    return f"{n / 1e6:,.2f}M" if n < 1e9 else f"{n / 1e9:,.2f}B"
 
 
 def table() -> str:
