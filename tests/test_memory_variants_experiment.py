@@ -3,7 +3,7 @@ file: five runs at matched parameters, results.json, PNGs and summary.md."""
 
 from __future__ import annotations
 
-from tests.test_experiments import _micro, _results, _run, corpus  # noqa: F401 (fixture)
+from tests.test_experiments import _micro, _results, _run, _write_corpus  # noqa: F401 (conftest corpus)
 
 # The micro model's dense FFN can pay for an UltraMem layout this small only.
 SMALL_MEMORIES = (
@@ -16,7 +16,7 @@ SMALL_MEMORIES = (
 )
 
 
-def test_memory_variants_match_parameters_end_to_end(corpus, tmp_path):  # noqa: F811
+def test_memory_variants_match_parameters_end_to_end(corpus, tmp_path):
     workdir = str(tmp_path)
     _run("memory_variants", corpus, workdir, *_micro(*SMALL_MEMORIES), jobs=2)
     names = ["moe-s0", "engram-s0", "overencoding-s0", "ple-s0", "ultramem-s0"]
