@@ -31,12 +31,15 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 SLOW_MODULES = (
     "test_bench.py",
     "test_experiments.py",
+    "test_memory_variants_experiment.py",
+    "test_memory_variants_train.py",
     "test_notebook.py",
     "test_packaging.py",
     "test_preemption.py",
     "test_readme.py",
     "test_residual_variants.py",
     "test_train.py",
+    "test_variant_configs.py",
 )
 SLOW_TESTS = (
     "test_checkpoint.py::test_two_processes_save_one_restores",
@@ -65,6 +68,11 @@ SLOW_TESTS = (
     "test_sparse.py::test_host_placement_matches_device_placement_over_ten_steps",
     "test_sparse.py::test_sparse_sgd_equals_dense_sgd_exactly",
     "test_table_store.py::test_greedy_output_identical_on_device_host_and_disk",
+    "test_table_store.py::test_fp8_greedy_output_identical_on_device_host_and_disk",
+    "test_table_store.py::test_row_files_served_without_the_checkpoint_tables",
+    "test_table_store.py::test_row_cache_peak_rss_is_its_configured_size",
+    "test_matformer.py::test_slices_are_standalone_models_counted_by_the_accounting",
+    "test_memory_variants.py::test_ultramem_delta_gradient_is_the_value_table_gradient",
     "test_table_store.py::test_split_decode_step_equals_the_unsplit_step",
 )
 
