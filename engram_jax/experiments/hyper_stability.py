@@ -16,6 +16,7 @@ Parameters differ slightly between kinds (the mixing coefficients); the accounti
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -182,19 +183,25 @@ def report_runs(outcome: runner.Outcome) -> None:
     report.finish(options.workdir, NAME, lines, runs, learning_rate=lr, **extra)
 
 
-def main(argv: list[str]) -> None:
+def run_kinds(
+    build: Callable[[Options, Corpus, ml_collections.ConfigDict, list[str]], list[runner.RunSpec]],
+    describe: Callable[[runner.RunSpec], str],
+) -> runner.Outcome:
+    """Trains the runs `build` makes for `--kinds` on this experiment's model at
+    `--learning_rate` (divergence is a result here, not an error); residual_variants shares it."""
     from absl import flags
 
-    del argv
     base = base_config()
     base.learning_rate = flags.FLAGS.learning_rate
     options, base, corpus, _, held_out = runner.start(base)
     kinds = [k.strip() for k in flags.FLAGS.kinds.split(",") if k.strip()]
-    specs = build_specs(options, corpus, base, kinds)
-    outcome = runner.run_all(
-        options, corpus, held_out, specs, lambda s: s.labels["kind"], allow_divergence=True
-    )
-    report_runs(outcome)
+    specs = build(options, corpus, base, kinds)
+    return runner.run_all(options, corpus, held_out, specs, describe, allow_divergence=True)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    report_runs(run_kinds(build_specs, lambda s: s.labels["kind"]))
 
 
 if __name__ == "__main__":

@@ -118,23 +118,9 @@ def report_runs(outcome: runner.Outcome) -> None:
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
-
     del argv
-    base = base_config()
-    base.learning_rate = flags.FLAGS.learning_rate
-    options, base, corpus, _, held_out = runner.start(base)
-    kinds = [k.strip() for k in flags.FLAGS.kinds.split(",") if k.strip()]
-    specs = build_specs(options, corpus, base, kinds)
-    outcome = runner.run_all(
-        options,
-        corpus,
-        held_out,
-        specs,
-        lambda s: f"{s.labels['kind']} (FFN {s.labels['mlp_hidden_size']})",
-        allow_divergence=True,
-    )
-    report_runs(outcome)
+    describe = lambda s: f"{s.labels['kind']} (FFN {s.labels['mlp_hidden_size']})"
+    report_runs(hyper_stability.run_kinds(build_specs, describe))
 
 
 if __name__ == "__main__":
