@@ -63,9 +63,12 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def kind_config(base: ml_collections.ConfigDict, kind: str) -> ml_collections.ConfigDict:
-    if kind not in KINDS:
-        raise ValueError(f"--kinds: got {kind!r}; expected some of {', '.join(KINDS)}")
+def kind_config(
+    base: ml_collections.ConfigDict, kind: str, kinds: tuple[str, ...] = KINDS
+) -> ml_collections.ConfigDict:
+    """`base` with `hc.kind = kind`, one of `kinds` (the residual keeps one stream)."""
+    if kind not in kinds:
+        raise ValueError(f"--kinds: got {kind!r}; expected some of {', '.join(kinds)}")
     c = copy.deepcopy(base)
     c.model.hc.kind = kind
     if kind == "residual":

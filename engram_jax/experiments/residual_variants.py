@@ -14,8 +14,6 @@ residual, so the same composite Amax gains are drawn for it (docs/design.md "Alt
 
 from __future__ import annotations
 
-import copy
-
 import ml_collections
 
 from engram_jax.accounting import account
@@ -36,14 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def kind_config(base: ml_collections.ConfigDict, kind: str) -> ml_collections.ConfigDict:
-    """`base` with `hc.kind = kind` (the residual keeps one stream)."""
-    if kind not in KINDS:
-        raise ValueError(f"--kinds: got {kind!r}; expected some of {', '.join(KINDS)}")
-    c = copy.deepcopy(base)
-    c.model.hc.kind = kind
-    if kind == "residual":
-        c.model.hc.n_streams = 1
-    return c
+    """`base` with `hc.kind = kind` (the residual keeps one stream), AltUp among the kinds."""
+    return hyper_stability.kind_config(base, kind, KINDS)
 
 
 def _total_params(config: ml_collections.ConfigDict) -> int:
