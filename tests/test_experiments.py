@@ -524,6 +524,14 @@ def test_overrides_name_unknown_keys():
         options_lib.apply_overrides(config, ["model.hidden_size"])
 
 
+def test_iso_param_variants_flag_keeps_variant_order_and_refuses_bad_lists():
+    assert iso_param.parse_variants("engram,moe") == ("moe", "engram")
+    assert iso_param.parse_variants(",".join(iso_param.VARIANTS)) == iso_param.VARIANTS
+    for bad in ("moe", "moe,moe", "moe,engrm", ""):
+        with pytest.raises(ValueError, match="--variants"):
+            iso_param.parse_variants(bad)
+
+
 def test_notebook_is_valid_and_its_code_parses():
     import ast
 

@@ -1,7 +1,7 @@
 """Engram + MoE against an MoE and a dense model at matched parameters.
 
     python -m engram_jax.experiments.iso_param --data_path=PATH --workdir=DIR --steps=N --seeds=K \
-        [--jobs=J] [--rho=0.75] [--updates_per_row=U]
+        [--jobs=J] [--rho=0.75] [--updates_per_row=U] [--variants=dense,moe,engram]
 
 The MoE baseline and Engram + MoE have equal total and activated parameters (Engram takes
 1 - rho of the sparse budget from the routed experts, docs/design.md §1.9); the dense model has
@@ -55,14 +55,30 @@ def variant_config(
     raise ValueError(f"variant: got {variant!r}; expected one of {VARIANTS}")
 
 
+def parse_variants(text: str) -> tuple[str, ...]:
+    """`--variants` as a tuple in VARIANTS order; at least two, so that something is compared."""
+    chosen = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown or len(set(chosen)) < 2:
+        raise ValueError(
+            f"--variants: got {text!r}; expected two or more distinct names of {VARIANTS}, "
+            "comma-separated"
+        )
+    return tuple(v for v in VARIANTS if v in chosen)
+
+
 def build_specs(
-    options: Options, corpus: Corpus, base: ml_collections.ConfigDict, rho: float
+    options: Options,
+    corpus: Corpus,
+    base: ml_collections.ConfigDict,
+    rho: float,
+    variants: tuple[str, ...] = VARIANTS,
 ) -> list[runner.RunSpec]:
     probe = runner.training_config(sizing.with_allocation(base, rho), options, corpus)
     rows = budget.planned_rows(probe, options.updates_per_row)
     specs = []
     for seed in range(options.seeds):
-        for variant in VARIANTS:
+        for variant in variants:
             model = variant_config(base, variant, rho, rows)
             config = runner.training_config(model, options, corpus, seed=seed)
             specs.append(runner.RunSpec(f"{variant}-s{seed}", seed, config, {"variant": variant}))
@@ -130,7 +146,9 @@ def report_runs(outcome: runner.Outcome, rho: float) -> None:
         )
     lines += [
         "",
-        *report.paired_lines(runs, "variant", COMPARISONS),
+        *report.paired_lines(
+            runs, "variant", [c for c in COMPARISONS if set(c) <= set(by_variant)]
+        ),
         "",
         f"![validation curves]({curves_png})",
         "",
@@ -145,8 +163,9 @@ def main(argv: list[str]) -> None:
 
     del argv
     rho = flags.FLAGS.rho
+    variants = parse_variants(flags.FLAGS.variants)
     options, base, corpus, _, held_out = runner.start(base_config())
-    specs = build_specs(options, corpus, base, rho)
+    specs = build_specs(options, corpus, base, rho, variants)
     outcome = runner.run_all(options, corpus, held_out, specs, lambda s: s.labels["variant"])
     report_runs(outcome, rho)
 
@@ -159,4 +178,10 @@ if __name__ == "__main__":
 
     define_flags(default_steps=600, default_seeds=3, tables=True)
     flags.DEFINE_float("rho", 0.75, "Routed-expert share of the sparse budget in Engram + MoE.")
+    flags.DEFINE_string(
+        "variants",
+        ",".join(VARIANTS),
+        "Comma-separated subset of the variants to train (dense, moe, engram); the paired "
+        "comparisons are those whose two variants are both trained.",
+    )
     cli.run(main)
