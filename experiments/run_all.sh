@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Full-budget runs of engram_jax.experiments for docs/results.md (about 75 minutes per corpus on an
-# idle 2-core CPU machine with JOBS=2; see docs/results.md for the per-experiment estimates).
+# Full-budget runs of engram_jax.experiments for docs/results.md (docs/results.md gives each
+# experiment's wall time on an idle 2-core CPU machine with JOBS=2).
 #
-#   [JOBS=2] [EXPERIMENTS="iso_param allocation hyper_stability gate_analysis"] [ISO_SEEDS=3] \
-#     [ALLOCATION_BUDGETS=1,3] experiments/run_all.sh [CORPUS] [SCRATCH]
+#   [JOBS=2] [EXPERIMENTS="iso_param gate_analysis allocation memory_variants residual_variants"] \
+#     [ISO_STEPS=1200] [ISO_SEEDS=5] [ISO_UPDATES=1000] [ALLOCATION_BUDGETS=1,3] [VARIANT_STEPS=300] \
+#     experiments/run_all.sh [CORPUS] [SCRATCH]
 #
 # CORPUS: a text corpus (default: the bundled slice of the Python docs); SCRATCH: where the runs'
 # checkpoints go (default /tmp/engram_jax_experiments/<corpus name>; a few GB). Rerunning resumes:
@@ -28,26 +29,40 @@ mkdir -p "$SCRATCH" "$DOCS"
   echo "jax: $(python -c 'import jax; print(jax.__version__, jax.devices()[0].platform)')"
 } >> "$DOCS/machine.txt"
 
-run() {
+run() {  # run NAME [--workdir_of=OTHER] FLAGS...: OTHER's workdir reuses its finished runs
   local name=$1; shift
+  local workdir=$SCRATCH/$name
+  if [[ ${1:-} == --workdir_of=* ]]; then workdir=$SCRATCH/${1#--workdir_of=}; shift; fi
   local start=$SECONDS
   echo "== $name $*"
-  python -m "engram_jax.experiments.$name" --data_path="$CORPUS" --workdir="$SCRATCH/$name" \
+  python -m "engram_jax.experiments.$name" --data_path="$CORPUS" --workdir="$workdir" \
     --jobs="$JOBS" "$@"
   mkdir -p "$DOCS/$name"
-  cp "$SCRATCH/$name"/{results.json,summary.md} "$SCRATCH/$name"/*.png "$DOCS/$name/"
+  cp "$workdir"/{results.json,summary.md} "$workdir"/*.png "$DOCS/$name/"
   echo "$name: $((SECONDS - start)) s wall, load average $(cut -d' ' -f1-3 /proc/loadavg)" \
     | tee -a "$DOCS/machine.txt"
 }
 
+# The deciding budget of iso_param (and gate_analysis, which analyses iso_param's Engram runs):
+# 1200 steps of 4 x 128 tokens (the 614k tokens of the earlier 300 x 16 x 128 runs, in four times
+# the steps) with tables sized for 1000 updates per row; the learning rate scaled with the square
+# root of the batch (3e-3 at 16 -> 1.5e-3 at 4). Only MoE and Engram + MoE: the paired comparison.
+ENGRAM_FLAGS=(--steps="${ISO_STEPS:-1200}" --seeds="${ISO_SEEDS:-5}"
+  --updates_per_row="${ISO_UPDATES:-1000}" --evals=4 --set=batch_size=4 --set=learning_rate=0.0015)
+
 # EXPERIMENTS chooses which experiments run (a subset keeps a corpus's run within its time budget).
-for name in ${EXPERIMENTS:-iso_param allocation hyper_stability gate_analysis}; do
+for name in ${EXPERIMENTS:-iso_param gate_analysis allocation memory_variants residual_variants}; do
   case $name in
-    iso_param) run iso_param --steps=300 --seeds="${ISO_SEEDS:-3}" ;;
+    iso_param) run iso_param "${ENGRAM_FLAGS[@]}" --variants=moe,engram ;;
+    gate_analysis)  # trains nothing once iso_param ran: the same config and run names
+      run gate_analysis --workdir_of=iso_param "${ENGRAM_FLAGS[@]}"
+      # gate_analysis wrote its report into iso_param's workdir: rewrite iso_param's own (no training)
+      [[ -f $SCRATCH/iso_param/runs/moe-s0/result.json ]] && run iso_param "${ENGRAM_FLAGS[@]}" --variants=moe,engram ;;
     allocation) run allocation --steps=120 --seeds=1 --budgets="${ALLOCATION_BUDGETS:-1,3}" --evals=4 ;;
     hyper_stability) run hyper_stability --steps=300 --seeds=1 --learning_rate=0.01 ;;
-    residual_variants) run residual_variants --steps=300 --seeds=3 --learning_rate=0.01 ;;
-    gate_analysis) run gate_analysis --steps=300 --seeds=1 ;;
+    memory_variants) run memory_variants --steps="${VARIANT_STEPS:-300}" --seeds=3 --evals=4 ;;
+    residual_variants)
+      run residual_variants --steps="${VARIANT_STEPS:-300}" --seeds=3 --learning_rate=0.01 --evals=4 ;;
     *) echo "EXPERIMENTS: unknown experiment '$name'" >&2; exit 2 ;;
   esac
 done
