@@ -3,7 +3,7 @@
 # experiment's wall time on an idle 2-core CPU machine with JOBS=2).
 #
 #   [JOBS=2] [EXPERIMENTS="iso_param gate_analysis allocation memory_variants residual_variants"] \
-#     [ISO_STEPS=1200] [ISO_SEEDS=5] [ISO_UPDATES=200] [ALLOCATION_BUDGETS=1,3] [VARIANT_STEPS=400] \
+#     [ISO_STEPS=1200] [ISO_SEEDS=5] [ISO_UPDATES=200] [ALLOCATION_BUDGETS=1,3] [VARIANT_STEPS=400] [RESIDUAL_STEPS=300] \
 #     experiments/run_all.sh [CORPUS] [SCRATCH]
 #
 # CORPUS: a text corpus (default: the bundled slice of the Python docs); SCRATCH: where the runs'
@@ -61,12 +61,14 @@ for name in ${EXPERIMENTS:-iso_param gate_analysis allocation memory_variants re
       run gate_analysis --workdir_of=iso_param "${ENGRAM_FLAGS[@]}"
       # gate_analysis wrote its report into iso_param's workdir: rewrite iso_param's own (no training)
       [[ -f $SCRATCH/iso_param/runs/moe-s0/result.json ]] && run iso_param "${ENGRAM_FLAGS[@]}" --variants=moe,engram ;;
-    allocation) run allocation --steps=120 --seeds=1 --budgets="${ALLOCATION_BUDGETS:-1,3}" --evals=4 ;;
+    allocation) run allocation --steps=120 --seeds=1 --budgets="${ALLOCATION_BUDGETS:-1,3}" --evals=4 \
+      --rhos=1.0,0.9,0.75,0.5 ;;
     hyper_stability) run hyper_stability --steps=300 --seeds=1 --learning_rate=0.01 ;;
-    # The variant comparisons at iso_param's step shape (4 x 128 tokens): 400 steps, 3 paired seeds.
+    # The variant comparisons at iso_param's step shape (4 x 128 tokens), 3 paired seeds: 400 steps
+    # for the memories, 300 for the residuals (a shallower model at a high learning rate).
     memory_variants) run memory_variants --steps="${VARIANT_STEPS:-400}" --seeds=3 --evals=4 \
       --set=batch_size=4 --set=learning_rate=0.0015 ;;
-    residual_variants) run residual_variants --steps="${VARIANT_STEPS:-400}" --seeds=3 \
+    residual_variants) run residual_variants --steps="${RESIDUAL_STEPS:-300}" --seeds=3 \
       --learning_rate=0.01 --evals=4 --set=batch_size=4 ;;
     *) echo "EXPERIMENTS: unknown experiment '$name'" >&2; exit 2 ;;
   esac
