@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from engram_jax import axes
-from engram_jax.layers import rms_norm
+from engram_jax.layers import rms_norm, token_einsum
 
 Initializer = Callable[..., jax.Array]
 
@@ -377,9 +377,9 @@ class Attention(nn.Module):
             x_BTD, q_kernel_DNH, k_kernel_DKH, v_kernel_DKH, out_kernel_NHD, dtype=self.dtype
         )
 
-        q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, q_kernel_DNH)
-        k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, k_kernel_DKH)
-        v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, v_kernel_DKH)
+        q_BTNH = token_einsum("btd,dnh->btnh", x_BTD, q_kernel_DNH)
+        k_BTKH = token_einsum("btd,dkh->btkh", x_BTD, k_kernel_DKH)
+        v_BTKH = token_einsum("btd,dkh->btkh", x_BTD, v_kernel_DKH)
 
         if self.use_qk_norm:
             # QK-norm (f32 statistics inside rms_norm) bounds logit growth; applied before RoPE.
@@ -459,7 +459,7 @@ class Attention(nn.Module):
                 implementation=self.attention_impl,
             )
 
-        y_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, out_kernel_NHD)
+        y_BTD = token_einsum("btnh,nhd->btd", out_BTNH, out_kernel_NHD)
         return nn.with_logical_constraint(y_BTD, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
 
 

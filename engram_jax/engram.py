@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax import axes
-from engram_jax.layers import rms_norm
+from engram_jax.layers import rms_norm, token_einsum
 
 Initializer = Callable[..., jax.Array]
 # lookup_fn(table_RW, flat_ids_BTM) -> rows_BTMW; ids outside [0, R) must give zero rows.
@@ -230,7 +230,7 @@ def v41_key_value(rows_BTMW: jax.Array, wkv_MWKD: jax.Array) -> tuple[jax.Array,
       `(key_BTGD, value_BTD)` in the promoted dtype of the inputs.
     """
     g = wkv_MWKD.shape[2] - 1
-    kv_BTKD = jnp.einsum("btmw,mwkd->btkd", rows_BTMW, wkv_MWKD)  # [B, T, G + 1, D]
+    kv_BTKD = token_einsum("btmw,mwkd->btkd", rows_BTMW, wkv_MWKD)  # [B, T, G + 1, D]
     return kv_BTKD[:, :, :g], kv_BTKD[:, :, g]  # [B, T, G, D], [B, T, D]
 
 
@@ -724,9 +724,11 @@ class Engram(nn.Module):
         # are viewed as [M, W, ...] to contract rows directly.
         key_kernel_MWGD = key_kernel.reshape(m, w, g, d)  # [M*W, G, D] -> [M, W, G, D]
         value_kernel_MWD = value_kernel.reshape(m, w, d)  # [M*W, D] -> [M, W, D]
-        key_BTGD = jnp.einsum("btmw,mwgd->btgd", rows_BTMW, key_kernel_MWGD) + key_bias[None, None]
+        key_BTGD = (
+            token_einsum("btmw,mwgd->btgd", rows_BTMW, key_kernel_MWGD) + key_bias[None, None]
+        )
         value_BTD = (
-            jnp.einsum("btmw,mwd->btd", rows_BTMW, value_kernel_MWD) + value_bias[None, None]
+            token_einsum("btmw,mwd->btd", rows_BTMW, value_kernel_MWD) + value_bias[None, None]
         )
 
         # Gate (§1.5): per-stream key/query RMSNorm (f32 statistics), f32 gate logic.

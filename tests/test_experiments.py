@@ -532,6 +532,23 @@ def test_iso_param_variants_flag_keeps_variant_order_and_refuses_bad_lists():
             iso_param.parse_variants(bad)
 
 
+def test_time_to_floor_finds_the_first_evaluation_below_the_floor():
+    from engram_jax.experiments.time_to_floor import first_below
+
+    log = [
+        "I1231 23:59:50.000000 1 train.py:1] starting\n",
+        "I1231 23:59:59.500000 1 metrics.py:1] eval step 100 | loss 6.1 | bits/byte 2.4\n",
+        "not a log line | bits/byte 0.1\n",
+        "I0101 00:00:20.000000 1 metrics.py:1] eval step 200 | loss 5.2 | bits/byte 2.05\n",
+        "I0101 00:01:00.000000 1 metrics.py:1] eval step 300 | loss 5.0 | bits/byte 1.9\n",
+    ]
+    crossed = first_below(log, 2.1, "r")
+    assert (crossed.step, crossed.bits_per_byte, crossed.final_bits_per_byte) == (200, 2.05, 1.9)
+    assert crossed.seconds == pytest.approx(30.0)  # across the new year's night
+    never = first_below(log, 1.5, "r")
+    assert never.step is None and never.seconds is None and never.final_bits_per_byte == 1.9
+
+
 def test_notebook_is_valid_and_its_code_parses():
     import ast
 
