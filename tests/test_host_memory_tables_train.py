@@ -52,7 +52,7 @@ def _restart(source: str, target: str, corpus: str, placement: str) -> str:
             return []
         return [n for n in names if n.isdigit() and int(n) > RESTART_STEP]
 
-    shutil.copytree(source, target, ignore=newer_checkpoints)
+    shutil.copytree(source, target, ignore=newer_checkpoints, dirs_exist_ok=True)
     train_lib.train_and_evaluate(_config(corpus, placement), target)
     return target
 
