@@ -105,10 +105,17 @@ def test_checkpoints_move_between_placements(runs):
 
 
 def test_generates_from_a_host_trained_checkpoint(runs):
-    generator = generate_lib.Generator(runs["host"])
+    """Greedy decoding equals the full forward's argmax, and reads the same tokens with the
+    Engram tables in host RAM (the OverEncoding and PLE tables are parameters either way)."""
     sampling = generate_lib.SamplingConfig(max_tokens=3, temperature=0.0)
-    prompt = np.asarray(generator.tokenizer.encode("the memory table").ids, np.int32)
-    tokens = generator.generate_ids(prompt, sampling)
-    generator.close()
-    assert len(tokens) > 0
-    assert tokens == _full_forward_greedy(generator, prompt, len(tokens), with_hash_ids=True)
+    tokens = {}
+    for placement in ("device", "host"):
+        generator = generate_lib.Generator(runs["host"], table_placement=placement)
+        prompt = np.asarray(generator.tokenizer.encode("the memory table").ids, np.int32)
+        tokens[placement] = generator.generate_ids(prompt, sampling)
+        generator.close()
+        if placement == "device":  # the reference reads the tables among the parameters
+            steps = len(tokens["device"])
+            assert steps > 0
+            assert tokens["device"] == _full_forward_greedy(generator, prompt, steps, True)
+    assert tokens["host"] == tokens["device"]
