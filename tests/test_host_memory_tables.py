@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 from engram_jax import config as config_lib
-from engram_jax import data as data_lib
 from engram_jax import train as train_lib
 from engram_jax.configs import config_path
-from engram_jax.model import Transformer, engram_table_sizes
+from engram_jax.model import Transformer
 from engram_jax.overencoding_ids import OverEncodingIds
 from engram_jax.tables import device_step, host_tables
 
@@ -56,8 +55,7 @@ MODELS = {
 
 
 def _batches(cfg, count: int) -> list[dict[str, np.ndarray]]:
-    """Batches as the input pipeline makes them: `overencoding_ids` from the host, Engram's hash
-    ids deduplicated into `memory_ids` / `memory_inverse`."""
+    """Batches as the input pipeline makes them (`overencoding_ids` computed on the host)."""
     rng = np.random.default_rng(0)
     b, t, m = cfg.train.batch_size, cfg.train.seq_len, cfg.model
     out = []
@@ -75,15 +73,6 @@ def _batches(cfg, count: int) -> list[dict[str, np.ndarray]]:
         oe_ids = OverEncodingIds.from_model_config(m)
         if oe_ids is not None:
             batch["overencoding_ids"] = oe_ids(tokens, segments)
-        if m.engram.enabled:
-            sizes = engram_table_sizes(m)
-            per_layer = [sizes[layer] for layer in m.engram.layer_ids]
-            hash_ids = np.stack(
-                [rng.integers(0, np.asarray(p)[None, None, :], (b, t, len(p))) for p in per_layer],
-                axis=1,
-            ).astype(np.int32)  # [B, L_e, T, M]
-            ids, inverse = data_lib.unique_table_rows(hash_ids, per_layer, 1)
-            batch.update(hash_ids=hash_ids, memory_ids=ids, memory_inverse=inverse)
         out.append(batch)
     return out
 
@@ -183,6 +172,18 @@ def test_host_checkpoint_item_has_the_device_layout(both_placements):
         )
         for key, value in device_step.get_path(device_state.memory_opt_state, p).items():
             np.testing.assert_array_equal(loaded.state[p][key], np.asarray(value))
+
+
+def test_token_rows_read_twice_in_one_sequence_are_summed():
+    """A token table's ids repeat within a group (unlike Engram's, deduplicated per group by the
+    pipeline): with one sequence too, a row read twice gets its gradients summed once."""
+    ids_SU = np.array([[3, 5, 3, -1, 3]])
+    grads_SUW = np.arange(10, dtype=np.float32).reshape(1, 5, 2)
+    ids_N, grads_NW = host_tables.HostTables.summed_grads(ids_SU, grads_SUW, unique_groups=False)
+    order = np.argsort(ids_N)
+    np.testing.assert_array_equal(ids_N[order], [3, 5])
+    expected = [grads_SUW[0, [0, 2, 4]].sum(0), grads_SUW[0, 1]]
+    np.testing.assert_array_equal(grads_NW[order], expected)
 
 
 def test_host_placement_refuses_ultramem_with_its_reason():
