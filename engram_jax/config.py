@@ -136,7 +136,7 @@ def _declare_table_training(c: ml_collections.ConfigDict) -> None:
     c.table_optimizer = "adam"
     # Where the tables and their optimizer state live while training: "device" (accelerator
     # memory, row-sharded on a mesh) or "host" (numpy in host RAM, rows prefetched per step;
-    # single process, sparse updates).
+    # single process, sparse updates; Engram, OverEncoding and PLE tables, not UltraMem's).
     c.table_placement = "device"
     # Memory one training step may use, in GiB per device, for the estimate that refuses a
     # hopeless config before compiling (engram_jax/memory_estimate.py): 0 takes the device's
@@ -632,11 +632,13 @@ def _validate_train(p: _Problems, c: ml_collections.ConfigDict) -> None:
         )
     if c.table_placement == "host":
         p.check(
-            not (c.model.overencoding.enabled or c.model.ple.enabled or c.model.ultramem.layer_ids),
+            not c.model.ultramem.layer_ids,
             "table_placement",
             c.table_placement,
-            "'device' with model.overencoding, model.ple or model.ultramem enabled (host tables "
-            "hold Engram's tables only)",
+            f"'device' with model.ultramem.layer_ids={tuple(c.model.ultramem.layer_ids)}: "
+            "UltraMem's value rows are chosen by a top-k over the hidden state inside the "
+            "forward pass, so the host cannot know them before the step to prefetch them "
+            "(Engram, OverEncoding and PLE tables can live on the host)",
         )
     if c.table_update == "sparse" and c.table_optimizer == "adagrad":
         p.check(

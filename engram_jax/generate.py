@@ -382,11 +382,14 @@ class Generator:
         )
         memory = restored.get("memory") or {}
         memory = memory["tables"] if memory else {}
+        abstract_tables = abstract_memory["tables"]  # Engram, OverEncoding or PLE tables
         if offloaded:
             self._open_tables(workdir, memory_dir, metadata, row_cache_mib)
-        elif tables_only and abstract_memory["tables"]:  # Engram, OverEncoding or PLE tables
+            # The Engram tables are read in row blocks; OverEncoding's and PLE's are parameters.
+            abstract_tables, _ = optim.partition_params(abstract_tables, r"(^|/)engram/table$")
+        if tables_only and abstract_tables:
             memory = memory_item.restore_memory(
-                memory_dir, {"tables": abstract_memory["tables"]}, partial=True
+                memory_dir, {"tables": abstract_tables}, partial=True
             )["tables"]
         store.close()
         self.variables = {"params": optim.merge_params(restored["state"]["params"], memory)}

@@ -72,9 +72,10 @@ def eval_sums(
     variables: dict[str, Any],
     batch: dict[str, jax.Array],
     engram_rows: jax.Array | None = None,
+    memory_rows: dict[str, Any] | None = None,
 ) -> dict[str, jax.Array]:
     """Summed negative log-likelihood, token count and target bytes of one batch (no updates)."""
-    logits, _ = _apply(model, variables, batch, engram_rows)
+    logits, _ = _apply(model, variables, batch, engram_rows, memory_rows=memory_rows)
     loss, count = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
     target_bytes = jnp.sum(batch["target_bytes"] * batch["loss_mask"])
     return {"nll_sum": loss * count, "tokens": count, "bytes": target_bytes}
@@ -85,9 +86,12 @@ def mixing_intermediates(
     variables: dict[str, Any],
     batch: dict[str, jax.Array],
     engram_rows: jax.Array | None = None,
+    memory_rows: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The sown intermediates of a forward pass (a model built with `sow_mixing=True`)."""
-    _, inter = _apply(model, variables, batch, engram_rows, mutable=["intermediates"])
+    _, inter = _apply(
+        model, variables, batch, engram_rows, memory_rows=memory_rows, mutable=["intermediates"]
+    )
     return inter["intermediates"]
 
 

@@ -14,6 +14,7 @@ per-block part.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -23,10 +24,11 @@ from engram_jax import axes
 from engram_jax.layers import RMSNorm, rms_norm
 
 
-def ple_token_ids(tokens_BT: jax.Array, table_rows: int) -> jax.Array:
-    """Table rows of the tokens: ids outside `[0, table_rows)` read row 0 (Gemma 3n's rule)."""
+def ple_token_ids(tokens_BT: jax.Array, table_rows: int, xp: Any = jnp) -> jax.Array:
+    """Table rows of the tokens: ids outside `[0, table_rows)` read row 0 (Gemma 3n's rule).
+    `xp=np` computes them on the host (host tables)."""
     inside = (tokens_BT >= 0) & (tokens_BT < table_rows)
-    return jnp.where(inside, tokens_BT, 0).astype(jnp.int32)
+    return xp.where(inside, tokens_BT, 0).astype(xp.int32)
 
 
 def mix_per_layer_inputs(

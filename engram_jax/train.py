@@ -231,7 +231,7 @@ def _build(
         )
     model = Transformer(cfg.model, lookup_fn=sharding.table_lookup_fn(mesh))
     dense_tx, memory_tx, schedule = make_optimizers(cfg)
-    on_host = t.table_placement == "host" and cfg.model.engram.enabled
+    on_host = t.table_placement == "host" and bool(host_tables.row_sets(cfg.model))
     if on_host and jax.process_count() > 1:
         raise config_lib.ConfigError(
             f"config.table_placement: got 'host' with {jax.process_count()} processes; "

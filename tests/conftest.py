@@ -31,6 +31,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 SLOW_MODULES = (
     "test_bench.py",
     "test_experiments.py",
+    "test_host_memory_tables_train.py",
     "test_memory_variants_experiment.py",
     "test_memory_variants_train.py",
     "test_notebook.py",

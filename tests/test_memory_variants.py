@@ -389,13 +389,6 @@ def test_bad_values_name_the_field(key, value, message):
         _all_three(**{key: value})
 
 
-def test_host_placement_refuses_overencoding():
-    c = config_lib.load_config_file(config_path("tiny_overencoding"))
-    c.table_placement = "host"
-    with pytest.raises(config_lib.ConfigError, match="table_placement"):
-        config_lib.validate(c)
-
-
 def test_ultramem_delta_gradient_is_the_value_table_gradient(all_three):
     """The sparse step's route: the table read outside the gradient plus a zero delta on the rows
     read gives, scattered to the reported rows, the dense gradient of the value table."""

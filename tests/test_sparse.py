@@ -240,8 +240,8 @@ def test_host_placement_matches_device_placement_over_ten_steps():
     )
     host_state, host_losses = host_tables.state_without_tables(host_start), []
     for i, batch in enumerate(batches):
-        next_ids = batches[i + 1]["memory_ids"] if i + 1 < len(batches) else None
-        host_state, metrics = trainer(host_state, batch, next_ids)
+        next_batch = batches[i + 1] if i + 1 < len(batches) else None
+        host_state, metrics = trainer(host_state, batch, next_batch)
         host_losses.append(float(metrics["train_loss"]))
     trainer.close()
     np.testing.assert_allclose(host_losses, device_losses, rtol=1e-5)

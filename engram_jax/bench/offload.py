@@ -399,7 +399,7 @@ def offload(
         jax.block_until_ready((device["state"], metrics))
 
     def run_host(i: int) -> None:
-        following = batches[i + 1]["memory_ids"] if i + 1 < len(batches) else None
+        following = batches[i + 1] if i + 1 < len(batches) else None
         host["state"], metrics = host["trainer"](host["state"], batches[i], following)
         jax.block_until_ready(metrics)
 

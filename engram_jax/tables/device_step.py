@@ -14,8 +14,9 @@ The data pipeline deduplicates each batch's table rows on the host (`data.unique
    every row shard updates only the rows it owns, inside `shard_map`; the table and its state are
    never gathered, and no table-sized gradient exists anywhere.
 
-`make_row_grad_step` stops after step 2 and returns the row gradients: host-resident tables
-(`tables/host_tables.py`) apply the update on the host.
+`make_row_grad_step` stops after step 2 and returns the row gradients, of the Engram rows and of
+the token tables' (OverEncoding, PLE) rows alike: host-resident tables (`tables/host_tables.py`)
+apply the update on the host.
 """
 
 from __future__ import annotations
@@ -215,21 +216,63 @@ def update_table(
     return fn(table_RW, state, ids_N, grads_NW, jnp.asarray(lr, jnp.float32))
 
 
+ENGRAM_ROWS = "engram"  # the key of the Engram layers' rows among a host step's rows
+
+
 def make_row_grad_step(
     model: Transformer, dense_tx: optax.GradientTransformation, schedule: optax.Schedule
 ) -> Callable:
-    """`step(state, batch, rows [S, L_e, U, W]) -> (state, metrics, row_grads [S, L_e, U, W])`.
+    """`step(state, batch, rows) -> (state, metrics, row_grads)` for rows gathered on the host.
 
-    Updates the dense parameters (and the step counter and MoE biases) like the dense step and
-    returns the gradients of the gathered rows; `state.memory` is left as it is.
+    `rows` (and `row_grads`, same shapes) hold `"engram"`: the Engram layers' unique rows
+    `[S, L_e, U, W]`, and per token table (`token_tables`) its rows of every token laid out as
+    `[B, 1, T*M, W]` (the host tables' `[S, L, U]` form with one group per sequence). Updates the
+    dense parameters (and the step counter and MoE biases) like the dense step; `state.memory` is
+    left as it is.
     """
     step = _make_rows_grad_step(model, dense_tx, schedule)
 
-    def engram_only(state, batch, rows_SLUW):
-        new_state, metrics, row_grads, _, _ = step(state, batch, rows_SLUW, None)
-        return new_state, metrics, row_grads
+    def host_rows_step(state, batch, rows):
+        engram_rows_SLUW, token_rows = split_host_rows(batch, rows)
+        new_state, metrics, engram_grads, token_grads, _ = step(
+            state, batch, engram_rows_SLUW, token_rows or None
+        )
+        # [B, T, M, W] -> [B, 1, T*M, W], the layout the host gathered them in.
+        grads = {k: g.reshape(rows[k].shape) for k, g in (token_grads or {}).items()}
+        if engram_grads is not None:
+            grads[ENGRAM_ROWS] = engram_grads
+        return new_state, metrics, grads
 
-    return engram_only
+    return host_rows_step
+
+
+def split_host_rows(
+    batch: dict[str, jax.Array], rows: dict[str, jax.Array]
+) -> tuple[jax.Array | None, dict[str, jax.Array]]:
+    """Host-gathered rows (`make_row_grad_step`) as the Engram rows `[S, L_e, U, W]` (or None) and
+    each token table's rows `[B, T, M, W]`."""
+    b, t = batch["inputs"].shape
+    token_rows = {
+        k: v.reshape(b, t, -1, v.shape[-1])  # [B, 1, T*M, W] -> [B, T, M, W]
+        for k, v in rows.items()
+        if k != ENGRAM_ROWS
+    }
+    return rows.get(ENGRAM_ROWS), token_rows
+
+
+def host_rows_for_model(
+    batch: dict[str, jax.Array], rows: dict[str, jax.Array] | None
+) -> tuple[jax.Array | None, dict[str, Any] | None]:
+    """The `engram_rows [B, L_e, T, M, W]` and `memory_rows` arguments of `Transformer` for a
+    forward pass without gradients (evaluation) on host-gathered rows; `(None, None)` when the
+    model reads its own tables."""
+    if rows is None:
+        return None, None
+    engram_rows_SLUW, token_rows = split_host_rows(batch, rows)
+    engram_rows = None
+    if engram_rows_SLUW is not None:
+        engram_rows = expand_rows(engram_rows_SLUW, batch["memory_inverse"])
+    return engram_rows, _model_rows(batch, token_rows, None)
 
 
 def _model_rows(batch, memory_rows, fixed_rows) -> dict[str, Any] | None:

@@ -1,5 +1,13 @@
-"""Host-resident Engram tables for training: numpy tables and row-optimizer state in host RAM,
+"""Host-resident memory tables for training: numpy tables and row-optimizer state in host RAM,
 the next step's rows prefetched while the current step runs, sparse updates applied on the host.
+
+The tables are those whose rows a batch names before the step runs: Engram's (hashed n-grams,
+`memory_ids` from the input pipeline) and the token tables (OverEncoding's n-gram rows, from the
+pipeline's `overencoding_ids`; PLE's row of every token). UltraMem's value rows are chosen inside
+the forward pass and cannot live here (docs/design.md). The tables come in row sets
+(`row_sets`): each set's ids are `[S, L, U]` (S batch groups, L tables, U ids per group, -1 =
+padding), its rows `[S, L, U, W]`; Engram's set is `memory_ids` itself, a token table's set is
+its per-token ids `[B, T, M]` as `[B, 1, T*M]`.
 
 Timeline of step t (one background worker thread, FIFO, so its jobs never reorder):
 1. `rows_t` were gathered by the worker during step t-1 and patched after step t-1's update
@@ -8,12 +16,12 @@ Timeline of step t (one background worker thread, FIFO, so its jobs never reorde
    Meanwhile the worker gathers `rows_{t+1}` for the next batch's unique ids from the host table.
    Those reads may predate step t's update.
 3. When the gradients arrive, the host updates first the rows that step t+1 also reads
-   (`ids_t ∩ ids_{t+1}`) and re-reads exactly those into `rows_{t+1}`: nothing step t+1 sees is
-   stale. `rows_{t+1}` is then transferred, and the remaining rows of step t (`ids_t \\ ids_{t+1}`)
-   are updated by the worker while step t+1 computes. Since the worker is FIFO, the gather for
-   step t+2 runs after that update; rows that both updates could touch are disjoint
-   (`ids_t \\ ids_{t+1}` vs. a subset of `ids_{t+1}`), so the main thread and the worker never
-   write the same row.
+   (`ids_t ∩ ids_{t+1}`, per table) and re-reads exactly those into `rows_{t+1}`: nothing step
+   t+1 sees is stale. `rows_{t+1}` is then transferred, and the remaining rows of step t
+   (`ids_t \\ ids_{t+1}`) are updated by the worker while step t+1 computes. Since the
+   worker is FIFO, the gather for step t+2 runs after that update; rows that both updates could
+   touch are disjoint (`ids_t \\ ids_{t+1}` vs. a subset of `ids_{t+1}`), so the main
+   thread and the worker never write the same row.
 
 `HostTables` is also usable on its own (e.g. for inference): `gather(ids)` reads rows,
 `memory_item()`/`load_memory_item()` convert to and from the checkpoint's `memory` item, which has
@@ -23,14 +31,21 @@ the same layout as device tables, so a checkpoint moves between placements.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from engram_jax.tables.device_step import get_path, set_path
+from engram_jax.tables.device_step import (
+    ENGRAM_ROWS,
+    get_path,
+    set_path,
+    table_paths,
+    token_tables,
+)
 from engram_jax.tables.row_files import take_rows
 from engram_jax.tables.row_optim import RowOptimizer
 from engram_jax.tables.unique_rows import sum_rows
@@ -59,13 +74,55 @@ def _nested(items: dict[Path, Any]) -> dict:
     return tree
 
 
+def row_sets(config: Any) -> dict[str, list[Path]]:
+    """The host row sets of a model config: `"engram"` (the Engram layers' tables, in
+    `layer_ids` order) and one per token table (`device_step.token_tables`), in that order."""
+    sets: dict[str, list[Path]] = {}
+    if config.engram.enabled:
+        sets[ENGRAM_ROWS] = table_paths(config)
+    for name, path in token_tables(config):
+        sets[name] = [path]
+    return sets
+
+
+def row_ids(config: Any, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The ids `[S, L, U]` of every row set (`row_sets`) that `batch` reads, on the host."""
+    from engram_jax.overencoding_ids import OverEncodingIds
+    from engram_jax.ple import ple_token_ids
+
+    def host(key: str) -> np.ndarray:
+        return np.asarray(jax.device_get(batch[key]))
+
+    ids: dict[str, np.ndarray] = {}
+    if config.engram.enabled:
+        ids[ENGRAM_ROWS] = host("memory_ids")
+    for name, _ in token_tables(config):
+        if name == "ple":
+            ids_BTM = ple_token_ids(host("inputs"), config.ple.rows(config.vocab_size), np)[
+                ..., None
+            ]
+        elif "overencoding_ids" in batch:  # the input pipeline's
+            ids_BTM = host("overencoding_ids")
+        else:
+            ids_BTM = OverEncodingIds.from_model_config(config)(host("inputs"), host("segment_ids"))
+        b = ids_BTM.shape[0]
+        ids[name] = ids_BTM.reshape(b, 1, -1)  # [B, T, M] -> [B, 1, T*M]
+    return ids
+
+
+def _same_ids(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 class HostTables:
-    """Engram tables `[R, W]` (float32 numpy) and their `RowOptimizer` state, per layer.
+    """Memory tables `[R, W]` (float32 numpy) and their `RowOptimizer` state, per table.
 
     Args:
-      tables: the tables in Engram-layer order, each keyed by its memory-tree path.
+      tables: the tables, each keyed by its memory-tree path.
       opt: the row optimizer (its state layout is `opt.state_shapes`).
       state: optimizer state per path (numpy); None starts fresh.
+      sets: the row sets (module docstring), each a list of paths of one row width; None: one
+        set `"engram"` of every table, in the order of `tables`.
     """
 
     def __init__(
@@ -73,8 +130,10 @@ class HostTables:
         tables: dict[Path, np.ndarray],
         opt: RowOptimizer,
         state: dict[Path, dict[str, np.ndarray]] | None = None,
+        sets: Mapping[str, Sequence[Path]] | None = None,
     ):
         self.paths: list[Path] = list(tables)
+        self.sets = {k: list(v) for k, v in (sets or {ENGRAM_ROWS: self.paths}).items()}
         # Writeable, contiguous float32 (arrays fetched from jax are read-only views).
         self.tables = {p: np.require(t, np.float32, ["C", "W"]) for p, t in tables.items()}
         self.opt = opt
@@ -83,25 +142,36 @@ class HostTables:
             if state is not None
             else {p: opt.init_numpy(*t.shape) for p, t in self.tables.items()}
         )
-        widths = {t.shape[1] for t in self.tables.values()}
-        if len(widths) != 1:
-            raise ValueError(f"HostTables: tables have row widths {sorted(widths)}; expected one")
-        self.width = widths.pop()
+        for key, paths in self.sets.items():
+            widths = {self.tables[p].shape[1] for p in paths}
+            if len(widths) != 1:
+                raise ValueError(
+                    f"HostTables: row set {key!r} has row widths {sorted(widths)}; expected one "
+                    "(its rows are stacked)"
+                )
 
     @classmethod
     def from_memory(
-        cls, memory: Any, memory_opt_state: Any, paths: Sequence[Path], opt: RowOptimizer
+        cls,
+        memory: Any,
+        memory_opt_state: Any,
+        sets: Mapping[str, Sequence[Path]] | Sequence[Path],
+        opt: RowOptimizer,
     ) -> HostTables:
         """From a (device or numpy) memory tree and its row-optimizer state tree (empty: fresh
-        optimizer state). Numpy tables are used in place, not copied."""
+        optimizer state); `sets` as in the constructor, or a list of paths (one `"engram"` set).
+        Numpy tables are used in place, not copied."""
+        if not isinstance(sets, Mapping):
+            sets = {ENGRAM_ROWS: list(sets)}
+        paths = [p for set_paths in sets.values() for p in set_paths]
         tables = {p: np.asarray(jax.device_get(get_path(memory, p))) for p in paths}
         if not memory_opt_state:
-            return cls(tables, opt)
+            return cls(tables, opt, sets=sets)
         state = {
             p: {k: np.asarray(jax.device_get(v)) for k, v in get_path(memory_opt_state, p).items()}
             for p in paths
         }
-        return cls(tables, opt, state)
+        return cls(tables, opt, state, sets)
 
     @property
     def num_params(self) -> int:
@@ -109,27 +179,39 @@ class HostTables:
 
     # -- rows -------------------------------------------------------------------------------------
 
-    def gather(self, ids_SLU: np.ndarray) -> np.ndarray:
-        """`[S, L, U, W]` float32 rows at flat ids `[S, L, U]` (-1 padding reads zeros)."""
-        return np.stack(
-            [take_rows(self.tables[p], ids_SLU[:, i]) for i, p in enumerate(self.paths)], 1
-        )
+    def gather(self, ids: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per row set, `[S, L, U, W]` float32 rows at its flat ids `[S, L, U]` (-1 padding reads
+        zeros)."""
+        out = {}
+        for key, paths in self.sets.items():
+            # L x [S, U, W] -> [S, L, U, W]
+            out[key] = np.stack(
+                [take_rows(self.tables[p], ids[key][:, i]) for i, p in enumerate(paths)], 1
+            )
+        return out
 
-    def patch(self, rows_SLUW: np.ndarray, ids_SLU: np.ndarray, stale: list[np.ndarray]) -> None:
-        """Re-reads, in place, the rows of `rows_SLUW` whose ids are in `stale[layer]`."""
-        for li, p in enumerate(self.paths):
-            ids = ids_SLU[:, li]
-            redo = (ids >= 0) & _members(ids, stale[li])
-            if redo.any():
-                rows_SLUW[:, li][redo] = self.tables[p][ids[redo]]
+    def patch(
+        self, rows: dict[str, np.ndarray], ids: dict[str, np.ndarray], stale: dict[Path, np.ndarray]
+    ) -> None:
+        """Re-reads, in place, the rows of `rows` whose ids are in `stale[path]`."""
+        for key, paths in self.sets.items():
+            for li, p in enumerate(paths):
+                ids_SU = ids[key][:, li]
+                redo = (ids_SU >= 0) & _members(ids_SU, stale[p])
+                if redo.any():
+                    rows[key][:, li][redo] = self.tables[p][ids_SU[redo]]
 
     @staticmethod
-    def summed_grads(ids_SU: np.ndarray, grads_SUW: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Distinct valid ids `[N]` and their gradients summed over the groups `[N, W]`."""
+    def summed_grads(
+        ids_SU: np.ndarray, grads_SUW: np.ndarray, unique_groups: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct valid ids `[N]` and their gradients summed over the groups `[N, W]`;
+        `unique_groups`: each group's ids are distinct (Engram's, deduplicated by the input
+        pipeline), not so a token table's."""
         ids_N = ids_SU.reshape(-1)
         grads_NW = grads_SUW.reshape(ids_N.size, -1)
         valid = ids_N >= 0
-        if ids_SU.shape[0] == 1:
+        if unique_groups and ids_SU.shape[0] == 1:
             return ids_N[valid], grads_NW[valid]  # the host already deduplicated one group
         return sum_rows(ids_N[valid], grads_NW[valid])
 
@@ -175,14 +257,20 @@ class HostTables:
             self.state[p] = {k: np.array(saved[k]) for k in self.state[p]}
 
 
+def _engram_ids(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {ENGRAM_ROWS: np.asarray(jax.device_get(batch["memory_ids"]))}
+
+
 class HostTableTrainer:
     """Drives training steps against `HostTables` with prefetch and overlapped updates.
 
     Args:
       tables: the host tables.
-      row_grad_step: jitted `step(state, batch, rows [S, L, U, W]) -> (state, metrics, grads)`
-        (`device_step.make_row_grad_step`).
+      row_grad_step: jitted `step(state, batch, rows) -> (state, metrics, grads)` with rows and
+        grads `{row set: [S, L, U, W]}` (`device_step.make_row_grad_step`).
       put_rows: moves a numpy `[S, L, U, W]` array to the device(s) (with the batch sharding).
+      batch_ids: a batch's ids `{row set: [S, L, U]}` on the host (`row_ids`); by default the
+        `memory_ids` of an Engram-only model.
     """
 
     def __init__(
@@ -190,20 +278,26 @@ class HostTableTrainer:
         tables: HostTables,
         row_grad_step: Callable,
         put_rows: Callable[[np.ndarray], jax.Array] = jax.device_put,
+        batch_ids: Callable[[dict[str, Any]], dict[str, np.ndarray]] = _engram_ids,
     ):
         self.tables = tables
         self._step = row_grad_step
         self._put = put_rows
+        self.batch_ids = batch_ids
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="host_tables")
-        self._next: tuple[np.ndarray, jax.Array] | None = None  # (ids, device rows) of next step
+        # (ids, device rows) of the next step
+        self._next: tuple[dict[str, np.ndarray], dict[str, jax.Array]] | None = None
         self._last_apply: concurrent.futures.Future | None = None
         self.wait_seconds = 0.0  # time the loop spent waiting for rows before dispatching steps
         self.steps = 0
 
-    def rows_for(self, ids_SLU: np.ndarray) -> jax.Array:
+    def rows_for(self, ids: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Device rows for ids, after every queued update (eval batches, the first step)."""
         self.flush()
-        return self._put(self.tables.gather(ids_SLU))
+        return self._put_all(self.tables.gather(ids))
+
+    def _put_all(self, rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {key: self._put(r) for key, r in rows.items()}
 
     def flush(self) -> None:
         """Waits until every queued host update has been applied (before saving or reading)."""
@@ -212,44 +306,33 @@ class HostTableTrainer:
             self._last_apply = None
 
     def __call__(
-        self, state: Any, batch: dict[str, Any], next_ids_SLU: np.ndarray | None
+        self, state: Any, batch: dict[str, Any], next_batch: dict[str, Any] | None
     ) -> tuple[Any, dict[str, Any]]:
-        """One training step on `batch`; prefetches the rows of `next_ids_SLU` (None: no next).
+        """One training step on `batch`; prefetches the rows `next_batch` reads (None: no next).
 
-        `batch["memory_ids"]` must be readable on this host (single process).
+        The batches' ids must be readable on this host (single process).
         """
-        ids_SLU = np.asarray(jax.device_get(batch["memory_ids"]))
+        ids = self.batch_ids(batch)
         start = time.perf_counter()
-        if self._next is not None and np.array_equal(self._next[0], ids_SLU):
+        if self._next is not None and _same_ids(self._next[0], ids):
             rows = self._next[1]
         else:
-            rows = self.rows_for(ids_SLU)
+            rows = self.rows_for(ids)
         self._next = None
         self.wait_seconds += time.perf_counter() - start
         step_index = int(jax.device_get(state.step))
         lr = float(self.tables.opt.lr(step_index))
         state, metrics, grads = self._step(state, batch, rows)
-        prefetch = None
-        if next_ids_SLU is not None:
-            prefetch = self._worker.submit(self.tables.gather, next_ids_SLU)
-        grads_SLUW = np.asarray(jax.device_get(grads))  # waits for the device step
-        sq = 0.0
-        later: list[tuple[Path, np.ndarray, np.ndarray]] = []
-        stale: list[np.ndarray] = []
-        for li, p in enumerate(self.tables.paths):
-            ids_N, g_NW = HostTables.summed_grads(ids_SLU[:, li], grads_SLUW[:, li])
-            sq += float(np.sum(g_NW.astype(np.float64) ** 2))
-            if next_ids_SLU is None:
-                now = np.ones(ids_N.shape, bool)
-            else:
-                now = _members(ids_N, next_ids_SLU[:, li])
-            self.tables.apply_rows(p, ids_N[now], g_NW[now], lr)
-            stale.append(ids_N[now])
-            later.append((p, ids_N[~now], g_NW[~now]))
+        next_ids = prefetch = None
+        if next_batch is not None:
+            next_ids = self.batch_ids(next_batch)
+            prefetch = self._worker.submit(self.tables.gather, next_ids)
+        grads = jax.device_get(grads)  # waits for the device step
+        sq, later, stale = self._apply_shared_rows(ids, grads, next_ids, lr)
         if prefetch is not None:
             rows_next = prefetch.result()
-            self.tables.patch(rows_next, next_ids_SLU, stale)
-            self._next = (next_ids_SLU, self._put(rows_next))
+            self.tables.patch(rows_next, next_ids, stale)
+            self._next = (next_ids, self._put_all(rows_next))
 
         def apply_later():
             for p, ids_N, g_NW in later:
@@ -261,6 +344,35 @@ class HostTableTrainer:
         metrics["memory_grad_norm"] = np.float32(np.sqrt(sq))
         return state, metrics
 
+    def _apply_shared_rows(
+        self,
+        ids: dict[str, np.ndarray],
+        grads: dict[str, np.ndarray],
+        next_ids: dict[str, np.ndarray] | None,
+        lr: float,
+    ) -> tuple[float, list[tuple[Path, np.ndarray, np.ndarray]], dict[Path, np.ndarray]]:
+        """Updates now the rows of this step that the next step reads too (all of them without a
+        next step). Returns the squared norm of every summed row gradient, the updates left for
+        later `(path, ids, grads)` and the ids updated now per table (`stale`)."""
+        sq = 0.0
+        later: list[tuple[Path, np.ndarray, np.ndarray]] = []
+        stale: dict[Path, np.ndarray] = {}
+        for key, paths in self.tables.sets.items():
+            grads_SLUW = np.asarray(grads[key])
+            for li, p in enumerate(paths):
+                ids_N, g_NW = HostTables.summed_grads(
+                    ids[key][:, li], grads_SLUW[:, li], unique_groups=key == ENGRAM_ROWS
+                )
+                sq += float(np.sum(g_NW.astype(np.float64) ** 2))
+                if next_ids is None:
+                    now = np.ones(ids_N.shape, bool)
+                else:
+                    now = _members(ids_N, next_ids[key][:, li])
+                self.tables.apply_rows(p, ids_N[now], g_NW[now], lr)
+                stale[p] = ids_N[now]
+                later.append((p, ids_N[~now], g_NW[~now]))
+        return sq, later, stale
+
     def close(self) -> None:
         self.flush()
         self._worker.shutdown(wait=True)
@@ -271,7 +383,14 @@ def state_without_tables(state: Any) -> Any:
     return state.replace(memory={}, memory_opt_state={})
 
 
-__all__ = ["HostTableTrainer", "HostTables", "set_path", "state_without_tables"]
+__all__ = [
+    "HostTableTrainer",
+    "HostTables",
+    "row_ids",
+    "row_sets",
+    "set_path",
+    "state_without_tables",
+]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,17 +437,18 @@ class HostPlacement:
 
     def __init__(self, model, cfg, state, shardings, dense_tx, table_opt, schedule, mesh):
         from engram_jax import sharding as sharding_lib
-        from engram_jax.tables.device_step import make_row_grad_step, table_paths
+        from engram_jax.tables.device_step import make_row_grad_step
 
         if jax.process_count() > 1:
             raise ValueError(
                 f"table_placement: got 'host' with {jax.process_count()} processes; host tables "
                 "are single-process (use table_placement='device' on multi-host runs)"
             )
-        paths = table_paths(cfg.model)
         # `state` comes from `create_train_state(..., table_placement="host")`: numpy tables with
         # the device placement's values, no table optimizer state (fresh here).
-        self.tables = HostTables.from_memory(state.memory, state.memory_opt_state, paths, table_opt)
+        self.tables = HostTables.from_memory(
+            state.memory, state.memory_opt_state, row_sets(cfg.model), table_opt
+        )
         self.state = state_without_tables(state)
         self.shardings = state_without_tables(shardings)
         batch_sharding = sharding_lib.batch_sharding(mesh)
@@ -342,7 +462,9 @@ class HostPlacement:
             out_shardings=(self.shardings, None, batch_sharding),
             donate_argnums=0,
         )
-        self.trainer = HostTableTrainer(self.tables, row_grad_step, put)
+        self.trainer = HostTableTrainer(
+            self.tables, row_grad_step, put, functools.partial(row_ids, cfg.model)
+        )
         self.batch_sharding = batch_sharding
         self.lookahead: Lookahead | None = None
 
@@ -351,17 +473,16 @@ class HostPlacement:
         return self.lookahead
 
     def train_step(self, state: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        next_ids = self.lookahead.peek()["memory_ids"] if self.lookahead is not None else None
-        return self.trainer(state, batch, next_ids)
+        next_batch = self.lookahead.peek() if self.lookahead is not None else None
+        return self.trainer(state, batch, next_batch)
 
     def with_rows(self, fn: Callable) -> Callable:
-        """`fn(state, batch, rows [S, L, U, W])` as `(state, batch) -> fn(...)`: the rows of the
-        batch's `memory_ids`, read from the host tables after every queued update. Jit `fn` with
+        """`fn(state, batch, rows {row set: [S, L, U, W]})` as `(state, batch) -> fn(...)`: the
+        rows the batch reads, from the host tables after every queued update. Jit `fn` with
         `in_shardings=(self.shardings, self.batch_sharding, self.batch_sharding)`."""
 
         def call(state: Any, batch: dict[str, Any]) -> Any:
-            ids = np.asarray(jax.device_get(batch["memory_ids"]))
-            return fn(state, batch, self.trainer.rows_for(ids))
+            return fn(state, batch, self.trainer.rows_for(self.trainer.batch_ids(batch)))
 
         return call
 

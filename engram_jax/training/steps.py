@@ -78,23 +78,18 @@ def inference_variables(state: TrainState) -> dict[str, Any]:
     return variables
 
 
-def _gathered_rows(batch: dict[str, jax.Array], rows_SLUW: jax.Array | None) -> jax.Array | None:
-    """Each token's Engram rows `[B, L_e, T, M, W]` from the batch's gathered unique rows (host
-    tables), or None when the model looks them up in its own tables."""
-    if rows_SLUW is None:
-        return None
-    return device_step.expand_rows(rows_SLUW, batch["memory_inverse"])
-
-
 def make_eval_step(model: Transformer) -> Callable[..., dict]:
-    """`eval_step(state, batch, rows_SLUW=None)`: summed negative log-likelihood, token count and
-    target bytes of one batch; with host tables the batch's gathered rows `[S, L_e, U, W]`."""
+    """`eval_step(state, batch, rows=None)`: summed negative log-likelihood, token count and
+    target bytes of one batch; with host tables the batch's gathered rows
+    (`device_step.make_row_grad_step`'s `rows`)."""
 
     def eval_step(
-        state: TrainState, batch: dict[str, jax.Array], rows_SLUW: jax.Array | None = None
+        state: TrainState, batch: dict[str, jax.Array], rows: dict[str, jax.Array] | None = None
     ) -> dict[str, jax.Array]:
         variables = inference_variables(state)
-        return objective.eval_sums(model, variables, batch, _gathered_rows(batch, rows_SLUW))
+        return objective.eval_sums(
+            model, variables, batch, *device_step.host_rows_for_model(batch, rows)
+        )
 
     return eval_step
 
@@ -102,7 +97,7 @@ def make_eval_step(model: Transformer) -> Callable[..., dict]:
 def make_mixing_diagnostics(
     cfg: config_lib.Config, lookup_fn: Callable | None
 ) -> Callable[..., dict[str, jax.Array]] | None:
-    """`diagnostics(state, batch, rows_SLUW=None)`: the mHC/HC diagnostics on one batch
+    """`diagnostics(state, batch, rows=None)`: the mHC/HC diagnostics on one batch
     (docs/design.md §2.6), with host tables on its gathered rows. Composite Amax gains from the
     bottom site to the top, the worst row/column-sum error of the mixing matrices and (mHC,
     mHC-lite) the largest spread of their logits; None for a plain residual model (no mixing)."""
@@ -111,11 +106,11 @@ def make_mixing_diagnostics(
     model = Transformer(cfg.model, lookup_fn=lookup_fn, sow_mixing=True)
 
     def diagnostics(
-        state: TrainState, batch: dict[str, jax.Array], rows_SLUW: jax.Array | None = None
+        state: TrainState, batch: dict[str, jax.Array], rows: dict[str, jax.Array] | None = None
     ) -> dict[str, jax.Array]:
         variables = inference_variables(state)
         inter = objective.mixing_intermediates(
-            model, variables, batch, _gathered_rows(batch, rows_SLUW)
+            model, variables, batch, *device_step.host_rows_for_model(batch, rows)
         )
         h_res_SXGG = mixing_matrices(cfg.model, inter)
         gains = amax_gain(h_res_SXGG)
