@@ -65,7 +65,7 @@ for name in ${EXPERIMENTS:-iso_param gate_analysis allocation memory_variants re
       --rhos=1.0,0.9,0.75,0.5 ;;
     hyper_stability) run hyper_stability --steps=300 --seeds=1 --learning_rate=0.01 ;;
     # The variant comparisons at iso_param's step shape (4 x 128 tokens), 3 paired seeds: 400 steps
-    # for the memories, 300 for the residuals (a shallower model at a high learning rate).
+    # for the memories, 300 for the residuals (the 12-layer dense model at a high learning rate).
     memory_variants) run memory_variants --steps="${VARIANT_STEPS:-400}" --seeds=3 --evals=4 \
       --set=batch_size=4 --set=learning_rate=0.0015 ;;
     residual_variants) run residual_variants --steps="${RESIDUAL_STEPS:-300}" --seeds=3 \

@@ -23,8 +23,9 @@ NUM_STEPS = 6
 # losses agree to float32 rounding carried through a few Adam steps.
 LOSS_RTOL = 1e-5
 # Lazy Adam divides by sqrt(nu): a row whose gradient is near float noise amplifies the rounding
-# (as in test_sparse); a stale row would be off by a whole step (table lr 1.5e-2).
-TABLE_ATOL = 2e-4
+# (as in test_sparse; seen up to 3.4e-4 on a PLE row, 2% of one step); a stale row would be off by
+# a whole step (table lr 1.5e-2), 20x this tolerance.
+TABLE_ATOL = 7.5e-4
 
 
 def _shrunk(name: str, engram: bool = False):
