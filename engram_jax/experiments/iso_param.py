@@ -116,10 +116,11 @@ def loss_plots(options: Options, by_variant: dict[str, list[dict]], floor: dict)
 
 
 def report_runs(outcome: runner.Outcome, rho: float) -> None:
-    title = "Engram + MoE vs MoE vs dense at matched parameters"
-    lines, extra = report.header(outcome, title, NAME)
     runs = outcome.runs
     by_variant = report.group(runs, "variant")
+    names = {"dense": "dense", "moe": "MoE", "engram": "Engram + MoE"}
+    title = " vs ".join(names[v] for v in reversed(VARIANTS) if v in by_variant)
+    lines, extra = report.header(outcome, f"{title} at matched parameters", NAME)
     floor = extra["compression_floors"]["evaluated"]
     curves_png, bpb_png = loss_plots(outcome.options, by_variant, floor)
     lines += [
