@@ -38,7 +38,10 @@ run() {  # run NAME [--workdir_of=OTHER] FLAGS...: OTHER's workdir reuses its fi
   python -m "engram_jax.experiments.$name" --data_path="$CORPUS" --workdir="$workdir" \
     --jobs="$JOBS" "$@"
   mkdir -p "$DOCS/$name"
-  cp "$workdir"/{results.json,summary.md} "$workdir"/*.png "$DOCS/$name/"
+  # the plots summary.md shows (a shared workdir holds another experiment's too)
+  cp "$workdir"/{results.json,summary.md} "$DOCS/$name/"
+  grep -o '([a-z_]*\.png)' "$workdir/summary.md" | tr -d '()' | sort -u \
+    | while read -r png; do cp "$workdir/$png" "$DOCS/$name/"; done
   echo "$name: $((SECONDS - start)) s wall, load average $(cut -d' ' -f1-3 /proc/loadavg)" \
     | tee -a "$DOCS/machine.txt"
 }
