@@ -14,9 +14,9 @@ def token_einsum(spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     the batch and length axes merged into one token axis (a free reshape).
 
     Why: XLA:CPU runs the weight gradient of a projection whose input is `[B, T, D]` (a dot that
-    contracts two axes, B and T) 1.5-3.7x slower than the same gradient over `[B*T, D]`, e.g.
-    157 ms against 42 ms for a 4096-word LM head at B*T = 2048 (BENCHMARKS.md, "Training
-    throughput"); on TPU and GPU the reshape is free. The values are the einsum's to float
+    contracts two axes, B and T) 1.5-2.5x slower than the same gradient over `[B*T, D]`, e.g.
+    153 ms against 61 ms for a 4096-word LM head at B*T = 2048 (`engram_jax.bench.token_axis`,
+    BENCHMARKS.md); on TPU and GPU the reshape is free. The values are the einsum's to float
     rounding (XLA may block the longer contraction differently).
 
     Args:

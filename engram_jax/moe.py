@@ -62,7 +62,7 @@ def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) 
       `[..., D]`.
     """
     # One token axis: the weight gradients then contract one axis, not B and T (faster on XLA:CPU,
-    # see layers.token_einsum; identical values).
+    # see layers.token_einsum; values agree to float rounding). The kernels are 2-D: one expert.
     x_ND = x.reshape(-1, x.shape[-1])  # [..., D] -> [N, D]
     h_NF = jax.nn.silu(x_ND @ w_gate) * (x_ND @ w_up)  # [N, F]
     return (h_NF @ w_down).reshape(*x.shape[:-1], w_down.shape[-1])  # [N, D] -> [..., D]
